@@ -1,0 +1,112 @@
+"""Request and response bodies; the OpenAPI document is generated from these."""
+
+from __future__ import annotations
+
+import marshmallow as ma
+from marshmallow import fields, validate
+
+from ..models import Status
+from ..provisioning import NAME_PATTERN
+
+STATUSES = [s.value for s in Status]
+
+
+class DatabaseCreateSchema(ma.Schema):
+    name = fields.String(
+        validate=validate.Regexp(NAME_PATTERN, error="Must match {regex}."),
+        metadata={
+            "description": "Optional label, unique among databases that are not deleted: "
+            "lower-case letters, digits and '-', starting with a letter, at most 63.",
+            "example": "orders-ci",
+        },
+    )
+    version = fields.String(
+        validate=validate.Regexp(r"^[0-9]{1,3}$", error="Must be a PostgreSQL major version."),
+        metadata={
+            "description": "PostgreSQL major version; the default is the service's "
+            "DBPROV_DEFAULT_VERSION. Unsupported versions are rejected with the supported list.",
+            "example": "17",
+        },
+    )
+
+
+class DatabaseSchema(ma.Schema):
+    """A database as anyone may see it: no password."""
+
+    id = fields.String(required=True)
+    name = fields.String(allow_none=True)
+    status = fields.String(
+        required=True,
+        validate=validate.OneOf(STATUSES),
+        metadata={"description": "pending, provisioning, ready, failed, deleting or deleted"},
+    )
+    version = fields.String(required=True)
+    image = fields.String(required=True)
+    host = fields.String(required=True, metadata={"description": "Host name clients connect to"})
+    port = fields.Integer(
+        allow_none=True, metadata={"description": "Published host port; null once released"}
+    )
+    database = fields.String(required=True)
+    username = fields.String(required=True)
+    last_error = fields.String(
+        allow_none=True, metadata={"description": "Why it failed, with the container's log"}
+    )
+    phase_timings = fields.Dict(
+        keys=fields.String(),
+        values=fields.Float(),
+        metadata={"description": "Seconds each provisioning phase took (create, start, ready)"},
+    )
+    created_at = fields.DateTime(required=True)
+    ready_at = fields.DateTime(allow_none=True)
+    deleted_at = fields.DateTime(allow_none=True)
+
+
+class CredentialsSchema(ma.Schema):
+    username = fields.String(required=True)
+    password = fields.String(required=True)
+    database = fields.String(required=True)
+    host = fields.String(required=True)
+    port = fields.Integer(allow_none=True)
+    connection_uri = fields.String(
+        allow_none=True,
+        metadata={"example": "postgresql://app:secret@localhost:15432/app"},
+    )
+
+
+class DatabaseWithCredentialsSchema(DatabaseSchema):
+    """The answer to a create: the only time the password comes with the database."""
+
+    password = fields.String(required=True)
+    connection_uri = fields.String(allow_none=True)
+
+
+class DatabaseListQuerySchema(ma.Schema):
+    status = fields.String(validate=validate.OneOf(STATUSES))
+    page = fields.Integer(load_default=1, validate=validate.Range(min=1))
+    page_size = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
+
+
+class DatabasePageSchema(ma.Schema):
+    items = fields.List(fields.Nested(DatabaseSchema), required=True)
+    page = fields.Integer(required=True)
+    page_size = fields.Integer(required=True)
+    total = fields.Integer(required=True)
+
+
+class HealthSchema(ma.Schema):
+    status = fields.String(required=True, metadata={"example": "ok"})
+    checks = fields.Dict(keys=fields.String(), values=fields.String())
+
+
+class ProblemSchema(ma.Schema):
+    """RFC 9457 problem details: every error has this shape."""
+
+    type = fields.String(
+        required=True, metadata={"example": "urn:dbprov:problem:validation-error"}
+    )
+    title = fields.String(required=True)
+    status = fields.Integer(required=True)
+    detail = fields.String()
+    errors = fields.Dict(
+        metadata={"description": "Field errors by location and field, for validation problems"}
+    )

@@ -1,0 +1,98 @@
+"""Application factory: wires settings, store, runtime and the domain layer into Flask."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib.metadata import version
+
+from flask import Flask, Response
+from flask_smorest import Api as _Api
+
+from .api import problems, views
+from .api.schemas import ProblemSchema
+from .docker_runtime import DockerRuntime
+from .notify import Notifier
+from .provisioning import Databases
+from .runtime import ContainerRuntime
+from .settings import Settings
+from .store import Store
+
+
+class Api(_Api):
+    """flask-smorest's Api, documenting and rendering errors as RFC 9457 problems."""
+
+    ERROR_SCHEMA = ProblemSchema
+
+    def _register_error_handlers(self):
+        problems.init_app(self._app)
+
+    def _register_responses(self):
+        # Same responses as flask-smorest's, but errors are problem+json.
+        saved = self.DEFAULT_RESPONSE_CONTENT_TYPE
+        self.DEFAULT_RESPONSE_CONTENT_TYPE = problems.PROBLEM_CONTENT_TYPE
+        try:
+            super()._register_responses()
+        finally:
+            self.DEFAULT_RESPONSE_CONTENT_TYPE = saved
+
+
+@dataclass
+class Services:
+    """The process's long-lived parts, shared by the API and the reconciler."""
+
+    settings: Settings
+    store: Store
+    runtime: ContainerRuntime
+    # API -> reconciler: something new is wanted.
+    wanted: Notifier = field(default_factory=Notifier)
+    # Reconciler -> waiting requests: a record changed.
+    changed: Notifier = field(default_factory=Notifier)
+
+    def __post_init__(self) -> None:
+        self.databases = Databases(self.settings, self.store, self.wanted, self.changed)
+
+    @classmethod
+    def build(cls, settings: Settings | None = None, runtime: ContainerRuntime | None = None):
+        settings = settings or Settings.from_env()
+        settings.ensure_data_dir()
+        return cls(settings, Store(settings.database_url), runtime or DockerRuntime())
+
+
+def create_app(services: Services | None = None) -> Flask:
+    """Build the API; settings are read from the environment here, never at import."""
+    services = services or Services.build()
+    app = Flask("dbprov")
+    app.config.update(
+        API_TITLE="dbprov",
+        API_VERSION=version("dbprov"),
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/",
+        OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="docs",
+        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/",
+        # A create body is a few dozen bytes; refuse anything absurd early.
+        MAX_CONTENT_LENGTH=64 * 1024,
+        API_SPEC_OPTIONS={
+            "info": {
+                "description": "PostgreSQL databases on demand: each one a dedicated server "
+                "in its own Docker container, with generated credentials. Every error is an "
+                "RFC 9457 application/problem+json document."
+            }
+        },
+    )
+    app.extensions["dbprov"] = services
+    api = Api(app)
+    api.register_blueprint(views.databases)
+    api.register_blueprint(views.health)
+
+    @app.get("/openapi.yaml")
+    def openapi_yaml() -> Response:
+        return Response(api.spec.to_yaml(), mimetype="application/yaml")
+
+    app.extensions["dbprov_api"] = api
+    return app
+
+
+def openapi_document(app: Flask) -> str:
+    """The OpenAPI document the code generates, as YAML (what ``openapi.yaml`` holds)."""
+    return app.extensions["dbprov_api"].spec.to_yaml()

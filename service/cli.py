@@ -1,0 +1,142 @@
+"""The ``dbprov`` command."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+import click
+from gunicorn.app.base import BaseApplication
+from sqlalchemy.engine import make_url
+
+from .app import Services, create_app, openapi_document
+from .errors import DbprovError, SettingsError
+from .reconciler import Reconciler
+
+log = logging.getLogger("dbprov")
+
+
+def _services() -> Services:
+    try:
+        return Services.build()
+    except SettingsError as exc:
+        raise click.UsageError(f"invalid setting {exc}") from None
+
+
+@click.group()
+@click.option("--log-level", default="INFO", show_default=True, envvar="DBPROV_LOG_LEVEL")
+def main(log_level: str) -> None:
+    """dbprov: PostgreSQL databases on demand."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the API listens on")
+@click.option("--port", default=8080, show_default=True, type=int, help="Port the API listens on")
+@click.option("--threads", default=16, show_default=True, type=int,
+              help="Concurrent requests (a create may wait for readiness)")
+def serve(host: str, port: int, threads: int) -> None:
+    """Serve the API with the reconciler in the same process (the embedded default)."""
+    services = _services()
+    try:
+        services.store.upgrade()
+    except DbprovError as exc:
+        raise click.ClickException(str(exc)) from None
+    services.store.dispose()  # the worker process opens its own connections
+    log.info("metadata store %s is up to date", _redacted(services.store.url))
+    _Server(
+        {
+            "bind": f"{host}:{port}",
+            "workers": 1,
+            "worker_class": "gthread",
+            "threads": threads,
+            "timeout": 120,
+            "graceful_timeout": 30,
+            "accesslog": "-",
+        },
+        services,
+    ).run()
+
+
+class _Server(BaseApplication):
+    """gunicorn with one worker that runs the API and the reconciler side by side."""
+
+    def __init__(self, options: dict, services: Services) -> None:
+        self.options = options
+        self.services = services
+        self.reconciler: Reconciler | None = None
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+        self.cfg.set("worker_exit", self._worker_exit)
+
+    def load(self):
+        # Runs in the worker after the fork: threads started here live there.
+        self.reconciler = Reconciler(
+            self.services.settings,
+            self.services.store,
+            self.services.runtime,
+            self.services.wanted,
+            self.services.changed,
+        )
+        self.reconciler.start()
+        return create_app(self.services)
+
+    def _worker_exit(self, _server, _worker) -> None:
+        if self.reconciler is not None:
+            self.reconciler.stop()
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="Run one pass, wait for its work, and exit")
+def reconcile(once: bool) -> None:
+    """Make the Docker engine match the metadata store."""
+    services = _services()
+    reconciler = Reconciler(
+        services.settings, services.store, services.runtime, services.wanted, services.changed
+    )
+    try:
+        if once:
+            reconciler.run_once(wait=True)
+            reconciler.stop()
+            return
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        reconciler.start()
+        stop.wait()
+        reconciler.stop()
+    except DbprovError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.group()
+def db() -> None:
+    """Manage the metadata store."""
+
+
+@db.command()
+def upgrade() -> None:
+    """Apply every pending migration."""
+    services = _services()
+    try:
+        services.store.upgrade()
+    except DbprovError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"metadata store {_redacted(services.store.url)} is up to date")
+
+
+@main.command()
+def openapi() -> None:
+    """Print the OpenAPI document (what openapi.yaml holds)."""
+    sys.stdout.write(openapi_document(create_app(_services())))
+
+
+def _redacted(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)

@@ -1,0 +1,152 @@
+"""The Docker engine behind ``ContainerRuntime``: the only module that imports ``docker``."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Iterator
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from .errors import ContainerRuntimeError, PortInUse, RuntimeUnavailable
+from .runtime import PGDATA, ContainerInfo, ContainerSpec, VolumeInfo
+
+log = logging.getLogger(__name__)
+
+# Docker reports a taken host port only in the text of a 500 error; these are
+# the phrasings of the engine's port allocator and of the kernel's bind().
+_PORT_TAKEN = ("port is already allocated", "address already in use")
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """Turn docker-py and transport errors into the project's own."""
+    try:
+        yield
+    except docker.errors.APIError as exc:
+        text = str(exc.explanation or exc)
+        if any(phrase in text.lower() for phrase in _PORT_TAKEN):
+            raise PortInUse(text) from exc
+        raise ContainerRuntimeError(f"Docker engine refused: {text}") from exc
+    except (docker.errors.DockerException, requests.exceptions.ConnectionError) as exc:
+        raise RuntimeUnavailable(f"Docker engine unreachable: {exc}") from exc
+
+
+class DockerRuntime:
+    """A ``ContainerRuntime`` on the engine named by the usual ``DOCKER_*`` variables."""
+
+    def __init__(self, client: "docker.DockerClient | None" = None) -> None:
+        self._client = client
+
+    @property
+    def client(self) -> "docker.DockerClient":
+        # Connect lazily: the service must start (and say so on /readyz) even
+        # while the engine is down.
+        if self._client is None:
+            with _translated():
+                self._client = docker.from_env(timeout=30)
+        return self._client
+
+    def ping(self) -> None:
+        with _translated():
+            self.client.ping()
+
+    def ensure_volume(self, name: str, labels: dict[str, str]) -> None:
+        with _translated():
+            try:
+                self.client.volumes.get(name)
+            except docker.errors.NotFound:
+                self.client.volumes.create(name=name, labels=labels)
+
+    def create_container(self, spec: ContainerSpec) -> str:
+        kwargs = dict(
+            name=spec.name,
+            environment=spec.environment,
+            labels=spec.labels,
+            ports={"5432/tcp": (spec.host_ip, spec.host_port)},
+            volumes={spec.volume: {"bind": PGDATA, "mode": "rw"}},
+            restart_policy={"Name": "unless-stopped"},
+            detach=True,
+        )
+        with _translated():
+            try:
+                container = self.client.containers.create(spec.image, **kwargs)
+            except docker.errors.ImageNotFound:
+                log.info("pulling image %s", spec.image)
+                self.client.images.pull(spec.image)
+                container = self.client.containers.create(spec.image, **kwargs)
+        return container.id
+
+    def get_container(self, name_or_id: str) -> ContainerInfo | None:
+        with _translated():
+            try:
+                container = self.client.containers.get(name_or_id)
+            except docker.errors.NotFound:
+                return None
+        return _info(container.attrs)
+
+    def start_container(self, container_id: str) -> None:
+        with _translated():
+            self.client.api.start(container_id)
+
+    def container_logs(self, container_id: str, tail: int = 30) -> str:
+        try:
+            with _translated():
+                raw = self.client.api.logs(container_id, tail=tail)
+        except ContainerRuntimeError:
+            return "(logs unavailable)"
+        return raw.decode("utf-8", errors="replace")
+
+    def remove_container(self, name_or_id: str) -> None:
+        with _translated():
+            try:
+                self.client.api.remove_container(name_or_id, force=True)
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as exc:
+                # 409: removal already in progress, which is what we want.
+                if exc.status_code != 409:
+                    raise
+
+    def remove_volume(self, name: str) -> None:
+        with _translated():
+            try:
+                self.client.api.remove_volume(name)
+            except docker.errors.NotFound:
+                pass
+
+    def list_containers(self, labels: dict[str, str]) -> list[ContainerInfo]:
+        filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
+        with _translated():
+            found = self.client.api.containers(all=True, filters=filters)
+        return [_summary_info(item) for item in found]
+
+    def list_volumes(self, labels: dict[str, str]) -> list[VolumeInfo]:
+        filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
+        with _translated():
+            found = self.client.api.volumes(filters=filters).get("Volumes") or []
+        return [VolumeInfo(name=v["Name"], labels=v.get("Labels") or {}) for v in found]
+
+
+def _info(attrs: dict) -> ContainerInfo:
+    state = attrs.get("State") or {}
+    return ContainerInfo(
+        id=attrs["Id"],
+        name=attrs.get("Name", "").lstrip("/"),
+        state=state.get("Status", "unknown"),
+        exit_code=state.get("ExitCode"),
+        labels=(attrs.get("Config") or {}).get("Labels") or {},
+    )
+
+
+def _summary_info(item: dict) -> ContainerInfo:
+    # The list endpoint gives no exit code; callers that need one ask get_container.
+    names = item.get("Names") or [""]
+    return ContainerInfo(
+        id=item["Id"],
+        name=names[0].lstrip("/"),
+        state=item.get("State", "unknown"),
+        labels=item.get("Labels") or {},
+    )

@@ -1,0 +1,101 @@
+"""The metadata store's tables."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Enum, Index, Integer, MetaData, String, Text, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+class Status(str, enum.Enum):
+    PENDING = "pending"
+    PROVISIONING = "provisioning"
+    READY = "ready"
+    FAILED = "failed"
+    DELETING = "deleting"
+    DELETED = "deleted"
+
+
+# Statuses whose record still owns (or may still own) a container, a volume or a name.
+LIVE_STATUSES = (Status.PENDING, Status.PROVISIONING, Status.READY, Status.FAILED, Status.DELETING)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware datetimes on every backend (SQLite drops the offset)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime")
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value
+
+
+class Base(DeclarativeBase):
+    # Stable constraint names, so migrations can refer to them on every backend.
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class Database(Base):
+    """One requested PostgreSQL server and everything the service knows of it."""
+
+    __tablename__ = "databases"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(63))
+    status: Mapped[Status] = mapped_column(
+        Enum(Status, name="database_status", native_enum=False, length=16,
+             values_callable=lambda e: [m.value for m in e]),
+        index=True,
+    )
+    version: Mapped[str] = mapped_column(String(8))
+    image: Mapped[str] = mapped_column(String(255))
+    # Held only while a container may be published on it; released (NULL) once
+    # the database is failed or deleted. Unique, so two records can never
+    # hold the same port, whatever the application does (NULLs never collide).
+    host_port: Mapped[int | None] = mapped_column(Integer, unique=True)
+    database_name: Mapped[str] = mapped_column(String(63))
+    username: Mapped[str] = mapped_column(String(63))
+    password: Mapped[str] = mapped_column(String(255))
+    container_id: Mapped[str | None] = mapped_column(String(80))
+    volume_name: Mapped[str | None] = mapped_column(String(255))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    # Seconds each provisioning phase took, e.g. {"create": 0.2, "start": 0.4, "ready": 1.3}.
+    phase_timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    ready_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        # A name is unique among databases that are not deleted.
+        Index(
+            "uq_databases_live_name",
+            "name",
+            unique=True,
+            sqlite_where=text("status != 'deleted'"),
+            postgresql_where=text("status != 'deleted'"),
+        ),
+    )

@@ -1,0 +1,102 @@
+"""The container runtime as the rest of the service sees it: a small Protocol.
+
+``docker_runtime`` implements it against a Docker engine; the fast tests use a
+fake. Nothing outside ``docker_runtime`` imports ``docker``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+LABEL_MANAGED = "io.dbprov.managed"
+LABEL_DATABASE_ID = "io.dbprov.database-id"
+LABEL_INSTANCE = "io.dbprov.instance"
+
+# Where the postgres images (official and stand-in) keep PGDATA.
+PGDATA = "/var/lib/postgresql/data"
+
+
+def container_name(database_id: str) -> str:
+    return f"dbprov-{database_id}"
+
+
+def volume_name(database_id: str) -> str:
+    return f"dbprov-{database_id}-data"
+
+
+def labels_for(instance: str, database_id: str) -> dict[str, str]:
+    return {LABEL_MANAGED: "true", LABEL_DATABASE_ID: database_id, LABEL_INSTANCE: instance}
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """What a tenant database's container is made of."""
+
+    name: str
+    image: str
+    environment: dict[str, str]
+    host_ip: str
+    host_port: int
+    volume: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    id: str
+    name: str
+    # Docker's state: created, running, restarting, paused, exited, dead.
+    state: str
+    exit_code: int | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def database_id(self) -> str | None:
+        return self.labels.get(LABEL_DATABASE_ID)
+
+    @property
+    def running(self) -> bool:
+        return self.state in ("running", "restarting")
+
+    def describe(self) -> str:
+        if self.exit_code is not None and self.state in ("exited", "dead"):
+            return f"{self.state} (exit code {self.exit_code})"
+        return self.state
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    name: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def database_id(self) -> str | None:
+        return self.labels.get(LABEL_DATABASE_ID)
+
+
+class ContainerRuntime(Protocol):
+    """The operations the reconciler needs; each raises only ``DbprovError``s.
+
+    Removals treat "already gone" as success, so every step can be repeated.
+    """
+
+    def ping(self) -> None: ...
+
+    def ensure_volume(self, name: str, labels: dict[str, str]) -> None: ...
+
+    def create_container(self, spec: ContainerSpec) -> str: ...
+
+    def get_container(self, name_or_id: str) -> ContainerInfo | None: ...
+
+    def start_container(self, container_id: str) -> None: ...
+
+    def container_logs(self, container_id: str, tail: int = 30) -> str: ...
+
+    def remove_container(self, name_or_id: str) -> None: ...
+
+    def remove_volume(self, name: str) -> None: ...
+
+    def list_containers(self, labels: dict[str, str]) -> list[ContainerInfo]: ...
+
+    def list_volumes(self, labels: dict[str, str]) -> list[VolumeInfo]: ...

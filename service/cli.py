@@ -57,6 +57,8 @@ def serve(host: str, port: int, threads: int) -> None:
             "timeout": 120,
             "graceful_timeout": 30,
             "accesslog": "-",
+            # One per process otherwise, all at the same path in the home folder.
+            "control_socket_disable": True,
         },
         services,
     ).run()

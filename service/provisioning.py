@@ -27,6 +27,7 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
+ID_PATTERN = r"[0-9a-f]{12}"
 # Each database has a server of its own, so fixed names inside it clash with nothing.
 DATABASE_NAME = "app"
 USERNAME = "app"
@@ -64,6 +65,13 @@ def pick_port(session: Session, port_range: tuple[int, int]) -> int:
     return random.choice(free)
 
 
+def _check_id(database_id: str) -> None:
+    # Anything else cannot exist; refusing it here keeps odd bytes (NUL, say)
+    # away from the metadata store's driver.
+    if not re.fullmatch(ID_PATTERN, database_id):
+        raise NotFound(f"no database with id {database_id!r}")
+
+
 class Databases:
     """The domain service behind the HTTP views."""
 
@@ -93,7 +101,7 @@ class Databases:
                     if name is not None:
                         self._ensure_name_free(session, name)
                     record = Database(
-                        id=secrets.token_hex(6),
+                        id=secrets.token_hex(6),  # matches ID_PATTERN
                         name=name,
                         status=Status.PENDING,
                         version=version,
@@ -122,6 +130,7 @@ class Databases:
             raise Conflict(f"a database named {name!r} already exists", database_id=taken)
 
     def get(self, database_id: str) -> Database:
+        _check_id(database_id)
         with self.store.transaction() as session:
             record = session.get(Database, database_id)
         if record is None:
@@ -145,6 +154,7 @@ class Databases:
 
     def delete(self, database_id: str) -> Database:
         """Mark a database for removal; repeating it changes nothing."""
+        _check_id(database_id)
         with self.store.transaction() as session:
             session.execute(
                 update(Database)

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from flask import Flask, Response, json
-from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.exceptions import HTTPException
 
 from ..errors import DbprovError
 
@@ -78,7 +78,7 @@ def from_unexpected(error: Exception) -> Response:
     # The text of an unexpected exception may carry anything, secrets included:
     # it goes to the log, never to the client.
     log.error("unhandled error", exc_info=error)
-    return problem_response(500, InternalServerError.name, "the service hit an unexpected error")
+    return problem_response(500, "Internal Server Error", "the service hit an unexpected error")
 
 
 def _summarize(field_errors: dict) -> str:

@@ -1,0 +1,105 @@
+"""Shared fixtures: fast ones on a fake runtime, and the metadata store on each backend."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from service.app import Services, create_app
+from service.reconciler import Reconciler
+from service.settings import Settings
+from service.store import Store
+
+from .fakes import FakeRuntime
+
+# A PostgreSQL server the metadata tests may create databases on, e.g.
+# postgresql+psycopg://postgres:secret@127.0.0.1:5432/postgres (.ci/run starts one).
+POSTGRES_URL = os.environ.get("DBPROV_TEST_POSTGRES_URL")
+
+BACKENDS = ["sqlite", "postgresql"]
+
+
+def _fresh_postgres_database() -> tuple[str, callable]:
+    """A new, empty database on the test server, and a function that drops it."""
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    name = f"dbprov_test_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    return make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False), drop
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request, tmp_path: Path):
+    """An empty metadata database: a SQLite file, then a database on the PostgreSQL server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'meta.sqlite3'}"
+        return
+    if not POSTGRES_URL:
+        if os.environ.get("CI"):
+            pytest.fail("DBPROV_TEST_POSTGRES_URL is not set: CI must test the PostgreSQL backend")
+        pytest.skip("DBPROV_TEST_POSTGRES_URL is not set")
+    url, drop = _fresh_postgres_database()
+    yield url
+    drop()
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    return Settings(
+        database_url=database_url,
+        data_dir=tmp_path,
+        port_range=(20000, 20009),
+        images={"15": "postgres:15", "17": "postgres:17"},
+        default_version="17",
+        ready_timeout=2.0,
+        request_timeout=5.0,
+        reconcile_interval=0.05,
+        instance="test",
+    )
+
+
+@pytest.fixture
+def runtime() -> FakeRuntime:
+    return FakeRuntime()
+
+
+@pytest.fixture
+def services(settings: Settings, runtime: FakeRuntime):
+    services = Services(settings, Store(settings.database_url), runtime)
+    services.store.upgrade()
+    yield services
+    services.store.dispose()
+
+
+@pytest.fixture
+def reconciler(services: Services, runtime: FakeRuntime):
+    """A reconciler on the fake runtime, not started: tests drive ``run_once``."""
+    reconciler = Reconciler(
+        services.settings, services.store, runtime, services.wanted, services.changed,
+        probe=runtime.probe,
+    )
+    yield reconciler
+    reconciler.stop()
+
+
+@pytest.fixture
+def client(services: Services):
+    return create_app(services).test_client()
+
+
+@pytest.fixture
+def running(reconciler: Reconciler) -> Reconciler:
+    """The reconciler looping in the background, as under ``dbprov serve``."""
+    reconciler.start()
+    return reconciler

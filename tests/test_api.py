@@ -1,0 +1,244 @@
+"""The HTTP API on a fake runtime: shapes, statuses, validation and errors."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import event
+
+from service.models import Database
+
+PROBLEM = "application/problem+json"
+
+
+def count_records(services) -> int:
+    with services.store.transaction() as session:
+        return session.query(Database).count()
+
+
+def assert_problem(response, status: int, slug: str | None = None) -> dict:
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == PROBLEM
+    body = response.get_json(force=True)
+    assert body["status"] == status
+    assert body["title"]
+    assert body["type"] == (f"urn:dbprov:problem:{slug}" if slug else "about:blank")
+    return body
+
+
+def test_create_waits_until_ready_and_returns_credentials(client, running, runtime):
+    response = client.post("/databases", json={"name": "orders", "version": "15"})
+    assert response.status_code == 201, response.get_json()
+    body = response.get_json()
+    assert body["status"] == "ready"
+    assert body["name"] == "orders"
+    assert body["version"] == "15" and body["image"] == "postgres:15"
+    assert 20000 <= body["port"] <= 20009
+    assert response.headers["Location"] == f"/databases/{body['id']}"
+    assert body["connection_uri"] == (
+        f"postgresql://app:{body['password']}@localhost:{body['port']}/app"
+    )
+    assert set(body["phase_timings"]) == {"create", "start", "ready", "total"}
+    spec = runtime.containers[f"dbprov-{body['id']}"].spec
+    assert spec.host_port == body["port"] and spec.host_ip == "127.0.0.1"
+    assert spec.environment["POSTGRES_PASSWORD"] == body["password"]
+
+
+def test_create_with_empty_body_uses_defaults(client, running):
+    response = client.post("/databases")
+    assert response.status_code == 201
+    assert response.get_json()["version"] == "17"
+
+
+def test_respond_async_answers_202_with_location(client, services):
+    # No reconciler runs: the database stays pending.
+    response = client.post("/databases", json={}, headers={"Prefer": "respond-async"})
+    assert response.status_code == 202
+    body = response.get_json()
+    assert body["status"] == "pending"
+    assert response.headers["Preference-Applied"] == "respond-async"
+    assert client.get(response.headers["Location"]).get_json()["status"] == "pending"
+
+
+def test_wait_running_out_answers_202(client, services):
+    response = client.post("/databases", json={}, headers={"Prefer": "wait=0"})
+    assert response.status_code == 202
+    assert response.get_json()["status"] == "pending"
+
+
+def test_failed_provisioning_is_a_502_problem_with_the_log(client, running, runtime, services):
+    runtime.crashing_images["postgres:15"] = "FATAL: data directory has wrong ownership"
+    response = client.post("/databases", json={"version": "15"})
+    body = assert_problem(response, 502, "provisioning-failed")
+    assert "wrong ownership" in body["detail"]
+    record = client.get(f"/databases/{body['database_id']}").get_json()
+    assert record["status"] == "failed" and record["port"] is None
+    assert "exited (exit code 1)" in record["last_error"]
+
+
+def test_get_hides_the_password_and_credentials_show_it(client, running):
+    created = client.post("/databases", json={}).get_json()
+    shown = client.get(f"/databases/{created['id']}").get_json()
+    assert "password" not in shown and "connection_uri" not in shown
+    assert created["password"] not in str(shown)
+    credentials = client.get(f"/databases/{created['id']}/credentials").get_json()
+    assert credentials == {
+        "username": "app",
+        "password": created["password"],
+        "database": "app",
+        "host": "localhost",
+        "port": created["port"],
+        "connection_uri": created["connection_uri"],
+    }
+
+
+def test_list_is_paginated_and_filtered(client, services):
+    ids = [
+        client.post("/databases", json={}, headers={"Prefer": "respond-async"}).get_json()["id"]
+        for _ in range(3)
+    ]
+    client.delete(f"/databases/{ids[0]}")
+    page = client.get("/databases?page_size=2").get_json()
+    assert page["total"] == 3 and page["page"] == 1 and len(page["items"]) == 2
+    second = client.get("/databases?page_size=2&page=2").get_json()
+    assert len(second["items"]) == 1
+    assert {i["id"] for i in page["items"] + second["items"]} == set(ids)
+    deleting = client.get("/databases?status=deleting").get_json()
+    assert [i["id"] for i in deleting["items"]] == [ids[0]]
+    assert all("password" not in item for item in page["items"])
+
+
+def test_delete_is_accepted_and_repeatable(client, running):
+    created = client.post("/databases", json={}).get_json()
+    first = client.delete(f"/databases/{created['id']}")
+    assert first.status_code == 202
+    assert first.get_json()["status"] in ("deleting", "deleted")
+    running.wait_idle()
+    for _ in range(50):
+        if client.get(f"/databases/{created['id']}").get_json()["status"] == "deleted":
+            break
+        running._changed.wait(0.1)
+    again = client.delete(f"/databases/{created['id']}")
+    assert again.status_code == 202
+    assert again.get_json()["status"] == "deleted"
+    assert again.get_json()["port"] is None
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"bogus": 1}, "bogus"),
+        ({"name": "Has Spaces"}, "name"),
+        ({"name": "x" * 64}, "name"),
+        ({"name": "-leading-dash"}, "name"),
+        ({"name": "robert'); DROP TABLE databases;--"}, "name"),
+        ({"name": "ünïcode"}, "name"),
+        ({"name": 5}, "name"),
+        ({"version": "9"}, "version"),
+        ({"version": 17}, "version"),
+        ({"version": "seventeen"}, "version"),
+    ],
+)
+def test_invalid_bodies_are_422_and_record_nothing(client, services, body, field):
+    response = client.post("/databases", json=body)
+    problem = assert_problem(response, 422, "validation-error")
+    assert field in problem["errors"]["json"]
+    assert count_records(services) == 0
+
+
+def test_unsupported_version_lists_the_supported_ones(client, services):
+    problem = assert_problem(client.post("/databases", json={"version": "16"}), 422, "validation-error")
+    assert "15, 17" in problem["detail"]
+
+
+@pytest.mark.parametrize("payload", ["[]", '"text"', "null", "42"])
+def test_json_that_is_not_an_object_is_422(client, services, payload):
+    response = client.post("/databases", data=payload, content_type="application/json")
+    assert_problem(response, 422, "validation-error")
+    assert count_records(services) == 0
+
+
+def test_malformed_json_is_400(client, services):
+    response = client.post("/databases", data="{bad", content_type="application/json")
+    assert_problem(response, 400, "malformed-body")
+    assert count_records(services) == 0
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+def test_non_json_body_is_415(client, services, content_type):
+    response = client.post("/databases", data='{"name": "x"}', content_type=content_type)
+    assert_problem(response, 415)
+    assert count_records(services) == 0
+
+
+def test_oversized_body_is_413(client, services):
+    response = client.post(
+        "/databases", data='{"name": "' + "a" * 100_000 + '"}', content_type="application/json"
+    )
+    assert_problem(response, 413)
+    assert count_records(services) == 0
+
+
+def test_duplicate_live_name_is_409(client, services):
+    client.post("/databases", json={"name": "shared"}, headers={"Prefer": "respond-async"})
+    assert_problem(
+        client.post("/databases", json={"name": "shared"}, headers={"Prefer": "respond-async"}),
+        409,
+        "conflict",
+    )
+    assert count_records(services) == 1
+
+
+@pytest.mark.parametrize("path", ["/databases/nope", "/databases/' OR 1=1 --", "/databases/%00"])
+def test_unknown_ids_are_404(client, path):
+    assert_problem(client.get(path), 404, "not-found")
+    assert_problem(client.delete(path), 404, "not-found")
+
+
+def test_credentials_of_unknown_id_are_404(client):
+    assert_problem(client.get("/databases/nope/credentials"), 404, "not-found")
+
+
+def test_bad_query_is_422(client):
+    problem = assert_problem(client.get("/databases?page=0&status=lost"), 422, "validation-error")
+    assert set(problem["errors"]["query"]) == {"page", "status"}
+
+
+def test_unknown_route_and_method_are_problems(client):
+    assert_problem(client.get("/nowhere"), 404)
+    response = client.put("/databases")
+    assert_problem(response, 405)
+    assert "POST" in response.headers["Allow"]
+
+
+def test_port_range_exhausted_is_503_with_retry_after(client, services):
+    for _ in range(10):
+        assert client.post("/databases", json={}, headers={"Prefer": "respond-async"}).status_code == 202
+    response = client.post("/databases", json={}, headers={"Prefer": "respond-async"})
+    assert_problem(response, 503, "port-range-exhausted")
+    assert int(response.headers["Retry-After"]) > 0
+    assert count_records(services) == 10
+
+
+def test_readyz_names_the_unreachable_part(client, runtime):
+    assert client.get("/readyz").status_code == 200
+    runtime.reachable = False
+    response = client.get("/readyz")
+    body = assert_problem(response, 503, "not-ready")
+    assert body["checks"]["metadata"] == "ok"
+    assert "unreachable" in body["checks"]["docker"]
+    assert "docker" in body["detail"]
+    assert client.get("/healthz").get_json() == {"status": "ok"}
+
+
+def test_metadata_outage_is_a_503_problem(client, services):
+    engine = services.store.engine
+    engine.dispose()
+
+    @event.listens_for(engine, "do_connect")
+    def refuse(*_args, **_kwargs):
+        raise engine.dialect.loaded_dbapi.OperationalError("connection refused")
+
+    response = client.get("/databases")
+    assert_problem(response, 503, "metadata-unavailable")
+    assert "Retry-After" in response.headers
+    assert client.get("/readyz").get_json()["checks"]["metadata"].startswith("metadata store unavailable")

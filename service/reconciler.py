@@ -188,7 +188,7 @@ class Reconciler:
         timings: dict[str, float] = {}
         started = time.monotonic()
         try:
-            container_id = self._ensure_container(record, timings)
+            record, container_id = self._ensure_container(record, timings)
             phase = time.monotonic()
             self._wait_ready(record, container_id)
             timings["ready"] = round(time.monotonic() - phase, 3)
@@ -209,8 +209,14 @@ class Reconciler:
             database_id, record.host_port, container_id[:12], timings["total"],
         )
 
-    def _ensure_container(self, record: Database, timings: dict[str, float]) -> str:
-        """Volume and container exist and the container runs; returns its id."""
+    def _ensure_container(
+        self, record: Database, timings: dict[str, float]
+    ) -> tuple[Database, str]:
+        """Volume and container exist and the container runs.
+
+        Returns the container's id and the record as it now is: its port may
+        have moved.
+        """
         labels = labels_for(self.settings.instance, record.id)
         phase = time.monotonic()
         self.runtime.ensure_volume(volume_name(record.id), labels)
@@ -229,7 +235,7 @@ class Reconciler:
             phase = time.monotonic()
             if info is not None and info.running:
                 timings["start"] = 0.0
-                return container_id
+                return record, container_id
             try:
                 self.runtime.start_container(container_id)
             except PortInUse as exc:
@@ -240,7 +246,7 @@ class Reconciler:
                 phase = time.monotonic()
                 continue
             timings["start"] = round(time.monotonic() - phase, 3)
-            return container_id
+            return record, container_id
         raise _NotReady(f"no usable host port after {_PORT_RETRIES} attempts")
 
     def _spec(self, record: Database, labels: dict[str, str]) -> ContainerSpec:

@@ -1,0 +1,34 @@
+"""The Alembic migrations and the SQLAlchemy models describe the same schema."""
+
+from __future__ import annotations
+
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect
+
+from service.models import Base
+from service.store import Store, alembic_config
+
+
+def test_migrations_match_the_models(database_url):
+    store = Store(database_url)
+    store.upgrade()
+    with store.engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    store.dispose()
+    assert differences == []
+
+
+def test_downgrade_and_upgrade_again(database_url):
+    store = Store(database_url)
+    store.upgrade()
+    with store.engine.begin() as connection:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.downgrade(config, "base")
+    assert "databases" not in inspect(store.engine).get_table_names()
+    store.upgrade()
+    assert "databases" in inspect(store.engine).get_table_names()
+    store.upgrade()  # a second run has nothing to do
+    store.dispose()

@@ -1,0 +1,89 @@
+"""Parsing DBPROV_* variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.errors import SettingsError
+from service.settings import Settings
+
+
+def test_defaults(tmp_path):
+    settings = Settings.from_env({"DBPROV_DATA_DIR": str(tmp_path)})
+    assert settings.database_url == f"sqlite:///{tmp_path / 'dbprov.sqlite3'}"
+    assert settings.port_range == (15432, 16431)
+    assert settings.bind_address == "127.0.0.1"
+    assert settings.public_host == "localhost"
+    assert settings.images == {"15": "postgres:15", "16": "postgres:16", "17": "postgres:17"}
+    assert settings.default_version == "17"
+    assert settings.ready_timeout == 60.0
+    assert settings.effective_probe_host == "127.0.0.1"
+
+
+def test_default_data_dir_is_per_user():
+    settings = Settings.from_env({})
+    assert "dbprov" in settings.data_dir.parts and settings.data_dir.is_absolute()
+
+
+def test_values_are_parsed():
+    settings = Settings.from_env(
+        {
+            "DBPROV_DATABASE_URL": "postgresql+psycopg://u:p@db/meta",
+            "DBPROV_PORT_RANGE": "20000 - 20099",
+            "DBPROV_BIND_ADDRESS": "0.0.0.0",
+            "DBPROV_PUBLIC_HOST": "db.example.internal",
+            "DBPROV_IMAGES": "16=registry.local/pg:16, 17=postgres:17",
+            "DBPROV_DEFAULT_VERSION": "16",
+            "DBPROV_READY_TIMEOUT": "12.5",
+            "DBPROV_INSTANCE": "ci-7",
+        }
+    )
+    assert settings.database_url == "postgresql+psycopg://u:p@db/meta"
+    assert settings.port_range == (20000, 20099)
+    assert settings.images == {"16": "registry.local/pg:16", "17": "postgres:17"}
+    assert settings.default_version == "16" and settings.ready_timeout == 12.5
+    assert settings.instance == "ci-7"
+    # A wildcard bind is reached over loopback.
+    assert settings.effective_probe_host == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("DBPROV_PORT_RANGE", "abc"),
+        ("DBPROV_PORT_RANGE", "16000-15000"),
+        ("DBPROV_PORT_RANGE", "0-10"),
+        ("DBPROV_PORT_RANGE", "65000-70000"),
+        ("DBPROV_BIND_ADDRESS", "localhost"),
+        ("DBPROV_IMAGES", "postgres:17"),
+        ("DBPROV_IMAGES", "x=postgres:17"),
+        ("DBPROV_DEFAULT_VERSION", "14"),
+        ("DBPROV_READY_TIMEOUT", "soon"),
+        ("DBPROV_READY_TIMEOUT", "-1"),
+        ("DBPROV_RECONCILE_INTERVAL", "0"),
+        ("DBPROV_MAX_PARALLEL", "2.5"),
+        ("DBPROV_INSTANCE", "has space"),
+    ],
+)
+def test_invalid_values_name_the_variable(variable, value):
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({variable: value})
+    assert caught.value.variable == variable
+    assert str(caught.value).startswith(variable)
+
+
+def test_invalid_setting_stops_the_command_naming_it(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "db", "upgrade"],
+        env={"DBPROV_DATA_DIR": str(tmp_path), "DBPROV_PORT_RANGE": "nope", "PATH": "/usr/bin"},
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert result.returncode == 2
+    assert "DBPROV_PORT_RANGE" in result.stderr

@@ -137,6 +137,7 @@ def _info(attrs: dict) -> ContainerInfo:
         name=attrs.get("Name", "").lstrip("/"),
         state=state.get("Status", "unknown"),
         exit_code=state.get("ExitCode"),
+        restart_count=attrs.get("RestartCount") or 0,
         labels=(attrs.get("Config") or {}).get("Labels") or {},
     )
 

@@ -277,7 +277,7 @@ class Reconciler:
         last_error = "no attempt made"
         while True:
             info = self.runtime.get_container(container_id)
-            if info is None or info.state in ("exited", "dead"):
+            if info is None or info.crashed:
                 state = info.describe() if info else "vanished"
                 raise _NotReady(self._failure_text(container_id, f"container {state}", last_error))
             try:

@@ -49,6 +49,9 @@ class ContainerInfo:
     # Docker's state: created, running, restarting, paused, exited, dead.
     state: str
     exit_code: int | None = None
+    # How often the restart policy restarted it: a postgres container that
+    # initialises normally is never restarted, so any restart means a crash.
+    restart_count: int = 0
     labels: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -59,10 +62,17 @@ class ContainerInfo:
     def running(self) -> bool:
         return self.state in ("running", "restarting")
 
+    @property
+    def crashed(self) -> bool:
+        return self.state in ("exited", "dead") or self.restart_count > 0
+
     def describe(self) -> str:
-        if self.exit_code is not None and self.state in ("exited", "dead"):
-            return f"{self.state} (exit code {self.exit_code})"
-        return self.state
+        text = self.state
+        if self.exit_code and (self.state in ("exited", "dead") or self.restart_count):
+            text += f" (exit code {self.exit_code})"
+        if self.restart_count:
+            text += f" after {self.restart_count} restart(s)"
+        return text
 
 
 @dataclass(frozen=True)

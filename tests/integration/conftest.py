@@ -1,0 +1,151 @@
+"""Fixtures for tests against the real Docker engine and real PostgreSQL containers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import docker
+import pytest
+import requests
+
+from service.runtime import LABEL_INSTANCE
+
+ROOT = Path(__file__).resolve().parents[2]
+# Away from the default range, so a dbprov of the user's own is never in the way.
+PORT_RANGE = "25432-25531"
+# One label for the whole run: the service under test sweeps only its own.
+INSTANCE = f"test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    try:
+        client = docker.from_env()
+        client.ping()
+    except Exception as exc:  # noqa: BLE001 - any failure means no engine
+        if os.environ.get("CI"):
+            pytest.fail(f"no Docker engine, and CI must run the Docker tests: {exc}")
+        pytest.skip(f"no Docker engine: {exc}")
+    yield client
+    leftovers = client.containers.list(all=True, filters={"label": f"{LABEL_INSTANCE}={INSTANCE}"})
+    for container in leftovers:
+        container.remove(force=True)
+    for volume in client.volumes.list(filters={"label": f"{LABEL_INSTANCE}={INSTANCE}"}):
+        volume.remove(force=True)
+    client.close()
+
+
+def managed(docker_client, kind: str = "containers") -> list:
+    filters = {"label": f"{LABEL_INSTANCE}={INSTANCE}"}
+    if kind == "containers":
+        return docker_client.containers.list(all=True, filters=filters)
+    return docker_client.volumes.list(filters=filters)
+
+
+class ServiceProcess:
+    """``dbprov serve`` in a child process, as a user runs it."""
+
+    def __init__(self, data_dir: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = 18000 + (os.getpid() % 1000)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "DBPROV_DATA_DIR": str(data_dir),
+            "DBPROV_INSTANCE": INSTANCE,
+            "DBPROV_PORT_RANGE": PORT_RANGE,
+            "DBPROV_READY_TIMEOUT": "30",
+            "DBPROV_RECONCILE_INTERVAL": "0.5",
+            "DBPROV_IMAGES": "15=postgres:15,17=postgres:17",
+            **(extra_env or {}),
+        }
+        self.log_path = data_dir / "service.log"
+        self.process: subprocess.Popen | None = None
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Another ``dbprov`` command with the same settings."""
+        return subprocess.run(
+            [sys.executable, "-m", "service", *args],
+            env=self.env, cwd=ROOT, capture_output=True, text=True, check=check, timeout=120,
+        )
+
+    def start(self) -> "ServiceProcess":
+        with open(self.log_path, "a") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "service", "serve", "--port", str(self.port)],
+                env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"dbprov serve exited:\n{self.log_path.read_text()}")
+            try:
+                if requests.get(f"{self.url}/healthz", timeout=1).ok:
+                    return self
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        raise AssertionError(f"dbprov serve did not answer:\n{self.log_path.read_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=60)
+        self.process = None
+
+    def request(self, method: str, path: str, **kwargs) -> requests.Response:
+        return requests.request(method, f"{self.url}{path}", timeout=120, **kwargs)
+
+    def wait_for_status(self, database_id: str, status: str, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            body = self.request("GET", f"/databases/{database_id}").json()
+            if body["status"] == status or time.monotonic() > deadline:
+                assert body["status"] == status, body
+                return body
+            time.sleep(0.2)
+
+    def delete_all(self) -> None:
+        listing = self.request("GET", "/databases", params={"page_size": 500}).json()
+        live = [i["id"] for i in listing["items"] if i["status"] != "deleted"]
+        for database_id in live:
+            self.request("DELETE", f"/databases/{database_id}")
+        for database_id in live:
+            self.wait_for_status(database_id, "deleted")
+
+
+@pytest.fixture
+def service(docker_client, tmp_path):
+    """A running service; at the end every database is deleted and nothing is left behind."""
+    process = ServiceProcess(tmp_path).start()
+    yield process
+    if process.process is None:
+        process.start()
+    process.delete_all()
+    process.stop()
+    assert managed(docker_client) == [], "containers left behind"
+    assert managed(docker_client, "volumes") == [], "volumes left behind"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing Docker test shows the logs of its containers and of the service."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed or "docker" not in item.keywords:
+        return
+    try:
+        client = docker.from_env()
+        for container in managed(client):
+            logs = container.logs(tail=50).decode(errors="replace")
+            report.sections.append((f"container {container.name} ({container.status})", logs))
+    except Exception as exc:  # noqa: BLE001 - the report must not hide the failure
+        report.sections.append(("container logs", f"unavailable: {exc}"))
+    service = item.funcargs.get("service")
+    if service is not None and service.log_path.exists():
+        report.sections.append(("dbprov serve log", service.log_path.read_text()[-5000:]))

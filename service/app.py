@@ -59,8 +59,17 @@ class Services:
 
 
 def create_app(services: Services | None = None) -> Flask:
-    """Build the API; settings are read from the environment here, never at import."""
-    services = services or Services.build()
+    """Build the API; settings are read from the environment here, never at import.
+
+    Without ``services`` (as under ``gunicorn 'service.app:create_app()'``) the
+    API runs alone: ``dbprov worker`` processes reconcile, and on PostgreSQL the
+    change feed tells waiting requests when a database is ready.
+    """
+    if services is None:
+        from .process import Background  # it builds on this module
+
+        services = Services.build()
+        Background(services, migrate=False, reconcile=False).start()
     app = Flask("dbprov")
     app.config.update(
         API_TITLE="dbprov",

@@ -12,7 +12,9 @@ from gunicorn.app.base import BaseApplication
 from sqlalchemy.engine import make_url
 
 from .app import Services, create_app, openapi_document
+from .coordination import single_reconciler
 from .errors import DbprovError, SettingsError
+from .process import Background
 from .reconciler import Reconciler
 
 log = logging.getLogger("dbprov")
@@ -40,14 +42,12 @@ def main(log_level: str) -> None:
 @click.option("--threads", default=16, show_default=True, type=int,
               help="Concurrent requests (a create may wait for readiness)")
 def serve(host: str, port: int, threads: int) -> None:
-    """Serve the API with the reconciler in the same process (the embedded default)."""
+    """Serve the API with the reconciler in the same process (the embedded default).
+
+    The metadata store is migrated on start, retrying while it is unreachable.
+    """
     services = _services()
-    try:
-        services.store.upgrade()
-    except DbprovError as exc:
-        raise click.ClickException(str(exc)) from None
-    services.store.dispose()  # the worker process opens its own connections
-    log.info("metadata store %s is up to date", _redacted(services.store.url))
+    log.info("metadata store: %s", _redacted(services.store.url))
     _Server(
         {
             "bind": f"{host}:{port}",
@@ -70,7 +70,7 @@ class _Server(BaseApplication):
     def __init__(self, options: dict, services: Services) -> None:
         self.options = options
         self.services = services
-        self.reconciler: Reconciler | None = None
+        self.background: Background | None = None
         super().__init__()
 
     def load_config(self) -> None:
@@ -80,42 +80,46 @@ class _Server(BaseApplication):
 
     def load(self):
         # Runs in the worker after the fork: threads started here live there.
-        self.reconciler = Reconciler(
-            self.services.settings,
-            self.services.store,
-            self.services.runtime,
-            self.services.wanted,
-            self.services.changed,
-        )
-        self.reconciler.start()
+        self.background = Background(self.services, migrate=True, reconcile=True).start()
         return create_app(self.services)
 
     def _worker_exit(self, _server, _worker) -> None:
-        if self.reconciler is not None:
-            self.reconciler.stop()
+        if self.background is not None:
+            self.background.stop()
 
 
 @main.command()
-@click.option("--once", is_flag=True, help="Run one pass, wait for its work, and exit")
+def worker() -> None:
+    """Run the reconciler as a process of its own, until SIGTERM or SIGINT.
+
+    Several may run at once on a PostgreSQL metadata store; each database is
+    worked on by one of them at a time.
+    """
+    services = _services()
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    background = Background(services, migrate=True, reconcile=True).start()
+    stop.wait()
+    log.info("stopping at the next step boundary")
+    background.stop()
+
+
+@main.command()
+@click.option("--once", is_flag=True, required=True, help="Run one pass, wait for its work, and exit")
 def reconcile(once: bool) -> None:
-    """Make the Docker engine match the metadata store."""
+    """Make the Docker engine match the metadata store, once."""
     services = _services()
     reconciler = Reconciler(
         services.settings, services.store, services.runtime, services.wanted, services.changed
     )
     try:
-        if once:
+        with single_reconciler(services.store, services.settings.data_dir):
             reconciler.run_once(wait=True)
-            reconciler.stop()
-            return
-        stop = threading.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: stop.set())
-        reconciler.start()
-        stop.wait()
-        reconciler.stop()
     except DbprovError as exc:
         raise click.ClickException(str(exc)) from None
+    finally:
+        reconciler.stop()
 
 
 @main.group()

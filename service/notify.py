@@ -6,25 +6,30 @@ import threading
 
 
 class Notifier:
-    """A counter that waiters can block on until it moves.
+    """A counter that waiters can block on until it moves past what they saw.
 
     Used in both directions: the API tells the reconciler that something is
     wanted, and the reconciler tells waiting requests that something changed.
-    Waiters always re-read the metadata store afterwards, so a missed or
-    spurious nudge only costs latency, never correctness.
+    Waiters always re-read the metadata store afterwards, so a spurious nudge
+    costs a read, never correctness; passing the generation seen before that
+    read means a nudge that lands in between is not missed either.
     """
 
     def __init__(self) -> None:
         self._condition = threading.Condition()
         self._generation = 0
 
+    @property
+    def generation(self) -> int:
+        return self._generation
+
     def notify(self) -> None:
         with self._condition:
             self._generation += 1
             self._condition.notify_all()
 
-    def wait(self, timeout: float) -> bool:
-        """Block until the next ``notify`` or ``timeout``; True when notified."""
+    def wait(self, timeout: float, since: int | None = None) -> bool:
+        """Block until the generation differs from ``since`` (default: now) or ``timeout``."""
         with self._condition:
-            seen = self._generation
+            seen = self._generation if since is None else since
             return self._condition.wait_for(lambda: self._generation != seen, timeout)

@@ -82,6 +82,8 @@ class Databases:
         self.store = store
         self._wanted = wanted
         self._changed = changed
+        # Re-read interval while waiting; raised when a change feed delivers nudges.
+        self.poll_interval = 0.25
 
     def create(self, name: str | None = None, version: str | None = None) -> Database:
         """Record a wanted database with its port reserved; the reconciler starts it."""
@@ -114,6 +116,7 @@ class Databases:
                         phase_timings={},
                     )
                     session.add(record)
+                    self.store.announce(session, record.id)
             except sqlalchemy.exc.IntegrityError:
                 # Lost a race for the port or the name; the next round sees the winner.
                 continue
@@ -165,6 +168,7 @@ class Databases:
                 .values(status=Status.DELETING, updated_at=utcnow())
             )
             record = session.get(Database, database_id)
+            self.store.announce(session, database_id)
         if record is None:
             raise NotFound(f"no database with id {database_id!r}")
         log.info("database %s: deletion requested", database_id)
@@ -175,10 +179,11 @@ class Databases:
         """The record once it is ready or failed, or as it is when ``timeout`` runs out."""
         deadline = time.monotonic() + timeout
         while True:
+            seen = self._changed.generation
             record = self.get(database_id)
             remaining = deadline - time.monotonic()
             if record.status not in (Status.PENDING, Status.PROVISIONING) or remaining <= 0:
                 return record
-            # The reconciler nudges us when it writes; the cap covers a
-            # reconciler in another process, which cannot.
-            self._changed.wait(min(remaining, 0.25))
+            # Writers nudge ``changed`` (in this process, or through the
+            # store's change feed); the cap bounds the wait when nothing can.
+            self._changed.wait(min(remaining, self.poll_interval), since=seen)

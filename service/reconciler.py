@@ -17,6 +17,7 @@ from typing import Callable
 import psycopg
 from sqlalchemy import select, update
 
+from .coordination import Claims, claims_for
 from .errors import DbprovError, MetadataUnavailable, PortInUse, RuntimeUnavailable
 from .models import LIVE_STATUSES, Database, Status, utcnow
 from .notify import Notifier
@@ -62,6 +63,7 @@ class Reconciler:
         wanted: Notifier,
         changed: Notifier,
         probe: Callable[[str, int, str, str, str], None] = check_ready,
+        claims: Claims | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -69,6 +71,7 @@ class Reconciler:
         self._wanted = wanted
         self._changed = changed
         self._probe = probe
+        self._claims = claims or claims_for(store)
         self._labels = {LABEL_MANAGED: "true", LABEL_INSTANCE: settings.instance}
         self._executor = ThreadPoolExecutor(
             max_workers=settings.max_parallel_provisioning, thread_name_prefix="dbprov-task"
@@ -94,13 +97,14 @@ class Reconciler:
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
+            seen = self._wanted.generation
             try:
                 self.run_once()
             except (RuntimeUnavailable, MetadataUnavailable) as exc:
                 log.warning("reconcile pass skipped: %s", exc)
             except Exception:  # noqa: BLE001 - the loop must outlive any one bad pass
                 log.exception("reconcile pass failed")
-            self._wanted.wait(self.settings.reconcile_interval)
+            self._wanted.wait(self.settings.reconcile_interval, since=seen)
 
     def run_once(self, wait: bool = False) -> None:
         """One pass over every live record and every labelled container and volume."""
@@ -142,7 +146,10 @@ class Reconciler:
 
     def _run_task(self, database_id: str, task: Callable[[str], None]) -> None:
         try:
-            task(database_id)
+            with self._claims.hold(database_id) as claimed:
+                # Unclaimed: another reconciler works on it; a later pass looks again.
+                if claimed:
+                    task(database_id)
         except Superseded:
             self._wanted.notify()
         except (RuntimeUnavailable, MetadataUnavailable) as exc:
@@ -165,6 +172,7 @@ class Reconciler:
                 .where(Database.id == database_id, Database.status.in_(expected))
                 .values(updated_at=utcnow(), **values)
             )
+            self.store.announce(session, database_id)
         if result.rowcount != 1:
             raise Superseded(database_id)
         self._changed.notify()
@@ -275,6 +283,7 @@ class Reconciler:
         deadline = time.monotonic() + self.settings.ready_timeout
         delay = 0.05
         last_error = "no attempt made"
+        next_status_check = time.monotonic() + 1.0
         while True:
             info = self.runtime.get_container(container_id)
             if info is None or info.crashed:
@@ -303,6 +312,11 @@ class Reconciler:
                 )
             if self._stopping.is_set():
                 raise Superseded(record.id)
+            if time.monotonic() >= next_status_check:
+                # A DELETE may have come in: stop waiting for a database nobody wants.
+                if self._load(record.id).status != Status.PROVISIONING:
+                    raise Superseded(record.id)
+                next_status_check = time.monotonic() + 1.0
             time.sleep(delay)
             delay = min(delay * 1.5, 0.5)
 

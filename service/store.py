@@ -1,8 +1,10 @@
-"""The metadata store: engine, transactions and migrations."""
+"""The metadata store: engine, transactions, migrations and change notifications."""
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 from contextlib import contextmanager
 from importlib import resources
 from typing import Iterator
@@ -10,13 +12,35 @@ from typing import Iterator
 import sqlalchemy.exc
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from .errors import MetadataUnavailable
 
 log = logging.getLogger(__name__)
+
+# PostgreSQL NOTIFY channel on which every change to a record is announced.
+CHANNEL = "dbprov_changes"
+# SQLSTATE of "relation does not exist": the schema has not been migrated yet.
+_UNDEFINED_TABLE = "42P01"
+# Advisory lock key held while migrating ("dbpm").
+_MIGRATION_LOCK = 0x6462706D
+
+
+def _unavailable(exc: sqlalchemy.exc.DBAPIError) -> MetadataUnavailable:
+    return MetadataUnavailable(f"metadata store unavailable: {type(exc.orig).__name__}: {exc.orig}")
+
+
+def _is_outage(exc: Exception) -> bool:
+    """Connection trouble, or a schema that is not there yet: nothing was half-written."""
+    if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+        return True
+    return (
+        isinstance(exc, sqlalchemy.exc.ProgrammingError)
+        and getattr(exc.orig, "sqlstate", None) == _UNDEFINED_TABLE
+    )
 
 
 class Store:
@@ -25,6 +49,7 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = _make_engine(url)
+        self.is_postgres = self.engine.dialect.name == "postgresql"
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -33,24 +58,67 @@ class Store:
         try:
             with self._sessions.begin() as session:
                 yield session
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as exc:
-            # Connection refused, server gone, SQLite file locked for too long:
-            # the request cannot be served now, but nothing was half-written.
-            raise MetadataUnavailable(f"metadata store unavailable: {exc.orig!r}") from exc
+        except sqlalchemy.exc.DBAPIError as exc:
+            if _is_outage(exc):
+                raise _unavailable(exc) from exc
+            raise
+
+    @contextmanager
+    def connection(self) -> Iterator[Connection]:
+        """A pooled connection of its own, for work that spans transactions."""
+        try:
+            with self.engine.connect() as connection:
+                yield connection
+        except sqlalchemy.exc.DBAPIError as exc:
+            if _is_outage(exc):
+                raise _unavailable(exc) from exc
+            raise
+
+    def announce(self, session: Session, database_id: str) -> None:
+        """Tell other processes, once this transaction commits, that a record changed."""
+        if self.is_postgres:
+            session.execute(
+                text("SELECT pg_notify(:channel, :id)"), {"channel": CHANNEL, "id": database_id}
+            )
 
     def ping(self) -> None:
+        """Reachable, and migrated to the schema this code expects."""
         with self.transaction() as session:
-            session.execute(text("SELECT 1"))
+            current = session.scalar(text("SELECT version_num FROM alembic_version"))
+        if current != head_revision():
+            raise MetadataUnavailable(
+                f"metadata schema is at {current}, this code needs {head_revision()}: "
+                "run `dbprov db upgrade`"
+            )
 
     def upgrade(self) -> None:
         """Apply every Alembic migration not yet applied."""
         try:
             with self.engine.begin() as connection:
+                if self.is_postgres:
+                    # Workers starting together must not migrate side by side.
+                    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
                 config = alembic_config()
                 config.attributes["connection"] = connection
                 command.upgrade(config, "head")
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as exc:
-            raise MetadataUnavailable(f"metadata store unavailable: {exc.orig!r}") from exc
+        except sqlalchemy.exc.DBAPIError as exc:
+            if _is_outage(exc):
+                raise _unavailable(exc) from exc
+            raise
+
+    def upgrade_when_up(self, stopping: threading.Event | None = None, max_delay: float = 10.0) -> bool:
+        """Migrate, retrying with backoff while the store is unreachable; False if stopped."""
+        stopping = stopping or threading.Event()
+        delay = 0.5
+        while not stopping.is_set():
+            try:
+                self.upgrade()
+                return True
+            except MetadataUnavailable as exc:
+                log.warning("%s; retrying in %.1f s", exc, delay)
+                stopping.wait(delay)
+                delay = min(delay * 2, max_delay)
+        return False
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -62,9 +130,16 @@ def alembic_config() -> Config:
     return config
 
 
+@functools.cache
+def head_revision() -> str:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
 def _make_engine(url: str) -> Engine:
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+        # pre_ping: connections that died with a restarted server are replaced
+        # instead of failing the next request.
+        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
     engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
     @event.listens_for(engine, "connect")

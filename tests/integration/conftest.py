@@ -80,6 +80,7 @@ class ServiceProcess:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "service", "serve", "--port", str(self.port)],
                 env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -93,8 +94,12 @@ class ServiceProcess:
         raise AssertionError(f"dbprov serve did not answer:\n{self.log_path.read_text()}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM for a clean stop; SIGKILL crashes the whole process group at once."""
         if self.process and self.process.poll() is None:
-            self.process.send_signal(sig)
+            if sig == signal.SIGKILL:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            else:
+                self.process.send_signal(sig)
             self.process.wait(timeout=60)
         self.process = None
 

@@ -1,0 +1,156 @@
+"""Coordination between processes sharing one metadata store.
+
+Claims: which reconciler works on a database right now. Change feed: telling
+other processes that a record changed, so they need not poll.
+
+Why per-record PostgreSQL advisory locks for claims: a session-level advisory
+lock is held by a connection and released by the server the moment that
+connection ends, so a worker that crashes or is cut off frees its claims with
+no lease, clock or sweeper; work spreads over every worker (unlike a single
+leader); and unlike ``SELECT ... FOR UPDATE`` it does not block the row, so the
+claimant can record progress in short transactions that API readers see at
+once. Deterministic container names are the second line of defence: even two
+claimants could never create two containers for one database.
+
+SQLite serves one machine: there, claims are held in the process, and one
+reconciler process per store is enforced with a file lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import threading
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import psycopg
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from .errors import DbprovError
+from .notify import Notifier
+from .store import CHANNEL, Store
+
+log = logging.getLogger(__name__)
+
+# First key of the two-key advisory lock form: "dbpv", so dbprov's locks
+# cannot collide with an application's single-key locks.
+_LOCK_CLASS = 0x64627076
+
+
+class Claims(Protocol):
+    def hold(self, database_id: str) -> AbstractContextManager[bool]:
+        """Yields True while this process may work on the database, else False."""
+
+
+class LocalClaims:
+    """Claims among the threads of one process."""
+
+    def __init__(self) -> None:
+        self._held: set[str] = set()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def hold(self, database_id: str) -> Iterator[bool]:
+        with self._lock:
+            if database_id in self._held:
+                claimed = False
+            else:
+                self._held.add(database_id)
+                claimed = True
+        try:
+            yield claimed
+        finally:
+            if claimed:
+                with self._lock:
+                    self._held.discard(database_id)
+
+
+class AdvisoryLockClaims:
+    """Claims across processes and hosts: a PostgreSQL advisory lock per database."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    @contextmanager
+    def hold(self, database_id: str) -> Iterator[bool]:
+        key = {"cls": _LOCK_CLASS, "id": database_id}
+        with self.store.connection() as connection:
+            claimed = connection.scalar(
+                text("SELECT pg_try_advisory_lock(:cls, hashtext(:id))"), key
+            )
+            connection.commit()
+            try:
+                yield bool(claimed)
+            finally:
+                if claimed:
+                    try:
+                        connection.execute(
+                            text("SELECT pg_advisory_unlock(:cls, hashtext(:id))"), key
+                        )
+                        connection.commit()
+                    except Exception:  # noqa: BLE001 - the lock must not outlive us
+                        # Closing the connection for good releases the lock too.
+                        connection.invalidate()
+
+
+def claims_for(store: Store) -> LocalClaims | AdvisoryLockClaims:
+    return AdvisoryLockClaims(store) if store.is_postgres else LocalClaims()
+
+
+@contextmanager
+def single_reconciler(store: Store, data_dir: Path) -> Iterator[None]:
+    """On SQLite, make sure no other process reconciles the same store."""
+    if store.is_postgres:
+        yield
+        return
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / "reconciler.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DbprovError(
+                f"another dbprov reconciler is running on {data_dir}; with SQLite only one may"
+            ) from None
+        yield
+
+
+class ChangeListener:
+    """LISTENs for the store's change notifications and nudges local waiters."""
+
+    def __init__(self, store: Store, notifiers: list[Notifier]) -> None:
+        url = make_url(store.url).set(drivername="postgresql")
+        self._conninfo = url.render_as_string(hide_password=False)
+        self._notifiers = notifiers
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dbprov-listener", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        delay = 0.5
+        while not self._stopping.is_set():
+            try:
+                with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    delay = 0.5
+                    # Something may have changed while we were not listening.
+                    self._nudge()
+                    while not self._stopping.is_set():
+                        for _ in conn.notifies(timeout=1.0):
+                            self._nudge()
+            except psycopg.Error as exc:
+                log.warning("change feed interrupted (%s); listening again in %.1f s", exc, delay)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _nudge(self) -> None:
+        for notifier in self._notifiers:
+            notifier.notify()

@@ -1,0 +1,67 @@
+"""What runs beside the API, or as a process of its own: migrations, the
+reconciler and the change feed, started in the background so the API answers
+(and /readyz says 503) while the metadata store is still coming up."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import ExitStack
+
+from .app import Services
+from .coordination import ChangeListener, single_reconciler
+from .reconciler import Reconciler
+
+log = logging.getLogger(__name__)
+
+# With a change feed, waiting requests are nudged on every change; the re-read
+# interval is only a safety net then.
+_POLL_WITH_FEED = 2.0
+
+
+class Background:
+    def __init__(self, services: Services, *, migrate: bool, reconcile: bool) -> None:
+        self.services = services
+        self.migrate = migrate
+        self.reconcile = reconcile
+        self.reconciler: Reconciler | None = None
+        self._stopping = threading.Event()
+        self._resources = ExitStack()
+        self._thread = threading.Thread(target=self._run, name="dbprov-background", daemon=True)
+
+    def start(self) -> "Background":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            self._start_parts()
+        except Exception:  # noqa: BLE001 - a background thread has nobody else to tell
+            log.exception("background start failed")
+
+    def _start_parts(self) -> None:
+        services = self.services
+        store = services.store
+        if self.migrate:
+            if not store.upgrade_when_up(self._stopping):
+                return
+            log.info("metadata store is up to date")
+        if store.is_postgres:
+            listener = ChangeListener(store, [services.wanted, services.changed])
+            listener.start()
+            self._resources.callback(listener.stop)
+            services.databases.poll_interval = _POLL_WITH_FEED
+        if self.reconcile:
+            self._resources.enter_context(single_reconciler(store, services.settings.data_dir))
+            self.reconciler = Reconciler(
+                services.settings, store, services.runtime, services.wanted, services.changed
+            )
+            self.reconciler.start()
+            self._resources.callback(self.reconciler.stop)
+            log.info("reconciler started (instance %s)", services.settings.instance)
+
+    def stop(self) -> None:
+        """Stop at a step boundary; whatever is unfinished, the next start resumes."""
+        self._stopping.set()
+        self._thread.join(timeout=30)
+        self._resources.close()

@@ -39,12 +39,9 @@ def _fresh_postgres_database() -> tuple[str, callable]:
     return make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False), drop
 
 
-@pytest.fixture(params=BACKENDS)
-def database_url(request, tmp_path: Path):
-    """An empty metadata database: a SQLite file, then a database on the PostgreSQL server."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'meta.sqlite3'}"
-        return
+@pytest.fixture
+def postgres_url():
+    """An empty database on the PostgreSQL test server, dropped afterwards."""
     if not POSTGRES_URL:
         if os.environ.get("CI"):
             pytest.fail("DBPROV_TEST_POSTGRES_URL is not set: CI must test the PostgreSQL backend")
@@ -52,6 +49,14 @@ def database_url(request, tmp_path: Path):
     url, drop = _fresh_postgres_database()
     yield url
     drop()
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request, tmp_path: Path):
+    """An empty metadata database: a SQLite file, then a database on the PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'meta.sqlite3'}"
+    return request.getfixturevalue("postgres_url")
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -41,6 +42,13 @@ def docker_client():
     client.close()
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def managed(docker_client, kind: str = "containers") -> list:
     filters = {"label": f"{LABEL_INSTANCE}={INSTANCE}"}
     if kind == "containers":
@@ -53,8 +61,6 @@ class ServiceProcess:
 
     def __init__(self, data_dir: Path, extra_env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
-        self.port = 18000 + (os.getpid() % 1000)
-        self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
             **os.environ,
             "DBPROV_DATA_DIR": str(data_dir),
@@ -66,6 +72,8 @@ class ServiceProcess:
             **(extra_env or {}),
         }
         self.log_path = data_dir / "service.log"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -75,22 +83,25 @@ class ServiceProcess:
             env=self.env, cwd=ROOT, capture_output=True, text=True, check=check, timeout=120,
         )
 
-    def start(self) -> "ServiceProcess":
+    def start(self, command: list[str] | None = None) -> "ServiceProcess":
+        """Start ``dbprov serve``, or ``command`` if given, and wait until it answers."""
+        command = command or [sys.executable, "-m", "service", "serve", "--port", str(self.port)]
         with open(self.log_path, "a") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "service", "serve", "--port", str(self.port)],
-                env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                command, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.process = None
                 raise AssertionError(f"dbprov serve exited:\n{self.log_path.read_text()}")
             try:
                 if requests.get(f"{self.url}/healthz", timeout=1).ok:
                     return self
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
                 time.sleep(0.1)
+        self.stop(signal.SIGKILL)
         raise AssertionError(f"dbprov serve did not answer:\n{self.log_path.read_text()}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:

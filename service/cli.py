@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 
 import click
 from gunicorn.app.base import BaseApplication
@@ -89,17 +90,30 @@ class _Server(BaseApplication):
 
 
 @main.command()
-def worker() -> None:
+@click.option("--check", is_flag=True,
+              help="Exit 0 if this host's worker completed a pass recently (a health check)")
+def worker(check: bool) -> None:
     """Run the reconciler as a process of its own, until SIGTERM or SIGINT.
 
     Several may run at once on a PostgreSQL metadata store; each database is
     worked on by one of them at a time.
     """
     services = _services()
+    heartbeat = services.settings.data_dir / "worker.heartbeat"
+    if check:
+        limit = max(3 * services.settings.reconcile_interval, 30.0)
+        try:
+            age = time.time() - heartbeat.stat().st_mtime
+        except FileNotFoundError:
+            raise click.ClickException("no reconcile pass completed yet") from None
+        if age > limit:
+            raise click.ClickException(f"last complete reconcile pass {age:.0f} s ago")
+        click.echo(f"last complete reconcile pass {age:.1f} s ago")
+        return
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    background = Background(services, migrate=True, reconcile=True).start()
+    background = Background(services, migrate=True, reconcile=True, heartbeat=heartbeat).start()
     stop.wait()
     log.info("stopping at the next step boundary")
     background.stop()

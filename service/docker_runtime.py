@@ -102,7 +102,8 @@ class DockerRuntime:
     def remove_container(self, name_or_id: str) -> None:
         with _translated():
             try:
-                self.client.api.remove_container(name_or_id, force=True)
+                # v=True: anonymous volumes an image declares go with it.
+                self.client.api.remove_container(name_or_id, force=True, v=True)
             except docker.errors.NotFound:
                 pass
             except docker.errors.APIError as exc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import ExitStack
+from pathlib import Path
 
 from .app import Services
 from .coordination import ChangeListener, single_reconciler
@@ -20,10 +21,18 @@ _POLL_WITH_FEED = 2.0
 
 
 class Background:
-    def __init__(self, services: Services, *, migrate: bool, reconcile: bool) -> None:
+    def __init__(
+        self,
+        services: Services,
+        *,
+        migrate: bool,
+        reconcile: bool,
+        heartbeat: Path | None = None,
+    ) -> None:
         self.services = services
         self.migrate = migrate
         self.reconcile = reconcile
+        self.heartbeat = heartbeat
         self.reconciler: Reconciler | None = None
         self._stopping = threading.Event()
         self._resources = ExitStack()
@@ -54,7 +63,8 @@ class Background:
         if self.reconcile:
             self._resources.enter_context(single_reconciler(store, services.settings.data_dir))
             self.reconciler = Reconciler(
-                services.settings, store, services.runtime, services.wanted, services.changed
+                services.settings, store, services.runtime, services.wanted, services.changed,
+                heartbeat=self.heartbeat,
             )
             self.reconciler.start()
             self._resources.callback(self.reconciler.stop)

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Callable
 
 import psycopg
@@ -64,6 +65,7 @@ class Reconciler:
         changed: Notifier,
         probe: Callable[[str, int, str, str, str], None] = check_ready,
         claims: Claims | None = None,
+        heartbeat: Path | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -72,6 +74,8 @@ class Reconciler:
         self._changed = changed
         self._probe = probe
         self._claims = claims or claims_for(store)
+        # Touched after every complete pass, for `dbprov worker --check`.
+        self._heartbeat = heartbeat
         self._labels = {LABEL_MANAGED: "true", LABEL_INSTANCE: settings.instance}
         self._executor = ThreadPoolExecutor(
             max_workers=settings.max_parallel_provisioning, thread_name_prefix="dbprov-task"
@@ -100,6 +104,8 @@ class Reconciler:
             seen = self._wanted.generation
             try:
                 self.run_once()
+                if self._heartbeat is not None:
+                    self._heartbeat.touch()
             except (RuntimeUnavailable, MetadataUnavailable) as exc:
                 log.warning("reconcile pass skipped: %s", exc)
             except Exception:  # noqa: BLE001 - the loop must outlive any one bad pass

@@ -10,12 +10,16 @@ from flask_smorest import Api as _Api
 
 from .api import problems, views
 from .api.schemas import ProblemSchema
+from .crypto import Vault, load_vault
 from .docker_runtime import DockerRuntime
 from .notify import Notifier
+from .postgres import PostgresAdmin, ServerAdmin
 from .provisioning import Databases
+from .reconciler import Reconciler
 from .runtime import ContainerRuntime
 from .settings import Settings
 from .store import Store
+from .tenancy import Tenants
 
 
 class Api(_Api):
@@ -43,19 +47,33 @@ class Services:
     settings: Settings
     store: Store
     runtime: ContainerRuntime
+    vault: Vault
+    server_admin: ServerAdmin = field(default_factory=PostgresAdmin)
+    # Off only for `dbprov serve --no-auth` on a loopback address.
+    auth_required: bool = True
     # API -> reconciler: something new is wanted.
     wanted: Notifier = field(default_factory=Notifier)
     # Reconciler -> waiting requests: a record changed.
     changed: Notifier = field(default_factory=Notifier)
 
     def __post_init__(self) -> None:
-        self.databases = Databases(self.settings, self.store, self.wanted, self.changed)
+        self.tenants = Tenants(self.settings, self.store)
+        self.databases = Databases(
+            self.settings, self.store, self.vault, self.tenants, self.server_admin,
+            self.wanted, self.changed,
+        )
 
     @classmethod
     def build(cls, settings: Settings | None = None, runtime: ContainerRuntime | None = None):
         settings = settings or Settings.from_env()
         settings.ensure_data_dir()
-        return cls(settings, Store(settings.database_url), runtime or DockerRuntime())
+        return cls(settings, Store(settings.database_url), runtime or DockerRuntime(), load_vault(settings))
+
+    def reconciler(self, **options) -> Reconciler:
+        return Reconciler(
+            self.settings, self.store, self.runtime, self.wanted, self.changed,
+            vault=self.vault, server_admin=self.server_admin, **options,
+        )
 
 
 def create_app(services: Services | None = None) -> Flask:
@@ -82,6 +100,16 @@ def create_app(services: Services | None = None) -> Flask:
         # A create body is a few dozen bytes; refuse anything absurd early.
         MAX_CONTENT_LENGTH=64 * 1024,
         API_SPEC_OPTIONS={
+            "security": [{"bearerAuth": []}],
+            "components": {
+                "securitySchemes": {
+                    "bearerAuth": {
+                        "type": "http",
+                        "scheme": "bearer",
+                        "description": "A token from `dbprov tokens create`: dbp_<id>.<secret>",
+                    }
+                }
+            },
             "info": {
                 "description": "PostgreSQL databases on demand: each one a dedicated server "
                 "in its own Docker container, with generated credentials. Every error is an "
@@ -92,6 +120,7 @@ def create_app(services: Services | None = None) -> Flask:
     app.extensions["dbprov"] = services
     api = Api(app)
     api.register_blueprint(views.databases)
+    api.register_blueprint(views.quota)
     api.register_blueprint(views.health)
 
     @app.get("/openapi.yaml")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import sys
@@ -14,9 +15,9 @@ from sqlalchemy.engine import make_url
 
 from .app import Services, create_app, openapi_document
 from .coordination import single_reconciler
+from .crypto import generate_key
 from .errors import DbprovError, SettingsError
 from .process import Background
-from .reconciler import Reconciler
 
 log = logging.getLogger("dbprov")
 
@@ -42,12 +43,21 @@ def main(log_level: str) -> None:
 @click.option("--port", default=8080, show_default=True, type=int, help="Port the API listens on")
 @click.option("--threads", default=16, show_default=True, type=int,
               help="Concurrent requests (a create may wait for readiness)")
-def serve(host: str, port: int, threads: int) -> None:
+@click.option("--no-auth", is_flag=True,
+              help="No tokens needed: every caller is an admin. Only on a loopback address.")
+def serve(host: str, port: int, threads: int, no_auth: bool) -> None:
     """Serve the API with the reconciler in the same process (the embedded default).
 
     The metadata store is migrated on start, retrying while it is unreachable.
     """
     services = _services()
+    if no_auth:
+        if not _is_loopback(host):
+            raise click.UsageError(f"--no-auth is only for loopback addresses, not {host}")
+        services.auth_required = False
+        log.warning(
+            "authentication is OFF: anyone who can reach %s:%s manages every database", host, port
+        )
     log.info("metadata store: %s", _redacted(services.store.url))
     _Server(
         {
@@ -124,9 +134,7 @@ def worker(check: bool) -> None:
 def reconcile(once: bool) -> None:
     """Make the Docker engine match the metadata store, once."""
     services = _services()
-    reconciler = Reconciler(
-        services.settings, services.store, services.runtime, services.wanted, services.changed
-    )
+    reconciler = services.reconciler()
     try:
         with single_reconciler(services.store, services.settings.data_dir):
             reconciler.run_once(wait=True)
@@ -146,7 +154,7 @@ def upgrade() -> None:
     """Apply every pending migration."""
     services = _services()
     try:
-        services.store.upgrade()
+        services.store.upgrade(services.vault)
     except DbprovError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"metadata store {_redacted(services.store.url)} is up to date")
@@ -156,6 +164,96 @@ def upgrade() -> None:
 def openapi() -> None:
     """Print the OpenAPI document (what openapi.yaml holds)."""
     sys.stdout.write(openapi_document(create_app(_services())))
+
+
+@main.group()
+def tokens() -> None:
+    """Manage API tokens (stored only as hashes)."""
+
+
+@tokens.command("create")
+@click.option("--tenant", required=True, help="The tenant the token acts for (created if new)")
+@click.option("--admin", is_flag=True, help="The token sees and manages every tenant")
+def tokens_create(tenant: str, admin: bool) -> None:
+    """Create a token and print it: it cannot be shown again."""
+    services = _services()
+    token, plaintext = _run(services.tenants.create_token, tenant, admin)
+    click.echo(plaintext)
+    click.echo(f"token {token.id} for tenant {tenant}{' (admin)' if admin else ''}; "
+               "keep it now, it is not stored", err=True)
+
+
+@tokens.command("list")
+def tokens_list() -> None:
+    """List tokens: id, tenant, admin, created, revoked (never the token itself)."""
+    for token in _run(_services().tenants.list_tokens):
+        revoked = token.revoked_at.isoformat(timespec="seconds") if token.revoked_at else "-"
+        click.echo(
+            f"{token.id}  {token.tenant:<20} {'admin' if token.admin else '-':<6} "
+            f"{token.created_at.isoformat(timespec='seconds')}  revoked: {revoked}"
+        )
+
+
+@tokens.command("revoke")
+@click.argument("token_id")
+def tokens_revoke(token_id: str) -> None:
+    """Revoke a token by its id; it stops working at once."""
+    _run(_services().tenants.revoke_token, token_id)
+    click.echo(f"token {token_id} revoked")
+
+
+@main.group()
+def tenants() -> None:
+    """Manage tenants."""
+
+
+@tenants.command("quota")
+@click.argument("tenant")
+@click.option("--limit", type=click.IntRange(min=0), help="Live databases allowed")
+@click.option("--default", "use_default", is_flag=True, help="Back to DBPROV_TENANT_QUOTA")
+def tenants_quota(tenant: str, limit: int | None, use_default: bool) -> None:
+    """Show a tenant's quota, or set it with --limit or --default."""
+    services = _services()
+    if limit is not None or use_default:
+        _run(services.tenants.set_limit, tenant, None if use_default else limit)
+    used, current = _run(services.tenants.quota, tenant)
+    click.echo(f"{tenant}: {used} of {current} databases")
+
+
+@main.group()
+def keys() -> None:
+    """Manage the keys that encrypt stored passwords."""
+
+
+@keys.command("generate")
+def keys_generate() -> None:
+    """Print a new key for DBPROV_SECRET_KEY."""
+    click.echo(generate_key())
+
+
+@keys.command("rotate")
+def keys_rotate() -> None:
+    """Re-encrypt every stored secret with the first key of DBPROV_SECRET_KEY.
+
+    Put the new key first, keep the old ones after it, run this, then drop them.
+    """
+    services = _services()
+    count = _run(services.databases.reencrypt_secrets)
+    click.echo(f"re-encrypted the secrets of {count} databases with the first key")
+
+
+def _run(function, *args):
+    try:
+        return function(*args)
+    except DbprovError as exc:
+        raise click.ClickException(exc.detail) from None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _redacted(url: str) -> str:

@@ -60,6 +60,24 @@ class DockerRuntime:
             except docker.errors.NotFound:
                 self.client.volumes.create(name=name, labels=labels)
 
+    def ensure_network(self, name: str, labels: dict[str, str]) -> None:
+        with _translated():
+            if self.client.networks.list(names=[name]):
+                return
+            try:
+                self.client.networks.create(
+                    name,
+                    driver="bridge",
+                    labels=labels,
+                    # No traffic between containers on this bridge: one tenant's
+                    # server cannot reach another's. Published ports still work.
+                    options={"com.docker.network.bridge.enable_icc": "false"},
+                )
+            except docker.errors.APIError as exc:
+                # 409: another process made it a moment ago.
+                if exc.status_code != 409:
+                    raise
+
     def create_container(self, spec: ContainerSpec) -> str:
         kwargs = dict(
             name=spec.name,
@@ -68,6 +86,10 @@ class DockerRuntime:
             ports={"5432/tcp": (spec.host_ip, spec.host_port)},
             volumes={spec.volume: {"bind": PGDATA, "mode": "rw"}},
             restart_policy={"Name": "unless-stopped"},
+            network=spec.network,
+            mem_limit=spec.memory_limit,
+            pids_limit=spec.pids_limit,
+            security_opt=["no-new-privileges:true"],
             detach=True,
         )
         with _translated():

@@ -22,6 +22,9 @@ class DbprovError(Exception):
         self.detail = detail
         self.extensions = extensions
 
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after else {}
+
 
 class SettingsError(DbprovError):
     """A ``DBPROV_*`` variable has a value the service cannot use."""
@@ -40,6 +43,47 @@ class ValidationError(DbprovError):
     status = 422
     slug = "validation-error"
     title = "Request validation failed"
+
+
+class Unauthorized(DbprovError):
+    """No token, or one that is unknown or revoked."""
+
+    status = 401
+    slug = "unauthorized"
+    title = "Authentication required"
+
+    def __init__(self, detail: str, error: str | None = "invalid_token") -> None:
+        super().__init__(detail)
+        self.error = error
+
+    def headers(self) -> dict[str, str]:
+        # RFC 6750: no error code when the request carried no token at all.
+        challenge = 'Bearer realm="dbprov"'
+        if self.error:
+            challenge += f', error="{self.error}"'
+        return {"WWW-Authenticate": challenge}
+
+
+class Forbidden(DbprovError):
+    status = 403
+    slug = "forbidden"
+    title = "Forbidden"
+
+
+class QuotaExceeded(DbprovError):
+    status = 403
+    slug = "quota-exceeded"
+    title = "Database quota exceeded"
+
+
+class RateLimited(DbprovError):
+    status = 429
+    slug = "rate-limited"
+    title = "Too many requests"
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = max(1, retry_after)
 
 
 class NotFound(DbprovError):
@@ -85,6 +129,14 @@ class ProvisioningFailed(DbprovError):
     status = 502
     slug = "provisioning-failed"
     title = "Provisioning failed"
+
+
+class DatabaseServerError(DbprovError):
+    """A tenant's PostgreSQL server refused or could not be reached."""
+
+    status = 502
+    slug = "database-server-error"
+    title = "Database server error"
 
 
 class ContainerRuntimeError(DbprovError):

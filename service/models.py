@@ -6,7 +6,19 @@ import enum
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Enum, Index, Integer, MetaData, String, Text, text
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -58,6 +70,41 @@ class Base(DeclarativeBase):
     )
 
 
+class Tenant(Base):
+    """A team whose databases are kept apart from everyone else's."""
+
+    __tablename__ = "tenants"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    # Live databases allowed; NULL: DBPROV_TENANT_QUOTA.
+    database_limit: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Token(Base):
+    """An API token; only a hash of its secret is kept."""
+
+    __tablename__ = "tokens"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    tenant: Mapped[str] = mapped_column(ForeignKey("tenants.name"), index=True)
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class RateWindow(Base):
+    """Write requests one token made in one minute (for rate limiting)."""
+
+    __tablename__ = "rate_windows"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # Minutes since the epoch.
+    window: Mapped[int] = mapped_column(Integer, primary_key=True)
+    count: Mapped[int] = mapped_column(Integer)
+
+
 class Database(Base):
     """One requested PostgreSQL server and everything the service knows of it."""
 
@@ -76,9 +123,16 @@ class Database(Base):
     # the database is failed or deleted. Unique, so two records can never
     # hold the same port, whatever the application does (NULLs never collide).
     host_port: Mapped[int | None] = mapped_column(Integer, unique=True)
+    tenant: Mapped[str] = mapped_column(ForeignKey("tenants.name"), index=True)
     database_name: Mapped[str] = mapped_column(String(63))
     username: Mapped[str] = mapped_column(String(63))
+    # Encrypted (crypto.Vault), as is admin_password.
     password: Mapped[str] = mapped_column(String(255))
+    # Whether the tenant's role is a superuser (asked for, and allowed by settings).
+    superuser: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The container's own superuser, kept by the service for its maintenance.
+    admin_username: Mapped[str] = mapped_column(String(63))
+    admin_password: Mapped[str] = mapped_column(String(255))
     container_id: Mapped[str | None] = mapped_column(String(80))
     volume_name: Mapped[str | None] = mapped_column(String(255))
     last_error: Mapped[str | None] = mapped_column(Text)
@@ -90,9 +144,10 @@ class Database(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (
-        # A name is unique among databases that are not deleted.
+        # A name is unique within a tenant among databases that are not deleted.
         Index(
-            "uq_databases_live_name",
+            "uq_databases_tenant_live_name",
+            "tenant",
             "name",
             unique=True,
             sqlite_where=text("status != 'deleted'"),

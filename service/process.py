@@ -8,10 +8,13 @@ import logging
 import threading
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .app import Services
 from .coordination import ChangeListener, single_reconciler
-from .reconciler import Reconciler
+
+if TYPE_CHECKING:
+    from .reconciler import Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,7 @@ class Background:
         self.migrate = migrate
         self.reconcile = reconcile
         self.heartbeat = heartbeat
-        self.reconciler: Reconciler | None = None
+        self.reconciler: "Reconciler | None" = None
         self._stopping = threading.Event()
         self._resources = ExitStack()
         self._thread = threading.Thread(target=self._run, name="dbprov-background", daemon=True)
@@ -52,7 +55,7 @@ class Background:
         services = self.services
         store = services.store
         if self.migrate:
-            if not store.upgrade_when_up(self._stopping):
+            if not store.upgrade_when_up(services.vault, self._stopping):
                 return
             log.info("metadata store is up to date")
         if store.is_postgres:
@@ -62,10 +65,7 @@ class Background:
             services.databases.poll_interval = _POLL_WITH_FEED
         if self.reconcile:
             self._resources.enter_context(single_reconciler(store, services.settings.data_dir))
-            self.reconciler = Reconciler(
-                services.settings, store, services.runtime, services.wanted, services.changed,
-                heartbeat=self.heartbeat,
-            )
+            self.reconciler = services.reconciler(heartbeat=self.heartbeat)
             self.reconciler.start()
             self._resources.callback(self.reconciler.stop)
             log.info("reconciler started (instance %s)", services.settings.instance)

@@ -1,4 +1,4 @@
-"""What the API asks of the service: record wanted databases, read and delete them.
+"""What the API asks of the service: record wanted databases, read, rotate and delete them.
 
 This layer owns the records' state and every decision about it; it never talks
 to Docker. The reconciler makes the engine follow what is recorded here.
@@ -14,15 +14,26 @@ import time
 from dataclasses import dataclass
 from urllib.parse import quote
 
+import psycopg
 import sqlalchemy.exc
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from .errors import Conflict, NotFound, PortRangeExhausted, ValidationError
+from .crypto import Vault
+from .errors import (
+    Conflict,
+    DatabaseServerError,
+    Forbidden,
+    NotFound,
+    PortRangeExhausted,
+    ValidationError,
+)
 from .models import Database, Status, utcnow
 from .notify import Notifier
+from .postgres import Login, ServerAdmin
 from .settings import Settings
 from .store import Store
+from .tenancy import Principal, Tenants
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +42,16 @@ ID_PATTERN = r"[0-9a-f]{12}"
 # Each database has a server of its own, so fixed names inside it clash with nothing.
 DATABASE_NAME = "app"
 USERNAME = "app"
+# The container's superuser, kept by the service.
+ADMIN_USERNAME = "dbprov_admin"
 # Concurrent creates may pick the same free port; the unique constraint lets
 # one win and the others pick again.
 _PORT_ATTEMPTS = 20
+
+
+def new_password() -> str:
+    # URL-safe, so the URI needs no escaping in any client.
+    return secrets.token_urlsafe(24)
 
 
 @dataclass(frozen=True)
@@ -44,11 +62,25 @@ class Page:
     total: int
 
 
-def connection_uri(record: Database, host: str) -> str:
-    return (
-        f"postgresql://{quote(record.username, safe='')}:{quote(record.password, safe='')}"
-        f"@{host}:{record.host_port}/{quote(record.database_name, safe='')}"
-    )
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str
+    database: str
+    host: str
+    port: int | None
+
+    @property
+    def connection_uri(self) -> str | None:
+        if self.port is None:
+            return None
+        return (
+            f"postgresql://{quote(self.username, safe='')}:{quote(self.password, safe='')}"
+            f"@{self.host}:{self.port}/{quote(self.database, safe='')}"
+        )
+
+    def __repr__(self) -> str:
+        return f"Credentials({self.username}@{self.host}:{self.port}/{self.database})"
 
 
 def pick_port(session: Session, port_range: tuple[int, int]) -> int:
@@ -76,16 +108,32 @@ class Databases:
     """The domain service behind the HTTP views."""
 
     def __init__(
-        self, settings: Settings, store: Store, wanted: Notifier, changed: Notifier
+        self,
+        settings: Settings,
+        store: Store,
+        vault: Vault,
+        tenants: Tenants,
+        server_admin: ServerAdmin,
+        wanted: Notifier,
+        changed: Notifier,
     ) -> None:
         self.settings = settings
         self.store = store
+        self.vault = vault
+        self.tenants = tenants
+        self._server_admin = server_admin
         self._wanted = wanted
         self._changed = changed
         # Re-read interval while waiting; raised when a change feed delivers nudges.
         self.poll_interval = 0.25
 
-    def create(self, name: str | None = None, version: str | None = None) -> Database:
+    def create(
+        self,
+        principal: Principal,
+        name: str | None = None,
+        version: str | None = None,
+        superuser: bool = False,
+    ) -> Database:
         """Record a wanted database with its port reserved; the reconciler starts it."""
         version = version or self.settings.default_version
         if version not in self.settings.images:
@@ -97,13 +145,19 @@ class Databases:
             raise ValidationError(
                 "invalid name", errors={"json": {"name": [f"Must match {NAME_PATTERN}."]}}
             )
+        if superuser and not self.settings.allow_superuser:
+            raise Forbidden("this service does not hand out superuser roles (DBPROV_ALLOW_SUPERUSER)")
+        password = self.vault.encrypt(new_password())
+        admin_password = self.vault.encrypt(new_password())
         for _ in range(_PORT_ATTEMPTS):
             try:
                 with self.store.transaction() as session:
+                    self.tenants.reserve(session, principal.tenant)
                     if name is not None:
-                        self._ensure_name_free(session, name)
+                        self._ensure_name_free(session, principal.tenant, name)
                     record = Database(
                         id=secrets.token_hex(6),  # matches ID_PATTERN
+                        tenant=principal.tenant,
                         name=name,
                         status=Status.PENDING,
                         version=version,
@@ -111,8 +165,10 @@ class Databases:
                         host_port=pick_port(session, self.settings.port_range),
                         database_name=DATABASE_NAME,
                         username=USERNAME,
-                        # URL-safe, so the URI needs no escaping in any client.
-                        password=secrets.token_urlsafe(24),
+                        password=password,
+                        superuser=superuser,
+                        admin_username=ADMIN_USERNAME,
+                        admin_password=admin_password,
                         phase_timings={},
                     )
                     session.add(record)
@@ -120,28 +176,42 @@ class Databases:
             except sqlalchemy.exc.IntegrityError:
                 # Lost a race for the port or the name; the next round sees the winner.
                 continue
-            log.info("database %s recorded: version %s, port %s", record.id, version, record.host_port)
+            log.info(
+                "database %s recorded for tenant %s: version %s, port %s",
+                record.id, record.tenant, version, record.host_port,
+            )
             self._wanted.notify()
             return record
         raise PortRangeExhausted("could not reserve a host port; try again")
 
-    def _ensure_name_free(self, session: Session, name: str) -> None:
+    def _ensure_name_free(self, session: Session, tenant: str, name: str) -> None:
         taken = session.scalar(
-            select(Database.id).where(Database.name == name, Database.status != Status.DELETED)
+            select(Database.id).where(
+                Database.tenant == tenant, Database.name == name, Database.status != Status.DELETED
+            )
         )
         if taken is not None:
             raise Conflict(f"a database named {name!r} already exists", database_id=taken)
 
-    def get(self, database_id: str) -> Database:
+    def get(self, principal: Principal, database_id: str) -> Database:
         _check_id(database_id)
         with self.store.transaction() as session:
             record = session.get(Database, database_id)
-        if record is None:
+        # Another tenant's database looks exactly like one that does not exist.
+        if record is None or not principal.sees(record):
             raise NotFound(f"no database with id {database_id!r}")
         return record
 
-    def list(self, status: Status | None = None, page: int = 1, page_size: int = 50) -> Page:
+    def list(
+        self,
+        principal: Principal,
+        status: Status | None = None,
+        page: int = 1,
+        page_size: int = 50,
+    ) -> Page:
         query = select(Database)
+        if not principal.admin:
+            query = query.where(Database.tenant == principal.tenant)
         if status is not None:
             query = query.where(Database.status == status)
         with self.store.transaction() as session:
@@ -155,9 +225,9 @@ class Databases:
             )
         return Page(items=items, page=page, page_size=page_size, total=total or 0)
 
-    def delete(self, database_id: str) -> Database:
+    def delete(self, principal: Principal, database_id: str) -> Database:
         """Mark a database for removal; repeating it changes nothing."""
-        _check_id(database_id)
+        self.get(principal, database_id)
         with self.store.transaction() as session:
             session.execute(
                 update(Database)
@@ -169,18 +239,68 @@ class Databases:
             )
             record = session.get(Database, database_id)
             self.store.announce(session, database_id)
-        if record is None:
-            raise NotFound(f"no database with id {database_id!r}")
         log.info("database %s: deletion requested", database_id)
         self._wanted.notify()
         return record
 
-    def wait_until_settled(self, database_id: str, timeout: float) -> Database:
+    def credentials(self, record: Database) -> Credentials:
+        return Credentials(
+            username=record.username,
+            password=self.vault.decrypt(record.password),
+            database=record.database_name,
+            host=self.settings.public_host,
+            port=record.host_port,
+        )
+
+    def rotate_password(self, principal: Principal, database_id: str) -> tuple[Database, Credentials]:
+        """A new password that works at once; the old one stops working."""
+        self.get(principal, database_id)
+        password = new_password()
+        with self.store.transaction() as session:
+            # The row lock keeps a second rotation, or a delete, from interleaving.
+            record = session.scalar(
+                select(Database).where(Database.id == database_id).with_for_update()
+            )
+            if record.status != Status.READY:
+                raise Conflict(f"database {database_id} is {record.status.value}, not ready")
+            record.password = self.vault.encrypt(password)
+            # Changed on the server inside the metadata transaction: if the
+            # server refuses, the stored password stays the working one.
+            try:
+                self._server_admin.set_password(
+                    Login(
+                        host=self.settings.effective_probe_host,
+                        port=record.host_port,
+                        user=record.admin_username,
+                        password=self.vault.decrypt(record.admin_password),
+                    ),
+                    record.username,
+                    password,
+                )
+            except psycopg.Error as exc:
+                # Only the class: a server message might echo the statement.
+                raise DatabaseServerError(
+                    f"the database server did not take the new password ({type(exc).__name__}); "
+                    "the old one still works"
+                ) from None
+        log.info("database %s: password rotated", database_id)
+        return record, self.credentials(record)
+
+    def reencrypt_secrets(self) -> int:
+        """Re-encrypt every stored password with the vault's first key; returns how many records."""
+        with self.store.transaction() as session:
+            records = list(session.scalars(select(Database)))
+            for record in records:
+                record.password = self.vault.rotate(record.password)
+                record.admin_password = self.vault.rotate(record.admin_password)
+        return len(records)
+
+    def wait_until_settled(self, principal: Principal, database_id: str, timeout: float) -> Database:
         """The record once it is ready or failed, or as it is when ``timeout`` runs out."""
         deadline = time.monotonic() + timeout
         while True:
             seen = self._changed.generation
-            record = self.get(database_id)
+            record = self.get(principal, database_id)
             remaining = deadline - time.monotonic()
             if record.status not in (Status.PENDING, Status.PROVISIONING) or remaining <= 0:
                 return record

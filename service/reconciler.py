@@ -19,9 +19,11 @@ import psycopg
 from sqlalchemy import select, update
 
 from .coordination import Claims, claims_for
+from .crypto import Vault
 from .errors import DbprovError, MetadataUnavailable, PortInUse, RuntimeUnavailable
 from .models import LIVE_STATUSES, Database, Status, utcnow
 from .notify import Notifier
+from .postgres import Login, PostgresAdmin, ServerAdmin
 from .provisioning import pick_port
 from .runtime import (
     LABEL_INSTANCE,
@@ -47,14 +49,6 @@ class Superseded(Exception):
     """The record left the status this step was working for (say, it is being deleted)."""
 
 
-def check_ready(host: str, port: int, user: str, password: str, dbname: str) -> None:
-    """Raise unless an authenticated ``SELECT 1`` succeeds as the tenant would run it."""
-    with psycopg.connect(
-        host=host, port=port, user=user, password=password, dbname=dbname, connect_timeout=3
-    ) as conn:
-        conn.execute("SELECT 1").fetchone()
-
-
 class Reconciler:
     def __init__(
         self,
@@ -63,7 +57,8 @@ class Reconciler:
         runtime: ContainerRuntime,
         wanted: Notifier,
         changed: Notifier,
-        probe: Callable[[str, int, str, str, str], None] = check_ready,
+        vault: Vault,
+        server_admin: ServerAdmin | None = None,
         claims: Claims | None = None,
         heartbeat: Path | None = None,
     ) -> None:
@@ -72,11 +67,13 @@ class Reconciler:
         self.runtime = runtime
         self._wanted = wanted
         self._changed = changed
-        self._probe = probe
+        self.vault = vault
+        self._server_admin = server_admin or PostgresAdmin()
         self._claims = claims or claims_for(store)
         # Touched after every complete pass, for `dbprov worker --check`.
         self._heartbeat = heartbeat
         self._labels = {LABEL_MANAGED: "true", LABEL_INSTANCE: settings.instance}
+        self._network_ready = False
         self._executor = ThreadPoolExecutor(
             max_workers=settings.max_parallel_provisioning, thread_name_prefix="dbprov-task"
         )
@@ -204,8 +201,11 @@ class Reconciler:
         try:
             record, container_id = self._ensure_container(record, timings)
             phase = time.monotonic()
-            self._wait_ready(record, container_id)
+            self._wait_ready(record, container_id, self._admin_login(record))
             timings["ready"] = round(time.monotonic() - phase, 3)
+            phase = time.monotonic()
+            self._setup_tenant(record, container_id)
+            timings["setup"] = round(time.monotonic() - phase, 3)
         except _NotReady as exc:
             self._fail(record, str(exc))
             return
@@ -233,6 +233,9 @@ class Reconciler:
         """
         labels = labels_for(self.settings.instance, record.id)
         phase = time.monotonic()
+        if not self._network_ready:
+            self.runtime.ensure_network(self.settings.network, self._labels)
+            self._network_ready = True
         self.runtime.ensure_volume(volume_name(record.id), labels)
         for _ in range(_PORT_RETRIES):
             info = self.runtime.get_container(container_name(record.id))
@@ -267,16 +270,56 @@ class Reconciler:
         return ContainerSpec(
             name=container_name(record.id),
             image=record.image,
+            # The container's superuser is the service's; the tenant's role is
+            # made once the server is up (see _setup_tenant).
             environment={
-                "POSTGRES_USER": record.username,
-                "POSTGRES_PASSWORD": record.password,
+                "POSTGRES_USER": record.admin_username,
+                "POSTGRES_PASSWORD": self.vault.decrypt(record.admin_password),
                 "POSTGRES_DB": record.database_name,
             },
             host_ip=self.settings.bind_address,
             host_port=record.host_port,
             volume=volume_name(record.id),
             labels=labels,
+            network=self.settings.network,
+            memory_limit=self.settings.memory_limit,
+            pids_limit=self.settings.pids_limit,
         )
+
+    def _admin_login(self, record: Database) -> Login:
+        return Login(
+            host=self.settings.effective_probe_host,
+            port=record.host_port,
+            user=record.admin_username,
+            password=self.vault.decrypt(record.admin_password),
+            dbname=record.database_name,
+        )
+
+    def _tenant_login(self, record: Database) -> Login:
+        return Login(
+            host=self.settings.effective_probe_host,
+            port=record.host_port,
+            user=record.username,
+            password=self.vault.decrypt(record.password),
+            dbname=record.database_name,
+        )
+
+    def _setup_tenant(self, record: Database, container_id: str) -> None:
+        """The tenant's role, then the check that counts: ``SELECT 1`` as the tenant."""
+        try:
+            if record.admin_username != record.username:
+                self._server_admin.ensure_tenant_role(
+                    self._admin_login(record),
+                    record.username,
+                    self.vault.decrypt(record.password),
+                    record.database_name,
+                    record.superuser,
+                )
+            self._server_admin.check(self._tenant_login(record))
+        except psycopg.Error as exc:
+            raise _NotReady(
+                self._failure_text(container_id, "tenant role setup failed", _first_line(exc))
+            ) from None
 
     def _move_port(self, record: Database) -> Database:
         with self.store.transaction() as session:
@@ -284,8 +327,8 @@ class Reconciler:
         self._transition(record.id, (Status.PROVISIONING,), host_port=port)
         return self._load(record.id)
 
-    def _wait_ready(self, record: Database, container_id: str) -> None:
-        """Poll until the tenant's own credentials work over the published port."""
+    def _wait_ready(self, record: Database, container_id: str, login: Login) -> None:
+        """Poll until ``login`` works over the published port."""
         deadline = time.monotonic() + self.settings.ready_timeout
         delay = 0.05
         last_error = "no attempt made"
@@ -296,17 +339,10 @@ class Reconciler:
                 state = info.describe() if info else "vanished"
                 raise _NotReady(self._failure_text(container_id, f"container {state}", last_error))
             try:
-                self._probe(
-                    self.settings.effective_probe_host,
-                    record.host_port,
-                    record.username,
-                    record.password,
-                    record.database_name,
-                )
+                self._server_admin.check(login)
                 return
             except psycopg.Error as exc:
-                # Keep only the first line: the rest repeats host and port.
-                last_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                last_error = _first_line(exc)
             if time.monotonic() >= deadline:
                 raise _NotReady(
                     self._failure_text(
@@ -402,6 +438,12 @@ class Reconciler:
             if database_id not in volume_owners and database_id not in busy:
                 log.warning("removing orphan volume %s", volume.name)
                 self.runtime.remove_volume(volume.name)
+
+
+def _first_line(exc: Exception) -> str:
+    # The rest of a libpq message repeats host and port.
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class _NotReady(Exception):

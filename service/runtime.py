@@ -40,6 +40,9 @@ class ContainerSpec:
     host_port: int
     volume: str
     labels: dict[str, str] = field(default_factory=dict)
+    network: str | None = None
+    memory_limit: str | None = None
+    pids_limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,9 @@ class ContainerRuntime(Protocol):
     def ping(self) -> None: ...
 
     def ensure_volume(self, name: str, labels: dict[str, str]) -> None: ...
+
+    def ensure_network(self, name: str, labels: dict[str, str]) -> None:
+        """A bridge network whose containers cannot reach each other."""
 
     def create_container(self, spec: ContainerSpec) -> str: ...
 

@@ -11,6 +11,7 @@ from typing import Mapping
 
 import platformdirs
 
+from .crypto import is_valid_key
 from .errors import SettingsError
 
 DEFAULT_IMAGES = "15=postgres:15,16=postgres:16,17=postgres:17"
@@ -20,7 +21,8 @@ DEFAULT_IMAGES = "15=postgres:15,16=postgres:16,17=postgres:17"
 class Settings:
     """Everything the service can be configured with; tests build it directly."""
 
-    database_url: str
+    # repr=False: these two may carry credentials, and settings get logged.
+    database_url: str = field(repr=False)
     data_dir: Path
     port_range: tuple[int, int] = (15432, 16431)
     bind_address: str = "127.0.0.1"
@@ -39,6 +41,26 @@ class Settings:
     # Host name or address the service itself uses to reach published ports.
     probe_host: str | None = None
     max_parallel_provisioning: int = 8
+    # Fernet keys, the first one encrypting; empty: the embedded key file.
+    secret_keys: tuple[str, ...] = field(default=(), repr=False)
+    # Live databases per tenant unless the tenant has its own limit.
+    tenant_quota: int = 10
+    # Write requests per token and minute.
+    rate_limit: int = 60
+    # Whether a request may ask for a tenant role that is a superuser.
+    allow_superuser: bool = False
+    memory_limit: str = "1g"
+    pids_limit: int = 512
+
+    @property
+    def embedded(self) -> bool:
+        """The single-machine default: a SQLite metadata store."""
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def network(self) -> str:
+        """The Docker network tenant containers live on, isolated from each other."""
+        return f"dbprov-{self.instance}"
 
     @property
     def effective_probe_host(self) -> str:
@@ -86,9 +108,13 @@ class Settings:
             ),
             instance=instance,
             probe_host=get("PROBE_HOST"),
-            max_parallel_provisioning=int(
-                _parse_seconds("DBPROV_MAX_PARALLEL", get("MAX_PARALLEL"), 8, integer=True)
-            ),
+            max_parallel_provisioning=_parse_count("DBPROV_MAX_PARALLEL", get("MAX_PARALLEL"), 8),
+            secret_keys=_parse_keys(get("SECRET_KEY")),
+            tenant_quota=_parse_count("DBPROV_TENANT_QUOTA", get("TENANT_QUOTA"), 10),
+            rate_limit=_parse_count("DBPROV_RATE_LIMIT", get("RATE_LIMIT"), 60),
+            allow_superuser=_parse_bool("DBPROV_ALLOW_SUPERUSER", get("ALLOW_SUPERUSER")),
+            memory_limit=_parse_memory(get("MEMORY_LIMIT") or "1g"),
+            pids_limit=_parse_count("DBPROV_PIDS_LIMIT", get("PIDS_LIMIT"), 512),
         )
 
     def ensure_data_dir(self) -> None:
@@ -129,15 +155,53 @@ def _parse_images(value: str) -> dict[str, str]:
     return images
 
 
-def _parse_seconds(name: str, value: str | None, default: float, integer: bool = False) -> float:
+def _parse_seconds(name: str, value: str | None, default: float) -> float:
     if value is None:
         return default
     try:
-        number = int(value) if integer else float(value)
+        number = float(value)
     except ValueError:
-        kind = "a whole number" if integer else "a number of seconds"
-        raise SettingsError(name, f"expected {kind}, got {value!r}") from None
+        raise SettingsError(name, f"expected a number of seconds, got {value!r}") from None
     if number <= 0:
         raise SettingsError(name, f"must be greater than zero, got {value!r}")
     return number
+
+
+def _parse_count(name: str, value: str | None, default: int) -> int:
+    if value is None:
+        return default
+    if not re.fullmatch(r"[0-9]+", value) or int(value) <= 0:
+        raise SettingsError(name, f"expected a whole number greater than zero, got {value!r}")
+    return int(value)
+
+
+def _parse_bool(name: str, value: str | None) -> bool:
+    if value is None:
+        return False
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(name, f"expected true or false, got {value!r}")
+
+
+def _parse_memory(value: str) -> str:
+    if not re.fullmatch(r"[0-9]+[bkmg]?", value.lower()):
+        raise SettingsError("DBPROV_MEMORY_LIMIT", f"expected a size such as 512m or 1g, got {value!r}")
+    return value.lower()
+
+
+def _parse_keys(value: str | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    keys = tuple(key.strip() for key in value.split(",") if key.strip())
+    for position, key in enumerate(keys, 1):
+        if not is_valid_key(key):
+            # Never echo the value: it is a secret.
+            raise SettingsError(
+                "DBPROV_SECRET_KEY",
+                f"key {position} is not a Fernet key (32 url-safe base64-encoded bytes); "
+                "make one with `dbprov keys generate`",
+            )
+    return keys
 

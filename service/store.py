@@ -7,7 +7,7 @@ import logging
 import threading
 from contextlib import contextmanager
 from importlib import resources
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import sqlalchemy.exc
 from alembic import command
@@ -18,6 +18,9 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from .errors import MetadataUnavailable
+
+if TYPE_CHECKING:
+    from .crypto import Vault
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +94,11 @@ class Store:
                 "run `dbprov db upgrade`"
             )
 
-    def upgrade(self) -> None:
-        """Apply every Alembic migration not yet applied."""
+    def upgrade(self, vault: "Vault | None" = None) -> None:
+        """Apply every Alembic migration not yet applied.
+
+        ``vault``: for migrations that encrypt or decrypt stored secrets.
+        """
         try:
             with self.engine.begin() as connection:
                 if self.is_postgres:
@@ -100,19 +106,25 @@ class Store:
                     connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
                 config = alembic_config()
                 config.attributes["connection"] = connection
+                config.attributes["vault"] = vault
                 command.upgrade(config, "head")
         except sqlalchemy.exc.DBAPIError as exc:
             if _is_outage(exc):
                 raise _unavailable(exc) from exc
             raise
 
-    def upgrade_when_up(self, stopping: threading.Event | None = None, max_delay: float = 10.0) -> bool:
+    def upgrade_when_up(
+        self,
+        vault: "Vault | None" = None,
+        stopping: threading.Event | None = None,
+        max_delay: float = 10.0,
+    ) -> bool:
         """Migrate, retrying with backoff while the store is unreachable; False if stopped."""
         stopping = stopping or threading.Event()
         delay = 0.5
         while not stopping.is_set():
             try:
-                self.upgrade()
+                self.upgrade(vault)
                 return True
             except MetadataUnavailable as exc:
                 log.warning("%s; retrying in %.1f s", exc, delay)

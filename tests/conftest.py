@@ -11,11 +11,13 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from service.app import Services, create_app
+from service.crypto import Vault, generate_key
 from service.reconciler import Reconciler
 from service.settings import Settings
 from service.store import Store
+from service.tenancy import LOCAL_ADMIN
 
-from .fakes import FakeRuntime
+from .fakes import FakePostgres, FakeRuntime
 
 # A PostgreSQL server the metadata tests may create databases on, e.g.
 # postgresql+psycopg://postgres:secret@127.0.0.1:5432/postgres (.ci/run starts one).
@@ -59,9 +61,15 @@ def database_url(request, tmp_path: Path):
     return request.getfixturevalue("postgres_url")
 
 
+KEY = generate_key()
+
+
 @pytest.fixture
 def settings(database_url: str, tmp_path: Path) -> Settings:
     return Settings(
+        secret_keys=(KEY,),
+        tenant_quota=20,
+        rate_limit=1000,
         database_url=database_url,
         data_dir=tmp_path,
         port_range=(20000, 20009),
@@ -81,25 +89,34 @@ def runtime() -> FakeRuntime:
 
 @pytest.fixture
 def services(settings: Settings, runtime: FakeRuntime):
-    services = Services(settings, Store(settings.database_url), runtime)
-    services.store.upgrade()
+    """The service on a fake engine; authentication on, as deployed."""
+    services = Services(
+        settings, Store(settings.database_url), runtime, Vault(settings.secret_keys),
+        server_admin=FakePostgres(runtime),
+    )
+    services.store.upgrade(services.vault)
     yield services
     services.store.dispose()
 
 
 @pytest.fixture
-def reconciler(services: Services, runtime: FakeRuntime):
+def reconciler(services: Services):
     """A reconciler on the fake runtime, not started: tests drive ``run_once``."""
-    reconciler = Reconciler(
-        services.settings, services.store, runtime, services.wanted, services.changed,
-        probe=runtime.probe,
-    )
+    reconciler = services.reconciler()
     yield reconciler
     reconciler.stop()
 
 
 @pytest.fixture
+def local(services: Services):
+    """What `dbprov serve --no-auth` makes every caller: admin of the default tenant."""
+    return LOCAL_ADMIN
+
+
+@pytest.fixture
 def client(services: Services):
+    """A client of the API with authentication off, for tests about everything else."""
+    services.auth_required = False
     return create_app(services).test_client()
 
 

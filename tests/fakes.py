@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 import psycopg
 
 from service.errors import PortInUse, RuntimeUnavailable
+from service.postgres import Login
 from service.runtime import ContainerInfo, ContainerSpec, VolumeInfo
 
 
@@ -25,6 +26,7 @@ class FakeRuntime:
 
     containers: dict[str, FakeContainer] = field(default_factory=dict)
     volumes: dict[str, VolumeInfo] = field(default_factory=dict)
+    networks: set[str] = field(default_factory=set)
     # Host ports something outside dbprov holds: starting a container on one fails.
     foreign_ports: set[int] = field(default_factory=set)
     # Images whose containers exit at once, with this log.
@@ -48,6 +50,10 @@ class FakeRuntime:
         self._check("ensure_volume")
         with self._lock:
             self.volumes.setdefault(name, VolumeInfo(name=name, labels=dict(labels)))
+
+    def ensure_network(self, name: str, labels: dict[str, str]) -> None:
+        self._check("ensure_network")
+        self.networks.add(name)
 
     def create_container(self, spec: ContainerSpec) -> str:
         self._check("create_container")
@@ -116,14 +122,38 @@ class FakeRuntime:
         container = self.containers[name]
         container.info = replace(container.info, state=state)
 
-    def probe(self, host: str, port: int, user: str, password: str, dbname: str) -> None:
-        """Accept the credentials of a running container published on ``port``."""
-        for container in list(self.containers.values()):
-            env = container.spec.environment
+@dataclass
+class FakePostgres:
+    """The SQL side of the fake: roles and passwords of the fake runtime's servers."""
+
+    runtime: FakeRuntime
+    # port -> {role: password}, beside each container's own superuser.
+    roles: dict[int, dict[str, str]] = field(default_factory=dict)
+    superusers: dict[int, set[str]] = field(default_factory=dict)
+    # Servers that never finish starting.
+    starting_up: bool = False
+
+    def _server(self, port: int) -> dict[str, str]:
+        for container in list(self.runtime.containers.values()):
             if container.spec.host_port == port and container.info.state == "running":
-                if (env["POSTGRES_USER"], env["POSTGRES_PASSWORD"], env["POSTGRES_DB"]) == (
-                    user, password, dbname
-                ):
-                    return
-                raise psycopg.OperationalError("password authentication failed")
+                env = container.spec.environment
+                known = {env["POSTGRES_USER"]: env["POSTGRES_PASSWORD"]}
+                return {**known, **self.roles.get(port, {})}
         raise psycopg.OperationalError("connection refused")
+
+    def check(self, login: Login) -> None:
+        if self.starting_up:
+            raise psycopg.OperationalError("FATAL:  the database system is starting up")
+        if self._server(login.port).get(login.user) != login.password:
+            raise psycopg.OperationalError(f'password authentication failed for user "{login.user}"')
+
+    def ensure_tenant_role(self, admin, username, password, database, superuser) -> None:
+        self.check(admin)
+        self.roles.setdefault(admin.port, {})[username] = password
+        if superuser:
+            self.superusers.setdefault(admin.port, set()).add(username)
+
+    def set_password(self, admin, username, password) -> None:
+        self.check(admin)
+        assert username in self.roles.get(admin.port, {}), username
+        self.roles[admin.port][username] = password

@@ -25,7 +25,7 @@ def assert_problem(response, status: int, slug: str | None = None) -> dict:
     return body
 
 
-def test_create_waits_until_ready_and_returns_credentials(client, running, runtime):
+def test_create_waits_until_ready_and_returns_credentials(client, running, runtime, services):
     response = client.post("/databases", json={"name": "orders", "version": "15"})
     assert response.status_code == 201, response.get_json()
     body = response.get_json()
@@ -37,10 +37,14 @@ def test_create_waits_until_ready_and_returns_credentials(client, running, runti
     assert body["connection_uri"] == (
         f"postgresql://app:{body['password']}@localhost:{body['port']}/app"
     )
-    assert set(body["phase_timings"]) == {"create", "start", "ready", "total"}
+    assert set(body["phase_timings"]) == {"create", "start", "ready", "setup", "total"}
     spec = runtime.containers[f"dbprov-{body['id']}"].spec
     assert spec.host_port == body["port"] and spec.host_ip == "127.0.0.1"
-    assert spec.environment["POSTGRES_PASSWORD"] == body["password"]
+    # The container's superuser is the service's own; the tenant got a role with its password.
+    assert spec.environment["POSTGRES_USER"] == "dbprov_admin"
+    assert spec.environment["POSTGRES_PASSWORD"] != body["password"]
+    assert services.server_admin.roles[body["port"]]["app"] == body["password"]
+    assert body["superuser"] is False and body["tenant"] == "default"
 
 
 def test_create_with_empty_body_uses_defaults(client, running):

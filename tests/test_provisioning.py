@@ -9,6 +9,7 @@ import sqlalchemy.exc
 from sqlalchemy import update
 
 from service.errors import Conflict, PortRangeExhausted
+from service.tenancy import LOCAL_ADMIN
 from service.models import Database
 
 
@@ -17,7 +18,7 @@ def create_many(services, count: int, name=None):
 
     def attempt(_):
         try:
-            return services.databases.create(name)
+            return services.databases.create(LOCAL_ADMIN, name)
         except Exception as exc:  # noqa: BLE001 - collected for the assertions
             return exc
 
@@ -33,14 +34,14 @@ def test_concurrent_creates_get_distinct_ports(services):
 
 
 def test_racing_for_the_last_ports_two_win_the_rest_get_503(services):
-    earlier = [services.databases.create() for _ in range(8)]
+    earlier = [services.databases.create(LOCAL_ADMIN) for _ in range(8)]
     results = create_many(services, 6)
     winners = [r for r in results if isinstance(r, Database)]
     losers = [r for r in results if not isinstance(r, Database)]
     assert len(winners) == 2
     assert len({r.host_port for r in earlier + winners}) == 10
     assert len(losers) == 4 and all(isinstance(e, PortRangeExhausted) for e in losers)
-    assert services.databases.list().total == 10
+    assert services.databases.list(LOCAL_ADMIN).total == 10
 
 
 def test_concurrent_creates_with_one_name_one_wins(services):
@@ -50,8 +51,8 @@ def test_concurrent_creates_with_one_name_one_wins(services):
 
 
 def test_the_store_itself_refuses_a_second_holder_of_a_port(services):
-    first = services.databases.create()
-    second = services.databases.create()
+    first = services.databases.create(LOCAL_ADMIN)
+    second = services.databases.create(LOCAL_ADMIN)
     with pytest.raises(sqlalchemy.exc.IntegrityError):
         with services.store.transaction() as session:
             session.execute(
@@ -60,18 +61,18 @@ def test_the_store_itself_refuses_a_second_holder_of_a_port(services):
 
 
 def test_a_deleted_database_frees_its_port(services, reconciler):
-    victim = services.databases.create()
+    victim = services.databases.create(LOCAL_ADMIN)
     for _ in range(9):
-        services.databases.create()
+        services.databases.create(LOCAL_ADMIN)
     with pytest.raises(PortRangeExhausted):
-        services.databases.create()
-    services.databases.delete(victim.id)
+        services.databases.create(LOCAL_ADMIN)
+    services.databases.delete(LOCAL_ADMIN, victim.id)
     reconciler.run_once(wait=True)
-    assert services.databases.create().host_port == victim.host_port
+    assert services.databases.create(LOCAL_ADMIN).host_port == victim.host_port
 
 
 def test_name_is_reusable_once_deleted(services, reconciler):
-    first = services.databases.create("reuse")
-    services.databases.delete(first.id)
+    first = services.databases.create(LOCAL_ADMIN, "reuse")
+    services.databases.delete(LOCAL_ADMIN, first.id)
     reconciler.run_once(wait=True)
-    assert services.databases.create("reuse").name == "reuse"
+    assert services.databases.create(LOCAL_ADMIN, "reuse").name == "reuse"

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import psycopg
-
+from service.tenancy import LOCAL_ADMIN
 from service.models import Database, Status
 from service.runtime import ContainerSpec, labels_for
 
@@ -14,12 +13,12 @@ def record(services, database_id: str) -> Database:
 
 
 def test_pending_becomes_ready_with_timings(services, reconciler, runtime):
-    created = services.databases.create("app-one", "15")
+    created = services.databases.create(LOCAL_ADMIN, "app-one", "15")
     reconciler.run_once(wait=True)
     ready = record(services, created.id)
     assert ready.status == Status.READY
     assert ready.ready_at is not None and ready.last_error is None
-    assert set(ready.phase_timings) == {"create", "start", "ready", "total"}
+    assert set(ready.phase_timings) == {"create", "start", "ready", "setup", "total"}
     assert ready.container_id == runtime.containers[f"dbprov-{created.id}"].info.id
     assert ready.volume_name == f"dbprov-{created.id}-data"
     spec = runtime.containers[f"dbprov-{created.id}"].spec
@@ -28,7 +27,7 @@ def test_pending_becomes_ready_with_timings(services, reconciler, runtime):
 
 
 def test_a_pass_is_idempotent(services, reconciler, runtime):
-    created = services.databases.create()
+    created = services.databases.create(LOCAL_ADMIN)
     reconciler.run_once(wait=True)
     runtime.calls.clear()
     reconciler.run_once(wait=True)
@@ -37,7 +36,7 @@ def test_a_pass_is_idempotent(services, reconciler, runtime):
 
 
 def test_provisioning_left_by_a_crash_is_finished(services, reconciler, runtime):
-    created = services.databases.create()
+    created = services.databases.create(LOCAL_ADMIN)
     # A previous process created the container and died before starting it.
     reconciler._transition(created.id, (Status.PENDING,), status=Status.PROVISIONING)
     runtime.ensure_volume(f"dbprov-{created.id}-data", labels_for("test", created.id))
@@ -49,7 +48,7 @@ def test_provisioning_left_by_a_crash_is_finished(services, reconciler, runtime)
 
 def test_container_that_exits_fails_with_its_log_and_leaves_nothing(services, reconciler, runtime):
     runtime.crashing_images["postgres:17"] = "initdb: error: invalid locale settings"
-    created = services.databases.create()
+    created = services.databases.create(LOCAL_ADMIN)
     reconciler.run_once(wait=True)
     failed = record(services, created.id)
     assert failed.status == Status.FAILED
@@ -60,11 +59,8 @@ def test_container_that_exits_fails_with_its_log_and_leaves_nothing(services, re
 
 
 def test_never_ready_fails_after_the_timeout(services, reconciler, runtime):
-    def still_starting(*_args):
-        raise psycopg.OperationalError("the database system is starting up")
-
-    reconciler._probe = still_starting
-    created = services.databases.create()
+    services.server_admin.starting_up = True
+    created = services.databases.create(LOCAL_ADMIN)
     reconciler.run_once(wait=True)
     failed = record(services, created.id)
     assert failed.status == Status.FAILED
@@ -74,9 +70,9 @@ def test_never_ready_fails_after_the_timeout(services, reconciler, runtime):
 
 
 def test_deleting_removes_container_and_volume_and_frees_the_port(services, reconciler, runtime):
-    created = services.databases.create()
+    created = services.databases.create(LOCAL_ADMIN)
     reconciler.run_once(wait=True)
-    services.databases.delete(created.id)
+    services.databases.delete(LOCAL_ADMIN, created.id)
     reconciler.run_once(wait=True)
     gone = record(services, created.id)
     assert gone.status == Status.DELETED and gone.host_port is None and gone.deleted_at
@@ -84,15 +80,15 @@ def test_deleting_removes_container_and_volume_and_frees_the_port(services, reco
 
 
 def test_delete_while_pending_never_starts_anything(services, reconciler, runtime):
-    created = services.databases.create()
-    services.databases.delete(created.id)
+    created = services.databases.create(LOCAL_ADMIN)
+    services.databases.delete(LOCAL_ADMIN, created.id)
     reconciler.run_once(wait=True)
     assert record(services, created.id).status == Status.DELETED
     assert "create_container" not in runtime.calls
 
 
 def test_stopped_container_of_a_ready_database_is_started(services, reconciler, runtime):
-    created = services.databases.create()
+    created = services.databases.create(LOCAL_ADMIN)
     reconciler.run_once(wait=True)
     runtime.set_state(f"dbprov-{created.id}", "exited")
     reconciler.run_once(wait=True)
@@ -101,7 +97,7 @@ def test_stopped_container_of_a_ready_database_is_started(services, reconciler, 
 
 
 def test_vanished_container_is_recreated_on_its_volume(services, reconciler, runtime):
-    created = services.databases.create()
+    created = services.databases.create(LOCAL_ADMIN)
     reconciler.run_once(wait=True)
     first = record(services, created.id)
     runtime.containers.clear()
@@ -114,7 +110,7 @@ def test_vanished_container_is_recreated_on_its_volume(services, reconciler, run
 
 
 def test_failed_repair_keeps_the_volume(services, reconciler, runtime):
-    created = services.databases.create()
+    created = services.databases.create(LOCAL_ADMIN)
     reconciler.run_once(wait=True)
     runtime.containers.clear()
     runtime.crashing_images["postgres:17"] = "PANIC: could not locate a valid checkpoint record"
@@ -124,13 +120,13 @@ def test_failed_repair_keeps_the_volume(services, reconciler, runtime):
     assert list(runtime.volumes) == [f"dbprov-{created.id}-data"]
     reconciler.run_once(wait=True)  # the sweep keeps it too
     assert list(runtime.volumes) == [f"dbprov-{created.id}-data"]
-    services.databases.delete(created.id)
+    services.databases.delete(LOCAL_ADMIN, created.id)
     reconciler.run_once(wait=True)
     assert runtime.volumes == {}
 
 
 def test_orphans_of_this_instance_are_removed_and_others_kept(services, reconciler, runtime):
-    created = services.databases.create()
+    created = services.databases.create(LOCAL_ADMIN)
     reconciler.run_once(wait=True)
     for instance, database_id in (("test", "0123456789ab"), ("elsewhere", "ba9876543210")):
         labels = labels_for(instance, database_id)
@@ -150,7 +146,7 @@ def test_orphans_of_this_instance_are_removed_and_others_kept(services, reconcil
 
 
 def test_port_taken_by_another_program_moves_the_database(services, reconciler, runtime):
-    created = services.databases.create()
+    created = services.databases.create(LOCAL_ADMIN)
     runtime.foreign_ports.add(created.host_port)
     reconciler.run_once(wait=True)
     ready = record(services, created.id)
@@ -160,7 +156,7 @@ def test_port_taken_by_another_program_moves_the_database(services, reconciler, 
 
 
 def test_engine_outage_postpones_without_failing(services, reconciler, runtime):
-    created = services.databases.create()
+    created = services.databases.create(LOCAL_ADMIN)
     runtime.reachable = False
     reconciler._submit(created.id, reconciler._provision)
     reconciler.wait_idle()

@@ -41,9 +41,9 @@ def problem_response(
 
 
 def from_dbprov_error(error: DbprovError) -> Response:
-    headers = {"Retry-After": str(error.retry_after)} if error.retry_after else {}
     return problem_response(
-        error.status, error.title, error.detail, slug=error.slug, headers=headers, **error.extensions
+        error.status, error.title, error.detail, slug=error.slug, headers=error.headers(),
+        **error.extensions,
     )
 
 

@@ -28,12 +28,19 @@ class DatabaseCreateSchema(ma.Schema):
             "example": "17",
         },
     )
+    superuser = fields.Boolean(
+        metadata={
+            "description": "Make the tenant's role a superuser; refused (403) unless the "
+            "service allows it (DBPROV_ALLOW_SUPERUSER)."
+        }
+    )
 
 
 class DatabaseSchema(ma.Schema):
     """A database as anyone may see it: no password."""
 
     id = fields.String(required=True)
+    tenant = fields.String(required=True)
     name = fields.String(allow_none=True)
     status = fields.String(
         required=True,
@@ -48,6 +55,7 @@ class DatabaseSchema(ma.Schema):
     )
     database = fields.String(required=True)
     username = fields.String(required=True)
+    superuser = fields.Boolean(required=True)
     last_error = fields.String(
         allow_none=True, metadata={"description": "Why it failed, with the container's log"}
     )
@@ -93,6 +101,12 @@ class DatabasePageSchema(ma.Schema):
     total = fields.Integer(required=True)
 
 
+class QuotaSchema(ma.Schema):
+    tenant = fields.String(required=True)
+    used = fields.Integer(required=True, metadata={"description": "Databases not yet deleted"})
+    limit = fields.Integer(required=True)
+
+
 class HealthSchema(ma.Schema):
     status = fields.String(required=True, metadata={"example": "ok"})
     checks = fields.Dict(keys=fields.String(), values=fields.String())
@@ -107,6 +121,9 @@ class ProblemSchema(ma.Schema):
     title = fields.String(required=True)
     status = fields.Integer(required=True)
     detail = fields.String()
+    database_id = fields.String(metadata={"description": "For provisioning-failed problems"})
+    used = fields.Integer(metadata={"description": "For quota-exceeded problems"})
+    limit = fields.Integer(metadata={"description": "For quota-exceeded problems"})
     errors = fields.Dict(
         metadata={"description": "Field errors by location and field, for validation problems"}
     )

@@ -5,14 +5,15 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from flask import current_app, request, url_for
+from flask import current_app, g, request, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint
 from werkzeug.exceptions import UnsupportedMediaType
 
 from ..errors import DbprovError, ProvisioningFailed
 from ..models import Database, Status
-from ..provisioning import connection_uri
+from ..provisioning import Credentials
+from ..tenancy import LOCAL_ADMIN, Principal
 from .problems import problem_response
 from .schemas import (
     CredentialsSchema,
@@ -22,9 +23,11 @@ from .schemas import (
     DatabaseSchema,
     DatabaseWithCredentialsSchema,
     HealthSchema,
+    QuotaSchema,
 )
 
 databases = Blueprint("databases", __name__, description="PostgreSQL databases on demand")
+quota = Blueprint("quota", __name__, description="The tenant's share of the service")
 health = Blueprint("health", __name__, description="Liveness and readiness of the service")
 
 _RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds"}}
@@ -35,28 +38,44 @@ def _services():
     return current_app.extensions["dbprov"]
 
 
-def _present(record: Database, secret: bool = False) -> dict[str, Any]:
-    host = _services().settings.public_host
+def _principal() -> Principal:
+    return g.principal
+
+
+def _present(record: Database, credentials: Credentials | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": record.id,
+        "tenant": record.tenant,
         "name": record.name,
         "status": record.status.value,
         "version": record.version,
         "image": record.image,
-        "host": host,
+        "host": _services().settings.public_host,
         "port": record.host_port,
         "database": record.database_name,
         "username": record.username,
+        "superuser": record.superuser,
         "last_error": record.last_error,
         "phase_timings": record.phase_timings or {},
         "created_at": record.created_at,
         "ready_at": record.ready_at,
         "deleted_at": record.deleted_at,
     }
-    if secret:
-        body["password"] = record.password
-        body["connection_uri"] = connection_uri(record, host) if record.host_port else None
+    if credentials is not None:
+        body["password"] = credentials.password
+        body["connection_uri"] = credentials.connection_uri
     return body
+
+
+def _credentials_body(credentials: Credentials) -> dict[str, Any]:
+    return {
+        "username": credentials.username,
+        "password": credentials.password,
+        "database": credentials.database,
+        "host": credentials.host,
+        "port": credentials.port,
+        "connection_uri": credentials.connection_uri,
+    }
 
 
 def _preferences() -> tuple[bool, float | None]:
@@ -70,6 +89,18 @@ def _preferences() -> tuple[bool, float | None]:
         if match:
             wait = float(match[1])
     return asynchronous, wait
+
+
+@databases.before_request
+@quota.before_request
+def _authenticate() -> None:
+    services = _services()
+    if not services.auth_required:
+        g.principal = LOCAL_ADMIN
+        return
+    g.principal = services.tenants.authenticate(request.headers.get("Authorization"))
+    if request.method in ("POST", "PUT", "PATCH", "DELETE"):
+        services.tenants.check_rate(g.principal)
 
 
 @databases.before_request
@@ -90,7 +121,7 @@ class DatabaseCollection(MethodView):
     def get(self, query):
         """List databases, newest first"""
         status = Status(query["status"]) if query.get("status") else None
-        page = _services().databases.list(status, query["page"], query["page_size"])
+        page = _services().databases.list(_principal(), status, query["page"], query["page_size"])
         return {
             "items": [_present(record) for record in page.items],
             "page": page.page,
@@ -108,6 +139,11 @@ class DatabaseCollection(MethodView):
         "or the wait ran out). Poll the Location until status is ready or failed.",
         success=True,
     )
+    @databases.alt_response(
+        403, response="FORBIDDEN",
+        description="Over the tenant's quota (type ...:quota-exceeded), or a superuser role "
+        "that the service does not allow",
+    )
     @databases.alt_response(409, response="CONFLICT", description="The name is taken")
     @databases.alt_response(415, response="UNSUPPORTED_MEDIA_TYPE")
     @databases.alt_response(422, response="UNPROCESSABLE_ENTITY")
@@ -120,7 +156,10 @@ class DatabaseCollection(MethodView):
     def post(self, body):
         """Create a database and, unless asked not to, wait until it accepts connections"""
         services = _services()
-        record = services.databases.create(body.get("name"), body.get("version"))
+        principal = _principal()
+        record = services.databases.create(
+            principal, body.get("name"), body.get("version"), body.get("superuser", False)
+        )
         asynchronous, wait = _preferences()
         headers = {"Location": url_for("databases.DatabaseItem", database_id=record.id)}
         if asynchronous:
@@ -128,7 +167,7 @@ class DatabaseCollection(MethodView):
         else:
             timeout = services.settings.request_timeout
             record = services.databases.wait_until_settled(
-                record.id, min(timeout, wait) if wait is not None else timeout
+                principal, record.id, min(timeout, wait) if wait is not None else timeout
             )
         if record.status == Status.FAILED:
             raise ProvisioningFailed(
@@ -136,7 +175,7 @@ class DatabaseCollection(MethodView):
                 database_id=record.id,
             )
         status = 201 if record.status == Status.READY else 202
-        return _present(record, secret=True), status, headers
+        return _present(record, services.databases.credentials(record)), status, headers
 
 
 @databases.route("/databases/<string:database_id>")
@@ -145,13 +184,13 @@ class DatabaseItem(MethodView):
     @databases.alt_response(404, response="NOT_FOUND")
     def get(self, database_id):
         """Show a database (without its password)"""
-        return _present(_services().databases.get(database_id))
+        return _present(_services().databases.get(_principal(), database_id))
 
     @databases.response(202, DatabaseSchema)
     @databases.alt_response(404, response="NOT_FOUND")
     def delete(self, database_id):
         """Delete a database: its container and volume are removed and its port freed"""
-        return _present(_services().databases.delete(database_id))
+        return _present(_services().databases.delete(_principal(), database_id))
 
 
 @databases.route("/databases/<string:database_id>/credentials")
@@ -160,12 +199,35 @@ class DatabaseCredentials(MethodView):
     @databases.alt_response(404, response="NOT_FOUND")
     def get(self, database_id):
         """Show a database's user, password and connection URI"""
-        body = _present(_services().databases.get(database_id), secret=True)
-        return {key: body[key] for key in CredentialsSchema().fields}
+        domain = _services().databases
+        return _credentials_body(domain.credentials(domain.get(_principal(), database_id)))
+
+
+@databases.route("/databases/<string:database_id>/credentials/rotate")
+class CredentialsRotation(MethodView):
+    @databases.response(200, CredentialsSchema)
+    @databases.alt_response(404, response="NOT_FOUND")
+    @databases.alt_response(409, response="CONFLICT", description="The database is not ready")
+    @databases.alt_response(502, response="BAD_GATEWAY", description="The server refused; the old password still works")
+    def post(self, database_id):
+        """Give the database's user a new password; the old one stops working at once"""
+        _record, credentials = _services().databases.rotate_password(_principal(), database_id)
+        return _credentials_body(credentials)
+
+
+@quota.route("/quota")
+class Quota(MethodView):
+    @quota.response(200, QuotaSchema)
+    def get(self):
+        """The tenant's live databases and its limit"""
+        principal = _principal()
+        used, limit = _services().tenants.quota(principal.tenant)
+        return {"tenant": principal.tenant, "used": used, "limit": limit}
 
 
 @health.route("/healthz")
 class Liveness(MethodView):
+    @health.doc(security=[])
     @health.response(200, HealthSchema)
     def get(self):
         """The process answers"""
@@ -174,6 +236,7 @@ class Liveness(MethodView):
 
 @health.route("/readyz")
 class Readiness(MethodView):
+    @health.doc(security=[])
     @health.response(200, HealthSchema)
     @health.alt_response(503, response="SERVICE_UNAVAILABLE", description="Names what is unreachable")
     def get(self):

@@ -15,6 +15,7 @@ import docker
 import pytest
 import requests
 
+from service.crypto import generate_key
 from service.runtime import LABEL_INSTANCE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PORT_RANGE = "25432-25531"
 # One label for the whole run: the service under test sweeps only its own.
 INSTANCE = f"test-{uuid.uuid4().hex[:8]}"
+SECRET_KEY = generate_key()
 
 
 @pytest.fixture(scope="session")
@@ -69,9 +71,15 @@ class ServiceProcess:
             "DBPROV_READY_TIMEOUT": "30",
             "DBPROV_RECONCILE_INTERVAL": "0.5",
             "DBPROV_IMAGES": "15=postgres:15,17=postgres:17",
+            "DBPROV_SECRET_KEY": SECRET_KEY,
+            # The load tests make more databases, and faster, than a tenant normally may.
+            "DBPROV_TENANT_QUOTA": "100",
+            "DBPROV_RATE_LIMIT": "1000",
             **(extra_env or {}),
         }
         self.log_path = data_dir / "service.log"
+        # Set for deployments that need authentication: used by request().
+        self.token: str | None = None
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -85,7 +93,9 @@ class ServiceProcess:
 
     def start(self, command: list[str] | None = None) -> "ServiceProcess":
         """Start ``dbprov serve``, or ``command`` if given, and wait until it answers."""
-        command = command or [sys.executable, "-m", "service", "serve", "--port", str(self.port)]
+        command = command or [
+            sys.executable, "-m", "service", "serve", "--port", str(self.port), "--no-auth"
+        ]
         with open(self.log_path, "a") as log:
             self.process = subprocess.Popen(
                 command, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
@@ -114,8 +124,15 @@ class ServiceProcess:
             self.process.wait(timeout=60)
         self.process = None
 
-    def request(self, method: str, path: str, **kwargs) -> requests.Response:
-        return requests.request(method, f"{self.url}{path}", timeout=120, **kwargs)
+    def create_token(self, tenant: str, admin: bool = False) -> str:
+        result = self.run("tokens", "create", "--tenant", tenant, *(["--admin"] if admin else []))
+        return result.stdout.strip()
+
+    def request(self, method: str, path: str, token: str | None = None, **kwargs) -> requests.Response:
+        """A request with ``token``, or else the service's own admin token if it has one."""
+        token = token or self.token
+        headers = {**kwargs.pop("headers", {}), **({"Authorization": f"Bearer {token}"} if token else {})}
+        return requests.request(method, f"{self.url}{path}", timeout=120, headers=headers, **kwargs)
 
     def wait_for_status(self, database_id: str, status: str, timeout: float = 60) -> dict:
         deadline = time.monotonic() + timeout

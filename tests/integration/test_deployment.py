@@ -32,6 +32,7 @@ class Deployment:
 
     def start(self) -> "Deployment":
         assert self.api.run("db", "upgrade").returncode == 0
+        self.api.token = self.api.create_token("ops", admin=True)
         for _ in range(self.worker_count):
             with open(self.api.log_path, "a") as log:
                 self.workers.append(subprocess.Popen(

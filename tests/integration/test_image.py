@@ -12,7 +12,7 @@ import psycopg
 import pytest
 import requests
 
-from .conftest import INSTANCE, PORT_RANGE, ROOT, free_port, managed
+from .conftest import INSTANCE, PORT_RANGE, ROOT, SECRET_KEY, free_port, managed
 
 pytestmark = pytest.mark.docker
 
@@ -51,6 +51,7 @@ def test_image_runs_api_and_worker_that_provision_a_reachable_database(
         "DBPROV_PORT_RANGE": PORT_RANGE,
         "DBPROV_LISTEN": f"127.0.0.1:{api_port}",
         "DBPROV_WEB_WORKERS": "2",
+        "DBPROV_SECRET_KEY": SECRET_KEY,
     }
     common = dict(
         network_mode="host",
@@ -69,18 +70,22 @@ def test_image_runs_api_and_worker_that_provision_a_reachable_database(
         assert api.attrs["Config"]["User"] == "dbprov"
         wait_healthy(api)
         wait_healthy(worker)
+        token = api.exec_run(["dbprov", "tokens", "create", "--tenant", "image"], demux=True)
+        assert token.exit_code == 0, token.output
+        auth = {"Authorization": f"Bearer {token.output[0].decode().strip()}"}
         url = f"http://127.0.0.1:{api_port}"
         assert requests.get(f"{url}/readyz", timeout=5).json()["checks"] == {
             "docker": "ok", "metadata": "ok"
         }
-        response = requests.post(f"{url}/databases", json={}, timeout=120)
+        response = requests.post(f"{url}/databases", json={}, timeout=120, headers=auth)
         assert response.status_code == 201, response.text
         created = response.json()
         with psycopg.connect(created["connection_uri"], connect_timeout=5) as conn:
             assert conn.execute("SELECT current_user").fetchone() == ("app",)
-        assert requests.delete(f"{url}/databases/{created['id']}", timeout=10).status_code == 202
+        database_url = f"{url}/databases/{created['id']}"
+        assert requests.delete(database_url, timeout=10, headers=auth).status_code == 202
         deadline = time.monotonic() + 60
-        while requests.get(f"{url}/databases/{created['id']}", timeout=5).json()["status"] != "deleted":
+        while requests.get(database_url, timeout=5, headers=auth).json()["status"] != "deleted":
             assert time.monotonic() < deadline
             time.sleep(0.3)
         assert managed(docker_client) == [] and managed(docker_client, "volumes") == []
@@ -123,6 +128,7 @@ def test_compose_starts_the_deployment(docker_client, image):
         "DBPROV_LISTEN": f"127.0.0.1:{api_port}",
         "DOCKER_GID": str(os.stat(SOCKET).st_gid),
         "DBPROV_INSTANCE": INSTANCE,
+        "DBPROV_SECRET_KEY": SECRET_KEY,
     }
     run = lambda *args, **kw: subprocess.run(  # noqa: E731
         [*compose, "-p", project, *args], cwd=ROOT, env=env, capture_output=True, text=True, **kw
@@ -141,14 +147,18 @@ def test_compose_starts_the_deployment(docker_client, image):
                 pass
             assert time.monotonic() < deadline, run("logs").stdout[-4000:]
             time.sleep(1)
-        response = requests.post(f"{url}/databases", json={}, timeout=120)
+        token = run("exec", "-T", "api", "dbprov", "tokens", "create", "--tenant", "compose")
+        assert token.returncode == 0, token.stderr
+        auth = {"Authorization": f"Bearer {token.stdout.strip()}"}
+        response = requests.post(f"{url}/databases", json={}, timeout=120, headers=auth)
         assert response.status_code == 201, response.text
         created = response.json()
         with psycopg.connect(created["connection_uri"], connect_timeout=5) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
-        requests.delete(f"{url}/databases/{created['id']}", timeout=10)
+        database_url = f"{url}/databases/{created['id']}"
+        requests.delete(database_url, timeout=10, headers=auth)
         deadline = time.monotonic() + 60
-        while requests.get(f"{url}/databases/{created['id']}", timeout=5).json()["status"] != "deleted":
+        while requests.get(database_url, timeout=5, headers=auth).json()["status"] != "deleted":
             assert time.monotonic() < deadline
             time.sleep(0.3)
     finally:

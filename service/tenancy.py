@@ -1,0 +1,189 @@
+"""Tenants, their tokens, quotas and rate limits."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from .errors import NotFound, QuotaExceeded, RateLimited, Unauthorized, ValidationError
+from .models import Database, RateWindow, Status, Tenant, Token, utcnow
+from .settings import Settings
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+TENANT_PATTERN = r"[a-z0-9][a-z0-9_-]{0,62}"
+DEFAULT_TENANT = "default"
+# dbp_<id>.<secret>: the id finds the record, the secret is checked against its hash.
+_TOKEN_PATTERN = re.compile(r"dbp_([0-9a-f]{12})\.([A-Za-z0-9_-]{43})")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is asking: a tenant, perhaps with the right to see every tenant."""
+
+    tenant: str
+    admin: bool = False
+    token_id: str | None = None
+
+    def sees(self, record: Database) -> bool:
+        return self.admin or record.tenant == self.tenant
+
+    @property
+    def rate_key(self) -> str:
+        return self.token_id or f"tenant:{self.tenant}"
+
+
+# Who every request is when authentication is off (`dbprov serve --no-auth`).
+LOCAL_ADMIN = Principal(tenant=DEFAULT_TENANT, admin=True)
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def check_tenant_name(name: str) -> str:
+    if not re.fullmatch(TENANT_PATTERN, name):
+        raise ValidationError(
+            f"invalid tenant name {name!r}: lower-case letters, digits, '_' and '-', at most 63"
+        )
+    return name
+
+
+class Tenants:
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+
+    # -- tokens -------------------------------------------------------------
+
+    def create_token(self, tenant: str, admin: bool = False) -> tuple[Token, str]:
+        """A new token for ``tenant`` (made if new); the plaintext exists only in the return value."""
+        check_tenant_name(tenant)
+        token_id = secrets.token_hex(6)
+        secret = secrets.token_urlsafe(32)
+        with self.store.transaction() as session:
+            if session.get(Tenant, tenant) is None:
+                session.add(Tenant(name=tenant))
+                session.flush()
+            token = Token(id=token_id, tenant=tenant, admin=admin, secret_hash=_hash(secret))
+            session.add(token)
+        log.info("token %s created for tenant %s%s", token_id, tenant, " (admin)" if admin else "")
+        return token, f"dbp_{token_id}.{secret}"
+
+    def list_tokens(self) -> list[Token]:
+        with self.store.transaction() as session:
+            return list(session.scalars(select(Token).order_by(Token.tenant, Token.created_at)))
+
+    def revoke_token(self, token_id: str) -> Token:
+        with self.store.transaction() as session:
+            token = session.get(Token, token_id)
+            if token is None:
+                raise NotFound(f"no token with id {token_id!r}")
+            if token.revoked_at is None:
+                token.revoked_at = utcnow()
+        log.info("token %s revoked", token_id)
+        return token
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        if not authorization:
+            raise Unauthorized("this endpoint needs an Authorization: Bearer token", error=None)
+        scheme, _, credentials = authorization.partition(" ")
+        match = _TOKEN_PATTERN.fullmatch(credentials.strip())
+        if scheme.lower() != "bearer" or not match:
+            raise Unauthorized("the Authorization header does not hold a dbprov bearer token")
+        token_id, secret = match.groups()
+        with self.store.transaction() as session:
+            token = session.get(Token, token_id)
+        if (
+            token is None
+            or not hmac.compare_digest(token.secret_hash, _hash(secret))
+            or token.revoked_at is not None
+        ):
+            raise Unauthorized("the token is unknown or revoked")
+        return Principal(tenant=token.tenant, admin=token.admin, token_id=token.id)
+
+    # -- quotas -------------------------------------------------------------
+
+    def set_limit(self, tenant: str, limit: int | None) -> None:
+        """Give ``tenant`` its own limit, or back to the default with None."""
+        if limit is not None and limit < 0:
+            raise ValidationError("the limit cannot be negative")
+        with self.store.transaction() as session:
+            record = session.get(Tenant, check_tenant_name(tenant))
+            if record is None:
+                raise NotFound(f"no tenant {tenant!r}")
+            record.database_limit = limit
+
+    def quota(self, tenant: str) -> tuple[int, int]:
+        """Live databases of ``tenant`` and its limit."""
+        with self.store.transaction() as session:
+            return count_live(session, tenant), self._limit(session, tenant)
+
+    def _limit(self, session: Session, tenant: str) -> int:
+        record = session.get(Tenant, tenant)
+        if record is not None and record.database_limit is not None:
+            return record.database_limit
+        return self.settings.tenant_quota
+
+    def reserve(self, session: Session, tenant: str) -> None:
+        """Inside a create's transaction: refuse it if ``tenant`` is at its limit.
+
+        On PostgreSQL the tenant's row is locked first, so parallel creates of
+        one tenant count one after another; SQLite's BEGIN IMMEDIATE already
+        serialises every writer.
+        """
+        session.execute(select(Tenant).where(Tenant.name == tenant).with_for_update())
+        used, limit = count_live(session, tenant), self._limit(session, tenant)
+        if used >= limit:
+            raise QuotaExceeded(
+                f"tenant {tenant!r} has {used} of {limit} databases; delete one first",
+                used=used,
+                limit=limit,
+            )
+
+    # -- rate limits --------------------------------------------------------
+
+    def check_rate(self, principal: Principal) -> None:
+        """Count a write request; refuse it once the token's minute is used up."""
+        now = time.time()
+        window = int(now // 60)
+        insert = (postgresql if self.store.is_postgres else sqlite).insert(RateWindow)
+        statement = (
+            insert.values(key=principal.rate_key, window=window, count=1)
+            .on_conflict_do_update(
+                index_elements=["key", "window"], set_={"count": RateWindow.count + 1}
+            )
+            .returning(RateWindow.count)
+        )
+        with self.store.transaction() as session:
+            count = session.scalar(statement)
+            # Old windows are worthless; drop them as we go.
+            session.execute(
+                RateWindow.__table__.delete().where(
+                    RateWindow.key == principal.rate_key, RateWindow.window < window
+                )
+            )
+        if count > self.settings.rate_limit:
+            raise RateLimited(
+                f"more than {self.settings.rate_limit} write requests in a minute",
+                retry_after=int(60 - now % 60) + 1,
+            )
+
+
+def count_live(session: Session, tenant: str) -> int:
+    return session.scalar(
+        select(func.count()).select_from(Database).where(
+            Database.tenant == tenant, Database.status != Status.DELETED
+        )
+    ) or 0
+

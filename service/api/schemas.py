@@ -11,6 +11,15 @@ from ..provisioning import NAME_PATTERN
 STATUSES = [s.value for s in Status]
 
 
+class StrictBoolean(fields.Boolean):
+    """JSON true or false only: 0, 1, "yes" and friends are refused, not guessed at."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
 class DatabaseCreateSchema(ma.Schema):
     name = fields.String(
         validate=validate.Regexp(NAME_PATTERN, error="Must match {regex}."),
@@ -28,7 +37,7 @@ class DatabaseCreateSchema(ma.Schema):
             "example": "17",
         },
     )
-    superuser = fields.Boolean(
+    superuser = StrictBoolean(
         metadata={
             "description": "Make the tenant's role a superuser; refused (403) unless the "
             "service allows it (DBPROV_ALLOW_SUPERUSER)."
@@ -90,7 +99,7 @@ class DatabaseWithCredentialsSchema(DatabaseSchema):
 
 class DatabaseListQuerySchema(ma.Schema):
     status = fields.String(validate=validate.OneOf(STATUSES))
-    page = fields.Integer(load_default=1, validate=validate.Range(min=1))
+    page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=1_000_000))
     page_size = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
 
 

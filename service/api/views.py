@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import current_app, g, request, url_for
 from flask.views import MethodView
+from marshmallow import RAISE
 from flask_smorest import Blueprint
 from werkzeug.exceptions import UnsupportedMediaType
 
@@ -32,6 +33,23 @@ health = Blueprint("health", __name__, description="Liveness and readiness of th
 
 _RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds"}}
 _LOCATION = {"Location": {"schema": {"type": "string"}, "description": "The database's URL"}}
+
+
+def _guarded(blueprint: Blueprint, write: bool = False):
+    """Documents what authentication, and for writes rate limiting, adds to an operation."""
+
+    def decorate(view):
+        view = blueprint.alt_response(
+            401, response="UNAUTHORIZED", description="No token, or an unknown or revoked one"
+        )(view)
+        if write:
+            view = blueprint.alt_response(
+                429, response="TOO_MANY_REQUESTS",
+                description="Over the token's write requests per minute; see Retry-After",
+            )(view)
+        return view
+
+    return decorate
 
 
 def _services():
@@ -116,7 +134,9 @@ def _require_json_body() -> None:
 
 @databases.route("/databases")
 class DatabaseCollection(MethodView):
-    @databases.arguments(DatabaseListQuerySchema, location="query")
+    # unknown=RAISE: a misspelt filter is an error, not silently "everything".
+    @databases.arguments(DatabaseListQuerySchema, location="query", unknown=RAISE)
+    @_guarded(databases)
     @databases.response(200, DatabasePageSchema)
     def get(self, query):
         """List databases, newest first"""
@@ -130,6 +150,7 @@ class DatabaseCollection(MethodView):
         }
 
     @databases.arguments(DatabaseCreateSchema, required=False)
+    @_guarded(databases, write=True)
     @databases.response(201, DatabaseWithCredentialsSchema, headers=_LOCATION)
     @databases.alt_response(
         202,
@@ -180,12 +201,14 @@ class DatabaseCollection(MethodView):
 
 @databases.route("/databases/<string:database_id>")
 class DatabaseItem(MethodView):
+    @_guarded(databases)
     @databases.response(200, DatabaseSchema)
     @databases.alt_response(404, response="NOT_FOUND")
     def get(self, database_id):
         """Show a database (without its password)"""
         return _present(_services().databases.get(_principal(), database_id))
 
+    @_guarded(databases, write=True)
     @databases.response(202, DatabaseSchema)
     @databases.alt_response(404, response="NOT_FOUND")
     def delete(self, database_id):
@@ -195,6 +218,7 @@ class DatabaseItem(MethodView):
 
 @databases.route("/databases/<string:database_id>/credentials")
 class DatabaseCredentials(MethodView):
+    @_guarded(databases)
     @databases.response(200, CredentialsSchema)
     @databases.alt_response(404, response="NOT_FOUND")
     def get(self, database_id):
@@ -205,6 +229,7 @@ class DatabaseCredentials(MethodView):
 
 @databases.route("/databases/<string:database_id>/credentials/rotate")
 class CredentialsRotation(MethodView):
+    @_guarded(databases, write=True)
     @databases.response(200, CredentialsSchema)
     @databases.alt_response(404, response="NOT_FOUND")
     @databases.alt_response(409, response="CONFLICT", description="The database is not ready")
@@ -217,6 +242,7 @@ class CredentialsRotation(MethodView):
 
 @quota.route("/quota")
 class Quota(MethodView):
+    @_guarded(quota)
     @quota.response(200, QuotaSchema)
     def get(self):
         """The tenant's live databases and its limit"""

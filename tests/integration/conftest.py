@@ -41,6 +41,9 @@ def docker_client():
         container.remove(force=True)
     for volume in client.volumes.list(filters={"label": f"{LABEL_INSTANCE}={INSTANCE}"}):
         volume.remove(force=True)
+    # The tenant network outlives its databases by design; the test run's goes now.
+    for network in client.networks.list(filters={"label": f"{LABEL_INSTANCE}={INSTANCE}"}):
+        network.remove()
     client.close()
 
 

@@ -58,6 +58,8 @@ def serve(host: str, port: int, threads: int, no_auth: bool) -> None:
         log.warning(
             "authentication is OFF: anyone who can reach %s:%s manages every database", host, port
         )
+    else:
+        log.info("authentication is on: `dbprov tokens create --tenant NAME` makes a token")
     log.info("metadata store: %s", _redacted(services.store.url))
     _Server(
         {

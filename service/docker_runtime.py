@@ -60,23 +60,34 @@ class DockerRuntime:
             except docker.errors.NotFound:
                 self.client.volumes.create(name=name, labels=labels)
 
-    def ensure_network(self, name: str, labels: dict[str, str]) -> None:
+    def ensure_network(self, name: str, labels: dict[str, str]) -> str:
         with _translated():
-            if self.client.networks.list(names=[name]):
-                return
-            try:
-                self.client.networks.create(
+            found = self._networks(name)
+            if not found:
+                self.client.api.create_network(
                     name,
                     driver="bridge",
                     labels=labels,
                     # No traffic between containers on this bridge: one tenant's
                     # server cannot reach another's. Published ports still work.
                     options={"com.docker.network.bridge.enable_icc": "false"},
+                    check_duplicate=True,
                 )
-            except docker.errors.APIError as exc:
-                # 409: another process made it a moment ago.
-                if exc.status_code != 409:
-                    raise
+                found = self._networks(name)
+            # The engine does not refuse a second network of the same name, so
+            # processes starting together may each make one: all of them keep
+            # the oldest and drop the rest.
+            keep, *extra = sorted(found, key=lambda n: (n["Created"], n["Id"]))
+            for network in extra:
+                try:
+                    self.client.api.remove_network(network["Id"])
+                except docker.errors.APIError:
+                    pass  # in use, or already gone: the next caller tries again
+        return keep["Id"]
+
+    def _networks(self, name: str) -> list[dict]:
+        # The engine's name filter matches substrings.
+        return [n for n in self.client.api.networks(names=[name]) if n["Name"] == name]
 
     def create_container(self, spec: ContainerSpec) -> str:
         kwargs = dict(

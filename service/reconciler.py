@@ -20,7 +20,13 @@ from sqlalchemy import select, update
 
 from .coordination import Claims, claims_for
 from .crypto import Vault
-from .errors import DbprovError, MetadataUnavailable, PortInUse, RuntimeUnavailable
+from .errors import (
+    ContainerRuntimeError,
+    DbprovError,
+    MetadataUnavailable,
+    PortInUse,
+    RuntimeUnavailable,
+)
 from .models import LIVE_STATUSES, Database, Status, utcnow
 from .notify import Notifier
 from .postgres import Login, PostgresAdmin, ServerAdmin
@@ -73,7 +79,8 @@ class Reconciler:
         # Touched after every complete pass, for `dbprov worker --check`.
         self._heartbeat = heartbeat
         self._labels = {LABEL_MANAGED: "true", LABEL_INSTANCE: settings.instance}
-        self._network_ready = False
+        # Found or made on the first provisioning; one lookup per process.
+        self._network_id: str | None = None
         self._executor = ThreadPoolExecutor(
             max_workers=settings.max_parallel_provisioning, thread_name_prefix="dbprov-task"
         )
@@ -233,15 +240,20 @@ class Reconciler:
         """
         labels = labels_for(self.settings.instance, record.id)
         phase = time.monotonic()
-        if not self._network_ready:
-            self.runtime.ensure_network(self.settings.network, self._labels)
-            self._network_ready = True
+        if self._network_id is None:
+            self._network_id = self.runtime.ensure_network(self.settings.network, self._labels)
         self.runtime.ensure_volume(volume_name(record.id), labels)
         for _ in range(_PORT_RETRIES):
             info = self.runtime.get_container(container_name(record.id))
-            container_id = info.id if info else self.runtime.create_container(
-                self._spec(record, labels)
-            )
+            if info is None:
+                try:
+                    container_id = self.runtime.create_container(self._spec(record, labels))
+                except ContainerRuntimeError:
+                    # The network may have been removed behind our back: look again next time.
+                    self._network_id = None
+                    raise
+            else:
+                container_id = info.id
             self._transition(
                 record.id,
                 (Status.PROVISIONING,),
@@ -281,7 +293,7 @@ class Reconciler:
             host_port=record.host_port,
             volume=volume_name(record.id),
             labels=labels,
-            network=self.settings.network,
+            network=self._network_id,
             memory_limit=self.settings.memory_limit,
             pids_limit=self.settings.pids_limit,
         )

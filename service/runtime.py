@@ -40,6 +40,7 @@ class ContainerSpec:
     host_port: int
     volume: str
     labels: dict[str, str] = field(default_factory=dict)
+    # Id of the network to attach to (ensure_network's answer).
     network: str | None = None
     memory_limit: str | None = None
     pids_limit: int | None = None
@@ -98,8 +99,8 @@ class ContainerRuntime(Protocol):
 
     def ensure_volume(self, name: str, labels: dict[str, str]) -> None: ...
 
-    def ensure_network(self, name: str, labels: dict[str, str]) -> None:
-        """A bridge network whose containers cannot reach each other."""
+    def ensure_network(self, name: str, labels: dict[str, str]) -> str:
+        """A bridge network whose containers cannot reach each other; returns its id."""
 
     def create_container(self, spec: ContainerSpec) -> str: ...
 

@@ -51,9 +51,10 @@ class FakeRuntime:
         with self._lock:
             self.volumes.setdefault(name, VolumeInfo(name=name, labels=dict(labels)))
 
-    def ensure_network(self, name: str, labels: dict[str, str]) -> None:
+    def ensure_network(self, name: str, labels: dict[str, str]) -> str:
         self._check("ensure_network")
         self.networks.add(name)
+        return f"net-{name}"
 
     def create_container(self, spec: ContainerSpec) -> str:
         self._check("create_container")

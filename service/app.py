@@ -10,6 +10,7 @@ from flask_smorest import Api as _Api
 
 from .api import problems, views
 from .api.schemas import ProblemSchema
+from .coordination import claims_for
 from .crypto import Vault, load_vault
 from .docker_runtime import DockerRuntime
 from .notify import Notifier
@@ -58,9 +59,11 @@ class Services:
 
     def __post_init__(self) -> None:
         self.tenants = Tenants(self.settings, self.store)
+        # One set of claims for the API's warm-pool claims and the reconciler.
+        self.claims = claims_for(self.store)
         self.databases = Databases(
             self.settings, self.store, self.vault, self.tenants, self.server_admin,
-            self.wanted, self.changed,
+            self.claims, self.wanted, self.changed,
         )
 
     @classmethod
@@ -72,7 +75,8 @@ class Services:
     def reconciler(self, **options) -> Reconciler:
         return Reconciler(
             self.settings, self.store, self.runtime, self.wanted, self.changed,
-            vault=self.vault, server_admin=self.server_admin, **options,
+            vault=self.vault, server_admin=self.server_admin, claims=self.claims,
+            pool=self.databases.stock_pool if self.settings.pool_sizes else None, **options,
         )
 
 

@@ -6,6 +6,7 @@ to Docker. The reconciler makes the engine follow what is recorded here.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import re
@@ -19,6 +20,7 @@ import sqlalchemy.exc
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from .coordination import Claims
 from .crypto import Vault
 from .errors import (
     Conflict,
@@ -33,7 +35,7 @@ from .notify import Notifier
 from .postgres import Login, ServerAdmin
 from .settings import Settings
 from .store import Store
-from .tenancy import Principal, Tenants
+from .tenancy import POOL_TENANT, Principal, Tenants
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,11 @@ def pick_port(session: Session, port_range: tuple[int, int]) -> int:
     return random.choice(free)
 
 
+def _class(exc: Exception) -> str:
+    # Only the class of a server's error: its message might echo a statement.
+    return type(exc).__name__
+
+
 def _check_id(database_id: str) -> None:
     # Anything else cannot exist; refusing it here keeps odd bytes (NUL, say)
     # away from the metadata store's driver.
@@ -114,6 +121,7 @@ class Databases:
         vault: Vault,
         tenants: Tenants,
         server_admin: ServerAdmin,
+        claims: Claims,
         wanted: Notifier,
         changed: Notifier,
     ) -> None:
@@ -122,6 +130,7 @@ class Databases:
         self.vault = vault
         self.tenants = tenants
         self._server_admin = server_admin
+        self._claims = claims
         self._wanted = wanted
         self._changed = changed
         # Re-read interval while waiting; raised when a change feed delivers nudges.
@@ -134,7 +143,8 @@ class Databases:
         version: str | None = None,
         superuser: bool = False,
     ) -> Database:
-        """Record a wanted database with its port reserved; the reconciler starts it."""
+        """A warm pool member made the tenant's, or else a new record with its port
+        reserved, which the reconciler starts."""
         version = version or self.settings.default_version
         if version not in self.settings.images:
             raise ValidationError(
@@ -148,16 +158,26 @@ class Databases:
         if superuser and not self.settings.allow_superuser:
             raise Forbidden("this service does not hand out superuser roles (DBPROV_ALLOW_SUPERUSER)")
         password = self.vault.encrypt(new_password())
+        if self.settings.pool_sizes.get(version):
+            claimed = self._claim_warm(principal, name, version, superuser, password)
+            if claimed is not None:
+                return claimed
+        return self._record(principal.tenant, name, version, superuser, password)
+
+    def _record(
+        self, tenant: str, name: str | None, version: str, superuser: bool, password: str
+    ) -> Database:
         admin_password = self.vault.encrypt(new_password())
         for _ in range(_PORT_ATTEMPTS):
             try:
                 with self.store.transaction() as session:
-                    self.tenants.reserve(session, principal.tenant)
+                    if tenant != POOL_TENANT:
+                        self.tenants.reserve(session, tenant)
                     if name is not None:
-                        self._ensure_name_free(session, principal.tenant, name)
+                        self._ensure_name_free(session, tenant, name)
                     record = Database(
                         id=secrets.token_hex(6),  # matches ID_PATTERN
-                        tenant=principal.tenant,
+                        tenant=tenant,
                         name=name,
                         status=Status.PENDING,
                         version=version,
@@ -184,6 +204,119 @@ class Databases:
             return record
         raise PortRangeExhausted("could not reserve a host port; try again")
 
+    def _claim_warm(
+        self, principal: Principal, name: str | None, version: str, superuser: bool, password: str
+    ) -> Database | None:
+        """Make a warm pool member the tenant's: None when the pool is empty or the claim failed."""
+        started = time.monotonic()
+        with self.store.transaction() as session:
+            self.tenants.reserve(session, principal.tenant)
+            if name is not None:
+                self._ensure_name_free(session, principal.tenant, name)
+            query = (
+                select(Database)
+                .where(
+                    Database.tenant == POOL_TENANT,
+                    Database.status == Status.READY,
+                    Database.version == version,
+                )
+                .order_by(Database.created_at)
+                .limit(1)
+            )
+            if self.store.is_postgres:
+                # Parallel claims each take a different member instead of queueing.
+                query = query.with_for_update(skip_locked=True)
+            member = session.scalar(query)
+            if member is None:
+                return None
+            member.tenant = principal.tenant
+            member.name = name
+            member.superuser = superuser
+            member.password = password
+            member.status = Status.PROVISIONING
+            member.created_at = utcnow()
+            member.ready_at = None
+            member.phase_timings = {}
+            self.store.announce(session, member.id)
+        # The pool is one short now: the reconciler refills it.
+        self._wanted.notify()
+        with self._claims.hold(member.id) as mine:
+            if not mine:
+                # A reconciler got to it first and finishes it the same way.
+                return member
+            try:
+                self._finish_claim(member)
+            except psycopg.Error as exc:
+                log.warning("database %s: claim failed (%s); starting a cold one", member.id, _class(exc))
+                self._release_claim(member)
+                return None
+        timings = {"claim": round(time.monotonic() - started, 3)}
+        with self.store.transaction() as session:
+            session.execute(
+                update(Database)
+                .where(Database.id == member.id, Database.status == Status.PROVISIONING)
+                .values(status=Status.READY, ready_at=utcnow(), phase_timings=timings, updated_at=utcnow())
+            )
+            self.store.announce(session, member.id)
+            member = session.get(Database, member.id)
+        log.info("database %s: warm server claimed for tenant %s (%.3f s)", member.id, member.tenant, timings["claim"])
+        self._changed.notify()
+        return member
+
+    def _finish_claim(self, member: Database) -> None:
+        """The tenant's fresh role and password inside the warm server, and the tenant's check."""
+        login = Login(
+            host=self.settings.effective_probe_host,
+            port=member.host_port,
+            user=member.admin_username,
+            password=self.vault.decrypt(member.admin_password),
+            dbname=member.database_name,
+        )
+        password = self.vault.decrypt(member.password)
+        self._server_admin.ensure_tenant_role(
+            login, member.username, password, member.database_name, member.superuser
+        )
+        self._server_admin.check(
+            dataclasses.replace(login, user=member.username, password=password)
+        )
+
+    def _release_claim(self, member: Database) -> None:
+        """A claim that failed: back to the pool's name, to be removed."""
+        with self.store.transaction() as session:
+            session.execute(
+                update(Database)
+                .where(Database.id == member.id)
+                .values(tenant=POOL_TENANT, name=None, status=Status.DELETING, updated_at=utcnow())
+            )
+            self.store.announce(session, member.id)
+        self._wanted.notify()
+
+    def stock_pool(self) -> int:
+        """Record new pool members until each version has its DBPROV_POOL_SIZE; returns how many."""
+        added = 0
+        for version, size in self.settings.pool_sizes.items():
+            with self.store.transaction() as session:
+                # Failed members are of no use to anyone: have them removed.
+                session.execute(
+                    update(Database)
+                    .where(Database.tenant == POOL_TENANT, Database.status == Status.FAILED)
+                    .values(status=Status.DELETING, updated_at=utcnow())
+                )
+                stocked = session.scalar(
+                    select(func.count()).select_from(Database).where(
+                        Database.tenant == POOL_TENANT,
+                        Database.version == version,
+                        Database.status.in_((Status.PENDING, Status.PROVISIONING, Status.READY)),
+                    )
+                )
+            for _ in range(size - (stocked or 0)):
+                try:
+                    self._record(POOL_TENANT, None, version, False, self.vault.encrypt(new_password()))
+                except PortRangeExhausted:
+                    return added  # tenants come first; the pool waits for free ports
+                added += 1
+        return added
+
     def _ensure_name_free(self, session: Session, tenant: str, name: str) -> None:
         taken = session.scalar(
             select(Database.id).where(
@@ -198,7 +331,7 @@ class Databases:
         with self.store.transaction() as session:
             record = session.get(Database, database_id)
         # Another tenant's database looks exactly like one that does not exist.
-        if record is None or not principal.sees(record):
+        if record is None or not principal.sees(record) or record.tenant == POOL_TENANT:
             raise NotFound(f"no database with id {database_id!r}")
         return record
 
@@ -209,7 +342,7 @@ class Databases:
         page: int = 1,
         page_size: int = 50,
     ) -> Page:
-        query = select(Database)
+        query = select(Database).where(Database.tenant != POOL_TENANT)
         if not principal.admin:
             query = query.where(Database.tenant == principal.tenant)
         if status is not None:

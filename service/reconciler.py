@@ -31,6 +31,7 @@ from .models import LIVE_STATUSES, Database, Status, utcnow
 from .notify import Notifier
 from .postgres import Login, PostgresAdmin, ServerAdmin
 from .provisioning import pick_port
+from .tenancy import POOL_TENANT
 from .runtime import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
@@ -67,6 +68,7 @@ class Reconciler:
         server_admin: ServerAdmin | None = None,
         claims: Claims | None = None,
         heartbeat: Path | None = None,
+        pool: Callable[[], int] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -78,6 +80,8 @@ class Reconciler:
         self._claims = claims or claims_for(store)
         # Touched after every complete pass, for `dbprov worker --check`.
         self._heartbeat = heartbeat
+        # Records the warm pool's missing members (Databases.stock_pool).
+        self._stock_pool = pool
         self._labels = {LABEL_MANAGED: "true", LABEL_INSTANCE: settings.instance}
         # Found or made on the first provisioning; one lookup per process.
         self._network_id: str | None = None
@@ -120,6 +124,9 @@ class Reconciler:
         """One pass over every live record and every labelled container and volume."""
         # Containers first, records second: a container made after the listing
         # cannot be mistaken for an orphan, since its record predates it.
+        if self._stock_pool is not None:
+            # Before the records are read, so the new members are provisioned in this pass.
+            self._stock_pool()
         containers = {c.database_id: c for c in self.runtime.list_containers(self._labels)}
         volumes = {v.database_id: v for v in self.runtime.list_volumes(self._labels)}
         with self.store.transaction() as session:
@@ -318,6 +325,8 @@ class Reconciler:
 
     def _setup_tenant(self, record: Database, container_id: str) -> None:
         """The tenant's role, then the check that counts: ``SELECT 1`` as the tenant."""
+        if record.tenant == POOL_TENANT:
+            return  # a warm server gets its tenant's role when it is claimed
         try:
             if record.admin_username != record.username:
                 self._server_admin.ensure_tenant_role(

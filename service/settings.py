@@ -51,6 +51,8 @@ class Settings:
     allow_superuser: bool = False
     memory_limit: str = "1g"
     pids_limit: int = 512
+    # Warm, running servers kept ready per version; empty: no pool.
+    pool_sizes: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def embedded(self) -> bool:
@@ -115,6 +117,7 @@ class Settings:
             allow_superuser=_parse_bool("DBPROV_ALLOW_SUPERUSER", get("ALLOW_SUPERUSER")),
             memory_limit=_parse_memory(get("MEMORY_LIMIT") or "1g"),
             pids_limit=_parse_count("DBPROV_PIDS_LIMIT", get("PIDS_LIMIT"), 512),
+            pool_sizes=_parse_pool(get("POOL_SIZE"), images),
         )
 
     def ensure_data_dir(self) -> None:
@@ -189,6 +192,24 @@ def _parse_memory(value: str) -> str:
     if not re.fullmatch(r"[0-9]+[bkmg]?", value.lower()):
         raise SettingsError("DBPROV_MEMORY_LIMIT", f"expected a size such as 512m or 1g, got {value!r}")
     return value.lower()
+
+
+def _parse_pool(value: str | None, images: dict[str, str]) -> dict[str, int]:
+    """``N`` (every version) or ``MAJOR=N[,MAJOR=N...]``."""
+    if value is None:
+        return {}
+    if re.fullmatch(r"[0-9]+", value):
+        return {version: int(value) for version in images if int(value) > 0}
+    sizes: dict[str, int] = {}
+    for item in value.split(","):
+        version, sep, size = (part.strip() for part in item.partition("="))
+        if not sep or not re.fullmatch(r"[0-9]+", size):
+            raise SettingsError("DBPROV_POOL_SIZE", f"expected N or MAJOR=N[,...], got {item.strip()!r}")
+        if version not in images:
+            raise SettingsError("DBPROV_POOL_SIZE", f"version {version!r} is not in DBPROV_IMAGES")
+        if int(size) > 0:
+            sizes[version] = int(size)
+    return sizes
 
 
 def _parse_keys(value: str | None) -> tuple[str, ...]:

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 TENANT_PATTERN = r"[a-z0-9][a-z0-9_-]{0,62}"
 DEFAULT_TENANT = "default"
+# Owner of the warm pool's members; TENANT_PATTERN keeps tokens from ever acting for it.
+POOL_TENANT = "_pool"
 # dbp_<id>.<secret>: the id finds the record, the secret is checked against its hash.
 _TOKEN_PATTERN = re.compile(r"dbp_([0-9a-f]{12})\.([A-Za-z0-9_-]{43})")
 

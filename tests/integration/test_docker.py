@@ -184,3 +184,37 @@ def test_work_left_by_a_crash_is_finished_by_reconcile_once(service, docker_clie
 def test_readyz_reports_both_dependencies(service):
     body = service.request("GET", "/readyz").json()
     assert body == {"status": "ok", "checks": {"docker": "ok", "metadata": "ok"}}
+
+
+def test_warm_pool_hands_out_a_running_server_at_once(docker_client, tmp_path):
+    service = ServiceProcess(tmp_path, {"DBPROV_POOL_SIZE": "17=1"}).start()
+    try:
+        deadline = time.monotonic() + 60
+        while not any(c.status == "running" for c in managed(docker_client)):
+            assert time.monotonic() < deadline, "the pool was not stocked"
+            time.sleep(0.3)
+        time.sleep(2)  # the member's readiness check
+        warm = {c.name for c in managed(docker_client)}
+        created = create(service)
+        assert set(created["phase_timings"]) == {"claim"}, created
+        assert f"dbprov-{created['id']}" in warm
+        with psycopg.connect(created["connection_uri"]) as conn:
+            assert conn.execute(
+                "SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user"
+            ).fetchone() == ("app", False)
+            conn.execute("CREATE TABLE t (id int)")
+        listing = service.request("GET", "/databases").json()
+        assert [item["id"] for item in listing["items"]] == [created["id"]]
+        # The pool refills with a new server; the claimed one stays the tenant's.
+        while len(managed(docker_client)) < 2:
+            assert time.monotonic() < deadline + 60, "the pool was not refilled"
+            time.sleep(0.3)
+        service.delete_all()
+    finally:
+        service.stop()
+    # The pool's own members stay behind by design: the session cleanup removes them.
+    assert {c.name for c in managed(docker_client)} != set(), "the refilled member should exist"
+    for container in managed(docker_client):
+        container.remove(force=True, v=True)
+    for volume in managed(docker_client, "volumes"):
+        volume.remove(force=True)

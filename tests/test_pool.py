@@ -1,0 +1,127 @@
+"""The warm pool on a fake runtime: stocking, claiming, falling back."""
+
+from __future__ import annotations
+
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+
+import psycopg
+import pytest
+
+from service.app import Services
+from service.crypto import Vault
+from service.errors import QuotaExceeded
+from service.models import Database, Status
+from service.store import Store
+from service.tenancy import LOCAL_ADMIN, POOL_TENANT, Principal
+
+from .fakes import FakePostgres
+
+
+@pytest.fixture
+def pooled(settings, runtime):
+    """Services with two warm servers of version 17 kept ready."""
+    settings = dataclasses.replace(settings, pool_sizes={"17": 2})
+    services = Services(
+        settings, Store(settings.database_url), runtime, Vault(settings.secret_keys),
+        server_admin=FakePostgres(runtime),
+    )
+    services.store.upgrade(services.vault)
+    reconciler = services.reconciler()
+    yield services, reconciler
+    reconciler.stop()
+    services.store.dispose()
+
+
+def members(services, status=None) -> list[Database]:
+    with services.store.transaction() as session:
+        query = session.query(Database).filter(Database.tenant == POOL_TENANT)
+        if status is not None:
+            query = query.filter(Database.status == status)
+        return query.all()
+
+
+def test_the_reconciler_keeps_the_pool_stocked_and_invisible(pooled, runtime):
+    services, reconciler = pooled
+    reconciler.run_once(wait=True)
+    warm = members(services, Status.READY)
+    assert len(warm) == 2 and {m.version for m in warm} == {"17"}
+    assert len(runtime.containers) == 2
+    # Warm servers have only the service's superuser: no tenant role yet.
+    assert all("app" not in services.server_admin.roles.get(m.host_port, {}) for m in warm)
+    assert services.databases.list(LOCAL_ADMIN).total == 0
+    reconciler.run_once(wait=True)
+    assert len(members(services)) == 2  # stocked once, not twice
+
+
+def test_a_create_claims_a_warm_server_and_the_pool_refills(pooled, runtime):
+    services, reconciler = pooled
+    reconciler.run_once(wait=True)
+    warm_ids = {m.id for m in members(services, Status.READY)}
+    created = services.databases.create(LOCAL_ADMIN, "quick")
+    assert created.status == Status.READY and created.id in warm_ids
+    assert created.tenant == "default" and created.name == "quick"
+    assert set(created.phase_timings) == {"claim"}
+    password = services.vault.decrypt(created.password)
+    assert services.server_admin.roles[created.host_port]["app"] == password
+    assert services.databases.get(LOCAL_ADMIN, created.id).status == Status.READY
+
+    reconciler.run_once(wait=True)
+    assert len(members(services, Status.READY)) == 2
+    assert created.id not in {m.id for m in members(services)}
+    assert len(runtime.containers) == 3
+
+
+def test_a_claimed_server_never_returns_to_the_pool(pooled, runtime):
+    services, reconciler = pooled
+    reconciler.run_once(wait=True)
+    created = services.databases.create(LOCAL_ADMIN)
+    services.databases.delete(LOCAL_ADMIN, created.id)
+    reconciler.run_once(wait=True)
+    assert services.databases.get(LOCAL_ADMIN, created.id).status == Status.DELETED
+    assert f"dbprov-{created.id}" not in runtime.containers
+    assert created.id not in {m.id for m in members(services)}
+
+
+def test_a_failed_claim_falls_back_to_a_cold_start(pooled, runtime):
+    services, reconciler = pooled
+    reconciler.run_once(wait=True)
+    admin = services.server_admin
+
+    def refuse(*_args):
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    admin.ensure_tenant_role, original = refuse, admin.ensure_tenant_role
+    created = services.databases.create(LOCAL_ADMIN)
+    admin.ensure_tenant_role = original
+    assert created.status == Status.PENDING and created.tenant == "default"
+    assert created.id not in {m.id for m in members(services, Status.READY)}
+    reconciler.run_once(wait=True)
+    assert services.databases.get(LOCAL_ADMIN, created.id).status == Status.READY
+    # The failed member is gone, and the pool is full again.
+    reconciler.run_once(wait=True)
+    assert len(members(services, Status.READY)) == 2
+    assert services.databases.list(LOCAL_ADMIN).total == 1
+
+
+def test_parallel_creates_each_claim_a_different_server(pooled):
+    services, reconciler = pooled
+    reconciler.run_once(wait=True)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        created = list(pool.map(lambda _: services.databases.create(LOCAL_ADMIN), range(4)))
+    claimed = [c for c in created if c.phase_timings.get("claim") is not None]
+    cold = [c for c in created if c.status == Status.PENDING]
+    assert len(claimed) == 2 and len(cold) == 2
+    assert len({c.id for c in created}) == 4 and len({c.host_port for c in created}) == 4
+
+
+def test_claims_count_against_the_quota(pooled):
+    services, reconciler = pooled
+    reconciler.run_once(wait=True)
+    services.tenants.create_token("small")
+    services.tenants.set_limit("small", 1)
+    small = Principal(tenant="small")
+    services.databases.create(small)
+    with pytest.raises(QuotaExceeded, match="1 of 1"):
+        services.databases.create(small)
+    assert len(members(services, Status.READY)) == 1

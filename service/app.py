@@ -13,6 +13,7 @@ from .api.schemas import ProblemSchema
 from .coordination import claims_for
 from .crypto import Vault, load_vault
 from .docker_runtime import DockerRuntime
+from .metrics import Metrics
 from .notify import Notifier
 from .postgres import PostgresAdmin, ServerAdmin
 from .provisioning import Databases
@@ -126,6 +127,8 @@ def create_app(services: Services | None = None) -> Flask:
     api.register_blueprint(views.databases)
     api.register_blueprint(views.quota)
     api.register_blueprint(views.health)
+
+    Metrics(services.store, services.settings.port_range).init_app(app)
 
     @app.get("/openapi.yaml")
     def openapi_yaml() -> Response:

@@ -131,7 +131,8 @@ def test_compose_starts_the_deployment(docker_client, image):
         "DBPROV_SECRET_KEY": SECRET_KEY,
     }
     run = lambda *args, **kw: subprocess.run(  # noqa: E731
-        [*compose, "-p", project, *args], cwd=ROOT, env=env, capture_output=True, text=True, **kw
+        [*compose, "-p", project, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+        stdin=subprocess.DEVNULL, **kw
     )
     assert run("config", "-q").returncode == 0
     try:

@@ -92,6 +92,7 @@ class DockerRuntime:
     def create_container(self, spec: ContainerSpec) -> str:
         kwargs = dict(
             name=spec.name,
+            command=spec.command,
             environment=spec.environment,
             labels=spec.labels,
             ports={"5432/tcp": (spec.host_ip, spec.host_port)},

@@ -85,8 +85,8 @@ class Metrics:
     def render(self) -> str:
         with self.store.transaction() as session:
             by_status = session.execute(
-                select(Database.tenant == POOL_TENANT, Database.version, Database.status, func.count())
-                .group_by(Database.tenant == POOL_TENANT, Database.version, Database.status)
+                select(Database.tenant, Database.version, Database.status, func.count())
+                .group_by(Database.tenant, Database.version, Database.status)
             ).all()
             ports_in_use = session.scalar(
                 select(func.count()).select_from(Database).where(Database.host_port.is_not(None))
@@ -101,8 +101,8 @@ class Metrics:
         ]
         statuses: dict[str, int] = defaultdict(int)
         pool: dict[tuple[str, str], int] = defaultdict(int)
-        for pooled, version, status, count in by_status:
-            if pooled:
+        for tenant, version, status, count in by_status:
+            if tenant == POOL_TENANT:
                 pool[(version, status.value)] += count
             else:
                 statuses[status.value] += count

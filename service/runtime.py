@@ -40,6 +40,8 @@ class ContainerSpec:
     host_port: int
     volume: str
     labels: dict[str, str] = field(default_factory=dict)
+    # The image's command; for postgres images, "postgres" and its -c options.
+    command: list[str] | None = None
     # Id of the network to attach to (ensure_network's answer).
     network: str | None = None
     memory_limit: str | None = None

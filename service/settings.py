@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -51,6 +52,8 @@ class Settings:
     allow_superuser: bool = False
     memory_limit: str = "1g"
     pids_limit: int = 512
+    # Extra server options for every tenant container, e.g. ("-c", "shared_buffers=16MB").
+    postgres_args: tuple[str, ...] = ()
     # Warm, running servers kept ready per version; empty: no pool.
     pool_sizes: Mapping[str, int] = field(default_factory=dict)
 
@@ -118,6 +121,7 @@ class Settings:
             memory_limit=_parse_memory(get("MEMORY_LIMIT") or "1g"),
             pids_limit=_parse_count("DBPROV_PIDS_LIMIT", get("PIDS_LIMIT"), 512),
             pool_sizes=_parse_pool(get("POOL_SIZE"), images),
+            postgres_args=_parse_postgres_args(get("POSTGRES_ARGS")),
         )
 
     def ensure_data_dir(self) -> None:
@@ -210,6 +214,20 @@ def _parse_pool(value: str | None, images: dict[str, str]) -> dict[str, int]:
         if int(size) > 0:
             sizes[version] = int(size)
     return sizes
+
+
+def _parse_postgres_args(value: str | None) -> tuple[str, ...]:
+    """``-c name=value`` options, as ``postgres`` takes them on its command line."""
+    if value is None:
+        return ()
+    args = tuple(shlex.split(value))
+    if len(args) % 2 or any(flag != "-c" for flag in args[::2]) or any(
+        not re.fullmatch(r"[a-z_.]+=\S+", option) for option in args[1::2]
+    ):
+        raise SettingsError(
+            "DBPROV_POSTGRES_ARGS", f"expected '-c name=value' options, got {value!r}"
+        )
+    return args
 
 
 def _parse_keys(value: str | None) -> tuple[str, ...]:

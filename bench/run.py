@@ -1,0 +1,529 @@
+"""dbprov's benchmarks: one command, one table per benchmark, ratios against a
+baseline measured in the same run (these machines are noisy).
+
+    .venv/bin/python bench/run.py                 # everything
+    .venv/bin/python bench/run.py ready api       # some: ready burst api density reconcile
+    .venv/bin/python bench/run.py --runs 5 --burst 10 --density 20   # a quick pass
+
+Needs the Docker engine and the postgres:17 image. Every container it starts
+carries the label io.dbprov.instance=bench-<pid> (or is removed by name), and
+is removed before it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import docker
+import psycopg
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from service.crypto import generate_key  # noqa: E402
+from service.runtime import LABEL_INSTANCE  # noqa: E402
+
+IMAGE = "postgres:17"
+INSTANCE = f"bench-{os.getpid()}"
+KEY = generate_key()
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def wait_select1(uri: str, timeout: float = 120) -> None:
+    """Poll until SELECT 1 succeeds, as a client that was just handed ``uri`` would."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with psycopg.connect(uri, connect_timeout=2) as conn:
+                conn.execute("SELECT 1").fetchone()
+            return
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def table(title: str, header: list[str], rows: list[list]) -> None:
+    cells = [header] + [[c if isinstance(c, str) else f"{c:.3f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    print(f"\n## {title}\n")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(cells[0], widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells[1:]:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+    sys.stdout.flush()
+
+
+class Service:
+    """A dbprov process of the benchmark's own: `dbprov serve`, or gunicorn for the API alone."""
+
+    def __init__(self, env: dict[str, str] | None = None, gunicorn: bool = False) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="dbprov-bench-"))
+        self.port = free_port()
+        self.env = {
+            **os.environ,
+            "DBPROV_DATA_DIR": str(self.dir),
+            "DBPROV_INSTANCE": INSTANCE,
+            "DBPROV_PORT_RANGE": "27000-27499",
+            "DBPROV_IMAGES": f"17={IMAGE}",
+            "DBPROV_SECRET_KEY": KEY,
+            "DBPROV_TENANT_QUOTA": "1000",
+            "DBPROV_RATE_LIMIT": "100000",
+            "DBPROV_READY_TIMEOUT": "300",
+            "DBPROV_REQUEST_TIMEOUT": "600",
+            "DBPROV_LOG_LEVEL": "WARNING",
+            **(env or {}),
+        }
+        self.gunicorn = gunicorn
+        self.token: str | None = None
+        self.process: subprocess.Popen | None = None
+
+    def cli(self, *args: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "service", *args], env=self.env, cwd=ROOT,
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+
+    def start(self) -> "Service":
+        if self.gunicorn:
+            command = [
+                str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py",
+                "--bind", f"127.0.0.1:{self.port}", "--workers", "2", "--access-logfile", "/dev/null",
+                "--log-level", "warning", "service.app:create_app()",
+            ]
+        else:
+            command = [sys.executable, "-m", "service", "serve", "--port", str(self.port), "--no-auth"]
+        self.log = open(self.dir / "service.log", "w")
+        self.process = subprocess.Popen(command, env=self.env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if self.request("GET", "/healthz")[0] == 200:
+                    return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError((self.dir / "service.log").read_text())
+            time.sleep(0.1)
+
+    def request(self, method: str, path: str, body: dict | None = None, connection=None) -> tuple[int, dict]:
+        conn = connection or http.client.HTTPConnection("127.0.0.1", self.port, timeout=900)
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        conn.request(method, path, json.dumps(body) if body is not None else None, headers)
+        response = conn.getresponse()
+        data = response.read()
+        if connection is None:
+            conn.close()
+        return response.status, (json.loads(data) if data else {})
+
+    def delete_all(self) -> None:
+        _, listing = self.request("GET", "/databases?page_size=500")
+        ids = [i["id"] for i in listing.get("items", []) if i["status"] != "deleted"]
+        for database_id in ids:
+            self.request("DELETE", f"/databases/{database_id}")
+        deadline = time.monotonic() + 300
+        while ids and time.monotonic() < deadline:
+            _, listing = self.request("GET", "/databases?page_size=500")
+            if all(i["status"] == "deleted" for i in listing["items"]):
+                return
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=60)
+        self.log.close()
+
+
+def sweep(client: docker.DockerClient) -> None:
+    """Remove every container, volume and network this run labelled."""
+    label = {"label": f"{LABEL_INSTANCE}={INSTANCE}"}
+    for container in client.containers.list(all=True, filters=label):
+        container.remove(force=True, v=True)
+    for volume in client.volumes.list(filters=label):
+        volume.remove(force=True)
+    for network in client.networks.list(filters=label):
+        network.remove()
+
+
+# -- 1. time to ready ---------------------------------------------------------
+
+
+def floor_once(client: docker.DockerClient) -> float:
+    port = free_port()
+    started = time.perf_counter()
+    container = client.containers.run(
+        IMAGE, detach=True, environment={"POSTGRES_PASSWORD": "bench"},
+        ports={"5432/tcp": ("127.0.0.1", port)}, labels={LABEL_INSTANCE: INSTANCE},
+    )
+    try:
+        wait_select1(f"postgresql://postgres:bench@127.0.0.1:{port}/postgres")
+        return time.perf_counter() - started
+    finally:
+        container.remove(force=True, v=True)
+
+
+def testcontainers_once() -> float | None:
+    try:
+        from testcontainers.community.postgres import PostgresContainer
+    except ImportError:
+        return None
+    # No reaper: its image cannot be pulled here; the container is removed below.
+    os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+    started = time.perf_counter()
+    container = PostgresContainer(IMAGE, driver=None).with_kwargs(labels={LABEL_INSTANCE: INSTANCE})
+    container.start()
+    try:
+        wait_select1(container.get_connection_url().replace("localhost", "127.0.0.1"))
+        return time.perf_counter() - started
+    finally:
+        container.stop()
+
+
+def dbprov_once(service: Service) -> tuple[float, bool]:
+    started = time.perf_counter()
+    status, body = service.request("POST", "/databases", {})
+    assert status == 201, body
+    wait_select1(body["connection_uri"])
+    elapsed = time.perf_counter() - started
+    service.request("DELETE", f"/databases/{body['id']}")
+    return elapsed, "claim" in body["phase_timings"]
+
+
+def wait_for_warm(service: Service, wanted: int = 1, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=30)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        conn.close()
+        for line in text.splitlines():
+            if line.startswith('dbprov_pool_servers{version="17",status="ready"}'):
+                if int(line.split()[-1]) >= wanted:
+                    return
+        time.sleep(0.1)
+    raise RuntimeError("the pool was not stocked")
+
+
+def bench_ready(client: docker.DockerClient, runs: int) -> None:
+    rows = []
+    floor = [floor_once(client) for _ in range(runs)]
+    rows.append(["docker run + polling connect (floor)", floor])
+    peer = [testcontainers_once() for _ in range(runs)]
+    if None not in peer:
+        rows.append(["testcontainers PostgresContainer", peer])
+    cold = Service().start()
+    try:
+        rows.append(["dbprov, pool off", [dbprov_once(cold)[0] for _ in range(runs)]])
+        cold.delete_all()
+    finally:
+        cold.stop()
+    warm = Service({"DBPROV_POOL_SIZE": "17=3"}).start()
+    claims = 0
+    try:
+        wait_for_warm(warm, 3)
+        times = []
+        for _ in range(runs):
+            wait_for_warm(warm, 1)
+            elapsed, claimed = dbprov_once(warm)
+            times.append(elapsed)
+            claims += claimed
+        rows.append([f"dbprov, pool on ({claims}/{runs} from the pool)", times])
+        warm.delete_all()
+    finally:
+        warm.stop()
+        sweep(client)
+    base = statistics.median(floor)
+    table(
+        f"Time to ready: request sent -> first SELECT 1 with the returned URI ({runs} runs each)",
+        ["path", "p50 s", "p95 s", "p50 / floor", "floor p50 / p50"],
+        [[name, pct(t, 50), pct(t, 95), pct(t, 50) / base, base / pct(t, 50)] for name, t in rows],
+    )
+
+
+# -- 2. burst -----------------------------------------------------------------
+
+
+def bench_burst(client: docker.DockerClient, count: int) -> None:
+    port_floor = []
+
+    def floor_one(_):
+        return floor_once(client)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        port_floor = list(pool.map(floor_one, range(count)))
+    floor_wall = time.perf_counter() - started
+
+    service = Service().start()
+    try:
+        def one(_):
+            status, body = service.request("POST", "/databases", {})
+            assert status == 201, body
+            wait_select1(body["connection_uri"])
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=count) as pool:
+            list(pool.map(one, range(count)))
+        wall = time.perf_counter() - started
+        service.delete_all()
+    finally:
+        service.stop()
+        sweep(client)
+    table(
+        f"Burst: {count} concurrent creates until all accept connections",
+        ["path", "wall s", "databases / s", "wall / floor wall"],
+        [
+            [f"{count} x docker run + polling connect (floor)", floor_wall, count / floor_wall, 1.0],
+            ["dbprov, pool off", wall, count / wall, wall / floor_wall],
+        ],
+    )
+    del port_floor
+
+
+# -- 3. API latency -----------------------------------------------------------
+
+
+def load(service: Service, paths: list[str], seconds: float, threads: int) -> tuple[list[float], float]:
+    latencies: list[float] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def worker() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=30)
+        mine = []
+        while time.monotonic() < deadline:
+            path = random.choice(paths)
+            started = time.perf_counter()
+            status, _ = service.request("GET", path, connection=conn)
+            mine.append(time.perf_counter() - started)
+            assert status == 200, status
+        conn.close()
+        with lock:
+            latencies.extend(mine)
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    started = time.monotonic()
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return latencies, len(latencies) / (time.monotonic() - started)
+
+
+def bench_api(seconds: float, threads: int) -> None:
+    # The API alone under gunicorn, on 1,000 records (no reconciler: they stay pending).
+    service = Service(gunicorn=True)
+    service.cli("db", "upgrade")
+    service.token = service.cli("tokens", "create", "--tenant", "bench", "--admin").splitlines()[-1]
+    subprocess.run(
+        [sys.executable, "-c", SEED], env=service.env, cwd=ROOT, check=True,
+    )
+    service.start()
+    try:
+        _, listing = service.request("GET", "/databases?page_size=500")
+        ids = [item["id"] for item in listing["items"]]
+        assert listing["total"] == 1000, listing["total"]
+        rows = []
+        for name, paths in (
+            ("GET /healthz (baseline: no metadata read)", ["/healthz"]),
+            ("GET /databases/{id}", [f"/databases/{i}" for i in ids]),
+            ("GET /databases (page of 50 of 1,000)", [f"/databases?page={p}" for p in range(1, 21)]),
+        ):
+            latencies, rps = load(service, paths, seconds, threads)
+            rows.append([name, pct(latencies, 50) * 1000, pct(latencies, 99) * 1000, rps])
+    finally:
+        service.stop()
+    base = rows[0][3]
+    table(
+        f"API latency: {threads} keep-alive clients for {seconds:g} s each, gunicorn 2 workers x 16 threads, SQLite",
+        ["request", "p50 ms", "p99 ms", "requests / s", "requests/s / baseline"],
+        [row + [row[3] / base] for row in rows],
+    )
+
+
+SEED = """
+from service.app import Services
+from service.tenancy import Principal
+services = Services.build()
+bench = Principal(tenant="bench")
+services.tenants.set_limit("bench", 2000)
+for _ in range(1000):
+    services.databases.create(bench)
+"""
+
+
+# -- 4. density ---------------------------------------------------------------
+
+
+def container_rss(container) -> int:
+    stats = container.stats(stream=False)["memory_stats"]
+    detail = stats.get("stats", {})
+    # The kernel's page cache is not the server's own memory.
+    return stats.get("usage", 0) - detail.get("inactive_file", detail.get("total_inactive_file", 0))
+
+
+def bench_density(client: docker.DockerClient, count: int) -> None:
+    rows = []
+    for name, args in (
+        ("default settings", None),
+        ("small settings", "-c shared_buffers=16MB -c max_connections=20 -c max_wal_senders=0 -c autovacuum_max_workers=1"),
+    ):
+        service = Service({"DBPROV_POSTGRES_ARGS": args} if args else {}).start()
+        try:
+            def one(_):
+                status, body = service.request("POST", "/databases", {})
+                assert status == 201, body
+
+            with ThreadPoolExecutor(max_workers=16) as pool:
+                list(pool.map(one, range(count)))
+            time.sleep(10)  # idle: let start-up work settle
+            containers = client.containers.list(filters={"label": f"{LABEL_INSTANCE}={INSTANCE}"})
+            with ThreadPoolExecutor(max_workers=16) as pool:
+                rss = list(pool.map(container_rss, containers))
+            rows.append([f"{name}, {len(rss)} idle databases", statistics.mean(rss) / 2**20,
+                         pct(rss, 95) / 2**20, sum(rss) / 2**30])
+            service.delete_all()
+        finally:
+            service.stop()
+            sweep(client)
+    base = rows[0][1]
+    table(
+        "Density: memory per idle tenant database (container memory less page cache)",
+        ["setup", "mean MiB", "p95 MiB", "total GiB", "mean / default"],
+        [row + [row[1] / base] for row in rows],
+    )
+
+
+# -- 5. reconcile pass --------------------------------------------------------
+
+
+def bench_reconcile(client: docker.DockerClient, real: int) -> None:
+    import dataclasses
+
+    from service.app import Services
+    from service.crypto import Vault
+    from service.settings import Settings
+    from service.store import Store
+    from service.tenancy import Principal
+    from tests.fakes import FakePostgres, FakeRuntime
+
+    rows = []
+    for records in (0, 1000):
+        directory = Path(tempfile.mkdtemp(prefix="dbprov-bench-"))
+        settings = Settings(
+            database_url=f"sqlite:///{directory / 'meta.sqlite3'}", data_dir=directory,
+            port_range=(30000, 31999), images={"17": IMAGE}, secret_keys=(KEY,),
+            instance=INSTANCE, tenant_quota=5000, max_parallel_provisioning=8,
+        )
+        runtime = FakeRuntime()
+        services = Services(settings, Store(settings.database_url), runtime, Vault([KEY]),
+                            server_admin=FakePostgres(runtime))
+        services.store.upgrade(services.vault)
+        for _ in range(records):
+            services.databases.create(Principal(tenant="default"))
+        reconciler = services.reconciler()
+        reconciler.run_once(wait=True)  # provisions them all (fake)
+        passes = []
+        for _ in range(10):
+            started = time.perf_counter()
+            reconciler.run_once(wait=True)
+            passes.append(time.perf_counter() - started)
+        reconciler.stop()
+        rows.append([f"{records} ready records, fake runtime", statistics.median(passes) * 1000])
+        del dataclasses
+
+    service = Service().start()
+    try:
+        def one(_):
+            status, body = service.request("POST", "/databases", {})
+            assert status == 201, body
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(one, range(real)))
+        script = (
+            "import time, statistics\n"
+            "from service.app import Services\n"
+            "s = Services.build(); r = s.reconciler(); r.run_once(wait=True)\n"
+            "t = []\n"
+            "for _ in range(10):\n"
+            "    a = time.perf_counter(); r.run_once(wait=True); t.append(time.perf_counter() - a)\n"
+            "print(statistics.median(t))\n"
+        )
+        service.process.terminate()  # one reconciler per SQLite store: measure with ours alone
+        service.process.wait(timeout=60)
+        out = subprocess.run([sys.executable, "-c", script], env=service.env, cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout
+        rows.append([f"{real} ready records, real engine", float(out.split()[-1]) * 1000])
+        service.start()
+        service.delete_all()
+    finally:
+        service.stop()
+        sweep(client)
+    base = rows[0][1]
+    table(
+        "Reconcile pass (median of 10), SQLite metadata",
+        ["records", "ms per pass", "ms / empty pass"],
+        [row + [row[1] / base] for row in rows],
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("only", nargs="*", choices=["ready", "burst", "api", "density", "reconcile", []], default=[])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--burst", type=int, default=50)
+    parser.add_argument("--density", type=int, default=100)
+    parser.add_argument("--real", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--threads", type=int, default=8)
+    args = parser.parse_args()
+    chosen = set(args.only) or {"ready", "burst", "api", "density", "reconcile"}
+    client = docker.from_env()
+    print(f"# dbprov benchmarks ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, run {uuid.uuid4().hex[:6]})")
+    try:
+        if "ready" in chosen:
+            bench_ready(client, args.runs)
+        if "burst" in chosen:
+            bench_burst(client, args.burst)
+        if "api" in chosen:
+            bench_api(args.seconds, args.threads)
+        if "density" in chosen:
+            bench_density(client, args.density)
+        if "reconcile" in chosen:
+            bench_reconcile(client, args.real)
+    finally:
+        sweep(client)
+
+
+if __name__ == "__main__":
+    main()

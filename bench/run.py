@@ -39,6 +39,7 @@ from service.runtime import LABEL_INSTANCE  # noqa: E402
 
 IMAGE = "postgres:17"
 INSTANCE = f"bench-{os.getpid()}"
+INSTANCES: list[str] = []
 KEY = generate_key()
 
 
@@ -84,14 +85,22 @@ def table(title: str, header: list[str], rows: list[list]) -> None:
 class Service:
     """A dbprov process of the benchmark's own: `dbprov serve`, or gunicorn for the API alone."""
 
+    count = 0
+
     def __init__(self, env: dict[str, str] | None = None, gunicorn: bool = False) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="dbprov-bench-"))
         self.port = free_port()
+        # Each service sweeps containers of its instance that it has no record
+        # of: two services at once need an instance (and a port range) each.
+        Service.count += 1
+        instance = f"{INSTANCE}-{Service.count}"
+        INSTANCES.append(instance)
+        first = 27000 + 500 * (Service.count % 6)
         self.env = {
             **os.environ,
             "DBPROV_DATA_DIR": str(self.dir),
-            "DBPROV_INSTANCE": INSTANCE,
-            "DBPROV_PORT_RANGE": "27000-27499",
+            "DBPROV_INSTANCE": instance,
+            "DBPROV_PORT_RANGE": f"{first}-{first + 499}",
             "DBPROV_IMAGES": f"17={IMAGE}",
             "DBPROV_SECRET_KEY": KEY,
             "DBPROV_TENANT_QUOTA": "1000",
@@ -166,13 +175,14 @@ class Service:
 
 def sweep(client: docker.DockerClient) -> None:
     """Remove every container, volume and network this run labelled."""
-    label = {"label": f"{LABEL_INSTANCE}={INSTANCE}"}
-    for container in client.containers.list(all=True, filters=label):
-        container.remove(force=True, v=True)
-    for volume in client.volumes.list(filters=label):
-        volume.remove(force=True)
-    for network in client.networks.list(filters=label):
-        network.remove()
+    for instance in (INSTANCE, *INSTANCES):
+        label = {"label": f"{LABEL_INSTANCE}={instance}"}
+        for container in client.containers.list(all=True, filters=label):
+            container.remove(force=True, v=True)
+        for volume in client.volumes.list(filters=label):
+            volume.remove(force=True)
+        for network in client.networks.list(filters=label):
+            network.remove()
 
 
 # -- 1. time to ready ---------------------------------------------------------
@@ -215,7 +225,10 @@ def dbprov_once(service: Service) -> tuple[float, bool]:
     assert status == 201, body
     wait_select1(body["connection_uri"])
     elapsed = time.perf_counter() - started
+    # Like the floor's synchronous removal: the next run starts on an idle machine.
     service.request("DELETE", f"/databases/{body['id']}")
+    while service.request("GET", f"/databases/{body['id']}")[1]["status"] != "deleted":
+        time.sleep(0.05)
     return elapsed, "claim" in body["phase_timings"]
 
 
@@ -235,38 +248,39 @@ def wait_for_warm(service: Service, wanted: int = 1, timeout: float = 120) -> No
 
 
 def bench_ready(client: docker.DockerClient, runs: int) -> None:
-    rows = []
-    floor = [floor_once(client) for _ in range(runs)]
-    rows.append(["docker run + polling connect (floor)", floor])
-    peer = [testcontainers_once() for _ in range(runs)]
-    if None not in peer:
-        rows.append(["testcontainers PostgresContainer", peer])
+    # The paths take turns, run by run, so that the machine's drift (it is
+    # shared and noisy) falls on all of them alike.
     cold = Service().start()
-    try:
-        rows.append(["dbprov, pool off", [dbprov_once(cold)[0] for _ in range(runs)]])
-        cold.delete_all()
-    finally:
-        cold.stop()
     warm = Service({"DBPROV_POOL_SIZE": "17=3"}).start()
+    times: dict[str, list[float]] = {"floor": [], "peer": [], "cold": [], "warm": []}
     claims = 0
     try:
         wait_for_warm(warm, 3)
-        times = []
         for _ in range(runs):
+            times["floor"].append(floor_once(client))
+            peer = testcontainers_once()
+            if peer is not None:
+                times["peer"].append(peer)
+            times["cold"].append(dbprov_once(cold)[0])
             wait_for_warm(warm, 1)
             elapsed, claimed = dbprov_once(warm)
-            times.append(elapsed)
+            times["warm"].append(elapsed)
             claims += claimed
-        rows.append([f"dbprov, pool on ({claims}/{runs} from the pool)", times])
-        warm.delete_all()
     finally:
+        cold.stop()
         warm.stop()
         sweep(client)
-    base = statistics.median(floor)
+    rows = [
+        ["docker run + polling connect (floor)", times["floor"]],
+        ["testcontainers PostgresContainer (peer)", times["peer"]],
+        ["dbprov, pool off", times["cold"]],
+        [f"dbprov, pool on ({claims}/{runs} from the pool)", times["warm"]],
+    ]
+    base = pct(times["floor"], 50)
     table(
-        f"Time to ready: request sent -> first SELECT 1 with the returned URI ({runs} runs each)",
+        f"Time to ready: request sent -> first SELECT 1 with the returned URI ({runs} runs each, interleaved)",
         ["path", "p50 s", "p95 s", "p50 / floor", "floor p50 / p50"],
-        [[name, pct(t, 50), pct(t, 95), pct(t, 50) / base, base / pct(t, 50)] for name, t in rows],
+        [[name, pct(t, 50), pct(t, 95), pct(t, 50) / base, base / pct(t, 50)] for name, t in rows if t],
     )
 
 
@@ -407,7 +421,9 @@ def bench_density(client: docker.DockerClient, count: int) -> None:
             with ThreadPoolExecutor(max_workers=16) as pool:
                 list(pool.map(one, range(count)))
             time.sleep(10)  # idle: let start-up work settle
-            containers = client.containers.list(filters={"label": f"{LABEL_INSTANCE}={INSTANCE}"})
+            containers = client.containers.list(
+                filters={"label": f"{LABEL_INSTANCE}={service.env['DBPROV_INSTANCE']}"}
+            )
             with ThreadPoolExecutor(max_workers=16) as pool:
                 rss = list(pool.map(container_rss, containers))
             rows.append([f"{name}, {len(rss)} idle databases", statistics.mean(rss) / 2**20,

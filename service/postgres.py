@@ -17,7 +17,8 @@ class Login:
     port: int
     user: str
     password: str = ""
-    dbname: str = "postgres"
+    # template1 exists in every cluster: the service's own logins use it.
+    dbname: str = "template1"
 
     def __repr__(self) -> str:
         # Never show the password, should a Login end up in a log line or traceback.
@@ -49,7 +50,13 @@ class PostgresAdmin:
         role = sql.Identifier(username)
         # Repeatable: a crash after any statement is mended by running it all again.
         with _connect(admin) as conn:
-            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (username,)).fetchone()
+            if not _exists(conn, "pg_database", "datname", database):
+                # The server was initialised without it (see the reconciler's
+                # container spec): the untouched initial database becomes it.
+                conn.execute(
+                    sql.SQL("ALTER DATABASE postgres RENAME TO {}").format(sql.Identifier(database))
+                )
+            exists = _exists(conn, "pg_roles", "rolname", username)
             attributes = sql.SQL(
                 "LOGIN SUPERUSER" if superuser else "LOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB NOREPLICATION"
             )
@@ -60,8 +67,10 @@ class PostgresAdmin:
                 )
             )
             conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(database), role))
-            # A tenant works in its own database; the maintenance ones are the service's.
-            conn.execute("REVOKE CONNECT ON DATABASE postgres, template1 FROM PUBLIC")
+            # A tenant works in its own database; the others are the service's.
+            conn.execute("REVOKE CONNECT ON DATABASE template1 FROM PUBLIC")
+            if _exists(conn, "pg_database", "datname", "postgres"):
+                conn.execute("REVOKE CONNECT ON DATABASE postgres FROM PUBLIC")
 
     def set_password(self, admin: Login, username: str, password: str) -> None:
         with _connect(admin) as conn:
@@ -70,6 +79,13 @@ class PostgresAdmin:
                     sql.Identifier(username), sql.Literal(scram_verifier(password))
                 )
             )
+
+
+def _exists(conn: psycopg.Connection, catalog: str, column: str, name: str) -> bool:
+    query = sql.SQL("SELECT 1 FROM {} WHERE {} = %s").format(
+        sql.Identifier(catalog), sql.Identifier(column)
+    )
+    return conn.execute(query, (name,)).fetchone() is not None
 
 
 def _connect(login: Login) -> psycopg.Connection:

@@ -270,14 +270,15 @@ class Databases:
             port=member.host_port,
             user=member.admin_username,
             password=self.vault.decrypt(member.admin_password),
-            dbname=member.database_name,
         )
         password = self.vault.decrypt(member.password)
         self._server_admin.ensure_tenant_role(
             login, member.username, password, member.database_name, member.superuser
         )
         self._server_admin.check(
-            dataclasses.replace(login, user=member.username, password=password)
+            dataclasses.replace(
+                login, user=member.username, password=password, dbname=member.database_name
+            )
         )
 
     def _release_claim(self, member: Database) -> None:

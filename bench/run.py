@@ -173,6 +173,19 @@ class Service:
         self.log.close()
 
 
+def create_many(service: Service, count: int, parallel: int, connect: bool = False) -> None:
+    """``count`` creates, ``parallel`` at a time, each waiting until ready (and connecting)."""
+
+    def one(_):
+        status, body = service.request("POST", "/databases", {})
+        assert status == 201, body
+        if connect:
+            wait_select1(body["connection_uri"])
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        list(pool.map(one, range(count)))
+
+
 def sweep(client: docker.DockerClient) -> None:
     """Remove every container, volume and network this run labelled."""
     for instance in (INSTANCE, *INSTANCES):
@@ -288,26 +301,15 @@ def bench_ready(client: docker.DockerClient, runs: int) -> None:
 
 
 def bench_burst(client: docker.DockerClient, count: int) -> None:
-    port_floor = []
-
-    def floor_one(_):
-        return floor_once(client)
-
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=count) as pool:
-        port_floor = list(pool.map(floor_one, range(count)))
+        list(pool.map(lambda _: floor_once(client), range(count)))
     floor_wall = time.perf_counter() - started
 
     service = Service().start()
     try:
-        def one(_):
-            status, body = service.request("POST", "/databases", {})
-            assert status == 201, body
-            wait_select1(body["connection_uri"])
-
         started = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=count) as pool:
-            list(pool.map(one, range(count)))
+        create_many(service, count, count, connect=True)
         wall = time.perf_counter() - started
         service.delete_all()
     finally:
@@ -321,7 +323,6 @@ def bench_burst(client: docker.DockerClient, count: int) -> None:
             ["dbprov, pool off", wall, count / wall, wall / floor_wall],
         ],
     )
-    del port_floor
 
 
 # -- 3. API latency -----------------------------------------------------------
@@ -414,12 +415,7 @@ def bench_density(client: docker.DockerClient, count: int) -> None:
     ):
         service = Service({"DBPROV_POSTGRES_ARGS": args} if args else {}).start()
         try:
-            def one(_):
-                status, body = service.request("POST", "/databases", {})
-                assert status == 201, body
-
-            with ThreadPoolExecutor(max_workers=16) as pool:
-                list(pool.map(one, range(count)))
+            create_many(service, count, 16)
             time.sleep(10)  # idle: let start-up work settle
             containers = client.containers.list(
                 filters={"label": f"{LABEL_INSTANCE}={service.env['DBPROV_INSTANCE']}"}
@@ -444,8 +440,6 @@ def bench_density(client: docker.DockerClient, count: int) -> None:
 
 
 def bench_reconcile(client: docker.DockerClient, real: int) -> None:
-    import dataclasses
-
     from service.app import Services
     from service.crypto import Vault
     from service.settings import Settings
@@ -476,16 +470,10 @@ def bench_reconcile(client: docker.DockerClient, real: int) -> None:
             passes.append(time.perf_counter() - started)
         reconciler.stop()
         rows.append([f"{records} ready records, fake runtime", statistics.median(passes) * 1000])
-        del dataclasses
 
     service = Service().start()
     try:
-        def one(_):
-            status, body = service.request("POST", "/databases", {})
-            assert status == 201, body
-
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            list(pool.map(one, range(real)))
+        create_many(service, real, 16)
         script = (
             "import time, statistics\n"
             "from service.app import Services\n"

@@ -8,13 +8,9 @@ import logging
 import threading
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .app import Services
 from .coordination import ChangeListener, single_reconciler
-
-if TYPE_CHECKING:
-    from .reconciler import Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +32,6 @@ class Background:
         self.migrate = migrate
         self.reconcile = reconcile
         self.heartbeat = heartbeat
-        self.reconciler: "Reconciler | None" = None
         self._stopping = threading.Event()
         self._resources = ExitStack()
         self._thread = threading.Thread(target=self._run, name="dbprov-background", daemon=True)
@@ -65,9 +60,9 @@ class Background:
             services.databases.poll_interval = _POLL_WITH_FEED
         if self.reconcile:
             self._resources.enter_context(single_reconciler(store, services.settings.data_dir))
-            self.reconciler = services.reconciler(heartbeat=self.heartbeat)
-            self.reconciler.start()
-            self._resources.callback(self.reconciler.stop)
+            reconciler = services.reconciler(heartbeat=self.heartbeat)
+            reconciler.start()
+            self._resources.callback(reconciler.stop)
             log.info("reconciler started (instance %s)", services.settings.instance)
 
     def stop(self) -> None:

@@ -32,18 +32,24 @@ _UNDEFINED_TABLE = "42P01"
 _MIGRATION_LOCK = 0x6462706D
 
 
-def _unavailable(exc: sqlalchemy.exc.DBAPIError) -> MetadataUnavailable:
-    return MetadataUnavailable(f"metadata store unavailable: {type(exc.orig).__name__}: {exc.orig}")
-
-
-def _is_outage(exc: Exception) -> bool:
-    """Connection trouble, or a schema that is not there yet: nothing was half-written."""
-    if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
-        return True
-    return (
-        isinstance(exc, sqlalchemy.exc.ProgrammingError)
-        and getattr(exc.orig, "sqlstate", None) == _UNDEFINED_TABLE
-    )
+@contextmanager
+def _outages_translated() -> Iterator[None]:
+    """Connection trouble, or a schema that is not there yet, as MetadataUnavailable:
+    nothing was half-written, and the caller may say "try again later"."""
+    try:
+        yield
+    except sqlalchemy.exc.DBAPIError as exc:
+        outage = isinstance(
+            exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+        ) or (
+            isinstance(exc, sqlalchemy.exc.ProgrammingError)
+            and getattr(exc.orig, "sqlstate", None) == _UNDEFINED_TABLE
+        )
+        if not outage:
+            raise
+        raise MetadataUnavailable(
+            f"metadata store unavailable: {type(exc.orig).__name__}: {exc.orig}"
+        ) from exc
 
 
 class Store:
@@ -58,24 +64,14 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """A session inside one transaction, committed on success."""
-        try:
-            with self._sessions.begin() as session:
-                yield session
-        except sqlalchemy.exc.DBAPIError as exc:
-            if _is_outage(exc):
-                raise _unavailable(exc) from exc
-            raise
+        with _outages_translated(), self._sessions.begin() as session:
+            yield session
 
     @contextmanager
     def connection(self) -> Iterator[Connection]:
         """A pooled connection of its own, for work that spans transactions."""
-        try:
-            with self.engine.connect() as connection:
-                yield connection
-        except sqlalchemy.exc.DBAPIError as exc:
-            if _is_outage(exc):
-                raise _unavailable(exc) from exc
-            raise
+        with _outages_translated(), self.engine.connect() as connection:
+            yield connection
 
     def announce(self, session: Session, database_id: str) -> None:
         """Tell other processes, once this transaction commits, that a record changed."""
@@ -99,19 +95,16 @@ class Store:
 
         ``vault``: for migrations that encrypt or decrypt stored secrets.
         """
-        try:
-            with self.engine.begin() as connection:
-                if self.is_postgres:
-                    # Workers starting together must not migrate side by side.
-                    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
-                config = alembic_config()
-                config.attributes["connection"] = connection
-                config.attributes["vault"] = vault
-                command.upgrade(config, "head")
-        except sqlalchemy.exc.DBAPIError as exc:
-            if _is_outage(exc):
-                raise _unavailable(exc) from exc
-            raise
+        with _outages_translated(), self.engine.begin() as connection:
+            if self.is_postgres:
+                # Workers starting together must not migrate side by side.
+                connection.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK}
+                )
+            config = alembic_config()
+            config.attributes["connection"] = connection
+            config.attributes["vault"] = vault
+            command.upgrade(config, "head")
 
     def upgrade_when_up(
         self,

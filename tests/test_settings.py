@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import pytest
 
+from service.crypto import generate_key, load_vault
 from service.errors import SettingsError
 from service.settings import Settings
 
@@ -65,6 +67,15 @@ def test_values_are_parsed():
         ("DBPROV_RECONCILE_INTERVAL", "0"),
         ("DBPROV_MAX_PARALLEL", "2.5"),
         ("DBPROV_INSTANCE", "has space"),
+        ("DBPROV_SECRET_KEY", "not-a-fernet-key"),
+        ("DBPROV_TENANT_QUOTA", "0"),
+        ("DBPROV_RATE_LIMIT", "many"),
+        ("DBPROV_ALLOW_SUPERUSER", "perhaps"),
+        ("DBPROV_MEMORY_LIMIT", "lots"),
+        ("DBPROV_POOL_SIZE", "17=x"),
+        ("DBPROV_POOL_SIZE", "9=1"),
+        ("DBPROV_POSTGRES_ARGS", "--single"),
+        ("DBPROV_POSTGRES_ARGS", "-c shared_buffers"),
     ],
 )
 def test_invalid_values_name_the_variable(variable, value):
@@ -87,3 +98,41 @@ def test_invalid_setting_stops_the_command_naming_it(tmp_path):
     )
     assert result.returncode == 2
     assert "DBPROV_PORT_RANGE" in result.stderr
+
+
+def test_pool_sizes_and_server_options():
+    both = Settings.from_env({"DBPROV_POOL_SIZE": "2", "DBPROV_IMAGES": "15=postgres:15,17=postgres:17"})
+    assert both.pool_sizes == {"15": 2, "17": 2}
+    one = Settings.from_env({"DBPROV_POOL_SIZE": "17=3"})
+    assert one.pool_sizes == {"17": 3}
+    assert Settings.from_env({}).pool_sizes == {}
+    options = Settings.from_env({"DBPROV_POSTGRES_ARGS": "-c shared_buffers=16MB -c fsync=off"})
+    assert options.postgres_args == ("-c", "shared_buffers=16MB", "-c", "fsync=off")
+
+
+def test_secret_key_is_never_echoed_and_never_in_repr():
+    key = generate_key()
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"DBPROV_SECRET_KEY": f"{key},{key[:-3]}"})
+    assert key[:-3] not in str(caught.value) and "key 2" in str(caught.value)
+    settings = Settings.from_env({"DBPROV_SECRET_KEY": key, "DBPROV_DATABASE_URL": "postgresql://u:pw@h/db"})
+    assert key not in repr(settings) and "pw" not in repr(settings)
+
+
+def test_embedded_default_makes_a_private_key_file_once(tmp_path):
+    settings = Settings.from_env({"DBPROV_DATA_DIR": str(tmp_path)})
+    first = load_vault(settings)
+    key_file = tmp_path / "secret.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    token = first.encrypt("secret")
+    assert load_vault(settings).decrypt(token) == "secret"
+
+
+def test_a_deployed_store_needs_a_key(tmp_path):
+    settings = Settings.from_env(
+        {"DBPROV_DATA_DIR": str(tmp_path), "DBPROV_DATABASE_URL": "postgresql+psycopg://h/db"}
+    )
+    with pytest.raises(SettingsError) as caught:
+        load_vault(settings)
+    assert caught.value.variable == "DBPROV_SECRET_KEY"
+    assert not (tmp_path / "secret.key").exists()

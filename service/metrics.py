@@ -83,7 +83,7 @@ class Metrics:
             return Response(self.render(), mimetype="text/plain; version=0.0.4")
 
     def render(self) -> str:
-        with self.store.transaction() as session:
+        with self.store.read() as session:
             by_status = session.execute(
                 select(Database.tenant, Database.version, Database.status, func.count())
                 .group_by(Database.tenant, Database.version, Database.status)

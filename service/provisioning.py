@@ -329,7 +329,7 @@ class Databases:
 
     def get(self, principal: Principal, database_id: str) -> Database:
         _check_id(database_id)
-        with self.store.transaction() as session:
+        with self.store.read() as session:
             record = session.get(Database, database_id)
         # Another tenant's database looks exactly like one that does not exist.
         if record is None or not principal.sees(record) or record.tenant == POOL_TENANT:
@@ -348,7 +348,7 @@ class Databases:
             query = query.where(Database.tenant == principal.tenant)
         if status is not None:
             query = query.where(Database.status == status)
-        with self.store.transaction() as session:
+        with self.store.read() as session:
             total = session.scalar(select(func.count()).select_from(query.subquery()))
             items = list(
                 session.scalars(

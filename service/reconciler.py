@@ -130,7 +130,7 @@ class Reconciler:
             self._stock_pool()
         containers = {c.database_id: c for c in self.runtime.list_containers(self._labels)}
         volumes = {v.database_id: v for v in self.runtime.list_volumes(self._labels)}
-        with self.store.transaction() as session:
+        with self.store.read() as session:
             records = list(
                 session.scalars(select(Database).where(Database.status.in_(LIVE_STATUSES)))
             )
@@ -196,7 +196,7 @@ class Reconciler:
         self._changed.notify()
 
     def _load(self, database_id: str) -> Database:
-        with self.store.transaction() as session:
+        with self.store.read() as session:
             record = session.get(Database, database_id)
         if record is None:
             raise Superseded(database_id)

@@ -60,11 +60,22 @@ class Store:
         self.engine = _make_engine(url)
         self.is_postgres = self.engine.dialect.name == "postgresql"
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite: reads get an engine of their own whose transactions start
+        # deferred, so they neither take nor wait for the write lock (WAL
+        # readers see a consistent snapshot). Elsewhere one engine does both.
+        self.read_engine = _make_engine(url, immediate=False) if not self.is_postgres else self.engine
+        self._read_sessions = sessionmaker(self.read_engine, expire_on_commit=False)
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """A session inside one transaction, committed on success."""
         with _outages_translated(), self._sessions.begin() as session:
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for reading only: never blocked by writers."""
+        with _outages_translated(), self._read_sessions.begin() as session:
             yield session
 
     @contextmanager
@@ -82,7 +93,7 @@ class Store:
 
     def ping(self) -> None:
         """Reachable, and migrated to the schema this code expects."""
-        with self.transaction() as session:
+        with self.read() as session:
             current = session.scalar(text("SELECT version_num FROM alembic_version"))
         if current != head_revision():
             raise MetadataUnavailable(
@@ -127,6 +138,7 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        self.read_engine.dispose()
 
 
 def alembic_config() -> Config:
@@ -140,7 +152,7 @@ def head_revision() -> str:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
-def _make_engine(url: str) -> Engine:
+def _make_engine(url: str, immediate: bool = True) -> Engine:
     if not url.startswith("sqlite"):
         # pre_ping: connections that died with a restarted server are replaced
         # instead of failing the next request.
@@ -159,6 +171,6 @@ def _make_engine(url: str) -> Engine:
     def _begin(connection):  # noqa: ANN001
         # BEGIN IMMEDIATE takes the write lock up front, so concurrent writers
         # queue on the busy timeout instead of failing on a lock upgrade.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine

@@ -83,7 +83,7 @@ class Tenants:
         return token, f"dbp_{token_id}.{secret}"
 
     def list_tokens(self) -> list[Token]:
-        with self.store.transaction() as session:
+        with self.store.read() as session:
             return list(session.scalars(select(Token).order_by(Token.tenant, Token.created_at)))
 
     def revoke_token(self, token_id: str) -> Token:
@@ -104,7 +104,7 @@ class Tenants:
         if scheme.lower() != "bearer" or not match:
             raise Unauthorized("the Authorization header does not hold a dbprov bearer token")
         token_id, secret = match.groups()
-        with self.store.transaction() as session:
+        with self.store.read() as session:
             token = session.get(Token, token_id)
         if (
             token is None
@@ -128,7 +128,7 @@ class Tenants:
 
     def quota(self, tenant: str) -> tuple[int, int]:
         """Live databases of ``tenant`` and its limit."""
-        with self.store.transaction() as session:
+        with self.store.read() as session:
             return count_live(session, tenant), self._limit(session, tenant)
 
     def _limit(self, session: Session, tenant: str) -> int:

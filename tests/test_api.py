@@ -235,12 +235,12 @@ def test_readyz_names_the_unreachable_part(client, runtime):
 
 
 def test_metadata_outage_is_a_503_problem(client, services):
-    engine = services.store.engine
-    engine.dispose()
+    for engine in {services.store.engine, services.store.read_engine}:
+        engine.dispose()
 
-    @event.listens_for(engine, "do_connect")
-    def refuse(*_args, **_kwargs):
-        raise engine.dialect.loaded_dbapi.OperationalError("connection refused")
+        @event.listens_for(engine, "do_connect")
+        def refuse(*_args, engine=engine, **_kwargs):
+            raise engine.dialect.loaded_dbapi.OperationalError("connection refused")
 
     response = client.get("/databases")
     assert_problem(response, 503, "metadata-unavailable")

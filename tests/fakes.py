@@ -123,6 +123,7 @@ class FakeRuntime:
         container = self.containers[name]
         container.info = replace(container.info, state=state)
 
+
 @dataclass
 class FakePostgres:
     """The SQL side of the fake: roles and passwords of the fake runtime's servers."""

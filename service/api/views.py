@@ -7,8 +7,8 @@ from typing import Any
 
 from flask import current_app, g, request, url_for
 from flask.views import MethodView
-from marshmallow import RAISE
 from flask_smorest import Blueprint
+from marshmallow import RAISE
 from werkzeug.exceptions import UnsupportedMediaType
 
 from ..errors import DbprovError, ProvisioningFailed
@@ -31,7 +31,6 @@ databases = Blueprint("databases", __name__, description="PostgreSQL databases o
 quota = Blueprint("quota", __name__, description="The tenant's share of the service")
 health = Blueprint("health", __name__, description="Liveness and readiness of the service")
 
-_RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds"}}
 _LOCATION = {"Location": {"schema": {"type": "string"}, "description": "The database's URL"}}
 
 

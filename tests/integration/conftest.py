@@ -94,8 +94,10 @@ class ServiceProcess:
             env=self.env, cwd=ROOT, capture_output=True, text=True, check=check, timeout=120,
         )
 
-    def start(self, command: list[str] | None = None) -> "ServiceProcess":
-        """Start ``dbprov serve``, or ``command`` if given, and wait until it answers."""
+    def start(self, command: list[str] | None = None, ready: bool = True) -> "ServiceProcess":
+        """Start ``dbprov serve``, or ``command`` if given, and wait until it answers:
+        until /readyz says ready (the store is migrated in the background), or
+        with ``ready=False`` only until /healthz answers."""
         command = command or [
             sys.executable, "-m", "service", "serve", "--port", str(self.port), "--no-auth"
         ]
@@ -110,7 +112,7 @@ class ServiceProcess:
                 self.process = None
                 raise AssertionError(f"dbprov serve exited:\n{self.log_path.read_text()}")
             try:
-                if requests.get(f"{self.url}/healthz", timeout=1).ok:
+                if requests.get(f"{self.url}/{'readyz' if ready else 'healthz'}", timeout=1).ok:
                     return self
             except (requests.ConnectionError, requests.Timeout):
                 time.sleep(0.1)

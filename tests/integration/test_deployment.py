@@ -158,7 +158,7 @@ def test_service_starts_before_its_metadata_store_and_survives_an_outage(
     docker_client, metadata_server, tmp_path
 ):
     container, url = metadata_server
-    service = ServiceProcess(tmp_path, {"DBPROV_DATABASE_URL": url}).start()
+    service = ServiceProcess(tmp_path, {"DBPROV_DATABASE_URL": url}).start(ready=False)
     try:
         # Up and answering, but not ready: the store is not there yet.
         readyz = service.request("GET", "/readyz")

@@ -190,10 +190,10 @@ def test_warm_pool_hands_out_a_running_server_at_once(docker_client, tmp_path):
     service = ServiceProcess(tmp_path, {"DBPROV_POOL_SIZE": "17=1"}).start()
     try:
         deadline = time.monotonic() + 60
-        while not any(c.status == "running" for c in managed(docker_client)):
+        stocked = 'dbprov_pool_servers{version="17",status="ready"} 1'
+        while stocked not in service.request("GET", "/metrics").text.splitlines():
             assert time.monotonic() < deadline, "the pool was not stocked"
             time.sleep(0.3)
-        time.sleep(2)  # the member's readiness check
         warm = {c.name for c in managed(docker_client)}
         created = create(service)
         assert set(created["phase_timings"]) == {"claim"}, created

@@ -293,7 +293,11 @@ class Databases:
         self._wanted.notify()
 
     def stock_pool(self) -> int:
-        """Record new pool members until each version has its DBPROV_POOL_SIZE; returns how many."""
+        """Bring each version's pool to its DBPROV_POOL_SIZE; returns how many members were added.
+
+        Workers stocking at the same moment may overshoot; the surplus is
+        trimmed on the next pass, so the pool settles at its size.
+        """
         added = 0
         for version, size in self.settings.pool_sizes.items():
             with self.store.transaction() as session:
@@ -303,14 +307,25 @@ class Databases:
                     .where(Database.tenant == POOL_TENANT, Database.status == Status.FAILED)
                     .values(status=Status.DELETING, updated_at=utcnow())
                 )
-                stocked = session.scalar(
-                    select(func.count()).select_from(Database).where(
-                        Database.tenant == POOL_TENANT,
-                        Database.version == version,
-                        Database.status.in_((Status.PENDING, Status.PROVISIONING, Status.READY)),
+                stocked = list(
+                    session.scalars(
+                        select(Database.id)
+                        .where(
+                            Database.tenant == POOL_TENANT,
+                            Database.version == version,
+                            Database.status.in_((Status.PENDING, Status.PROVISIONING, Status.READY)),
+                        )
+                        .order_by(Database.created_at)
                     )
                 )
-            for _ in range(size - (stocked or 0)):
+                surplus = stocked[size:]
+                if surplus:
+                    session.execute(
+                        update(Database)
+                        .where(Database.id.in_(surplus), Database.tenant == POOL_TENANT)
+                        .values(status=Status.DELETING, updated_at=utcnow())
+                    )
+            for _ in range(size - len(stocked)):
                 try:
                     self._record(POOL_TENANT, None, version, False, self.vault.encrypt(new_password()))
                 except PortRangeExhausted:

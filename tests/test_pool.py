@@ -152,3 +152,15 @@ def test_metrics_report_databases_pool_phases_ports_and_requests(pooled):
                         'route="/databases/<string:database_id>",status="200"} ')
         for line in lines
     )
+
+
+def test_an_overstocked_pool_is_trimmed_to_its_size(pooled, runtime):
+    services, reconciler = pooled
+    reconciler.run_once(wait=True)
+    # As if a second worker had stocked at the same moment.
+    for _ in range(2):
+        services.databases._record(POOL_TENANT, None, "17", False, services.vault.encrypt("x"))
+    reconciler.run_once(wait=True)
+    reconciler.run_once(wait=True)
+    assert len(members(services, Status.READY)) == 2
+    assert len(runtime.containers) == 2

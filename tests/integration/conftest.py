@@ -54,6 +54,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until(predicate, timeout: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
 def managed(docker_client, kind: str = "containers") -> list:
     filters = {"label": f"{LABEL_INSTANCE}={INSTANCE}"}
     if kind == "containers":

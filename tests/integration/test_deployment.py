@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from .conftest import ROOT, ServiceProcess, free_port, managed
+from .conftest import ROOT, ServiceProcess, free_port, managed, wait_until
 
 pytestmark = pytest.mark.docker
 
@@ -129,10 +129,10 @@ def test_delete_racing_with_provisioning_leaves_nothing(deployment, docker_clien
         assert api.request("DELETE", f"/databases/{database_id}").status_code == 202
     for database_id in ids:
         assert api.wait_for_status(database_id, "deleted")["port"] is None
-    deadline = time.monotonic() + 30
-    while managed(docker_client) or managed(docker_client, "volumes"):
-        assert time.monotonic() < deadline, "a container or volume outlived its deleted record"
-        time.sleep(0.3)
+    wait_until(
+        lambda: not managed(docker_client) and not managed(docker_client, "volumes"),
+        timeout=30, what="containers and volumes to follow their deleted records",
+    )
 
 
 @pytest.fixture
@@ -145,13 +145,6 @@ def metadata_server(docker_client):
     )
     yield container, f"postgresql+psycopg://postgres:outage@127.0.0.1:{port}/postgres"
     container.remove(force=True, v=True)
-
-
-def wait_until(predicate, timeout: float = 60, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
 
 
 def test_service_starts_before_its_metadata_store_and_survives_an_outage(

@@ -13,7 +13,7 @@ import pytest
 
 from service.runtime import labels_for
 
-from .conftest import INSTANCE, ServiceProcess, managed
+from .conftest import INSTANCE, ServiceProcess, managed, wait_until
 
 pytestmark = pytest.mark.docker
 
@@ -124,10 +124,10 @@ def test_orphan_labelled_container_and_volume_are_removed(service, docker_client
         volumes={volume.name: {"bind": "/var/lib/postgresql/data", "mode": "rw"}},
     )
     orphan.start()
-    deadline = time.monotonic() + 30
-    while managed(docker_client) or managed(docker_client, "volumes"):
-        assert time.monotonic() < deadline, "orphans were not removed"
-        time.sleep(0.3)
+    wait_until(
+        lambda: not managed(docker_client) and not managed(docker_client, "volumes"),
+        timeout=30, what="the orphans to be removed",
+    )
 
 
 @pytest.fixture

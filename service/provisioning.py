@@ -99,6 +99,33 @@ def pick_port(session: Session, port_range: tuple[int, int]) -> int:
     return random.choice(free)
 
 
+def admin_login(record: Database, vault: Vault, host: str) -> Login:
+    """The service's own login to a database's server."""
+    return Login(
+        host=host,
+        port=record.host_port,
+        user=record.admin_username,
+        password=vault.decrypt(record.admin_password),
+    )
+
+
+def set_up_tenant(server_admin: ServerAdmin, record: Database, vault: Vault, host: str) -> None:
+    """The tenant's role with its password inside the server, then the check that
+    counts: ``SELECT 1`` as the tenant. Raises ``psycopg.Error``."""
+    password = vault.decrypt(record.password)
+    admin = admin_login(record, vault, host)
+    # Databases made before tenant roles existed have the tenant as superuser.
+    if record.admin_username != record.username:
+        server_admin.ensure_tenant_role(
+            admin, record.username, password, record.database_name, record.superuser
+        )
+    server_admin.check(
+        dataclasses.replace(
+            admin, user=record.username, password=password, dbname=record.database_name
+        )
+    )
+
+
 def _class(exc: Exception) -> str:
     # Only the class of a server's error: its message might echo a statement.
     return type(exc).__name__
@@ -245,7 +272,9 @@ class Databases:
                 # A reconciler got to it first and finishes it the same way.
                 return member
             try:
-                self._finish_claim(member)
+                set_up_tenant(
+                    self._server_admin, member, self.vault, self.settings.effective_probe_host
+                )
             except psycopg.Error as exc:
                 log.warning("database %s: claim failed (%s); starting a cold one", member.id, _class(exc))
                 self._release_claim(member)
@@ -262,24 +291,6 @@ class Databases:
         log.info("database %s: warm server claimed for tenant %s (%.3f s)", member.id, member.tenant, timings["claim"])
         self._changed.notify()
         return member
-
-    def _finish_claim(self, member: Database) -> None:
-        """The tenant's fresh role and password inside the warm server, and the tenant's check."""
-        login = Login(
-            host=self.settings.effective_probe_host,
-            port=member.host_port,
-            user=member.admin_username,
-            password=self.vault.decrypt(member.admin_password),
-        )
-        password = self.vault.decrypt(member.password)
-        self._server_admin.ensure_tenant_role(
-            login, member.username, password, member.database_name, member.superuser
-        )
-        self._server_admin.check(
-            dataclasses.replace(
-                login, user=member.username, password=password, dbname=member.database_name
-            )
-        )
 
     def _release_claim(self, member: Database) -> None:
         """A claim that failed: back to the pool's name, to be removed."""
@@ -417,12 +428,7 @@ class Databases:
             # server refuses, the stored password stays the working one.
             try:
                 self._server_admin.set_password(
-                    Login(
-                        host=self.settings.effective_probe_host,
-                        port=record.host_port,
-                        user=record.admin_username,
-                        password=self.vault.decrypt(record.admin_password),
-                    ),
+                    admin_login(record, self.vault, self.settings.effective_probe_host),
                     record.username,
                     password,
                 )

@@ -30,7 +30,7 @@ from .errors import (
 from .models import LIVE_STATUSES, Database, Status, utcnow
 from .notify import Notifier
 from .postgres import Login, PostgresAdmin, ServerAdmin
-from .provisioning import pick_port
+from .provisioning import admin_login, pick_port, set_up_tenant
 from .tenancy import POOL_TENANT
 from .runtime import (
     LABEL_INSTANCE,
@@ -216,7 +216,11 @@ class Reconciler:
         try:
             record, container_id = self._ensure_container(record, timings)
             phase = time.monotonic()
-            self._wait_ready(record, container_id, self._admin_login(record))
+            self._wait_ready(
+                record,
+                container_id,
+                admin_login(record, self.vault, self.settings.effective_probe_host),
+            )
             timings["ready"] = round(time.monotonic() - phase, 3)
             phase = time.monotonic()
             self._setup_tenant(record, container_id)
@@ -310,37 +314,12 @@ class Reconciler:
             pids_limit=self.settings.pids_limit,
         )
 
-    def _admin_login(self, record: Database) -> Login:
-        return Login(
-            host=self.settings.effective_probe_host,
-            port=record.host_port,
-            user=record.admin_username,
-            password=self.vault.decrypt(record.admin_password),
-        )
-
-    def _tenant_login(self, record: Database) -> Login:
-        return Login(
-            host=self.settings.effective_probe_host,
-            port=record.host_port,
-            user=record.username,
-            password=self.vault.decrypt(record.password),
-            dbname=record.database_name,
-        )
-
     def _setup_tenant(self, record: Database, container_id: str) -> None:
         """The tenant's role, then the check that counts: ``SELECT 1`` as the tenant."""
         if record.tenant == POOL_TENANT:
             return  # a warm server gets its tenant's role when it is claimed
         try:
-            if record.admin_username != record.username:
-                self._server_admin.ensure_tenant_role(
-                    self._admin_login(record),
-                    record.username,
-                    self.vault.decrypt(record.password),
-                    record.database_name,
-                    record.superuser,
-                )
-            self._server_admin.check(self._tenant_login(record))
+            set_up_tenant(self._server_admin, record, self.vault, self.settings.effective_probe_host)
         except psycopg.Error as exc:
             raise _NotReady(
                 self._failure_text(container_id, "tenant role setup failed", _first_line(exc))

@@ -257,15 +257,13 @@ class Reconciler:
         self.runtime.ensure_volume(volume_name(record.id), labels)
         for _ in range(_PORT_RETRIES):
             info = self.runtime.get_container(container_name(record.id))
-            if info is None:
-                try:
-                    container_id = self.runtime.create_container(self._spec(record, labels))
-                except ContainerRuntimeError:
-                    # The network may have been removed behind our back: look again next time.
-                    self._network_id = None
-                    raise
-            else:
-                container_id = info.id
+            try:
+                container_id = info.id if info else self.runtime.create_container(
+                    self._spec(record, labels)
+                )
+            except ContainerRuntimeError:
+                self._network_id = None  # see below: the network may be gone
+                raise
             self._transition(
                 record.id,
                 (Status.PROVISIONING,),
@@ -286,6 +284,13 @@ class Reconciler:
                 record = self._move_port(record)
                 phase = time.monotonic()
                 continue
+            except ContainerRuntimeError:
+                # The engine reports a network removed behind our back only
+                # here, at start: look the network up again, and make the
+                # container anew on the next attempt (its data is on the volume).
+                self._network_id = None
+                self.runtime.remove_container(container_id)
+                raise
             timings["start"] = round(time.monotonic() - phase, 3)
             return record, container_id
         raise _NotReady(f"no usable host port after {_PORT_RETRIES} attempts")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 
 import psycopg
 
-from service.errors import PortInUse, RuntimeUnavailable
+from service.errors import ContainerRuntimeError, PortInUse, RuntimeUnavailable
 from service.postgres import Login
 from service.runtime import ContainerInfo, ContainerSpec, VolumeInfo
 
@@ -82,6 +82,8 @@ class FakeRuntime:
         self._check("start_container")
         container = self._find(container_id)
         assert container is not None, container_id
+        if container.spec.network is not None and container.spec.network.removeprefix("net-") not in self.networks:
+            raise ContainerRuntimeError(f"Docker engine refused: network {container.spec.network} not found")
         if container.spec.host_port in self.foreign_ports:
             raise PortInUse("Bind for 127.0.0.1:%d failed: port is already allocated" % container.spec.host_port)
         if container.spec.image in self.crashing_images:

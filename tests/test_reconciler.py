@@ -164,3 +164,17 @@ def test_engine_outage_postpones_without_failing(services, reconciler, runtime):
     runtime.reachable = True
     reconciler.run_once(wait=True)
     assert record(services, created.id).status == Status.READY
+
+
+def test_network_removed_behind_the_services_back_is_made_again(services, reconciler, runtime):
+    first = services.databases.create(LOCAL_ADMIN)
+    reconciler.run_once(wait=True)
+    runtime.networks.clear()
+    second = services.databases.create(LOCAL_ADMIN)
+    reconciler.run_once(wait=True)  # start fails: the cached network is gone
+    assert record(services, second.id).status == Status.PROVISIONING
+    assert f"dbprov-{second.id}" not in runtime.containers
+    reconciler.run_once(wait=True)
+    assert record(services, second.id).status == Status.READY
+    assert runtime.networks == {"dbprov-test"}
+    assert record(services, first.id).status == Status.READY

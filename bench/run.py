@@ -402,7 +402,7 @@ def bench_api(seconds: float, threads: int, rate: float) -> None:
 
 
 SEED = """
-from service.app import Services
+from service.composition import Services
 from service.tenancy import Principal
 services = Services.build()
 bench = Principal(tenant="bench")
@@ -455,7 +455,7 @@ def bench_density(client: docker.DockerClient, count: int) -> None:
 
 
 def bench_reconcile(client: docker.DockerClient, real: int) -> None:
-    from service.app import Services
+    from service.composition import Services
     from service.crypto import Vault
     from service.settings import Settings
     from service.store import Store
@@ -491,7 +491,7 @@ def bench_reconcile(client: docker.DockerClient, real: int) -> None:
         create_many(service, real, 16)
         script = (
             "import time, statistics\n"
-            "from service.app import Services\n"
+            "from service.composition import Services\n"
             "s = Services.build(); r = s.reconciler(); r.run_once(wait=True)\n"
             "t = []\n"
             "for _ in range(10):\n"

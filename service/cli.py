@@ -13,7 +13,8 @@ import click
 from gunicorn.app.base import BaseApplication
 from sqlalchemy.engine import make_url
 
-from .app import Services, create_app, openapi_document
+from .app import create_app, openapi_document
+from .composition import Services
 from .coordination import single_reconciler
 from .crypto import generate_key
 from .errors import DbprovError, SettingsError

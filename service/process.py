@@ -9,7 +9,7 @@ import threading
 from contextlib import ExitStack
 from pathlib import Path
 
-from .app import Services
+from .composition import Services
 from .coordination import ChangeListener, single_reconciler
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from service.app import Services, create_app
+from service.app import create_app
+from service.composition import Services
 from service.crypto import Vault, generate_key
 from service.reconciler import Reconciler
 from service.settings import Settings

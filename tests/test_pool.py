@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import pytest
 
-from service.app import Services
+from service.composition import Services
 from service.crypto import Vault
 from service.errors import QuotaExceeded
 from service.models import Database, Status

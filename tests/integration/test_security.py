@@ -9,7 +9,8 @@ import time
 import psycopg
 import pytest
 
-from service.app import Services, create_app
+from service.app import create_app
+from service.composition import Services
 from service.crypto import Vault
 from service.docker_runtime import DockerRuntime
 from service.models import Database

@@ -11,7 +11,6 @@ import base64
 import hashlib
 import hmac
 import os
-
 from typing import TYPE_CHECKING
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -19,6 +18,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from .errors import DbprovError, SettingsError
 
 if TYPE_CHECKING:
+    # One way only: settings checks its keys without this module.
     from .settings import Settings
 
 
@@ -50,14 +50,6 @@ class Vault:
 
 def generate_key() -> str:
     return Fernet.generate_key().decode()
-
-
-def is_valid_key(key: str) -> bool:
-    try:
-        Fernet(key)
-    except (ValueError, TypeError):
-        return False
-    return True
 
 
 def scram_verifier(password: str, iterations: int = 4096) -> str:
@@ -95,8 +87,10 @@ def load_vault(settings: "Settings") -> Vault:
     else:
         with os.fdopen(fd, "w") as handle:
             handle.write(generate_key())
-    key = path.read_text().strip()
-    if not is_valid_key(key):
-        raise SettingsError("DBPROV_SECRET_KEY", f"the key file {path} does not hold a Fernet key")
-    return Vault([key])
+    try:
+        return Vault([path.read_text().strip()])
+    except ValueError:
+        raise SettingsError(
+            "DBPROV_SECRET_KEY", f"the key file {path} does not hold a Fernet key"
+        ) from None
 

@@ -1,4 +1,9 @@
-"""Settings: read once from ``DBPROV_*`` environment variables into a frozen object."""
+"""Settings: read once from ``DBPROV_*`` environment variables into a frozen object.
+
+Each setting is declared once, as a ``Settings`` field made by ``setting()``: its
+variable, parser, default and meaning. ``Settings.from_env`` reads the variables
+by those declarations, and ``settings_table_markdown`` prints the README's table.
+"""
 
 from __future__ import annotations
 
@@ -6,56 +11,254 @@ import ipaddress
 import os
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import platformdirs
+from cryptography.fernet import Fernet
 
-from .crypto import is_valid_key
 from .errors import SettingsError
 
-DEFAULT_IMAGES = "15=postgres:15,16=postgres:16,17=postgres:17"
+# A parser gets the variable's stripped text, or the declared default when the
+# variable is unset or blank; it raises ValueError with what is wrong, never
+# echoing a secret, and from_env adds the variable's name.
+
+
+def _port_range(value: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)\s*-\s*(\d+)", value)
+    if not match:
+        raise ValueError(f"expected FIRST-LAST, got {value!r}")
+    first, last = int(match[1]), int(match[2])
+    if not (1 <= first <= last <= 65535):
+        raise ValueError(f"needs 1 <= FIRST <= LAST <= 65535, got {value!r}")
+    return first, last
+
+
+def _address(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+    return value
+
+
+def _images(value: str) -> dict[str, str]:
+    images: dict[str, str] = {}
+    for item in value.split(","):
+        version, sep, image = (part.strip() for part in item.partition("="))
+        if not sep or not re.fullmatch(r"\d+", version) or not image:
+            raise ValueError(f"expected MAJOR=IMAGE[,MAJOR=IMAGE...], got {item.strip()!r}")
+        images[version] = image
+    return images
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {value!r}") from None
+    if number <= 0:
+        raise ValueError(f"must be greater than zero, got {value!r}")
+    return number
+
+
+def _count(value: str) -> int:
+    if not re.fullmatch(r"[0-9]+", value) or int(value) <= 0:
+        raise ValueError(f"expected a whole number greater than zero, got {value!r}")
+    return int(value)
+
+
+def _bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _optional(value: str) -> str | None:
+    return value or None
+
+
+def _instance(value: str) -> str:
+    if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}", value):
+        raise ValueError("letters, digits, '_', '.', '-', at most 63")
+    return value
+
+
+def _memory(value: str) -> str:
+    if not re.fullmatch(r"[0-9]+[bkmg]?", value.lower()):
+        raise ValueError(f"expected a size such as 512m or 1g, got {value!r}")
+    return value.lower()
+
+
+def _keys(value: str) -> tuple[str, ...]:
+    keys = tuple(key.strip() for key in value.split(",") if key.strip())
+    for position, key in enumerate(keys, 1):
+        try:
+            Fernet(key)
+        except ValueError:
+            # Never echo the value: it is a secret.
+            raise ValueError(
+                f"key {position} is not a Fernet key (32 url-safe base64-encoded bytes); "
+                "make one with `dbprov keys generate`"
+            ) from None
+    return keys
+
+
+def _pool(value: str) -> int | dict[str, int]:
+    """``N`` (every version) or ``MAJOR=N[,MAJOR=N...]``; from_env checks them against DBPROV_IMAGES."""
+    if not value:
+        return {}
+    if re.fullmatch(r"[0-9]+", value):
+        return int(value)
+    sizes: dict[str, int] = {}
+    for item in value.split(","):
+        version, sep, size = (part.strip() for part in item.partition("="))
+        if not sep or not re.fullmatch(r"[0-9]+", size):
+            raise ValueError(f"expected N or MAJOR=N[,...], got {item.strip()!r}")
+        sizes[version] = int(size)
+    return sizes
+
+
+def _postgres_args(value: str) -> tuple[str, ...]:
+    """``-c name=value`` options, as ``postgres`` takes them on its command line."""
+    args = tuple(shlex.split(value))
+    if len(args) % 2 or any(flag != "-c" for flag in args[::2]) or any(
+        not re.fullmatch(r"[a-z_.]+=\S+", option) for option in args[1::2]
+    ):
+        raise ValueError(f"expected '-c name=value' options, got {value!r}")
+    return args
+
+
+@dataclass(frozen=True)
+class Declared:
+    """How one ``DBPROV_*`` variable fills one ``Settings`` field."""
+
+    variable: str
+    parse: Callable[[str], Any]
+    # As the variable would be written, or made from the fields declared before.
+    default: str | Callable[[Mapping[str, Any]], str]
+    doc: str
+    # The default as the settings table shows it.
+    shown: str
+
+
+def setting(
+    variable: str,
+    parse: Callable[[str], Any],
+    default: str | Callable[[Mapping[str, Any]], str],
+    doc: str,
+    *,
+    shown: str | None = None,
+    secret: bool = False,
+) -> Any:
+    """A ``Settings`` field read from ``variable``; ``shown`` describes a default that is no literal."""
+    declared = Declared(variable, parse, default, doc, shown or f"`{default}`")
+    # secret: settings get logged, and this one may carry credentials.
+    options: dict[str, Any] = {"repr": not secret, "metadata": {"declared": declared}}
+    if callable(default):
+        # Made from other settings by from_env; whoever builds Settings directly passes it.
+        return field(**options)
+    # A fresh value per instance, as some are mutable mappings.
+    return field(default_factory=lambda: parse(default), **options)
 
 
 @dataclass(frozen=True)
 class Settings:
     """Everything the service can be configured with; tests build it directly."""
 
-    # repr=False: these two may carry credentials, and settings get logged.
-    database_url: str = field(repr=False)
-    data_dir: Path
-    port_range: tuple[int, int] = (15432, 16431)
-    bind_address: str = "127.0.0.1"
-    public_host: str = "localhost"
-    images: Mapping[str, str] = field(
-        default_factory=lambda: {"15": "postgres:15", "16": "postgres:16", "17": "postgres:17"}
+    # Before database_url, whose default is made from it.
+    data_dir: Path = setting(
+        "DBPROV_DATA_DIR", Path, lambda _: platformdirs.user_data_dir("dbprov"),
+        "where the embedded defaults keep their files",
+        shown="the per-user data folder (`~/.local/share/dbprov` on Linux)",
     )
-    default_version: str = "17"
-    ready_timeout: float = 60.0
-    # How long POST /databases waits for readiness before answering 202.
-    request_timeout: float = 90.0
-    reconcile_interval: float = 5.0
+    database_url: str = setting(
+        "DBPROV_DATABASE_URL", str, lambda values: f"sqlite:///{values['data_dir'] / 'dbprov.sqlite3'}",
+        "the metadata store, as an SQLAlchemy URL "
+        "(`postgresql+psycopg://user:pass@host/db` in production)",
+        shown="`sqlite:///<DBPROV_DATA_DIR>/dbprov.sqlite3`", secret=True,
+    )
+    port_range: tuple[int, int] = setting(
+        "DBPROV_PORT_RANGE", _port_range, "15432-16431", "host ports databases may be published on"
+    )
+    bind_address: str = setting(
+        "DBPROV_BIND_ADDRESS", _address, "127.0.0.1", "host address the ports are published on"
+    )
+    public_host: str = setting(
+        "DBPROV_PUBLIC_HOST", str, "localhost", "host name put in returned connection info"
+    )
+    images: Mapping[str, str] = setting(
+        "DBPROV_IMAGES", _images, "15=postgres:15,16=postgres:16,17=postgres:17",
+        "supported major versions and their images",
+    )
+    default_version: str = setting(
+        "DBPROV_DEFAULT_VERSION", str, "17", "version when a request names none"
+    )
+    ready_timeout: float = setting(
+        "DBPROV_READY_TIMEOUT", _seconds, "60",
+        "seconds a new container may take to accept the tenant's credentials",
+    )
+    request_timeout: float = setting(
+        "DBPROV_REQUEST_TIMEOUT", _seconds, "90",
+        "seconds `POST /databases` waits before answering 202 instead",
+    )
+    reconcile_interval: float = setting(
+        "DBPROV_RECONCILE_INTERVAL", _seconds, "5",
+        "seconds between reconcile passes (changes made through the API are acted on at once)",
+    )
     # Containers and volumes of other dbprov installations on the same Docker
     # engine carry another instance label, and are never touched by this one.
-    instance: str = "default"
-    # Host name or address the service itself uses to reach published ports.
-    probe_host: str | None = None
-    max_parallel_provisioning: int = 8
-    # Fernet keys, the first one encrypting; empty: the embedded key file.
-    secret_keys: tuple[str, ...] = field(default=(), repr=False)
-    # Live databases per tenant unless the tenant has its own limit.
-    tenant_quota: int = 10
-    # Write requests per token and minute.
-    rate_limit: int = 60
-    # Whether a request may ask for a tenant role that is a superuser.
-    allow_superuser: bool = False
-    memory_limit: str = "1g"
-    pids_limit: int = 512
-    # Extra server options for every tenant container, e.g. ("-c", "shared_buffers=16MB").
-    postgres_args: tuple[str, ...] = ()
-    # Warm, running servers kept ready per version; empty: no pool.
-    pool_sizes: Mapping[str, int] = field(default_factory=dict)
+    instance: str = setting(
+        "DBPROV_INSTANCE", _instance, "default",
+        "label value that tells this installation's containers from another's on the same engine",
+    )
+    probe_host: str | None = setting(
+        "DBPROV_PROBE_HOST", _optional, "", "where dbprov itself connects to check readiness",
+        shown="the bind address (`127.0.0.1` for a wildcard bind)",
+    )
+    max_parallel_provisioning: int = setting(
+        "DBPROV_MAX_PARALLEL", _count, "8", "databases provisioned or removed at the same time"
+    )
+    secret_keys: tuple[str, ...] = setting(
+        "DBPROV_SECRET_KEY", _keys, "", "comma-separated Fernet keys; the first encrypts",
+        shown="a key file in `DBPROV_DATA_DIR` (SQLite only)", secret=True,
+    )
+    tenant_quota: int = setting(
+        "DBPROV_TENANT_QUOTA", _count, "10",
+        "live databases per tenant, unless the tenant has its own limit",
+    )
+    rate_limit: int = setting(
+        "DBPROV_RATE_LIMIT", _count, "60", "write requests per token and minute"
+    )
+    allow_superuser: bool = setting(
+        "DBPROV_ALLOW_SUPERUSER", _bool, "false",
+        "whether a request may ask for a superuser tenant role",
+    )
+    memory_limit: str = setting(
+        "DBPROV_MEMORY_LIMIT", _memory, "1g", "memory limit of each tenant container"
+    )
+    pids_limit: int = setting("DBPROV_PIDS_LIMIT", _count, "512", "process limit of each tenant container")
+    postgres_args: tuple[str, ...] = setting(
+        "DBPROV_POSTGRES_ARGS", _postgres_args, "", "`-c name=value` options for every tenant server",
+        shown="none",
+    )
+    pool_sizes: Mapping[str, int] = setting(
+        "DBPROV_POOL_SIZE", _pool, "",
+        "warm servers kept per version: `N` for every version, or `MAJOR=N[,MAJOR=N]`",
+        shown="off",
+    )
+    retry_budget: float = setting(
+        "DBPROV_RETRY_BUDGET", _seconds, "600",
+        "seconds the reconciler retries a transient error (engine or store unreachable, "
+        "a port race) on one database before marking it failed",
+    )
+    pull_images: bool = setting(
+        "DBPROV_PULL_IMAGES", _bool, "true",
+        "whether a configured image the engine does not have is pulled",
+    )
 
     @property
     def embedded(self) -> bool:
@@ -80,49 +283,16 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         """Parse ``DBPROV_*`` variables; a bad value raises ``SettingsError`` naming it."""
         env = os.environ if env is None else env
-
-        def get(name: str) -> str | None:
-            value = env.get(f"DBPROV_{name}")
-            return value.strip() if value is not None and value.strip() != "" else None
-
-        data_dir = Path(get("DATA_DIR") or platformdirs.user_data_dir("dbprov"))
-        database_url = get("DATABASE_URL") or f"sqlite:///{data_dir / 'dbprov.sqlite3'}"
-        images = _parse_images(get("IMAGES") or DEFAULT_IMAGES)
-        default_version = get("DEFAULT_VERSION") or "17"
-        if default_version not in images:
-            raise SettingsError(
-                "DBPROV_DEFAULT_VERSION",
-                f"{default_version!r} is not among the versions of DBPROV_IMAGES "
-                f"({', '.join(images)})",
-            )
-        instance = get("INSTANCE") or "default"
-        if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}", instance):
-            raise SettingsError("DBPROV_INSTANCE", "letters, digits, '_', '.', '-', at most 63")
-        return cls(
-            database_url=database_url,
-            data_dir=data_dir,
-            port_range=_parse_port_range(get("PORT_RANGE") or "15432-16431"),
-            bind_address=_parse_address("DBPROV_BIND_ADDRESS", get("BIND_ADDRESS") or "127.0.0.1"),
-            public_host=get("PUBLIC_HOST") or "localhost",
-            images=images,
-            default_version=default_version,
-            ready_timeout=_parse_seconds("DBPROV_READY_TIMEOUT", get("READY_TIMEOUT"), 60.0),
-            request_timeout=_parse_seconds("DBPROV_REQUEST_TIMEOUT", get("REQUEST_TIMEOUT"), 90.0),
-            reconcile_interval=_parse_seconds(
-                "DBPROV_RECONCILE_INTERVAL", get("RECONCILE_INTERVAL"), 5.0
-            ),
-            instance=instance,
-            probe_host=get("PROBE_HOST"),
-            max_parallel_provisioning=_parse_count("DBPROV_MAX_PARALLEL", get("MAX_PARALLEL"), 8),
-            secret_keys=_parse_keys(get("SECRET_KEY")),
-            tenant_quota=_parse_count("DBPROV_TENANT_QUOTA", get("TENANT_QUOTA"), 10),
-            rate_limit=_parse_count("DBPROV_RATE_LIMIT", get("RATE_LIMIT"), 60),
-            allow_superuser=_parse_bool("DBPROV_ALLOW_SUPERUSER", get("ALLOW_SUPERUSER")),
-            memory_limit=_parse_memory(get("MEMORY_LIMIT") or "1g"),
-            pids_limit=_parse_count("DBPROV_PIDS_LIMIT", get("PIDS_LIMIT"), 512),
-            pool_sizes=_parse_pool(get("POOL_SIZE"), images),
-            postgres_args=_parse_postgres_args(get("POSTGRES_ARGS")),
-        )
+        values: dict[str, Any] = {}
+        for name, declared in DECLARATIONS.items():
+            default = declared.default(values) if callable(declared.default) else declared.default
+            text = (env.get(declared.variable) or "").strip() or default
+            try:
+                values[name] = declared.parse(text)
+            except ValueError as error:
+                raise SettingsError(declared.variable, str(error)) from None
+        _check_versions(values)
+        return cls(**values)
 
     def ensure_data_dir(self) -> None:
         """Create the data folder, private to its owner, when the defaults use it."""
@@ -130,117 +300,30 @@ class Settings:
             self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
-def _parse_port_range(value: str) -> tuple[int, int]:
-    match = re.fullmatch(r"(\d+)\s*-\s*(\d+)", value)
-    if not match:
-        raise SettingsError("DBPROV_PORT_RANGE", f"expected FIRST-LAST, got {value!r}")
-    first, last = int(match[1]), int(match[2])
-    if not (1 <= first <= last <= 65535):
+# Field name to declaration, in the order declared.
+DECLARATIONS: dict[str, Declared] = {item.name: item.metadata["declared"] for item in fields(Settings)}
+
+
+def _check_versions(values: dict[str, Any]) -> None:
+    """The checks across variables: every version named must be one of DBPROV_IMAGES."""
+    images = values["images"]
+    if values["default_version"] not in images:
         raise SettingsError(
-            "DBPROV_PORT_RANGE", f"needs 1 <= FIRST <= LAST <= 65535, got {value!r}"
+            "DBPROV_DEFAULT_VERSION",
+            f"{values['default_version']!r} is not among the versions of DBPROV_IMAGES "
+            f"({', '.join(images)})",
         )
-    return first, last
-
-
-def _parse_address(name: str, value: str) -> str:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        raise SettingsError(name, f"{value!r} is not an IP address") from None
-    return value
-
-
-def _parse_images(value: str) -> dict[str, str]:
-    images: dict[str, str] = {}
-    for item in value.split(","):
-        version, sep, image = (part.strip() for part in item.partition("="))
-        if not sep or not re.fullmatch(r"\d+", version) or not image:
-            raise SettingsError(
-                "DBPROV_IMAGES", f"expected MAJOR=IMAGE[,MAJOR=IMAGE...], got {item.strip()!r}"
-            )
-        images[version] = image
-    return images
-
-
-def _parse_seconds(name: str, value: str | None, default: float) -> float:
-    if value is None:
-        return default
-    try:
-        number = float(value)
-    except ValueError:
-        raise SettingsError(name, f"expected a number of seconds, got {value!r}") from None
-    if number <= 0:
-        raise SettingsError(name, f"must be greater than zero, got {value!r}")
-    return number
-
-
-def _parse_count(name: str, value: str | None, default: int) -> int:
-    if value is None:
-        return default
-    if not re.fullmatch(r"[0-9]+", value) or int(value) <= 0:
-        raise SettingsError(name, f"expected a whole number greater than zero, got {value!r}")
-    return int(value)
-
-
-def _parse_bool(name: str, value: str | None) -> bool:
-    if value is None:
-        return False
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise SettingsError(name, f"expected true or false, got {value!r}")
-
-
-def _parse_memory(value: str) -> str:
-    if not re.fullmatch(r"[0-9]+[bkmg]?", value.lower()):
-        raise SettingsError("DBPROV_MEMORY_LIMIT", f"expected a size such as 512m or 1g, got {value!r}")
-    return value.lower()
-
-
-def _parse_pool(value: str | None, images: dict[str, str]) -> dict[str, int]:
-    """``N`` (every version) or ``MAJOR=N[,MAJOR=N...]``."""
-    if value is None:
-        return {}
-    if re.fullmatch(r"[0-9]+", value):
-        return {version: int(value) for version in images if int(value) > 0}
-    sizes: dict[str, int] = {}
-    for item in value.split(","):
-        version, sep, size = (part.strip() for part in item.partition("="))
-        if not sep or not re.fullmatch(r"[0-9]+", size):
-            raise SettingsError("DBPROV_POOL_SIZE", f"expected N or MAJOR=N[,...], got {item.strip()!r}")
+    pool = values["pool_sizes"]
+    if isinstance(pool, int):
+        pool = dict.fromkeys(images, pool)
+    for version in pool:
         if version not in images:
             raise SettingsError("DBPROV_POOL_SIZE", f"version {version!r} is not in DBPROV_IMAGES")
-        if int(size) > 0:
-            sizes[version] = int(size)
-    return sizes
+    # Zero means no pool for that version.
+    values["pool_sizes"] = {version: size for version, size in pool.items() if size > 0}
 
 
-def _parse_postgres_args(value: str | None) -> tuple[str, ...]:
-    """``-c name=value`` options, as ``postgres`` takes them on its command line."""
-    if value is None:
-        return ()
-    args = tuple(shlex.split(value))
-    if len(args) % 2 or any(flag != "-c" for flag in args[::2]) or any(
-        not re.fullmatch(r"[a-z_.]+=\S+", option) for option in args[1::2]
-    ):
-        raise SettingsError(
-            "DBPROV_POSTGRES_ARGS", f"expected '-c name=value' options, got {value!r}"
-        )
-    return args
-
-
-def _parse_keys(value: str | None) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    keys = tuple(key.strip() for key in value.split(",") if key.strip())
-    for position, key in enumerate(keys, 1):
-        if not is_valid_key(key):
-            # Never echo the value: it is a secret.
-            raise SettingsError(
-                "DBPROV_SECRET_KEY",
-                f"key {position} is not a Fernet key (32 url-safe base64-encoded bytes); "
-                "make one with `dbprov keys generate`",
-            )
-    return keys
-
+def settings_table_markdown() -> str:
+    """The README's settings table, made from the declarations."""
+    rows = [f"| `{d.variable}` | {d.shown} | {d.doc} |" for d in DECLARATIONS.values()]
+    return "\n".join(["| variable | default | meaning |", "|---|---|---|", *rows]) + "\n"

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from service.crypto import generate_key, load_vault
 from service.errors import SettingsError
-from service.settings import Settings
+from service.settings import DECLARATIONS, Settings, settings_table_markdown
+
+ROOT = Path(__file__).parent.parent
 
 
 def test_defaults(tmp_path):
@@ -22,6 +27,13 @@ def test_defaults(tmp_path):
     assert settings.default_version == "17"
     assert settings.ready_timeout == 60.0
     assert settings.effective_probe_host == "127.0.0.1"
+    assert settings.retry_budget == 600.0
+    assert settings.pull_images is True
+
+
+def test_built_directly_the_defaults_are_those_of_the_environment(tmp_path):
+    from_env = Settings.from_env({"DBPROV_DATA_DIR": str(tmp_path)})
+    assert Settings(data_dir=tmp_path, database_url=from_env.database_url) == from_env
 
 
 def test_default_data_dir_is_per_user():
@@ -40,6 +52,8 @@ def test_values_are_parsed():
             "DBPROV_DEFAULT_VERSION": "16",
             "DBPROV_READY_TIMEOUT": "12.5",
             "DBPROV_INSTANCE": "ci-7",
+            "DBPROV_RETRY_BUDGET": "30",
+            "DBPROV_PULL_IMAGES": "no",
         }
     )
     assert settings.database_url == "postgresql+psycopg://u:p@db/meta"
@@ -47,6 +61,7 @@ def test_values_are_parsed():
     assert settings.images == {"16": "registry.local/pg:16", "17": "postgres:17"}
     assert settings.default_version == "16" and settings.ready_timeout == 12.5
     assert settings.instance == "ci-7"
+    assert settings.retry_budget == 30.0 and settings.pull_images is False
     # A wildcard bind is reached over loopback.
     assert settings.effective_probe_host == "127.0.0.1"
 
@@ -74,8 +89,12 @@ def test_values_are_parsed():
         ("DBPROV_MEMORY_LIMIT", "lots"),
         ("DBPROV_POOL_SIZE", "17=x"),
         ("DBPROV_POOL_SIZE", "9=1"),
+        ("DBPROV_POOL_SIZE", "9=0"),
         ("DBPROV_POSTGRES_ARGS", "--single"),
         ("DBPROV_POSTGRES_ARGS", "-c shared_buffers"),
+        ("DBPROV_POSTGRES_ARGS", "-c 'unclosed"),
+        ("DBPROV_RETRY_BUDGET", "0"),
+        ("DBPROV_PULL_IMAGES", "sometimes"),
     ],
 )
 def test_invalid_values_name_the_variable(variable, value):
@@ -86,15 +105,12 @@ def test_invalid_values_name_the_variable(variable, value):
 
 
 def test_invalid_setting_stops_the_command_naming_it(tmp_path):
-    import subprocess
-    import sys
-
     result = subprocess.run(
         [sys.executable, "-m", "service", "db", "upgrade"],
         env={"DBPROV_DATA_DIR": str(tmp_path), "DBPROV_PORT_RANGE": "nope", "PATH": "/usr/bin"},
         capture_output=True,
         text=True,
-        cwd=Path(__file__).parent.parent,
+        cwd=ROOT,
     )
     assert result.returncode == 2
     assert "DBPROV_PORT_RANGE" in result.stderr
@@ -103,6 +119,8 @@ def test_invalid_setting_stops_the_command_naming_it(tmp_path):
 def test_pool_sizes_and_server_options():
     both = Settings.from_env({"DBPROV_POOL_SIZE": "2", "DBPROV_IMAGES": "15=postgres:15,17=postgres:17"})
     assert both.pool_sizes == {"15": 2, "17": 2}
+    assert Settings.from_env({"DBPROV_POOL_SIZE": "0"}).pool_sizes == {}
+    assert Settings.from_env({"DBPROV_POOL_SIZE": "16=0,17=1"}).pool_sizes == {"17": 1}
     one = Settings.from_env({"DBPROV_POOL_SIZE": "17=3"})
     assert one.pool_sizes == {"17": 3}
     assert Settings.from_env({}).pool_sizes == {}
@@ -136,3 +154,31 @@ def test_a_deployed_store_needs_a_key(tmp_path):
         load_vault(settings)
     assert caught.value.variable == "DBPROV_SECRET_KEY"
     assert not (tmp_path / "secret.key").exists()
+
+
+def test_a_key_file_that_holds_no_key_is_refused(tmp_path):
+    (tmp_path / "secret.key").write_text("not-a-key\n")
+    with pytest.raises(SettingsError) as caught:
+        load_vault(Settings.from_env({"DBPROV_DATA_DIR": str(tmp_path)}))
+    assert caught.value.variable == "DBPROV_SECRET_KEY" and "secret.key" in str(caught.value)
+
+
+def test_settings_do_not_import_the_crypto_module():
+    # crypto's load_vault takes Settings; the other direction would close a circle.
+    code = "import sys, service.settings; print('service.crypto' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def test_the_readme_table_lists_the_declared_settings():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(DBPROV_\w+)` \| (.+?) \| (.+) \|$", section, re.MULTILINE)
+    declared = [(d.variable, d.shown, d.doc) for d in DECLARATIONS.values()]
+    regenerate = (
+        "README.md's settings table differs from the declarations in service/settings.py; print "
+        "the table with: python -c 'from service.settings import settings_table_markdown as t; "
+        "print(t(), end=\"\")'"
+    )
+    assert rows == declared, regenerate
+    assert settings_table_markdown() in section, regenerate

@@ -8,12 +8,15 @@ from dataclasses import dataclass, field
 
 from .coordination import claims_for
 from .crypto import Vault, load_vault
+from .databases import Databases
 from .docker_runtime import DockerRuntime
+from .images import Images
 from .notify import Notifier
+from .pool import WarmPool
 from .postgres import PostgresAdmin, ServerAdmin
-from .provisioning import Databases
 from .reconciler import Reconciler
-from .runtime import ContainerRuntime
+from .records import Records
+from .runtime import ServerRuntime
 from .settings import Settings
 from .store import Store
 from .tenancy import Tenants
@@ -25,7 +28,7 @@ class Services:
 
     settings: Settings
     store: Store
-    runtime: ContainerRuntime
+    runtime: ServerRuntime
     vault: Vault
     server_admin: ServerAdmin = field(default_factory=PostgresAdmin)
     # Off only for `dbprov serve --no-auth` on a loopback address.
@@ -36,23 +39,39 @@ class Services:
     changed: Notifier = field(default_factory=Notifier)
 
     def __post_init__(self) -> None:
+        self.records = Records(self.store, self.wanted, self.changed)
         self.tenants = Tenants(self.settings, self.store)
+        self.images = Images(self.settings, self.runtime)
         # One set of claims for the API's warm-pool claims and the reconciler.
         self.claims = claims_for(self.store)
         self.databases = Databases(
-            self.settings, self.store, self.vault, self.tenants, self.server_admin,
-            self.claims, self.wanted, self.changed,
+            self.settings, self.store, self.records, self.vault, self.tenants,
+            self.server_admin, self.images,
         )
+        self.pool = None
+        if self.settings.pool_sizes:
+            self.pool = WarmPool(
+                self.settings, self.store, self.records, self.vault, self.server_admin,
+                self.claims, self.databases,
+            )
+            self.databases.pool = self.pool
 
     @classmethod
-    def build(cls, settings: Settings | None = None, runtime: ContainerRuntime | None = None):
+    def build(cls, settings: Settings | None = None, runtime: ServerRuntime | None = None):
         settings = settings or Settings.from_env()
         settings.ensure_data_dir()
-        return cls(settings, Store(settings.database_url), runtime or DockerRuntime(), load_vault(settings))
+        if runtime is None:
+            runtime = DockerRuntime(
+                instance=settings.instance,
+                network=settings.network,
+                bind_address=settings.bind_address,
+                probe_host=settings.effective_probe_host,
+                pull=settings.pull_images,
+            )
+        return cls(settings, Store(settings.database_url), runtime, load_vault(settings))
 
     def reconciler(self, **options) -> Reconciler:
         return Reconciler(
-            self.settings, self.store, self.runtime, self.wanted, self.changed,
-            vault=self.vault, server_admin=self.server_admin, claims=self.claims,
-            pool=self.databases.stock_pool if self.settings.pool_sizes else None, **options,
+            self.settings, self.store, self.runtime, self.records, self.vault,
+            self.server_admin, self.claims, pool=self.pool, **options,
         )

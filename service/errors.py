@@ -1,4 +1,9 @@
-"""The project's exceptions: one root, each subclass knowing its HTTP status and problem type."""
+"""The project's exceptions: one root, and under it what the caller did wrong,
+what retrying later can mend (transient) and what it cannot (permanent).
+
+They say what happened and what to do next, never which HTTP status to send:
+the API layer keeps that in one table (``api.problems``).
+"""
 
 from __future__ import annotations
 
@@ -6,31 +11,23 @@ from typing import Any
 
 
 class DbprovError(Exception):
-    """Root of every error the service raises on purpose.
+    """Root of every error the service raises on purpose."""
 
-    ``status`` and ``slug`` let the HTTP layer render any of them as an RFC 9457
-    problem; the domain layer never builds HTTP responses itself.
-    """
-
-    status = 500
-    slug = "internal-error"
-    title = "Internal error"
+    # Seconds after which trying again may succeed; None: it will not by itself.
     retry_after: int | None = None
 
     def __init__(self, detail: str, **extensions: Any) -> None:
         super().__init__(detail)
         self.detail = detail
+        # Facts for the caller beside the text (ids, limits), shown in problem documents.
         self.extensions = extensions
 
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)} if self.retry_after else {}
+
+# -- the request ----------------------------------------------------------------
 
 
 class SettingsError(DbprovError):
     """A ``DBPROV_*`` variable has a value the service cannot use."""
-
-    slug = "invalid-settings"
-    title = "Invalid settings"
 
     def __init__(self, variable: str, detail: str) -> None:
         super().__init__(f"{variable}: {detail}")
@@ -40,46 +37,26 @@ class SettingsError(DbprovError):
 class ValidationError(DbprovError):
     """The request is well-formed but asks for something the service does not offer."""
 
-    status = 422
-    slug = "validation-error"
-    title = "Request validation failed"
-
 
 class Unauthorized(DbprovError):
     """No token, or one that is unknown or revoked."""
 
-    status = 401
-    slug = "unauthorized"
-    title = "Authentication required"
-
     def __init__(self, detail: str, error: str | None = "invalid_token") -> None:
         super().__init__(detail)
+        # RFC 6750's error code; None when the request carried no token at all.
         self.error = error
-
-    def headers(self) -> dict[str, str]:
-        # RFC 6750: no error code when the request carried no token at all.
-        challenge = 'Bearer realm="dbprov"'
-        if self.error:
-            challenge += f', error="{self.error}"'
-        return {"WWW-Authenticate": challenge}
 
 
 class Forbidden(DbprovError):
-    status = 403
-    slug = "forbidden"
-    title = "Forbidden"
+    """The caller may not do this."""
 
 
-class QuotaExceeded(DbprovError):
-    status = 403
-    slug = "quota-exceeded"
-    title = "Database quota exceeded"
+class QuotaExceeded(Forbidden):
+    """The tenant is at its limit of live databases."""
 
 
 class RateLimited(DbprovError):
-    status = 429
-    slug = "rate-limited"
-    title = "Too many requests"
+    """The token used up its write requests for this minute."""
 
     def __init__(self, detail: str, retry_after: int) -> None:
         super().__init__(detail)
@@ -87,67 +64,84 @@ class RateLimited(DbprovError):
 
 
 class NotFound(DbprovError):
-    status = 404
-    slug = "not-found"
-    title = "Not found"
+    """No such thing, or one the caller may not see."""
 
 
 class Conflict(DbprovError):
-    status = 409
-    slug = "conflict"
-    title = "Conflict"
+    """The thing is not in a state that allows this."""
 
 
-class PortRangeExhausted(DbprovError):
-    status = 503
-    slug = "port-range-exhausted"
-    title = "No free host port"
-    retry_after = 30
+# -- transient: retrying later can help ------------------------------------------
 
 
-class RuntimeUnavailable(DbprovError):
-    """The Docker engine cannot be reached."""
+class TransientError(DbprovError):
+    """Something needed is unreachable or busy; the same step may work later."""
 
-    status = 503
-    slug = "docker-unavailable"
-    title = "Docker engine unavailable"
-    retry_after = 10
-
-
-class MetadataUnavailable(DbprovError):
-    """The metadata store cannot be reached."""
-
-    status = 503
-    slug = "metadata-unavailable"
-    title = "Metadata store unavailable"
     retry_after = 5
 
 
-class ProvisioningFailed(DbprovError):
-    """The container was created but never became ready."""
+class RuntimeUnavailable(TransientError):
+    """The container engine cannot be reached, or did not answer in time."""
 
-    status = 502
-    slug = "provisioning-failed"
-    title = "Provisioning failed"
+    retry_after = 10
+
+
+class MetadataUnavailable(TransientError):
+    """The metadata store cannot be reached, or is not migrated yet."""
+
+
+class PortRangeExhausted(TransientError):
+    """Every host port of the range is held by a live database."""
+
+    retry_after = 30
+
+
+class PortInUse(TransientError):
+    """Something outside dbprov already listens on the host port."""
+
+
+class EngineError(TransientError):
+    """The engine failed an operation on its side (a 5xx), not because of what was asked."""
+
+
+class ImagePulling(TransientError):
+    """A version's image is being pulled right now."""
+
+    retry_after = 15
+
+
+# -- permanent: retrying the same thing cannot help -------------------------------
+
+
+class PermanentError(DbprovError):
+    """The step cannot succeed as asked; the database fails on the first attempt."""
+
+
+class ImageMissing(PermanentError):
+    """A version's image is not on the engine and cannot be pulled.
+
+    An operator mends it with ``dbprov images pull``, or by loading the image.
+    """
+
+    def __init__(self, detail: str, image: str, version: str | None = None) -> None:
+        super().__init__(detail, image=image, **({"version": version} if version else {}))
+        self.image = image
+
+
+class EngineRefused(PermanentError):
+    """The engine refused the server's configuration (a 4xx)."""
+
+
+class ServerFailed(PermanentError):
+    """A database server crashed or never became ready; the text carries its log."""
+
+
+# -- a database server's own answers ---------------------------------------------
+
+
+class ProvisioningFailed(DbprovError):
+    """A create's database failed instead of becoming ready."""
 
 
 class DatabaseServerError(DbprovError):
     """A tenant's PostgreSQL server refused or could not be reached."""
-
-    status = 502
-    slug = "database-server-error"
-    title = "Database server error"
-
-
-class ContainerRuntimeError(DbprovError):
-    """Docker refused an operation for a reason other than being unreachable."""
-
-    slug = "docker-error"
-    title = "Docker engine error"
-
-
-class PortInUse(ContainerRuntimeError):
-    """Something outside dbprov already listens on the host port."""
-
-    slug = "port-in-use"
-    title = "Host port in use"

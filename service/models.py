@@ -32,8 +32,15 @@ class Status(str, enum.Enum):
     DELETED = "deleted"
 
 
-# Statuses whose record still owns (or may still own) a container, a volume or a name.
-LIVE_STATUSES = (Status.PENDING, Status.PROVISIONING, Status.READY, Status.FAILED, Status.DELETING)
+# Named sets of statuses, so that a decision reads as what it means.
+# Being brought up: the reconciler provisions these.
+SETTLING = frozenset({Status.PENDING, Status.PROVISIONING})
+# Still holding (or possibly holding) a server, its data, a port or a name.
+LIVE = frozenset({*SETTLING, Status.READY, Status.FAILED, Status.DELETING})
+# Whose server may exist and is wanted; a failed one had its server removed.
+OWNS_SERVER = frozenset({*SETTLING, Status.READY, Status.DELETING})
+# Past which a DELETE has nothing more to do.
+GOING = frozenset({Status.DELETING, Status.DELETED})
 
 
 def utcnow() -> datetime:
@@ -133,10 +140,15 @@ class Database(Base):
     # The container's own superuser, kept by the service for its maintenance.
     admin_username: Mapped[str] = mapped_column(String(63))
     admin_password: Mapped[str] = mapped_column(String(255))
-    container_id: Mapped[str | None] = mapped_column(String(80))
-    volume_name: Mapped[str | None] = mapped_column(String(255))
     last_error: Mapped[str | None] = mapped_column(Text)
-    # Seconds each provisioning phase took, e.g. {"create": 0.2, "start": 0.4, "ready": 1.3}.
+    # Transient failures in a row, when the next try is due, and since when
+    # (for the retry budget); reset once a step succeeds.
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    retrying_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Where the service reaches the server (the runtime's endpoint host).
+    server_host: Mapped[str | None] = mapped_column(String(255))
+    # Seconds each provisioning phase took, e.g. {"server": 0.6, "ready": 1.3, "setup": 0.05}.
     phase_timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

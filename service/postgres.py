@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
 import psycopg
 from psycopg import sql
 
-from .crypto import scram_verifier
+from .crypto import Vault, scram_verifier
+from .errors import TransientError
+from .models import Database
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,37 @@ class PostgresAdmin:
                     sql.Identifier(username), sql.Literal(scram_verifier(password))
                 )
             )
+
+
+def admin_login(record: Database, vault: Vault) -> Login:
+    """The service's own login to a database's server."""
+    if record.server_host is None:
+        # Recorded when the server is provisioned, or by the next reconcile
+        # pass for records older than the column.
+        raise TransientError(f"where the server of {record.id} answers is not known yet")
+    return Login(
+        host=record.server_host,
+        port=record.host_port,
+        user=record.admin_username,
+        password=vault.decrypt(record.admin_password),
+    )
+
+
+def set_up_tenant(server_admin: ServerAdmin, record: Database, vault: Vault) -> None:
+    """The tenant's role with its password inside the server, then the check that
+    counts: ``SELECT 1`` as the tenant. Raises ``psycopg.Error``."""
+    password = vault.decrypt(record.password)
+    admin = admin_login(record, vault)
+    # Databases made before tenant roles existed have the tenant as superuser.
+    if record.admin_username != record.username:
+        server_admin.ensure_tenant_role(
+            admin, record.username, password, record.database_name, record.superuser
+        )
+    server_admin.check(
+        dataclasses.replace(
+            admin, user=record.username, password=password, dbname=record.database_name
+        )
+    )
 
 
 def _exists(conn: psycopg.Connection, catalog: str, column: str, name: str) -> bool:

@@ -1,60 +1,71 @@
-"""The reconciler: the one component that changes containers.
+"""The reconciler: the one component that changes database servers.
 
-It compares the metadata store with what the engine runs and closes the gap:
-starts what is pending, removes what is being deleted, repairs drift and sweeps
-orphans. Every step is idempotent, so a crash anywhere is finished or cleaned
-up by the next pass.
+It compares the metadata store with what the runtime runs and closes the gap:
+provisions what is pending, removes what is being deleted, repairs drift and
+sweeps orphans. Every step is idempotent, so a crash anywhere is finished or
+cleaned up by the next pass.
+
+Failures are of two kinds (``errors``): a ``TransientError`` is retried with
+exponential backoff and jitter, its attempts kept on the record, until the
+retry budget (DBPROV_RETRY_BUDGET) runs out; a ``PermanentError`` fails the
+database at once. Either way the reason is in ``last_error``, and nothing is
+left behind. Only a bug writes a traceback to the log.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Callable
 
 import psycopg
-from sqlalchemy import select, update
+from sqlalchemy import select
 
-from .coordination import Claims, claims_for
+from .coordination import Claims
 from .crypto import Vault
 from .errors import (
-    ContainerRuntimeError,
     DbprovError,
-    MetadataUnavailable,
+    PermanentError,
     PortInUse,
-    RuntimeUnavailable,
+    ServerFailed,
+    TransientError,
 )
-from .models import LIVE_STATUSES, Database, Status, utcnow
-from .notify import Notifier
-from .postgres import Login, PostgresAdmin, ServerAdmin
-from .provisioning import admin_login, pick_port, set_up_tenant
-from .tenancy import POOL_TENANT
-from .runtime import (
-    LABEL_INSTANCE,
-    LABEL_MANAGED,
-    ContainerInfo,
-    ContainerRuntime,
-    ContainerSpec,
-    container_name,
-    labels_for,
-    volume_name,
-)
+from .models import LIVE, OWNS_SERVER, SETTLING, Database, Status, utcnow
+from .pool import WarmPool
+from .ports import pick_port
+from .postgres import Login, ServerAdmin, admin_login, set_up_tenant
+from .records import Records
+from .runtime import ABSENT, RUNNING, ServerInfo, ServerRuntime, ServerSpec
 from .settings import Settings
 from .store import Store
+from .tenancy import POOL_TENANT
 
 log = logging.getLogger(__name__)
 
-# Statuses whose record owns a container (failed ones had theirs removed).
-_OWNS_CONTAINER = (Status.PENDING, Status.PROVISIONING, Status.READY, Status.DELETING)
 _PORT_RETRIES = 5
 _POLL_INTERVAL = 0.025
+# Backoff of transient failures: 1 s, 2 s, 4 s ... up to a minute, each with jitter.
+_BACKOFF_FIRST = 1.0
+_BACKOFF_CAP = 60.0
 
 
 class Superseded(Exception):
     """The record left the status this step was working for (say, it is being deleted)."""
+
+
+def backoff(attempts: int) -> float:
+    """Seconds before the next try after ``attempts`` failures in a row.
+
+    "Equal jitter": half the exponential step, plus up to the other half at
+    random, so that databases that failed together do not retry together.
+    """
+    step = min(_BACKOFF_CAP, _BACKOFF_FIRST * 2 ** (attempts - 1))
+    return step / 2 + random.uniform(0, step / 2)
 
 
 class Reconciler:
@@ -62,30 +73,24 @@ class Reconciler:
         self,
         settings: Settings,
         store: Store,
-        runtime: ContainerRuntime,
-        wanted: Notifier,
-        changed: Notifier,
+        runtime: ServerRuntime,
+        records: Records,
         vault: Vault,
-        server_admin: ServerAdmin | None = None,
-        claims: Claims | None = None,
+        server_admin: ServerAdmin,
+        claims: Claims,
         heartbeat: Path | None = None,
-        pool: Callable[[], int] | None = None,
+        pool: WarmPool | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.runtime = runtime
-        self._wanted = wanted
-        self._changed = changed
+        self.records = records
         self.vault = vault
-        self._server_admin = server_admin or PostgresAdmin()
-        self._claims = claims or claims_for(store)
+        self._server_admin = server_admin
+        self._claims = claims
         # Touched after every complete pass, for `dbprov worker --check`.
         self._heartbeat = heartbeat
-        # Records the warm pool's missing members (Databases.stock_pool).
-        self._stock_pool = pool
-        self._labels = {LABEL_MANAGED: "true", LABEL_INSTANCE: settings.instance}
-        # Found or made on the first provisioning; one lookup per process.
-        self._network_id: str | None = None
+        self._pool = pool
         self._executor = ThreadPoolExecutor(
             max_workers=settings.max_parallel_provisioning, thread_name_prefix="dbprov-task"
         )
@@ -93,6 +98,10 @@ class Reconciler:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        # The earliest postponed attempt, so the loop wakes for it.
+        self._next_due: datetime | None = None
+        # The outage last reported, so that a long one is logged once, not every pass.
+        self._outage: str | None = None
 
     # -- the loop ---------------------------------------------------------
 
@@ -103,45 +112,75 @@ class Reconciler:
     def stop(self, timeout: float = 30.0) -> None:
         """Stop after the current step; unfinished work is resumed by the next start."""
         self._stopping.set()
-        self._wanted.notify()
+        self.records.wanted.notify()
         if self._thread is not None:
             self._thread.join(timeout)
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     def _loop(self) -> None:
+        wanted = self.records.wanted
         while not self._stopping.is_set():
-            seen = self._wanted.generation
+            seen = wanted.generation
             try:
                 self.run_once()
                 if self._heartbeat is not None:
                     self._heartbeat.touch()
-            except (RuntimeUnavailable, MetadataUnavailable) as exc:
-                log.warning("reconcile pass skipped: %s", exc)
+            except TransientError as exc:
+                self._report_outage(f"reconcile pass skipped: {exc.detail}")
             except Exception:  # noqa: BLE001 - the loop must outlive any one bad pass
                 log.exception("reconcile pass failed")
-            self._wanted.wait(self.settings.reconcile_interval, since=seen)
+            wanted.wait(self._idle_time(), since=seen)
+
+    def _idle_time(self) -> float:
+        interval = self.settings.reconcile_interval
+        if self._next_due is None:
+            return interval
+        return max(0.05, min(interval, (self._next_due - utcnow()).total_seconds()))
+
+    def _report_outage(self, text: str | None) -> None:
+        if text == self._outage:
+            return
+        if text is not None:
+            log.warning("%s", text)
+        else:
+            log.info("the engine answers again")
+        self._outage = text
 
     def run_once(self, wait: bool = False) -> None:
-        """One pass over every live record and every labelled container and volume."""
-        # Containers first, records second: a container made after the listing
-        # cannot be mistaken for an orphan, since its record predates it.
-        if self._stock_pool is not None:
+        """One pass over every live record and every server of this installation."""
+        if self._pool is not None:
             # Before the records are read, so the new members are provisioned in this pass.
-            self._stock_pool()
-        containers = {c.database_id: c for c in self.runtime.list_containers(self._labels)}
-        volumes = {v.database_id: v for v in self.runtime.list_volumes(self._labels)}
+            self._pool.stock()
+        # Servers first, records second: a server made after the listing
+        # cannot be mistaken for an orphan, since its record predates it.
+        try:
+            servers: dict[str, ServerInfo] | None = {
+                s.database_id: s for s in self.runtime.list_servers()
+            }
+            self._report_outage(None)
+        except TransientError as exc:
+            # Provisioning and deletion still count their attempts; drift and
+            # orphans wait for an engine that answers.
+            self._report_outage(f"engine unavailable, drift repair and sweep postponed: {exc.detail}")
+            servers = None
         with self.store.read() as session:
-            records = list(
-                session.scalars(select(Database).where(Database.status.in_(LIVE_STATUSES)))
-            )
+            records = list(session.scalars(select(Database).where(Database.status.in_(LIVE))))
+        now = utcnow()
+        self._next_due = min(
+            (r.next_attempt_at for r in records if r.next_attempt_at and r.next_attempt_at > now),
+            default=None,
+        )
         for record in records:
-            if record.status in (Status.PENDING, Status.PROVISIONING):
+            if record.next_attempt_at is not None and record.next_attempt_at > now:
+                continue  # postponed after a transient failure
+            if record.status in SETTLING:
                 self._submit(record.id, self._provision)
             elif record.status == Status.DELETING:
                 self._submit(record.id, self._teardown)
-            elif record.status == Status.READY:
-                self._check_drift(record, containers.get(record.id))
-        self._sweep_orphans(records, containers, volumes)
+            elif record.status == Status.READY and servers is not None:
+                self._check_drift(record, servers.get(record.id))
+        if servers is not None:
+            self._sweep_orphans(records, servers)
         if wait:
             self.wait_idle()
 
@@ -167,33 +206,61 @@ class Reconciler:
             with self._claims.hold(database_id) as claimed:
                 # Unclaimed: another reconciler works on it; a later pass looks again.
                 if claimed:
-                    task(database_id)
-        except Superseded:
-            self._wanted.notify()
-        except (RuntimeUnavailable, MetadataUnavailable) as exc:
-            # Nothing is decided on an outage: the next pass picks the record up again.
-            log.warning("database %s: postponed: %s", database_id, exc)
+                    self._attempt(database_id, task)
+        except TransientError as exc:
+            # Not even the attempt could be counted (the store is down): the
+            # next pass picks the record up again.
+            log.warning("database %s: postponed: %s", database_id, exc.detail)
         except Exception:  # noqa: BLE001 - one database's trouble must not stop the others
             log.exception("database %s: unexpected error", database_id)
         finally:
             with self._lock:
                 self._inflight.pop(database_id, None)
-            self._changed.notify()
 
-    # -- record transitions -------------------------------------------------
+    def _attempt(self, database_id: str, task: Callable[[str], None]) -> None:
+        """Run one step and decide what its failure means."""
+        try:
+            try:
+                task(database_id)
+            except TransientError as exc:
+                self._retry_later(database_id, exc.detail)
+            except PermanentError as exc:
+                self._fail(database_id, exc.detail)
+            except DbprovError as exc:
+                # Raised on purpose but not classified: a bug, retried like a transient error.
+                log.error("database %s: unclassified error: %s", database_id, exc.detail)
+                self._retry_later(database_id, exc.detail)
+        except Superseded:
+            pass  # the record moved on; the next pass sees what it wants now
 
-    def _transition(self, database_id: str, expected: tuple[Status, ...], **values) -> None:
-        """Write ``values`` only if the record is still in one of ``expected``."""
-        with self.store.transaction() as session:
-            result = session.execute(
-                update(Database)
-                .where(Database.id == database_id, Database.status.in_(expected))
-                .values(updated_at=utcnow(), **values)
+    def _retry_later(self, database_id: str, error: str) -> None:
+        """Count the attempt and set the next one, or fail once the budget is spent."""
+        record = self._load(database_id)
+        if record.status not in SETTLING | {Status.DELETING}:
+            return
+        now = utcnow()
+        since = record.retrying_since or now
+        attempts = record.attempts + 1
+        elapsed = (now - since).total_seconds()
+        if record.status in SETTLING and elapsed >= self.settings.retry_budget:
+            self._fail(
+                database_id,
+                f"gave up after {attempts} attempts over {elapsed:.0f} s "
+                f"(DBPROV_RETRY_BUDGET is {self.settings.retry_budget:g} s); last error: {error}",
             )
-            self.store.announce(session, database_id)
-        if result.rowcount != 1:
-            raise Superseded(database_id)
-        self._changed.notify()
+            return
+        delay = backoff(attempts)
+        self.records.transition(
+            database_id,
+            {record.status},
+            attempts=attempts,
+            retrying_since=since,
+            next_attempt_at=now + timedelta(seconds=delay),
+            last_error=f"{error} (attempt {attempts}; next in {delay:.0f} s)",
+        )
+        log.warning(
+            "database %s: %s; attempt %d, next in %.1f s", database_id, error, attempts, delay
+        )
 
     def _load(self, database_id: str) -> Database:
         with self.store.read() as session:
@@ -202,104 +269,67 @@ class Reconciler:
             raise Superseded(database_id)
         return record
 
+    def _transition(self, database_id: str, expected: set[Status], **values) -> Database:
+        record = self.records.transition(database_id, expected, **values)
+        if record is None:
+            raise Superseded(database_id)
+        return record
+
     # -- provisioning -------------------------------------------------------
 
     def _provision(self, database_id: str) -> None:
         record = self._load(database_id)
-        if record.status not in (Status.PENDING, Status.PROVISIONING):
+        if record.status not in SETTLING:
             raise Superseded(database_id)
         if record.status == Status.PENDING:
-            self._transition(database_id, (Status.PENDING,), status=Status.PROVISIONING)
+            record = self._transition(database_id, {Status.PENDING}, status=Status.PROVISIONING)
             log.info("database %s: provisioning on port %s", database_id, record.host_port)
         timings: dict[str, float] = {}
         started = time.monotonic()
-        try:
-            record, container_id = self._ensure_container(record, timings)
-            phase = time.monotonic()
-            self._wait_ready(
-                record,
-                container_id,
-                admin_login(record, self.vault, self.settings.effective_probe_host),
-            )
-            timings["ready"] = round(time.monotonic() - phase, 3)
-            phase = time.monotonic()
-            self._setup_tenant(record, container_id)
-            timings["setup"] = round(time.monotonic() - phase, 3)
-        except _NotReady as exc:
-            self._fail(record, str(exc))
-            return
+        record = self._ensure_server(record)
+        timings["server"] = round(time.monotonic() - started, 3)
+        phase = time.monotonic()
+        self._wait_ready(record, admin_login(record, self.vault))
+        timings["ready"] = round(time.monotonic() - phase, 3)
+        phase = time.monotonic()
+        self._setup_tenant(record)
+        timings["setup"] = round(time.monotonic() - phase, 3)
         timings["total"] = round(time.monotonic() - started, 3)
         self._transition(
             database_id,
-            (Status.PROVISIONING,),
+            {Status.PROVISIONING},
             status=Status.READY,
             ready_at=record.ready_at or utcnow(),
             phase_timings=timings,
             last_error=None,
+            attempts=0,
+            next_attempt_at=None,
+            retrying_since=None,
         )
         log.info(
-            "database %s: ready on port %s (container %s, %.2f s)",
-            database_id, record.host_port, container_id[:12], timings["total"],
+            "database %s: ready on port %s (%.2f s)", database_id, record.host_port, timings["total"]
         )
 
-    def _ensure_container(
-        self, record: Database, timings: dict[str, float]
-    ) -> tuple[Database, str]:
-        """Volume and container exist and the container runs.
-
-        Returns the container's id and the record as it now is: its port may
-        have moved.
-        """
-        labels = labels_for(self.settings.instance, record.id)
-        phase = time.monotonic()
-        if self._network_id is None:
-            self._network_id = self.runtime.ensure_network(self.settings.network, self._labels)
-        self.runtime.ensure_volume(volume_name(record.id), labels)
+    def _ensure_server(self, record: Database) -> Database:
+        """The server runs; returns the record as it now is (its port may have moved)."""
         for _ in range(_PORT_RETRIES):
-            info = self.runtime.get_container(container_name(record.id))
             try:
-                container_id = info.id if info else self.runtime.create_container(
-                    self._spec(record, labels)
-                )
-            except ContainerRuntimeError:
-                self._network_id = None  # see below: the network may be gone
-                raise
-            self._transition(
-                record.id,
-                (Status.PROVISIONING,),
-                container_id=container_id,
-                volume_name=volume_name(record.id),
-            )
-            timings["create"] = round(time.monotonic() - phase, 3)
-            phase = time.monotonic()
-            if info is not None and info.running:
-                timings["start"] = 0.0
-                return record, container_id
-            try:
-                self.runtime.start_container(container_id)
+                endpoint = self.runtime.ensure_server(self._spec(record))
             except PortInUse as exc:
                 # Something outside dbprov holds the port: move to another one.
-                log.warning("database %s: port %s taken (%s); moving", record.id, record.host_port, exc)
-                self.runtime.remove_container(container_id)
-                record = self._move_port(record)
-                phase = time.monotonic()
+                log.warning("database %s: port %s taken (%s); moving", record.id, record.host_port, exc.detail)
+                with self.store.transaction() as session:
+                    port = pick_port(session, self.settings.port_range)
+                record = self._transition(record.id, {Status.PROVISIONING}, host_port=port)
                 continue
-            except ContainerRuntimeError:
-                # The engine reports a network removed behind our back only
-                # here, at start: look the network up again, and make the
-                # container anew on the next attempt (its data is on the volume).
-                self._network_id = None
-                self.runtime.remove_container(container_id)
-                raise
-            timings["start"] = round(time.monotonic() - phase, 3)
-            return record, container_id
-        raise _NotReady(f"no usable host port after {_PORT_RETRIES} attempts")
+            return self._transition(record.id, {Status.PROVISIONING}, server_host=endpoint.host)
+        raise PortInUse(f"no usable host port after {_PORT_RETRIES} attempts")
 
-    def _spec(self, record: Database, labels: dict[str, str]) -> ContainerSpec:
-        return ContainerSpec(
-            name=container_name(record.id),
+    def _spec(self, record: Database) -> ServerSpec:
+        return ServerSpec(
+            database_id=record.id,
             image=record.image,
-            # The container's superuser is the service's; the tenant's role is
+            # The server's superuser is the service's; the tenant's role is
             # made once the server is up (see _setup_tenant).
             environment={
                 "POSTGRES_USER": record.admin_username,
@@ -309,47 +339,37 @@ class Reconciler:
                 # "postgres" one, renamed when the tenant's role is made.
                 "POSTGRES_DB": "postgres",
             },
-            command=["postgres", *self.settings.postgres_args],
-            host_ip=self.settings.bind_address,
-            host_port=record.host_port,
-            volume=volume_name(record.id),
-            labels=labels,
-            network=self._network_id,
+            port=record.host_port,
+            command=("postgres", *self.settings.postgres_args),
             memory_limit=self.settings.memory_limit,
             pids_limit=self.settings.pids_limit,
         )
 
-    def _setup_tenant(self, record: Database, container_id: str) -> None:
+    def _setup_tenant(self, record: Database) -> None:
         """The tenant's role, then the check that counts: ``SELECT 1`` as the tenant."""
         if record.tenant == POOL_TENANT:
             return  # a warm server gets its tenant's role when it is claimed
         try:
-            set_up_tenant(self._server_admin, record, self.vault, self.settings.effective_probe_host)
+            set_up_tenant(self._server_admin, record, self.vault)
         except psycopg.Error as exc:
-            raise _NotReady(
-                self._failure_text(container_id, "tenant role setup failed", _first_line(exc))
+            raise ServerFailed(
+                self._failure_text(record.id, "tenant role setup failed", _first_line(exc))
             ) from None
 
-    def _move_port(self, record: Database) -> Database:
-        with self.store.transaction() as session:
-            port = pick_port(session, self.settings.port_range)
-        self._transition(record.id, (Status.PROVISIONING,), host_port=port)
-        return self._load(record.id)
-
-    def _wait_ready(self, record: Database, container_id: str, login: Login) -> None:
+    def _wait_ready(self, record: Database, login: Login) -> None:
         """Poll until ``login`` works over the published port."""
         deadline = time.monotonic() + self.settings.ready_timeout
         last_error = "no attempt made"
         next_status_check = time.monotonic() + 1.0
         next_inspect = 0.0
         while True:
-            # The engine is asked less often than the server: each inspect
+            # The engine is asked less often than the server: each inspection
             # costs the engine CPU that the starting server would rather have.
             if time.monotonic() >= next_inspect:
-                info = self.runtime.get_container(container_id)
-                if info is None or info.crashed:
-                    state = info.describe() if info else "vanished"
-                    raise _NotReady(self._failure_text(container_id, f"container {state}", last_error))
+                info = self.runtime.inspect_server(record.id)
+                if info is None or info.state != RUNNING or info.restarts:
+                    state = info.reason if info else "vanished"
+                    raise ServerFailed(self._failure_text(record.id, f"server {state}", last_error))
                 next_inspect = time.monotonic() + 0.25
             try:
                 self._server_admin.check(login)
@@ -357,11 +377,10 @@ class Reconciler:
             except psycopg.Error as exc:
                 last_error = _first_line(exc)
             if time.monotonic() >= deadline:
-                raise _NotReady(
+                raise ServerFailed(
                     self._failure_text(
-                        container_id,
-                        f"not ready within {self.settings.ready_timeout:g} s "
-                        f"(container {info.describe()})",
+                        record.id,
+                        f"not ready within {self.settings.ready_timeout:g} s (server {info.reason})",
                         last_error,
                     )
                 )
@@ -377,89 +396,88 @@ class Reconciler:
             # its last step to every database's time to ready.
             time.sleep(_POLL_INTERVAL)
 
-    def _failure_text(self, container_id: str, what: str, last_error: str) -> str:
-        logs = self.runtime.container_logs(container_id, tail=30).rstrip()
-        return f"{what}; last connection error: {last_error}\ncontainer log (last lines):\n{logs}"
+    def _failure_text(self, database_id: str, what: str, last_error: str) -> str:
+        logs = self.runtime.server_logs(database_id, tail=30).rstrip()
+        return f"{what}; last connection error: {last_error}\nserver log (last lines):\n{logs}"
 
-    def _fail(self, record: Database, error: str) -> None:
+    def _fail(self, database_id: str, error: str) -> None:
         """Record the failure and leave nothing running or holding a port.
 
-        A database that was ready once keeps its volume: the data is the
-        tenant's, and DELETE is what discards it.
+        A database that was ready once keeps its data: it is the tenant's,
+        and DELETE is what discards it.
         """
-        self.runtime.remove_container(container_name(record.id))
-        keep_volume = record.ready_at is not None
-        if not keep_volume:
-            self.runtime.remove_volume(volume_name(record.id))
+        record = self._load(database_id)
+        try:
+            self.runtime.remove_server(database_id, keep_data=record.ready_at is not None)
+        except TransientError as exc:
+            # The orphan sweep removes it once the engine answers.
+            log.warning("database %s: server left for the sweep: %s", database_id, exc.detail)
         self._transition(
-            record.id,
-            (Status.PROVISIONING,),
+            database_id,
+            SETTLING,
             status=Status.FAILED,
             last_error=error,
             host_port=None,
-            container_id=None,
-            volume_name=volume_name(record.id) if keep_volume else None,
+            attempts=0,
+            next_attempt_at=None,
+            retrying_since=None,
         )
-        log.warning("database %s: failed: %s", record.id, error.splitlines()[0])
+        log.warning("database %s: failed: %s", database_id, error.splitlines()[0])
 
     # -- deletion -----------------------------------------------------------
 
     def _teardown(self, database_id: str) -> None:
-        self.runtime.remove_container(container_name(database_id))
-        self.runtime.remove_volume(volume_name(database_id))
+        self.runtime.remove_server(database_id)
         self._transition(
             database_id,
-            (Status.DELETING,),
+            {Status.DELETING},
             status=Status.DELETED,
             deleted_at=utcnow(),
             host_port=None,
-            container_id=None,
+            attempts=0,
+            next_attempt_at=None,
+            retrying_since=None,
         )
         log.info("database %s: deleted", database_id)
 
     # -- drift --------------------------------------------------------------
 
-    def _check_drift(self, record: Database, info: ContainerInfo | None) -> None:
-        if info is None:
-            log.warning("database %s: container vanished; recreating it on its volume", record.id)
+    def _check_drift(self, record: Database, info: ServerInfo | None) -> None:
+        if info is None or info.state == ABSENT:
+            log.warning("database %s: server vanished; making it anew on its data", record.id)
+            if self.records.transition(record.id, {Status.READY}, status=Status.PROVISIONING):
+                self._submit(record.id, self._provision)
+        elif info.state != RUNNING:
+            log.warning("database %s: server is %s; starting it", record.id, info.reason)
             try:
-                self._transition(record.id, (Status.READY,), status=Status.PROVISIONING)
-            except Superseded:
-                return
-            self._submit(record.id, self._provision)
-        elif info.state in ("exited", "dead", "created"):
-            log.warning("database %s: container %s is %s; starting it", record.id, info.id[:12], info.state)
-            try:
-                self.runtime.start_container(info.id)
+                self.runtime.start_server(record.id)
             except DbprovError as exc:
-                log.warning("database %s: could not start container: %s", record.id, exc)
+                log.warning("database %s: could not start its server: %s", record.id, exc.detail)
+        elif record.server_host is None:
+            # A record from before the column: ask the runtime once.
+            endpoint = self.runtime.endpoint(record.id)
+            if endpoint is not None:
+                self.records.transition(record.id, {Status.READY}, server_host=endpoint.host)
 
-    def _sweep_orphans(
-        self,
-        records: list[Database],
-        containers: dict[str | None, ContainerInfo],
-        volumes: dict,
-    ) -> None:
-        owners = {r.id for r in records if r.status in _OWNS_CONTAINER}
-        # A failed database that was ready once keeps its volume until DELETE.
-        volume_owners = owners | {r.id for r in records if r.volume_name}
+    def _sweep_orphans(self, records: list[Database], servers: dict[str, ServerInfo]) -> None:
+        owners = {r.id for r in records if r.status in OWNS_SERVER}
+        # A failed database that was ready once keeps its data until DELETE.
+        data_owners = owners | {r.id for r in records if r.status == Status.FAILED and r.ready_at}
         with self._lock:
             busy = set(self._inflight)
-        for database_id, info in containers.items():
-            if database_id not in owners and database_id not in busy:
-                log.warning("removing orphan container %s (%s)", info.name, info.id[:12])
-                self.runtime.remove_container(info.id)
-        for database_id, volume in volumes.items():
-            if database_id not in volume_owners and database_id not in busy:
-                log.warning("removing orphan volume %s", volume.name)
-                self.runtime.remove_volume(volume.name)
+        for database_id, info in servers.items():
+            if database_id in owners or database_id in busy:
+                continue
+            keep_data = database_id in data_owners
+            if keep_data and info.state == ABSENT:
+                continue
+            log.warning(
+                "removing orphan %s of database %s", "server" if keep_data else "server and data", database_id
+            )
+            self.runtime.remove_server(database_id, keep_data=keep_data)
 
 
 def _first_line(exc: Exception) -> str:
     # The rest of a libpq message repeats host and port.
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-class _NotReady(Exception):
-    """Provisioning gave up; the message says why, with the container's log."""

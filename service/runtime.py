@@ -1,13 +1,20 @@
-"""The container runtime as the rest of the service sees it: a small Protocol.
+"""The runtime seam: what the domain asks of any engine that runs database servers.
 
-``docker_runtime`` implements it against a Docker engine; the fast tests use a
-fake. Nothing outside ``docker_runtime`` imports ``docker``.
+It speaks of servers, their data and their endpoints, never of containers,
+networks or volumes: ``docker_runtime`` maps it onto one Docker engine, and a
+Swarm or Kubernetes runtime can map it onto a cluster. The fast tests use a
+fake with failure knobs (``tests/fakes.py``).
+
+Every method raises only ``DbprovError``s: ``TransientError`` when trying again
+later can help (the engine is unreachable, a host port is taken), a
+``PermanentError`` when it cannot (the image is missing, the engine refused
+the configuration).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 LABEL_MANAGED = "io.dbprov.managed"
 LABEL_DATABASE_ID = "io.dbprov.database-id"
@@ -30,92 +37,108 @@ def labels_for(instance: str, database_id: str) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class ContainerSpec:
-    """What a tenant database's container is made of."""
+class ServerSpec:
+    """What a database server is made of."""
 
-    name: str
+    database_id: str
     image: str
-    environment: dict[str, str]
-    host_ip: str
-    host_port: int
-    volume: str
-    labels: dict[str, str] = field(default_factory=dict)
+    # The image's environment: for postgres images, the superuser's name and password.
+    environment: dict[str, str] = field(repr=False)
+    # The host port clients reach it on.
+    port: int
     # The image's command; for postgres images, "postgres" and its -c options.
-    command: list[str] | None = None
-    # Id of the network to attach to (ensure_network's answer).
-    network: str | None = None
+    command: tuple[str, ...] = ("postgres",)
     memory_limit: str | None = None
     pids_limit: int | None = None
 
 
 @dataclass(frozen=True)
-class ContainerInfo:
-    id: str
-    name: str
-    # Docker's state: created, running, restarting, paused, exited, dead.
-    state: str
-    exit_code: int | None = None
-    # How often the restart policy restarted it: a postgres container that
-    # initialises normally is never restarted, so any restart means a crash.
-    restart_count: int = 0
-    labels: dict[str, str] = field(default_factory=dict)
+class Endpoint:
+    """Where the service itself reaches a server."""
 
-    @property
-    def database_id(self) -> str | None:
-        return self.labels.get(LABEL_DATABASE_ID)
+    host: str
+    port: int
 
-    @property
-    def running(self) -> bool:
-        return self.state in ("running", "restarting")
 
-    @property
-    def crashed(self) -> bool:
-        return self.state in ("exited", "dead") or self.restart_count > 0
-
-    def describe(self) -> str:
-        text = self.state
-        if self.exit_code and (self.state in ("exited", "dead") or self.restart_count):
-            text += f" (exit code {self.exit_code})"
-        if self.restart_count:
-            text += f" after {self.restart_count} restart(s)"
-        return text
+# A server's states as the domain needs them.
+RUNNING = "running"  # up (ready or still starting)
+STOPPED = "stopped"  # stopped on purpose, or never started; its data is kept
+CRASHED = "crashed"  # exited on its own, or restarted by the engine after a crash
+ABSENT = "absent"    # only its data is left
 
 
 @dataclass(frozen=True)
-class VolumeInfo:
-    name: str
-    labels: dict[str, str] = field(default_factory=dict)
+class ServerInfo:
+    database_id: str
+    state: str
+    # Whether its data (the volume) exists.
+    has_data: bool = True
+    # What the engine says, for people: "exited (exit code 1) after 2 restart(s)".
+    reason: str = ""
+    # How often the engine restarted it: a postgres server that initialises
+    # normally never is, so during provisioning any restart means a crash.
+    restarts: int = 0
 
     @property
-    def database_id(self) -> str | None:
-        return self.labels.get(LABEL_DATABASE_ID)
+    def running(self) -> bool:
+        return self.state == RUNNING
 
 
-class ContainerRuntime(Protocol):
-    """The operations the reconciler needs; each raises only ``DbprovError``s.
+@dataclass(frozen=True)
+class JobResult:
+    exit_code: int
+    output: str
 
-    Removals treat "already gone" as success, so every step can be repeated.
+
+class ServerRuntime(Protocol):
+    """The operations the domain needs of an engine; each step can be repeated.
+
+    Removals treat "already gone" as success.
     """
 
-    def ping(self) -> None: ...
+    def ping(self) -> None:
+        """Raise ``RuntimeUnavailable`` unless the engine answers."""
 
-    def ensure_volume(self, name: str, labels: dict[str, str]) -> None: ...
+    def has_image(self, image: str) -> bool: ...
 
-    def ensure_network(self, name: str, labels: dict[str, str]) -> str:
-        """A bridge network whose containers cannot reach each other; returns its id."""
+    def pull_image(self, image: str, progress: Callable[[str], None] | None = None) -> None:
+        """Pull ``image``, telling ``progress`` what happens; ``ImageMissing`` if it cannot."""
 
-    def create_container(self, spec: ContainerSpec) -> str: ...
+    def ensure_server(self, spec: ServerSpec) -> Endpoint:
+        """The server exists with its data and runs; returns where it answers.
 
-    def get_container(self, name_or_id: str) -> ContainerInfo | None: ...
+        ``PortInUse`` when something else holds ``spec.port`` (nothing is left
+        behind: pick another port and call again).
+        """
 
-    def start_container(self, container_id: str) -> None: ...
+    def stop_server(self, database_id: str) -> None:
+        """Stop it, keeping its data and its port."""
 
-    def container_logs(self, container_id: str, tail: int = 30) -> str: ...
+    def start_server(self, database_id: str) -> None:
+        """Start a stopped server on its data."""
 
-    def remove_container(self, name_or_id: str) -> None: ...
+    def remove_server(self, database_id: str, keep_data: bool = False) -> None:
+        """Remove the server and, unless ``keep_data``, its data."""
 
-    def remove_volume(self, name: str) -> None: ...
+    def inspect_server(self, database_id: str) -> ServerInfo | None:
+        """Its state, or None if neither it nor its data exists."""
 
-    def list_containers(self, labels: dict[str, str]) -> list[ContainerInfo]: ...
+    def list_servers(self) -> list[ServerInfo]:
+        """Every server of this installation that has a process or data."""
 
-    def list_volumes(self, labels: dict[str, str]) -> list[VolumeInfo]: ...
+    def server_logs(self, database_id: str, tail: int = 30) -> str:
+        """The last lines of its log, or a note that there is none."""
+
+    def run_job(
+        self, database_id: str, command: list[str], timeout: float = 300.0
+    ) -> JobResult:
+        """Run ``command`` once in a new process from the server's image, with the
+        server's data mounted where the server has it, on the server's network."""
+
+    def copy_data(self, source_id: str, target_id: str) -> None:
+        """Make ``target_id``'s data a copy of ``source_id``'s (stop the source first
+        for a consistent copy). The target has no server yet; ``ensure_server``
+        then starts one on the copy."""
+
+    def endpoint(self, database_id: str) -> Endpoint | None:
+        """Where the server answers now, or None if it publishes no port."""

@@ -1,42 +1,46 @@
-"""An in-memory ContainerRuntime and readiness probe for the fast tests."""
+"""An in-memory ServerRuntime and server admin for the fast tests, with failure knobs."""
 
 from __future__ import annotations
 
-import itertools
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import psycopg
 
-from service.errors import ContainerRuntimeError, PortInUse, RuntimeUnavailable
+from service.errors import ImageMissing, NotFound, PortInUse, RuntimeUnavailable
 from service.postgres import Login
-from service.runtime import ContainerInfo, ContainerSpec, VolumeInfo
+from service.runtime import ABSENT, CRASHED, RUNNING, STOPPED, Endpoint, JobResult, ServerInfo, ServerSpec
 
 
 @dataclass
-class FakeContainer:
-    spec: ContainerSpec
-    info: ContainerInfo
+class FakeServer:
+    spec: ServerSpec
+    state: str = STOPPED
+    reason: str = "created"
+    # Bumped each time the server is made anew, so tests can tell.
+    generation: int = 0
     logs: str = ""
 
 
 @dataclass
 class FakeRuntime:
-    """Containers and volumes as dicts; knobs to make the engine misbehave."""
+    """Servers and their data as dicts; knobs to make the engine misbehave."""
 
-    containers: dict[str, FakeContainer] = field(default_factory=dict)
-    volumes: dict[str, VolumeInfo] = field(default_factory=dict)
-    networks: set[str] = field(default_factory=set)
-    # Host ports something outside dbprov holds: starting a container on one fails.
+    servers: dict[str, FakeServer] = field(default_factory=dict)
+    # Ids whose data exists; value: what the data holds (copy_data copies it).
+    data: dict[str, str] = field(default_factory=dict)
+    # Host ports something outside dbprov holds: starting a server on one fails.
     foreign_ports: set[int] = field(default_factory=set)
-    # Images whose containers exit at once, with this log.
+    # Images whose servers exit at once, with this log.
     crashing_images: dict[str, str] = field(default_factory=dict)
+    # Images the engine lacks and cannot pull.
+    missing_images: set[str] = field(default_factory=set)
     reachable: bool = True
     calls: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self._made = 0
 
     def _check(self, call: str) -> None:
         self.calls.append(call)
@@ -46,84 +50,102 @@ class FakeRuntime:
     def ping(self) -> None:
         self._check("ping")
 
-    def ensure_volume(self, name: str, labels: dict[str, str]) -> None:
-        self._check("ensure_volume")
+    def has_image(self, image: str) -> bool:
+        self._check("has_image")
+        return image not in self.missing_images
+
+    def pull_image(self, image: str, progress=None) -> None:
+        self._check("pull_image")
+        if image in self.missing_images:
+            raise ImageMissing(f"cannot pull {image}: no registry answers", image=image)
+        if progress is not None:
+            progress(f"{image}: up to date")
+
+    def ensure_server(self, spec: ServerSpec) -> Endpoint:
+        self._check("ensure_server")
+        if spec.image in self.missing_images:
+            self.pull_image(spec.image)  # which fails, as the engine's would
         with self._lock:
-            self.volumes.setdefault(name, VolumeInfo(name=name, labels=dict(labels)))
+            self.data.setdefault(spec.database_id, "")
+            server = self.servers.get(spec.database_id)
+            if server is None:
+                self._made += 1
+                server = self.servers[spec.database_id] = FakeServer(spec, generation=self._made)
+                self.calls.append("create")
+        if server.state == RUNNING:
+            return Endpoint("127.0.0.1", server.spec.port)
+        if spec.port in self.foreign_ports:
+            self.servers.pop(spec.database_id, None)
+            raise PortInUse(f"Bind for 127.0.0.1:{spec.port} failed: port is already allocated")
+        self._start(server)
+        return Endpoint("127.0.0.1", spec.port)
 
-    def ensure_network(self, name: str, labels: dict[str, str]) -> str:
-        self._check("ensure_network")
-        self.networks.add(name)
-        return f"net-{name}"
-
-    def create_container(self, spec: ContainerSpec) -> str:
-        self._check("create_container")
-        with self._lock:
-            if spec.name in self.containers:
-                raise AssertionError(f"duplicate container name {spec.name}")
-            cid = f"{next(self._ids):064x}"
-            self.containers[spec.name] = FakeContainer(
-                spec, ContainerInfo(id=cid, name=spec.name, state="created", labels=spec.labels)
-            )
-        return cid
-
-    def _find(self, name_or_id: str) -> FakeContainer | None:
-        for container in self.containers.values():
-            if name_or_id in (container.info.id, container.info.name):
-                return container
-        return None
-
-    def get_container(self, name_or_id: str) -> ContainerInfo | None:
-        self._check("get_container")
-        container = self._find(name_or_id)
-        return container.info if container else None
-
-    def start_container(self, container_id: str) -> None:
-        self._check("start_container")
-        container = self._find(container_id)
-        assert container is not None, container_id
-        if container.spec.network is not None and container.spec.network.removeprefix("net-") not in self.networks:
-            raise ContainerRuntimeError(f"Docker engine refused: network {container.spec.network} not found")
-        if container.spec.host_port in self.foreign_ports:
-            raise PortInUse("Bind for 127.0.0.1:%d failed: port is already allocated" % container.spec.host_port)
-        if container.spec.image in self.crashing_images:
-            container.logs = self.crashing_images[container.spec.image]
-            container.info = replace(container.info, state="exited", exit_code=1)
+    def _start(self, server: FakeServer) -> None:
+        self.calls.append("start")
+        if server.spec.image in self.crashing_images:
+            server.logs = self.crashing_images[server.spec.image]
+            server.state, server.reason = CRASHED, "exited (exit code 1)"
         else:
-            container.info = replace(container.info, state="running", exit_code=0)
+            server.state, server.reason = RUNNING, "running"
 
-    def container_logs(self, container_id: str, tail: int = 30) -> str:
-        container = self._find(container_id)
-        return container.logs if container else ""
+    def stop_server(self, database_id: str) -> None:
+        self._check("stop_server")
+        server = self.servers.get(database_id)
+        if server is not None:
+            server.state, server.reason = STOPPED, "exited"
 
-    def remove_container(self, name_or_id: str) -> None:
-        self._check("remove_container")
-        container = self._find(name_or_id)
-        if container is not None:
-            with self._lock:
-                self.containers.pop(container.info.name, None)
+    def start_server(self, database_id: str) -> None:
+        self._check("start_server")
+        server = self.servers.get(database_id)
+        if server is None:
+            raise NotFound(f"database {database_id} has no server to start")
+        self._start(server)
 
-    def remove_volume(self, name: str) -> None:
-        self._check("remove_volume")
+    def remove_server(self, database_id: str, keep_data: bool = False) -> None:
+        self._check("remove_server")
         with self._lock:
-            self.volumes.pop(name, None)
+            self.servers.pop(database_id, None)
+            if not keep_data:
+                self.data.pop(database_id, None)
 
-    def list_containers(self, labels: dict[str, str]) -> list[ContainerInfo]:
-        self._check("list_containers")
-        return [
-            c.info for c in list(self.containers.values())
-            if labels.items() <= c.info.labels.items()
-        ]
+    def inspect_server(self, database_id: str) -> ServerInfo | None:
+        self._check("inspect_server")
+        server = self.servers.get(database_id)
+        has_data = database_id in self.data
+        if server is None:
+            return ServerInfo(database_id, ABSENT, True, "no container") if has_data else None
+        return ServerInfo(database_id, server.state, has_data, server.reason)
 
-    def list_volumes(self, labels: dict[str, str]) -> list[VolumeInfo]:
-        self._check("list_volumes")
-        return [v for v in list(self.volumes.values()) if labels.items() <= v.labels.items()]
+    def list_servers(self) -> list[ServerInfo]:
+        self._check("list_servers")
+        ids = set(self.servers) | set(self.data)
+        return [info for info in map(self.inspect_server, sorted(ids)) if info is not None]
+
+    def server_logs(self, database_id: str, tail: int = 30) -> str:
+        server = self.servers.get(database_id)
+        return server.logs if server else "(no server)"
+
+    def run_job(self, database_id: str, command: list[str], timeout: float = 300.0) -> JobResult:
+        self._check("run_job")
+        if database_id not in self.servers:
+            raise NotFound(f"database {database_id} has no server")
+        return JobResult(0, " ".join(command))
+
+    def copy_data(self, source_id: str, target_id: str) -> None:
+        self._check("copy_data")
+        if source_id not in self.servers:
+            raise NotFound(f"database {source_id} has no server")
+        self.data[target_id] = self.data.get(source_id, "")
+
+    def endpoint(self, database_id: str) -> Endpoint | None:
+        self._check("endpoint")
+        server = self.servers.get(database_id)
+        return Endpoint("127.0.0.1", server.spec.port) if server else None
 
     # -- helpers for tests ----------------------------------------------
 
-    def set_state(self, name: str, state: str) -> None:
-        container = self.containers[name]
-        container.info = replace(container.info, state=state)
+    def set_state(self, database_id: str, state: str) -> None:
+        self.servers[database_id].state = state
 
 
 @dataclass
@@ -131,16 +153,16 @@ class FakePostgres:
     """The SQL side of the fake: roles and passwords of the fake runtime's servers."""
 
     runtime: FakeRuntime
-    # port -> {role: password}, beside each container's own superuser.
+    # port -> {role: password}, beside each server's own superuser.
     roles: dict[int, dict[str, str]] = field(default_factory=dict)
     superusers: dict[int, set[str]] = field(default_factory=dict)
     # Servers that never finish starting.
     starting_up: bool = False
 
     def _server(self, port: int) -> dict[str, str]:
-        for container in list(self.runtime.containers.values()):
-            if container.spec.host_port == port and container.info.state == "running":
-                env = container.spec.environment
+        for server in list(self.runtime.servers.values()):
+            if server.spec.port == port and server.state == RUNNING:
+                env = server.spec.environment
                 known = {env["POSTGRES_USER"]: env["POSTGRES_PASSWORD"]}
                 return {**known, **self.roles.get(port, {})}
         raise psycopg.OperationalError("connection refused")

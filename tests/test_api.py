@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 from sqlalchemy import event
 
@@ -37,10 +40,10 @@ def test_create_waits_until_ready_and_returns_credentials(client, running, runti
     assert body["connection_uri"] == (
         f"postgresql://app:{body['password']}@localhost:{body['port']}/app"
     )
-    assert set(body["phase_timings"]) == {"create", "start", "ready", "setup", "total"}
-    spec = runtime.containers[f"dbprov-{body['id']}"].spec
-    assert spec.host_port == body["port"] and spec.host_ip == "127.0.0.1"
-    # The container's superuser is the service's own; the tenant got a role with its password.
+    assert set(body["phase_timings"]) == {"server", "ready", "setup", "total"}
+    spec = runtime.servers[body["id"]].spec
+    assert spec.port == body["port"]
+    # The server's superuser is the service's own; the tenant got a role with its password.
     assert spec.environment["POSTGRES_USER"] == "dbprov_admin"
     assert spec.environment["POSTGRES_PASSWORD"] != body["password"]
     assert services.server_admin.roles[body["port"]]["app"] == body["password"]
@@ -120,7 +123,7 @@ def test_delete_is_accepted_and_repeatable(client, running):
     for _ in range(50):
         if client.get(f"/databases/{created['id']}").get_json()["status"] == "deleted":
             break
-        running._changed.wait(0.1)
+        running.records.changed.wait(0.1)
     again = client.delete(f"/databases/{created['id']}")
     assert again.status_code == 202
     assert again.get_json()["status"] == "deleted"
@@ -232,6 +235,41 @@ def test_readyz_names_the_unreachable_part(client, runtime):
     assert "unreachable" in body["checks"]["docker"]
     assert "docker" in body["detail"]
     assert client.get("/healthz").get_json() == {"status": "ok"}
+
+
+def test_readyz_lists_each_versions_image(client, runtime):
+    assert client.get("/readyz").get_json()["images"] == {"15": "available", "17": "available"}
+    runtime.missing_images.add("postgres:15")
+    body = client.get("/readyz").get_json()
+    assert body["status"] == "degraded"
+    # The first look starts a pull, which the fake refuses at once.
+    assert body["images"]["15"] in ("pulling", "missing: cannot pull postgres:15: no registry answers")
+
+
+def test_a_version_whose_image_is_missing_is_refused_at_once(client, services, runtime):
+    runtime.missing_images.add("postgres:15")
+    deadline = time.monotonic() + 5
+    while services.images.check()["15"] == "pulling" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    response = client.post("/databases", json={"version": "15"})
+    body = assert_problem(response, 422, "image-missing")
+    assert body["image"] == "postgres:15" and body["version"] == "15"
+    assert "postgres:15" in body["detail"] and "dbprov images pull" in body["detail"]
+    assert "Available: 17" in body["detail"]
+    # No record, no port.
+    assert count_records(services) == 0
+    assert client.post("/databases", json={"version": "17"}, headers={"Prefer": "respond-async"}).status_code == 202
+
+
+def test_a_version_being_pulled_answers_503_with_retry_after(client, services, runtime, monkeypatch):
+    runtime.missing_images.add("postgres:15")
+    release = threading.Event()
+    monkeypatch.setattr(runtime, "pull_image", lambda image, progress=None: release.wait(10))
+    response = client.post("/databases", json={"version": "15"})
+    assert_problem(response, 503, "image-pulling")
+    assert int(response.headers["Retry-After"]) > 0
+    assert count_records(services) == 0
+    release.set()
 
 
 def test_metadata_outage_is_a_503_problem(client, services):

@@ -46,7 +46,7 @@ def test_the_reconciler_keeps_the_pool_stocked_and_invisible(pooled, runtime):
     reconciler.run_once(wait=True)
     warm = members(services, Status.READY)
     assert len(warm) == 2 and {m.version for m in warm} == {"17"}
-    assert len(runtime.containers) == 2
+    assert len(runtime.servers) == 2
     # Warm servers have only the service's superuser: no tenant role yet.
     assert all("app" not in services.server_admin.roles.get(m.host_port, {}) for m in warm)
     assert services.databases.list(LOCAL_ADMIN).total == 0
@@ -69,7 +69,7 @@ def test_a_create_claims_a_warm_server_and_the_pool_refills(pooled, runtime):
     reconciler.run_once(wait=True)
     assert len(members(services, Status.READY)) == 2
     assert created.id not in {m.id for m in members(services)}
-    assert len(runtime.containers) == 3
+    assert len(runtime.servers) == 3
 
 
 def test_a_claimed_server_never_returns_to_the_pool(pooled, runtime):
@@ -79,7 +79,7 @@ def test_a_claimed_server_never_returns_to_the_pool(pooled, runtime):
     services.databases.delete(LOCAL_ADMIN, created.id)
     reconciler.run_once(wait=True)
     assert services.databases.get(LOCAL_ADMIN, created.id).status == Status.DELETED
-    assert f"dbprov-{created.id}" not in runtime.containers
+    assert created.id not in runtime.servers
     assert created.id not in {m.id for m in members(services)}
 
 
@@ -159,8 +159,8 @@ def test_an_overstocked_pool_is_trimmed_to_its_size(pooled, runtime):
     reconciler.run_once(wait=True)
     # As if a second worker had stocked at the same moment.
     for _ in range(2):
-        services.databases._record(POOL_TENANT, None, "17", False, services.vault.encrypt("x"))
+        services.databases.record(POOL_TENANT, None, "17", False, services.vault.encrypt("x"))
     reconciler.run_once(wait=True)
     reconciler.run_once(wait=True)
     assert len(members(services, Status.READY)) == 2
-    assert len(runtime.containers) == 2
+    assert len(runtime.servers) == 2

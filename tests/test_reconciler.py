@@ -1,10 +1,15 @@
-"""The reconciler's state machine on a fake runtime."""
+"""The reconciler's state machine and failure model on a fake runtime."""
 
 from __future__ import annotations
 
+import logging
+from datetime import timedelta
+
+from service.errors import EngineRefused
+from service.models import Database, Status, utcnow
+from service.reconciler import backoff
+from service.runtime import RUNNING, ServerSpec
 from service.tenancy import LOCAL_ADMIN
-from service.models import Database, Status
-from service.runtime import ContainerSpec, labels_for
 
 
 def record(services, database_id: str) -> Database:
@@ -12,18 +17,24 @@ def record(services, database_id: str) -> Database:
         return session.get(Database, database_id)
 
 
+def due_now(services, database_id: str) -> None:
+    """Skip the backoff wait of a postponed record."""
+    services.records.transition(
+        database_id, set(Status), next_attempt_at=utcnow() - timedelta(seconds=1)
+    )
+
+
 def test_pending_becomes_ready_with_timings(services, reconciler, runtime):
     created = services.databases.create(LOCAL_ADMIN, "app-one", "15")
     reconciler.run_once(wait=True)
     ready = record(services, created.id)
     assert ready.status == Status.READY
-    assert ready.ready_at is not None and ready.last_error is None
-    assert set(ready.phase_timings) == {"create", "start", "ready", "setup", "total"}
-    assert ready.container_id == runtime.containers[f"dbprov-{created.id}"].info.id
-    assert ready.volume_name == f"dbprov-{created.id}-data"
-    spec = runtime.containers[f"dbprov-{created.id}"].spec
-    assert spec.image == "postgres:15" and spec.volume == ready.volume_name
-    assert spec.labels == labels_for("test", created.id)
+    assert ready.ready_at is not None and ready.last_error is None and ready.attempts == 0
+    assert set(ready.phase_timings) == {"server", "ready", "setup", "total"}
+    assert ready.server_host == "127.0.0.1"
+    spec = runtime.servers[created.id].spec
+    assert spec.image == "postgres:15" and spec.port == ready.host_port
+    assert spec.environment["POSTGRES_USER"] == "dbprov_admin"
 
 
 def test_a_pass_is_idempotent(services, reconciler, runtime):
@@ -31,31 +42,30 @@ def test_a_pass_is_idempotent(services, reconciler, runtime):
     reconciler.run_once(wait=True)
     runtime.calls.clear()
     reconciler.run_once(wait=True)
-    assert "create_container" not in runtime.calls and "start_container" not in runtime.calls
+    assert "create" not in runtime.calls and "start" not in runtime.calls
     assert record(services, created.id).status == Status.READY
 
 
 def test_provisioning_left_by_a_crash_is_finished(services, reconciler, runtime):
     created = services.databases.create(LOCAL_ADMIN)
-    # A previous process created the container and died before starting it.
-    reconciler._transition(created.id, (Status.PENDING,), status=Status.PROVISIONING)
-    runtime.ensure_volume(f"dbprov-{created.id}-data", labels_for("test", created.id))
-    runtime.create_container(reconciler._spec(created, labels_for("test", created.id)))
+    # A previous process made the server and died before it was ready.
+    services.records.transition(created.id, {Status.PENDING}, status=Status.PROVISIONING)
+    runtime.ensure_server(reconciler._spec(created))
     reconciler.run_once(wait=True)
     assert record(services, created.id).status == Status.READY
-    assert len(runtime.containers) == 1
+    assert list(runtime.servers) == [created.id]
 
 
-def test_container_that_exits_fails_with_its_log_and_leaves_nothing(services, reconciler, runtime):
+def test_server_that_exits_fails_at_once_with_its_log_and_leaves_nothing(services, reconciler, runtime):
     runtime.crashing_images["postgres:17"] = "initdb: error: invalid locale settings"
     created = services.databases.create(LOCAL_ADMIN)
     reconciler.run_once(wait=True)
     failed = record(services, created.id)
-    assert failed.status == Status.FAILED
-    assert "container exited (exit code 1)" in failed.last_error
+    assert failed.status == Status.FAILED and failed.attempts == 0
+    assert "server exited (exit code 1)" in failed.last_error
     assert "invalid locale settings" in failed.last_error
     assert failed.host_port is None
-    assert runtime.containers == {} and runtime.volumes == {}
+    assert runtime.servers == {} and runtime.data == {}
 
 
 def test_never_ready_fails_after_the_timeout(services, reconciler, runtime):
@@ -64,19 +74,19 @@ def test_never_ready_fails_after_the_timeout(services, reconciler, runtime):
     reconciler.run_once(wait=True)
     failed = record(services, created.id)
     assert failed.status == Status.FAILED
-    assert "not ready within 2 s (container running)" in failed.last_error
+    assert "not ready within 2 s (server running)" in failed.last_error
     assert "the database system is starting up" in failed.last_error
-    assert runtime.containers == {}
+    assert runtime.servers == {}
 
 
-def test_deleting_removes_container_and_volume_and_frees_the_port(services, reconciler, runtime):
+def test_deleting_removes_server_and_data_and_frees_the_port(services, reconciler, runtime):
     created = services.databases.create(LOCAL_ADMIN)
     reconciler.run_once(wait=True)
     services.databases.delete(LOCAL_ADMIN, created.id)
     reconciler.run_once(wait=True)
     gone = record(services, created.id)
     assert gone.status == Status.DELETED and gone.host_port is None and gone.deleted_at
-    assert runtime.containers == {} and runtime.volumes == {}
+    assert runtime.servers == {} and runtime.data == {}
 
 
 def test_delete_while_pending_never_starts_anything(services, reconciler, runtime):
@@ -84,65 +94,55 @@ def test_delete_while_pending_never_starts_anything(services, reconciler, runtim
     services.databases.delete(LOCAL_ADMIN, created.id)
     reconciler.run_once(wait=True)
     assert record(services, created.id).status == Status.DELETED
-    assert "create_container" not in runtime.calls
+    assert "create" not in runtime.calls
 
 
-def test_stopped_container_of_a_ready_database_is_started(services, reconciler, runtime):
+def test_stopped_server_of_a_ready_database_is_started(services, reconciler, runtime):
     created = services.databases.create(LOCAL_ADMIN)
     reconciler.run_once(wait=True)
-    runtime.set_state(f"dbprov-{created.id}", "exited")
+    runtime.stop_server(created.id)
     reconciler.run_once(wait=True)
-    assert runtime.containers[f"dbprov-{created.id}"].info.state == "running"
+    assert runtime.servers[created.id].state == RUNNING
     assert record(services, created.id).status == Status.READY
 
 
-def test_vanished_container_is_recreated_on_its_volume(services, reconciler, runtime):
+def test_vanished_server_is_made_anew_on_its_data(services, reconciler, runtime):
     created = services.databases.create(LOCAL_ADMIN)
     reconciler.run_once(wait=True)
     first = record(services, created.id)
-    runtime.containers.clear()
+    generation = runtime.servers[created.id].generation
+    runtime.servers.clear()
     reconciler.run_once(wait=True)
     repaired = record(services, created.id)
     assert repaired.status == Status.READY
-    assert repaired.container_id != first.container_id
+    assert runtime.servers[created.id].generation > generation
     assert repaired.ready_at == first.ready_at and repaired.host_port == first.host_port
-    assert list(runtime.volumes) == [f"dbprov-{created.id}-data"]
+    assert list(runtime.data) == [created.id]
 
 
-def test_failed_repair_keeps_the_volume(services, reconciler, runtime):
+def test_failed_repair_keeps_the_data(services, reconciler, runtime):
     created = services.databases.create(LOCAL_ADMIN)
     reconciler.run_once(wait=True)
-    runtime.containers.clear()
+    runtime.servers.clear()
     runtime.crashing_images["postgres:17"] = "PANIC: could not locate a valid checkpoint record"
     reconciler.run_once(wait=True)
     failed = record(services, created.id)
     assert failed.status == Status.FAILED and "checkpoint" in failed.last_error
-    assert list(runtime.volumes) == [f"dbprov-{created.id}-data"]
+    assert list(runtime.data) == [created.id] and runtime.servers == {}
     reconciler.run_once(wait=True)  # the sweep keeps it too
-    assert list(runtime.volumes) == [f"dbprov-{created.id}-data"]
+    assert list(runtime.data) == [created.id]
     services.databases.delete(LOCAL_ADMIN, created.id)
     reconciler.run_once(wait=True)
-    assert runtime.volumes == {}
+    assert runtime.data == {}
 
 
-def test_orphans_of_this_instance_are_removed_and_others_kept(services, reconciler, runtime):
+def test_orphans_are_removed(services, reconciler, runtime):
     created = services.databases.create(LOCAL_ADMIN)
     reconciler.run_once(wait=True)
-    for instance, database_id in (("test", "0123456789ab"), ("elsewhere", "ba9876543210")):
-        labels = labels_for(instance, database_id)
-        runtime.ensure_volume(f"dbprov-{database_id}-data", labels)
-        runtime.create_container(
-            ContainerSpec(
-                name=f"dbprov-{database_id}", image="postgres:17", environment={},
-                host_ip="127.0.0.1", host_port=1, volume=f"dbprov-{database_id}-data",
-                labels=labels,
-            )
-        )
+    runtime.ensure_server(ServerSpec("0123456789ab", "postgres:17", {}, port=1))
+    runtime.data["ba9876543210"] = "left by a crash"
     reconciler.run_once(wait=True)
-    assert sorted(runtime.containers) == sorted([f"dbprov-{created.id}", "dbprov-ba9876543210"])
-    assert sorted(runtime.volumes) == sorted(
-        [f"dbprov-{created.id}-data", "dbprov-ba9876543210-data"]
-    )
+    assert list(runtime.servers) == [created.id] and list(runtime.data) == [created.id]
 
 
 def test_port_taken_by_another_program_moves_the_database(services, reconciler, runtime):
@@ -152,29 +152,91 @@ def test_port_taken_by_another_program_moves_the_database(services, reconciler, 
     ready = record(services, created.id)
     assert ready.status == Status.READY
     assert ready.host_port != created.host_port
-    assert len(runtime.containers) == 1
+    assert list(runtime.servers) == [created.id]
 
 
-def test_engine_outage_postpones_without_failing(services, reconciler, runtime):
+def test_engine_outage_is_retried_with_backoff_kept_on_the_record(services, reconciler, runtime, caplog):
     created = services.databases.create(LOCAL_ADMIN)
     runtime.reachable = False
-    reconciler._submit(created.id, reconciler._provision)
-    reconciler.wait_idle()
-    assert record(services, created.id).status in (Status.PENDING, Status.PROVISIONING)
+    with caplog.at_level(logging.WARNING):
+        reconciler.run_once(wait=True)
+    postponed = record(services, created.id)
+    assert postponed.status in (Status.PENDING, Status.PROVISIONING)
+    assert postponed.attempts == 1 and postponed.retrying_since is not None
+    assert postponed.next_attempt_at > utcnow()
+    assert "Docker engine unreachable" in postponed.last_error and "attempt 1" in postponed.last_error
+    # Expected failures are one line each, never a traceback.
+    assert not any(r.exc_info for r in caplog.records)
+    # Not due yet: a pass leaves it alone.
+    reconciler.run_once(wait=True)
+    assert record(services, created.id).attempts == 1
+    runtime.reachable = True
+    due_now(services, created.id)
+    reconciler.run_once(wait=True)
+    ready = record(services, created.id)
+    assert ready.status == Status.READY
+    assert ready.attempts == 0 and ready.next_attempt_at is None and ready.last_error is None
+
+
+def test_a_transient_error_past_its_budget_fails_saying_what_was_tried(services, reconciler, runtime):
+    created = services.databases.create(LOCAL_ADMIN)
+    runtime.reachable = False
+    reconciler.run_once(wait=True)
+    # As if the engine had been down for longer than DBPROV_RETRY_BUDGET (600 s).
+    services.records.transition(
+        created.id, set(Status), retrying_since=utcnow() - timedelta(seconds=601)
+    )
+    due_now(services, created.id)
+    reconciler.run_once(wait=True)
+    failed = record(services, created.id)
+    assert failed.status == Status.FAILED and failed.host_port is None
+    assert failed.last_error.startswith("gave up after 2 attempts over 601 s")
+    assert "Docker engine unreachable" in failed.last_error
+    # The engine comes back: the sweep removes what the failure could not.
     runtime.reachable = True
     reconciler.run_once(wait=True)
-    assert record(services, created.id).status == Status.READY
+    assert runtime.servers == {} and runtime.data == {}
 
 
-def test_network_removed_behind_the_services_back_is_made_again(services, reconciler, runtime):
-    first = services.databases.create(LOCAL_ADMIN)
+def test_a_refused_configuration_fails_on_the_first_attempt(services, reconciler, runtime, monkeypatch):
+    def refuse(spec):
+        raise EngineRefused("Docker engine refused: invalid mount config")
+
+    monkeypatch.setattr(runtime, "ensure_server", refuse)
+    created = services.databases.create(LOCAL_ADMIN)
     reconciler.run_once(wait=True)
-    runtime.networks.clear()
-    second = services.databases.create(LOCAL_ADMIN)
-    reconciler.run_once(wait=True)  # start fails: the cached network is gone
-    assert record(services, second.id).status == Status.PROVISIONING
-    assert f"dbprov-{second.id}" not in runtime.containers
+    failed = record(services, created.id)
+    assert failed.status == Status.FAILED and failed.attempts == 0
+    assert failed.last_error == "Docker engine refused: invalid mount config"
+
+
+def test_an_image_that_vanished_fails_the_database_at_once(services, reconciler, runtime):
+    created = services.databases.create(LOCAL_ADMIN)
+    runtime.missing_images.add("postgres:17")
     reconciler.run_once(wait=True)
-    assert record(services, second.id).status == Status.READY
-    assert runtime.networks == {"dbprov-test"}
-    assert record(services, first.id).status == Status.READY
+    failed = record(services, created.id)
+    assert failed.status == Status.FAILED
+    assert "cannot pull postgres:17" in failed.last_error
+    assert runtime.servers == {} and runtime.data == {}
+
+
+def test_deletion_during_an_outage_is_retried_until_it_is_done(services, reconciler, runtime):
+    created = services.databases.create(LOCAL_ADMIN)
+    reconciler.run_once(wait=True)
+    services.databases.delete(LOCAL_ADMIN, created.id)
+    runtime.reachable = False
+    reconciler.run_once(wait=True)
+    assert record(services, created.id).status == Status.DELETING
+    assert record(services, created.id).attempts == 1
+    runtime.reachable = True
+    due_now(services, created.id)
+    reconciler.run_once(wait=True)
+    assert record(services, created.id).status == Status.DELETED
+    assert runtime.servers == {} and runtime.data == {}
+
+
+def test_backoff_grows_to_its_cap_with_jitter():
+    assert 0.5 <= backoff(1) <= 1.0
+    assert 4.0 <= backoff(4) <= 8.0
+    assert 30.0 <= backoff(20) <= 60.0
+    assert len({backoff(3) for _ in range(20)}) > 1

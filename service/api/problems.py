@@ -8,11 +8,46 @@ from typing import Any
 from flask import Flask, Response, json
 from werkzeug.exceptions import HTTPException
 
+from .. import errors
 from ..errors import DbprovError
 
 log = logging.getLogger(__name__)
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
+
+# Every domain error as HTTP: status, the problem type's slug, and its title.
+# An error class not listed takes its nearest listed base class's row.
+PROBLEMS: dict[type[DbprovError], tuple[int, str, str]] = {
+    DbprovError: (500, "internal-error", "Internal error"),
+    errors.SettingsError: (500, "invalid-settings", "Invalid settings"),
+    errors.ValidationError: (422, "validation-error", "Request validation failed"),
+    errors.Unauthorized: (401, "unauthorized", "Authentication required"),
+    errors.Forbidden: (403, "forbidden", "Forbidden"),
+    errors.QuotaExceeded: (403, "quota-exceeded", "Database quota exceeded"),
+    errors.RateLimited: (429, "rate-limited", "Too many requests"),
+    errors.NotFound: (404, "not-found", "Not found"),
+    errors.Conflict: (409, "conflict", "Conflict"),
+    errors.ImageMissing: (422, "image-missing", "Image missing"),
+    errors.TransientError: (503, "unavailable", "Temporarily unavailable"),
+    errors.RuntimeUnavailable: (503, "docker-unavailable", "Docker engine unavailable"),
+    errors.MetadataUnavailable: (503, "metadata-unavailable", "Metadata store unavailable"),
+    errors.PortRangeExhausted: (503, "port-range-exhausted", "No free host port"),
+    errors.PortInUse: (503, "port-in-use", "Host port in use"),
+    errors.EngineError: (503, "docker-error", "Docker engine error"),
+    errors.ImagePulling: (503, "image-pulling", "Image being pulled"),
+    errors.PermanentError: (502, "runtime-refused", "Runtime refused"),
+    errors.EngineRefused: (502, "docker-refused", "Docker engine refused"),
+    errors.ServerFailed: (502, "server-failed", "Database server failed"),
+    errors.ProvisioningFailed: (502, "provisioning-failed", "Provisioning failed"),
+    errors.DatabaseServerError: (502, "database-server-error", "Database server error"),
+}
+
+
+def _row(error: DbprovError) -> tuple[int, str, str]:
+    for cls in type(error).__mro__:
+        if cls in PROBLEMS:
+            return PROBLEMS[cls]
+    raise AssertionError("DbprovError is in the table")
 
 
 def problem_type(slug: str) -> str:
@@ -41,10 +76,17 @@ def problem_response(
 
 
 def from_dbprov_error(error: DbprovError) -> Response:
-    return problem_response(
-        error.status, error.title, error.detail, slug=error.slug, headers=error.headers(),
-        **error.extensions,
-    )
+    status, slug, title = _row(error)
+    headers = {}
+    if error.retry_after:
+        headers["Retry-After"] = str(error.retry_after)
+    if isinstance(error, errors.Unauthorized):
+        # RFC 6750: no error code when the request carried no token at all.
+        challenge = 'Bearer realm="dbprov"'
+        if error.error:
+            challenge += f', error="{error.error}"'
+        headers["WWW-Authenticate"] = challenge
+    return problem_response(status, title, error.detail, slug=slug, headers=headers, **error.extensions)
 
 
 def from_http_exception(error: HTTPException) -> Response:

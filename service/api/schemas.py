@@ -6,7 +6,7 @@ import marshmallow as ma
 from marshmallow import fields, validate
 
 from ..models import Status
-from ..provisioning import NAME_PATTERN
+from ..databases import NAME_PATTERN
 
 STATUSES = [s.value for s in Status]
 
@@ -117,8 +117,19 @@ class QuotaSchema(ma.Schema):
 
 
 class HealthSchema(ma.Schema):
-    status = fields.String(required=True, metadata={"example": "ok"})
+    status = fields.String(
+        required=True,
+        metadata={"example": "ok", "description": "ok, or degraded when a version's image is missing"},
+    )
     checks = fields.Dict(keys=fields.String(), values=fields.String())
+    images = fields.Dict(
+        keys=fields.String(),
+        values=fields.String(),
+        metadata={
+            "description": "Each version's image: available, pulling, or missing: <why>",
+            "example": {"17": "available", "16": "missing: cannot pull postgres:16: ..."},
+        },
+    )
 
 
 class ProblemSchema(ma.Schema):
@@ -131,6 +142,8 @@ class ProblemSchema(ma.Schema):
     status = fields.Integer(required=True)
     detail = fields.String()
     database_id = fields.String(metadata={"description": "For provisioning-failed problems"})
+    image = fields.String(metadata={"description": "For image-missing problems"})
+    version = fields.String(metadata={"description": "For image-missing problems"})
     used = fields.Integer(metadata={"description": "For quota-exceeded problems"})
     limit = fields.Integer(metadata={"description": "For quota-exceeded problems"})
     errors = fields.Dict(

@@ -13,7 +13,7 @@ from werkzeug.exceptions import UnsupportedMediaType
 
 from ..errors import DbprovError, ProvisioningFailed
 from ..models import Database, Status
-from ..provisioning import Credentials
+from ..databases import Credentials
 from ..tenancy import LOCAL_ADMIN, Principal
 from .problems import problem_response
 from .schemas import (
@@ -166,12 +166,17 @@ class DatabaseCollection(MethodView):
     )
     @databases.alt_response(409, response="CONFLICT", description="The name is taken")
     @databases.alt_response(415, response="UNSUPPORTED_MEDIA_TYPE")
-    @databases.alt_response(422, response="UNPROCESSABLE_ENTITY")
-    @databases.alt_response(502, response="BAD_GATEWAY", description="The container never became ready")
+    @databases.alt_response(
+        422, response="UNPROCESSABLE_ENTITY",
+        description="Invalid body, or the version's image is missing and cannot be pulled "
+        "(type ...:image-missing, naming the image)",
+    )
+    @databases.alt_response(502, response="BAD_GATEWAY", description="The server never became ready")
     @databases.alt_response(
         503,
         response="SERVICE_UNAVAILABLE",
-        description="No free host port, or the Docker engine or metadata store is unreachable",
+        description="No free host port, the version's image is being pulled, or the Docker "
+        "engine or metadata store is unreachable; see Retry-After",
     )
     def post(self, body):
         """Create a database and, unless asked not to, wait until it accepts connections"""
@@ -265,7 +270,7 @@ class Readiness(MethodView):
     @health.response(200, HealthSchema)
     @health.alt_response(503, response="SERVICE_UNAVAILABLE", description="Names what is unreachable")
     def get(self):
-        """The metadata store and the Docker engine are both reachable"""
+        """The metadata store and the Docker engine are both reachable; each version's image"""
         services = _services()
         checks = {}
         for name, ping in (("metadata", services.store.ping), ("docker", services.runtime.ping)):
@@ -284,4 +289,8 @@ class Readiness(MethodView):
                 headers={"Retry-After": "5"},
                 checks=checks,
             )
-        return {"status": "ok", "checks": checks}
+        images = services.images.check()
+        # A missing image takes only its version out of service, not the API:
+        # "degraded" says so without failing a load balancer's check.
+        status = "ok" if all(state == "available" for state in images.values()) else "degraded"
+        return {"status": status, "checks": checks, "images": images}

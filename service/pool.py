@@ -1,0 +1,161 @@
+"""The warm pool: servers kept running per version (DBPROV_POOL_SIZE), so that
+a create is a claim instead of a cold start.
+
+Members are records of the reserved tenant ``_pool``: they hold ports and
+servers like any database while no tenant sees them. A claim hands one to a
+tenant with a fresh role and password; a claimed server never returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import psycopg
+from sqlalchemy import select
+
+from .coordination import Claims
+from .crypto import Vault
+from .databases import Databases, new_password
+from .errors import PortRangeExhausted
+from .models import SETTLING, Database, Status, utcnow
+from .postgres import ServerAdmin, set_up_tenant
+from .records import Records
+from .settings import Settings
+from .store import Store
+from .tenancy import POOL_TENANT, Principal
+
+log = logging.getLogger(__name__)
+
+
+class WarmPool:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        records: Records,
+        vault: Vault,
+        server_admin: ServerAdmin,
+        claims: Claims,
+        databases: Databases,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.records = records
+        self.vault = vault
+        self._server_admin = server_admin
+        self._claims = claims
+        self._databases = databases
+
+    def claim(
+        self, principal: Principal, name: str | None, version: str, superuser: bool, password: str
+    ) -> Database | None:
+        """A warm member made the tenant's: None when the pool is empty or the claim failed."""
+        if not self.settings.pool_sizes.get(version):
+            return None
+        started = time.monotonic()
+        with self.store.transaction() as session:
+            self._databases.tenants.reserve(session, principal.tenant)
+            if name is not None:
+                self._databases.ensure_name_free(session, principal.tenant, name)
+            query = (
+                select(Database.id)
+                .where(
+                    Database.tenant == POOL_TENANT,
+                    Database.status == Status.READY,
+                    Database.version == version,
+                )
+                .order_by(Database.created_at)
+                .limit(1)
+            )
+            if self.store.is_postgres:
+                # Parallel claims each take a different member instead of queueing.
+                query = query.with_for_update(skip_locked=True)
+            member_id = session.scalar(query)
+            if member_id is None:
+                return None
+            member = self.records.transition(
+                member_id,
+                {Status.READY},
+                session=session,
+                tenant=principal.tenant,
+                name=name,
+                superuser=superuser,
+                password=password,
+                status=Status.PROVISIONING,
+                created_at=utcnow(),
+                ready_at=None,
+                phase_timings={},
+            )
+        with self._claims.hold(member.id) as mine:
+            if not mine:
+                # A reconciler got to it first and finishes it the same way.
+                return member
+            try:
+                set_up_tenant(self._server_admin, member, self.vault)
+            except psycopg.Error as exc:
+                # Only the class: a server's message might echo a statement.
+                log.warning(
+                    "database %s: claim failed (%s); starting a cold one", member.id, type(exc).__name__
+                )
+                self._release(member)
+                return None
+        timings = {"claim": round(time.monotonic() - started, 3)}
+        member = self.records.transition(
+            member.id, {Status.PROVISIONING}, status=Status.READY, ready_at=utcnow(), phase_timings=timings
+        ) or member
+        log.info(
+            "database %s: warm server claimed for tenant %s (%.3f s)", member.id, member.tenant, timings["claim"]
+        )
+        return member
+
+    def _release(self, member: Database) -> None:
+        """A claim that failed: back to the pool's name, to be removed."""
+        self.records.transition(
+            member.id, {Status.PROVISIONING}, tenant=POOL_TENANT, name=None, status=Status.DELETING
+        )
+
+    def stock(self) -> int:
+        """Bring each version's pool to its size; returns how many members were added.
+
+        Workers stocking at the same moment may overshoot; the surplus is
+        trimmed on the next pass, so the pool settles at its size.
+        """
+        added = 0
+        for version, size in self.settings.pool_sizes.items():
+            with self.store.transaction() as session:
+                # Failed members are of no use to anyone: have them removed.
+                failed = session.scalars(
+                    select(Database.id).where(
+                        Database.tenant == POOL_TENANT, Database.status == Status.FAILED
+                    )
+                ).all()
+                stocked = list(
+                    session.scalars(
+                        select(Database.id)
+                        .where(
+                            Database.tenant == POOL_TENANT,
+                            Database.version == version,
+                            Database.status.in_(SETTLING | {Status.READY}),
+                        )
+                        .order_by(Database.created_at)
+                    )
+                )
+                for member_id in [*failed, *stocked[size:]]:
+                    self.records.transition(
+                        member_id, SETTLING | {Status.READY, Status.FAILED}, session=session,
+                        # Not one a create claimed meanwhile.
+                        only_if=Database.tenant == POOL_TENANT,
+                        status=Status.DELETING,
+                    )
+            if not self._databases.images.available(version):
+                continue  # never stock a version that cannot run
+            for _ in range(size - len(stocked)):
+                try:
+                    self._databases.record(
+                        POOL_TENANT, None, version, False, self.vault.encrypt(new_password())
+                    )
+                except PortRangeExhausted:
+                    return added  # tenants come first; the pool waits for free ports
+                added += 1
+        return added

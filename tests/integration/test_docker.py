@@ -185,7 +185,11 @@ def test_work_left_by_a_crash_is_finished_by_reconcile_once(service, docker_clie
 
 def test_readyz_reports_both_dependencies(service):
     body = service.request("GET", "/readyz").json()
-    assert body == {"status": "ok", "checks": {"docker": "ok", "metadata": "ok"}}
+    assert body == {
+        "status": "ok",
+        "checks": {"docker": "ok", "metadata": "ok"},
+        "images": {"15": "available", "17": "available"},
+    }
 
 
 def test_warm_pool_hands_out_a_running_server_at_once(docker_client, tmp_path):

@@ -50,10 +50,7 @@ class Services:
         )
         self.pool = None
         if self.settings.pool_sizes:
-            self.pool = WarmPool(
-                self.settings, self.store, self.records, self.vault, self.server_admin,
-                self.claims, self.databases,
-            )
+            self.pool = WarmPool(self.databases, self.claims)
             self.databases.pool = self.pool
 
     @classmethod

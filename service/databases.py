@@ -113,7 +113,7 @@ class Databases:
         self.records = records
         self.vault = vault
         self.tenants = tenants
-        self._server_admin = server_admin
+        self.server_admin = server_admin
         self.images = images
         # Set by the composition root when DBPROV_POOL_SIZE asks for warm servers.
         self.pool: WarmPool | None = None
@@ -263,7 +263,7 @@ class Databases:
             # Changed on the server inside the metadata transaction: if the
             # server refuses, the stored password stays the working one.
             try:
-                self._server_admin.set_password(
+                self.server_admin.set_password(
                     admin_login(record, self.vault), record.username, password
                 )
             except psycopg.Error as exc:

@@ -15,37 +15,26 @@ import psycopg
 from sqlalchemy import select
 
 from .coordination import Claims
-from .crypto import Vault
 from .databases import Databases, new_password
 from .errors import PortRangeExhausted
 from .models import SETTLING, Database, Status, utcnow
-from .postgres import ServerAdmin, set_up_tenant
-from .records import Records
-from .settings import Settings
-from .store import Store
+from .postgres import set_up_tenant
 from .tenancy import POOL_TENANT, Principal
 
 log = logging.getLogger(__name__)
 
 
 class WarmPool:
-    def __init__(
-        self,
-        settings: Settings,
-        store: Store,
-        records: Records,
-        vault: Vault,
-        server_admin: ServerAdmin,
-        claims: Claims,
-        databases: Databases,
-    ) -> None:
-        self.settings = settings
-        self.store = store
-        self.records = records
-        self.vault = vault
-        self._server_admin = server_admin
-        self._claims = claims
+    def __init__(self, databases: Databases, claims: Claims) -> None:
+        # A claim and a stocking are creates of a kind: the same settings,
+        # store, records, vault and server admin as the use cases'.
         self._databases = databases
+        self.settings = databases.settings
+        self.store = databases.store
+        self.records = databases.records
+        self.vault = databases.vault
+        self._server_admin = databases.server_admin
+        self._claims = claims
 
     def claim(
         self, principal: Principal, name: str | None, version: str, superuser: bool, password: str

@@ -46,7 +46,7 @@ class Services:
         self.claims = claims_for(self.store)
         self.databases = Databases(
             self.settings, self.store, self.records, self.vault, self.tenants,
-            self.server_admin, self.images,
+            self.server_admin, self.images, self.runtime,
         )
         self.pool = None
         if self.settings.pool_sizes:

@@ -1,7 +1,9 @@
-"""The API's use cases: record wanted databases, read, rotate and delete them.
+"""The API's use cases: record wanted databases, read, change, stop, start,
+rotate and delete them.
 
-This layer owns the records' state and every decision about it; it never talks
-to the engine. The reconciler makes the engine follow what is recorded here.
+This layer owns the records' state and every decision about it; it never
+changes the engine (it only reads a server's log). The reconciler makes the
+engine follow what is recorded here.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import logging
 import re
 import secrets
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import psycopg
@@ -29,10 +33,11 @@ from .errors import (
     ValidationError,
 )
 from .images import Images
-from .models import GOING, SETTLING, Database, Status
+from .models import GOING, LIVE, OWNS_SERVER, SETTLING, Database, Event, IdempotencyKey, Status, utcnow
 from .ports import pick_port
 from .postgres import ServerAdmin, admin_login
 from .records import Records
+from .runtime import ServerRuntime
 from .settings import Settings
 from .store import Store
 from .tenancy import POOL_TENANT, Principal, Tenants
@@ -54,9 +59,63 @@ ADMIN_USERNAME = "dbprov_admin"
 _PORT_ATTEMPTS = 20
 
 
+# Database-level settings a create may set (ALTER DATABASE ... SET): planner,
+# memory, timeout and locale settings whose effect stays inside the database.
+DATABASE_PARAMETERS = frozenset({
+    "work_mem", "maintenance_work_mem", "temp_buffers", "statement_timeout", "lock_timeout",
+    "idle_in_transaction_session_timeout", "idle_session_timeout", "search_path", "timezone",
+    "datestyle", "intervalstyle", "default_transaction_isolation", "default_transaction_read_only",
+    "random_page_cost", "seq_page_cost", "effective_cache_size", "effective_io_concurrency",
+    "default_statistics_target", "jit", "synchronous_commit", "log_min_duration_statement",
+})
+# The contrib extensions PostgreSQL marks trusted: a database owner may create them.
+TRUSTED_EXTENSIONS = frozenset({
+    "btree_gin", "btree_gist", "citext", "cube", "dict_int", "fuzzystrmatch", "hstore",
+    "intarray", "isn", "lo", "ltree", "pgcrypto", "pg_trgm", "plpgsql", "seg", "tablefunc",
+    "tcn", "tsm_system_rows", "tsm_system_time", "unaccent", "uuid-ossp",
+})
+# Statuses a DELETE, or a change of expiry or protection, still applies to.
+_CHANGEABLE = LIVE - {Status.DELETING}
+
+
 def new_password() -> str:
     # URL-safe, so the URI needs no escaping in any client.
     return secrets.token_urlsafe(24)
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What a create asks for, checked."""
+
+    version: str
+    name: str | None = None
+    superuser: bool = False
+    expires_at: datetime | None = None
+    protected: bool = False
+    plan: str = "default"
+    parameters: Mapping[str, str] = field(default_factory=dict)
+    extensions: tuple[str, ...] = ()
+
+    @property
+    def plain(self) -> bool:
+        """What a warm pool member is, or can be made into at its claim."""
+        return self.plan == "default"
+
+    def columns(self) -> dict[str, Any]:
+        """The record's columns this request decides."""
+        return {
+            "name": self.name, "superuser": self.superuser, "expires_at": self.expires_at,
+            "protected": self.protected, "plan": self.plan,
+            "parameters": dict(self.parameters), "extensions": list(self.extensions),
+        }
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """A create's Idempotency-Key and the hash of its body."""
+
+    key: str
+    request_hash: str
 
 
 @dataclass(frozen=True)
@@ -88,6 +147,10 @@ class Credentials:
         return f"Credentials({self.username}@{self.host}:{self.port}/{self.database})"
 
 
+def _invalid(field_name: str, detail: str, message: str) -> ValidationError:
+    return ValidationError(detail, errors={"json": {field_name: [message]}})
+
+
 def _check_id(database_id: str) -> None:
     # Anything else cannot exist; refusing it here keeps odd bytes (NUL, say)
     # away from the metadata store's driver.
@@ -107,6 +170,7 @@ class Databases:
         tenants: Tenants,
         server_admin: ServerAdmin,
         images: Images,
+        runtime: ServerRuntime,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -115,6 +179,7 @@ class Databases:
         self.tenants = tenants
         self.server_admin = server_admin
         self.images = images
+        self._runtime = runtime
         # Set by the composition root when DBPROV_POOL_SIZE asks for warm servers.
         self.pool: WarmPool | None = None
         # Re-read interval while waiting; raised when a change feed delivers nudges.
@@ -126,32 +191,109 @@ class Databases:
         name: str | None = None,
         version: str | None = None,
         superuser: bool = False,
+        *,
+        ttl: float | None = None,
+        expires_at: datetime | None = None,
+        protected: bool = False,
+        plan: str | None = None,
+        parameters: Mapping[str, str] | None = None,
+        extensions: list[str] | None = None,
+        idempotency: Idempotency | None = None,
     ) -> Database:
         """A warm pool member made the tenant's, or else a new record with its port
-        reserved, which the reconciler starts."""
+        reserved, which the reconciler starts. With ``idempotency``, a create
+        already made with the same key answers again instead."""
+        if idempotency is not None:
+            earlier = self._replay(principal, idempotency)
+            if earlier is not None:
+                return earlier
+        wanted = self._check(principal, name, version, superuser, ttl, expires_at, protected, plan,
+                             parameters or {}, extensions or [])
+        # Before anything is recorded: a version that cannot run holds no record and no port.
+        self.images.require(wanted.version)
+        password = self.vault.encrypt(new_password())
+        try:
+            if self.pool is not None and wanted.plain:
+                claimed = self.pool.claim(principal, wanted, password, idempotency)
+                if claimed is not None:
+                    return claimed
+            return self.record(principal.tenant, wanted, password, principal.actor, idempotency)
+        except sqlalchemy.exc.IntegrityError:
+            # Only the key can still collide here: a retry of the same create
+            # committed first. Answer as it did.
+            earlier = self._replay(principal, idempotency) if idempotency else None
+            if earlier is None:
+                raise
+            return earlier
+
+    def _check(
+        self, principal: Principal, name: str | None, version: str | None, superuser: bool,
+        ttl: float | None, expires_at: datetime | None, protected: bool, plan: str | None,
+        parameters: Mapping[str, str], extensions: list[str],
+    ) -> Wanted:
+        """Refuse what the service does not offer, naming the field; nothing is recorded."""
         version = version or self.settings.default_version
         if version not in self.settings.images:
-            raise ValidationError(
-                f"unsupported version {version!r}; supported: {', '.join(self.settings.images)}",
-                errors={"json": {"version": [f"Must be one of: {', '.join(self.settings.images)}."]}},
-            )
+            raise _invalid("version", f"unsupported version {version!r}; supported: "
+                           f"{', '.join(self.settings.images)}",
+                           f"Must be one of: {', '.join(self.settings.images)}.")
         if name is not None and not re.fullmatch(NAME_PATTERN, name):
-            raise ValidationError(
-                "invalid name", errors={"json": {"name": [f"Must match {NAME_PATTERN}."]}}
-            )
+            raise _invalid("name", "invalid name", f"Must match {NAME_PATTERN}.")
         if superuser and not self.settings.allow_superuser:
             raise Forbidden("this service does not hand out superuser roles (DBPROV_ALLOW_SUPERUSER)")
-        # Before anything is recorded: a version that cannot run holds no record and no port.
-        self.images.require(version)
-        password = self.vault.encrypt(new_password())
-        if self.pool is not None:
-            claimed = self.pool.claim(principal, name, version, superuser, password)
-            if claimed is not None:
-                return claimed
-        return self.record(principal.tenant, name, version, superuser, password)
+        plan = plan or "default"
+        if plan not in self.settings.all_plans:
+            raise _invalid("plan", f"no plan {plan!r}; plans: {', '.join(self.settings.all_plans)}",
+                           f"Must be one of: {', '.join(self.settings.all_plans)}.")
+        allowed = self.tenants.plans(principal.tenant)
+        if allowed is not None and plan not in allowed:
+            raise Forbidden(f"tenant {principal.tenant!r} may use the plans {', '.join(allowed) or 'none'}, "
+                            f"not {plan!r}")
+        for parameter in parameters:
+            if parameter not in DATABASE_PARAMETERS:
+                raise _invalid(
+                    "parameters", f"{parameter!r} cannot be set per database",
+                    f"{parameter}: not a database-level setting this service allows; allowed: "
+                    f"{', '.join(sorted(DATABASE_PARAMETERS))}.",
+                )
+        allowed_extensions = TRUSTED_EXTENSIONS | set(self.settings.allowed_extensions)
+        for extension in extensions:
+            if extension not in allowed_extensions:
+                raise _invalid(
+                    "extensions", f"extension {extension!r} is not allowed",
+                    f"{extension}: neither trusted nor allowed by DBPROV_ALLOWED_EXTENSIONS; "
+                    f"allowed: {', '.join(sorted(allowed_extensions))}.",
+                )
+        return Wanted(
+            version=version, name=name, superuser=superuser,
+            expires_at=self._expiry(ttl, expires_at, default=True), protected=protected, plan=plan,
+            parameters=dict(parameters), extensions=tuple(dict.fromkeys(extensions)),
+        )
+
+    def _expiry(self, ttl: float | None, expires_at: datetime | None, default: bool) -> datetime | None:
+        """When a database asked to live ``ttl`` seconds, or until ``expires_at``, expires."""
+        if ttl is not None and expires_at is not None:
+            raise _invalid("ttl", "give ttl or expires_at, not both", "Give ttl or expires_at, not both.")
+        now = utcnow()
+        if ttl is not None:
+            expires = now + timedelta(seconds=ttl)
+        elif expires_at is not None:
+            if expires_at <= now:
+                raise _invalid("expires_at", "expires_at is in the past", "Must be in the future.")
+            expires = expires_at
+        elif default and (self.settings.default_ttl or self.settings.max_ttl):
+            expires = now + timedelta(seconds=self.settings.default_ttl or self.settings.max_ttl)
+        else:
+            return None
+        limit = self.settings.max_ttl
+        if limit is not None and expires > now + timedelta(seconds=limit + 1):
+            raise _invalid("ttl", f"the expiry is more than DBPROV_MAX_TTL ({limit:g} s) away",
+                           f"At most {limit:g} seconds from now.")
+        return expires
 
     def record(
-        self, tenant: str, name: str | None, version: str, superuser: bool, password: str
+        self, tenant: str, wanted: Wanted, password: str, actor: str,
+        idempotency: Idempotency | None = None,
     ) -> Database:
         """A new pending record with a host port reserved for it."""
         admin_password = self.vault.encrypt(new_password())
@@ -160,34 +302,68 @@ class Databases:
                 with self.store.transaction() as session:
                     if tenant != POOL_TENANT:
                         self.tenants.reserve(session, tenant)
-                    if name is not None:
-                        self.ensure_name_free(session, tenant, name)
+                    if wanted.name is not None:
+                        self.ensure_name_free(session, tenant, wanted.name)
                     record = Database(
                         id=secrets.token_hex(6),  # matches ID_PATTERN
                         tenant=tenant,
-                        name=name,
                         status=Status.PENDING,
-                        version=version,
-                        image=self.settings.images[version],
+                        version=wanted.version,
+                        image=self.settings.images[wanted.version],
                         host_port=pick_port(session, self.settings.port_range),
                         database_name=DATABASE_NAME,
                         username=USERNAME,
                         password=password,
-                        superuser=superuser,
                         admin_username=ADMIN_USERNAME,
                         admin_password=admin_password,
                         phase_timings={},
+                        **wanted.columns(),
                     )
-                    self.records.add(session, record)
+                    self.records.add(session, record, actor)
+                    if idempotency is not None:
+                        self.remember(session, tenant, idempotency, record.id)
             except sqlalchemy.exc.IntegrityError:
+                if idempotency is not None and self._key_taken(tenant, idempotency):
+                    raise
                 # Lost a race for the port or the name; the next round sees the winner.
                 continue
             log.info(
                 "database %s recorded for tenant %s: version %s, port %s",
-                record.id, record.tenant, version, record.host_port,
+                record.id, record.tenant, wanted.version, record.host_port,
             )
             return record
         raise PortRangeExhausted("could not reserve a host port; try again")
+
+    def remember(self, session: Session, tenant: str, idempotency: Idempotency, database_id: str) -> None:
+        """Keep the key with the database it made, in the create's transaction."""
+        session.add(IdempotencyKey(
+            tenant=tenant, key=idempotency.key, request_hash=idempotency.request_hash,
+            database_id=database_id, created_at=utcnow(),
+        ))
+
+    def _key_taken(self, tenant: str, idempotency: Idempotency) -> bool:
+        with self.store.read() as session:
+            return session.get(IdempotencyKey, (tenant, idempotency.key)) is not None
+
+    def _replay(self, principal: Principal, idempotency: Idempotency) -> Database | None:
+        """The database an earlier create with this key made, or None if there was none."""
+        cutoff = utcnow() - timedelta(seconds=self.settings.idempotency_retention)
+        with self.store.transaction() as session:
+            known = session.get(IdempotencyKey, (principal.tenant, idempotency.key))
+            if known is None:
+                return None
+            if known.created_at < cutoff:
+                # Past its retention: the key is free again.
+                session.delete(known)
+                return None
+            if known.request_hash != idempotency.request_hash:
+                raise ValidationError(
+                    "this Idempotency-Key was used with a different request body; "
+                    "use a new key for a new request",
+                    errors={"headers": {"Idempotency-Key": ["Used with a different body."]}},
+                )
+            database_id = known.database_id
+        return self.get(principal, database_id)
 
     def ensure_name_free(self, session: Session, tenant: str, name: str) -> None:
         taken = session.scalar(
@@ -232,12 +408,108 @@ class Databases:
 
     def delete(self, principal: Principal, database_id: str) -> Database:
         """Mark a database for removal; repeating it changes nothing."""
-        self.get(principal, database_id)
-        changed = self.records.transition(database_id, set(Status) - GOING, status=Status.DELETING)
+        record = self.get(principal, database_id)
+        changed = self.records.transition(
+            database_id, _CHANGEABLE, only_if=Database.protected.is_(False),
+            actor=principal.actor, status=Status.DELETING,
+        )
         if changed is None:
-            return self.get(principal, database_id)
+            record = self.get(principal, database_id)
+            if record.protected and record.status not in GOING:
+                raise Conflict(
+                    f"database {database_id} is protected; lift the protection with "
+                    f'PATCH /databases/{database_id} {{"protected": false}} first'
+                )
+            return record
         log.info("database %s: deletion requested", database_id)
         return changed
+
+    def update(
+        self, principal: Principal, database_id: str, changes: Mapping[str, Any]
+    ) -> Database:
+        """Change a database's expiry (``ttl`` or ``expires_at``, None to remove it) or protection."""
+        self.get(principal, database_id)
+        values: dict[str, Any] = {}
+        if "ttl" in changes or "expires_at" in changes:
+            expires = self._expiry(changes.get("ttl"), changes.get("expires_at"), default=False)
+            if expires is None and self.settings.max_ttl is not None:
+                raise Forbidden(
+                    f"every database here expires within DBPROV_MAX_TTL ({self.settings.max_ttl:g} s); "
+                    "renew it with a ttl instead"
+                )
+            values["expires_at"] = expires
+        if "protected" in changes:
+            values["protected"] = changes["protected"]
+        if not values:
+            return self.get(principal, database_id)
+        details = {k: v.isoformat() if isinstance(v, datetime) else v for k, v in values.items()}
+        changed = self.records.transition(
+            database_id, _CHANGEABLE, actor=principal.actor, event="updated", details=details, **values
+        )
+        if changed is None:
+            record = self.get(principal, database_id)
+            raise Conflict(f"database {database_id} is {record.status.value}; it can no longer change")
+        return changed
+
+    def stop(self, principal: Principal, database_id: str) -> Database:
+        """Stop a ready database's server, keeping its data and port."""
+        return self._move(principal, database_id, Status.READY, Status.STOPPING, "stopped")
+
+    def start(self, principal: Principal, database_id: str) -> Database:
+        """Start a stopped database again on the same port and password."""
+        return self._move(principal, database_id, Status.STOPPED, Status.STARTING, "started")
+
+    def _move(
+        self, principal: Principal, database_id: str, source: Status, target: Status, verb: str
+    ) -> Database:
+        self.get(principal, database_id)
+        changed = self.records.transition(database_id, {source}, actor=principal.actor, status=target)
+        if changed is None:
+            record = self.get(principal, database_id)
+            raise Conflict(
+                f"database {database_id} is {record.status.value}; only a {source.value} database "
+                f"can be {verb}"
+            )
+        log.info("database %s: %s requested", database_id, target.value)
+        return changed
+
+    def events(
+        self,
+        principal: Principal,
+        database_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+    ) -> list[Event]:
+        """A database's events in order; without ``database_id``, every tenant's (admins only)."""
+        query = select(Event)
+        if database_id is not None:
+            record = self.get(principal, database_id)
+            # From its tenant's point of view: a claimed warm server's life in
+            # the pool is the service's business.
+            query = query.where(Event.database_id == database_id, Event.tenant == record.tenant)
+        elif not principal.admin:
+            raise Forbidden("only an admin token reads events across databases")
+        else:
+            query = query.where(Event.tenant != POOL_TENANT)
+        if since is not None:
+            query = query.where(Event.at >= since)
+        if until is not None:
+            query = query.where(Event.at < until)
+        with self.store.read() as session:
+            return list(session.scalars(query.order_by(Event.id).limit(limit)))
+
+    def logs(self, principal: Principal, database_id: str, tail: int) -> str:
+        """The last ``tail`` lines of the server's log, as long as anything of it remains."""
+        record = self.get(principal, database_id)
+        if record.status in OWNS_SERVER:
+            return self._runtime.server_logs(database_id, tail)
+        # A failed server was removed; its last lines were kept with the failure.
+        marker = "server log (last lines):\n"
+        if record.last_error and marker in record.last_error:
+            lines = record.last_error.split(marker, 1)[1].splitlines()
+            return "\n".join(lines[-tail:]) + "\n"
+        raise NotFound(f"nothing is left of the log of database {database_id}")
 
     def credentials(self, record: Database) -> Credentials:
         return Credentials(
@@ -260,6 +532,7 @@ class Databases:
             if record.status != Status.READY:
                 raise Conflict(f"database {database_id} is {record.status.value}, not ready")
             record.password = self.vault.encrypt(password)
+            self.records.event(session, record, "credentials-rotated", principal.actor)
             # Changed on the server inside the metadata transaction: if the
             # server refuses, the stored password stays the working one.
             try:
@@ -283,7 +556,7 @@ class Databases:
             seen = changed.generation
             record = self.get(principal, database_id)
             remaining = deadline - time.monotonic()
-            if record.status not in SETTLING or remaining <= 0:
+            if record.status not in SETTLING | {Status.STARTING} or remaining <= 0:
                 return record
             # Writers nudge ``changed`` (in this process, or through the
             # store's change feed); the cap bounds the wait when nothing can.

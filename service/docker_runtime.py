@@ -179,6 +179,7 @@ class DockerRuntime:
             restart_policy={"Name": "unless-stopped"},
             network=self._network(),
             mem_limit=spec.memory_limit,
+            nano_cpus=int(spec.cpus * 1e9) if spec.cpus else None,
             pids_limit=spec.pids_limit,
             security_opt=["no-new-privileges:true"],
             detach=True,

@@ -17,6 +17,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    false as sa_false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -28,6 +29,9 @@ class Status(str, enum.Enum):
     PROVISIONING = "provisioning"
     READY = "ready"
     FAILED = "failed"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    STARTING = "starting"
     DELETING = "deleting"
     DELETED = "deleted"
 
@@ -35,10 +39,14 @@ class Status(str, enum.Enum):
 # Named sets of statuses, so that a decision reads as what it means.
 # Being brought up: the reconciler provisions these.
 SETTLING = frozenset({Status.PENDING, Status.PROVISIONING})
+# Stopped on purpose, or on the way there or back: the server and its port are kept.
+RESTING = frozenset({Status.STOPPING, Status.STOPPED, Status.STARTING})
 # Still holding (or possibly holding) a server, its data, a port or a name.
-LIVE = frozenset({*SETTLING, Status.READY, Status.FAILED, Status.DELETING})
+LIVE = frozenset({*SETTLING, Status.READY, *RESTING, Status.FAILED, Status.DELETING})
 # Whose server may exist and is wanted; a failed one had its server removed.
-OWNS_SERVER = frozenset({*SETTLING, Status.READY, Status.DELETING})
+OWNS_SERVER = frozenset({*SETTLING, Status.READY, *RESTING, Status.DELETING})
+# Whose server is meant to run, so that drift repair starts it again.
+RUNS = frozenset({Status.READY})
 # Past which a DELETE has nothing more to do.
 GOING = frozenset({Status.DELETING, Status.DELETED})
 
@@ -85,6 +93,8 @@ class Tenant(Base):
     name: Mapped[str] = mapped_column(String(63), primary_key=True)
     # Live databases allowed; NULL: DBPROV_TENANT_QUOTA.
     database_limit: Mapped[int | None] = mapped_column(Integer)
+    # Plans its databases may use; NULL: every plan.
+    plans: Mapped[list[str] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -148,6 +158,18 @@ class Database(Base):
     retrying_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Where the service reaches the server (the runtime's endpoint host).
     server_host: Mapped[str | None] = mapped_column(String(255))
+    # When the reconciler deletes it by itself; NULL: never.
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    # Refuses DELETE and expiry while set.
+    protected: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+    # The operator's named size (DBPROV_PLANS).
+    plan: Mapped[str] = mapped_column(String(63), default="default", server_default="default")
+    # Database-level settings (ALTER DATABASE ... SET) and extensions asked for at create.
+    # NULL for records older than these columns: none asked for.
+    parameters: Mapped[dict[str, str] | None] = mapped_column(JSON, default=dict)
+    extensions: Mapped[list[str] | None] = mapped_column(JSON, default=list)
+    # The last time the service saw a client connected, for the idle stop.
+    active_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Seconds each provisioning phase took, e.g. {"server": 0.6, "ready": 1.3, "setup": 0.05}.
     phase_timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -166,3 +188,32 @@ class Database(Base):
             postgresql_where=text("status != 'deleted'"),
         ),
     )
+
+
+class Event(Base):
+    """Something that happened to a database, for people to read."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    database_id: Mapped[str] = mapped_column(String(32), index=True)
+    tenant: Mapped[str] = mapped_column(String(63), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    # requested, provisioning, ready, failed, retrying, stopped, started, expired, ...
+    kind: Mapped[str] = mapped_column(String(32))
+    # "token:<id>" for a request, "service" for the service's own doing.
+    actor: Mapped[str] = mapped_column(String(64))
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class IdempotencyKey(Base):
+    """A create's Idempotency-Key, kept for the retention window."""
+
+    __tablename__ = "idempotency_keys"
+
+    tenant: Mapped[str] = mapped_column(String(63), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # SHA-256 of the request body: the same key with another body is refused.
+    request_hash: Mapped[str] = mapped_column(String(64))
+    database_id: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)

@@ -12,13 +12,14 @@ import logging
 import time
 
 import psycopg
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from .coordination import Claims
-from .databases import Databases, new_password
+from .databases import Databases, Idempotency, Wanted, new_password
 from .errors import PortRangeExhausted
-from .models import SETTLING, Database, Status, utcnow
+from .models import SETTLING, Database, IdempotencyKey, Status, utcnow
 from .postgres import set_up_tenant
+from .records import SERVICE
 from .tenancy import POOL_TENANT, Principal
 
 log = logging.getLogger(__name__)
@@ -37,16 +38,17 @@ class WarmPool:
         self._claims = claims
 
     def claim(
-        self, principal: Principal, name: str | None, version: str, superuser: bool, password: str
+        self, principal: Principal, wanted: Wanted, password: str, idempotency: Idempotency | None
     ) -> Database | None:
         """A warm member made the tenant's: None when the pool is empty or the claim failed."""
+        version = wanted.version
         if not self.settings.pool_sizes.get(version):
             return None
         started = time.monotonic()
         with self.store.transaction() as session:
             self._databases.tenants.reserve(session, principal.tenant)
-            if name is not None:
-                self._databases.ensure_name_free(session, principal.tenant, name)
+            if wanted.name is not None:
+                self._databases.ensure_name_free(session, principal.tenant, wanted.name)
             query = (
                 select(Database.id)
                 .where(
@@ -67,15 +69,18 @@ class WarmPool:
                 member_id,
                 {Status.READY},
                 session=session,
+                actor=principal.actor,
+                event="claimed",
                 tenant=principal.tenant,
-                name=name,
-                superuser=superuser,
                 password=password,
                 status=Status.PROVISIONING,
                 created_at=utcnow(),
                 ready_at=None,
                 phase_timings={},
+                **wanted.columns(),
             )
+            if idempotency is not None:
+                self._databases.remember(session, principal.tenant, idempotency, member.id)
         with self._claims.hold(member.id) as mine:
             if not mine:
                 # A reconciler got to it first and finishes it the same way.
@@ -99,10 +104,14 @@ class WarmPool:
         return member
 
     def _release(self, member: Database) -> None:
-        """A claim that failed: back to the pool's name, to be removed."""
-        self.records.transition(
-            member.id, {Status.PROVISIONING}, tenant=POOL_TENANT, name=None, status=Status.DELETING
-        )
+        """A claim that failed: back to the pool's name, to be removed; the
+        create's key goes with it, as the create goes on to a cold start."""
+        with self.store.transaction() as session:
+            self.records.transition(
+                member.id, {Status.PROVISIONING}, session=session, tenant=POOL_TENANT, name=None,
+                status=Status.DELETING,
+            )
+            session.execute(delete(IdempotencyKey).where(IdempotencyKey.database_id == member.id))
 
     def stock(self) -> int:
         """Bring each version's pool to its size; returns how many members were added.
@@ -142,7 +151,7 @@ class WarmPool:
             for _ in range(size - len(stocked)):
                 try:
                     self._databases.record(
-                        POOL_TENANT, None, version, False, self.vault.encrypt(new_password())
+                        POOL_TENANT, Wanted(version), self.vault.encrypt(new_password()), SERVICE
                     )
                 except PortRangeExhausted:
                     return added  # tenants come first; the pool waits for free ports

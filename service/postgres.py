@@ -41,6 +41,14 @@ class ServerAdmin(Protocol):
 
     def set_password(self, admin: Login, username: str, password: str) -> None: ...
 
+    def configure(
+        self, admin: Login, database: str, parameters: dict[str, str], extensions: list[str]
+    ) -> None:
+        """``database`` has these settings (ALTER DATABASE ... SET) and extensions."""
+
+    def client_connections(self, admin: Login, database: str) -> int:
+        """How many clients other than the service are connected to ``database``."""
+
 
 class PostgresAdmin:
     def check(self, login: Login) -> None:
@@ -84,6 +92,35 @@ class PostgresAdmin:
             )
 
 
+    def configure(
+        self, admin: Login, database: str, parameters: dict[str, str], extensions: list[str]
+    ) -> None:
+        with _connect(admin) as conn:
+            for name, value in parameters.items():
+                conn.execute(
+                    sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+                        sql.Identifier(database), sql.Identifier(name), sql.Literal(value)
+                    )
+                )
+        if extensions:
+            # Inside the tenant's database, made by the service: the tenant owns
+            # the database but need not be allowed to create them itself.
+            with _connect(dataclasses.replace(admin, dbname=database)) as conn:
+                for extension in extensions:
+                    conn.execute(
+                        sql.SQL("CREATE EXTENSION IF NOT EXISTS {}").format(sql.Identifier(extension))
+                    )
+
+    def client_connections(self, admin: Login, database: str) -> int:
+        with _connect(admin) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                "AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
+                (database,),
+            ).fetchone()
+        return int(row[0])
+
+
 def admin_login(record: Database, vault: Vault) -> Login:
     """The service's own login to a database's server."""
     if record.server_host is None:
@@ -107,6 +144,10 @@ def set_up_tenant(server_admin: ServerAdmin, record: Database, vault: Vault) -> 
     if record.admin_username != record.username:
         server_admin.ensure_tenant_role(
             admin, record.username, password, record.database_name, record.superuser
+        )
+    if record.parameters or record.extensions:
+        server_admin.configure(
+            admin, record.database_name, dict(record.parameters or {}), list(record.extensions or [])
         )
     server_admin.check(
         dataclasses.replace(

@@ -35,13 +35,13 @@ from .errors import (
     ServerFailed,
     TransientError,
 )
-from .models import LIVE, OWNS_SERVER, SETTLING, Database, Status, utcnow
+from .models import GOING, LIVE, OWNS_SERVER, RUNS, SETTLING, Database, Status, utcnow
 from .pool import WarmPool
 from .ports import pick_port
 from .postgres import Login, ServerAdmin, admin_login, set_up_tenant
-from .records import Records
+from .records import SERVICE, Records
 from .runtime import ABSENT, RUNNING, ServerInfo, ServerRuntime, ServerSpec
-from .settings import Settings
+from .settings import Plan, Settings
 from .store import Store
 from .tenancy import POOL_TENANT
 
@@ -52,6 +52,10 @@ _POLL_INTERVAL = 0.025
 # Backoff of transient failures: 1 s, 2 s, 4 s ... up to a minute, each with jitter.
 _BACKOFF_FIRST = 1.0
 _BACKOFF_CAP = 60.0
+# How often old events and idempotency keys are dropped.
+_PURGE_INTERVAL = 60.0
+# Brought up by the reconciler, and given up on once the retry budget is spent.
+_BRINGING_UP = SETTLING | {Status.STARTING}
 
 
 class Superseded(Exception):
@@ -102,6 +106,9 @@ class Reconciler:
         self._next_due: datetime | None = None
         # The outage last reported, so that a long one is logged once, not every pass.
         self._outage: str | None = None
+        self._purged_at = 0.0
+        # When each ready database's clients were last counted, for the idle stop.
+        self._idle_checked: dict[str, float] = {}
 
     # -- the loop ---------------------------------------------------------
 
@@ -167,22 +174,49 @@ class Reconciler:
             records = list(session.scalars(select(Database).where(Database.status.in_(LIVE))))
         now = utcnow()
         self._next_due = min(
-            (r.next_attempt_at for r in records if r.next_attempt_at and r.next_attempt_at > now),
+            (
+                moment
+                for r in records
+                for moment in (r.next_attempt_at, r.expires_at if r.status not in GOING else None)
+                if moment is not None and moment > now
+            ),
             default=None,
         )
         for record in records:
+            if self._expired(record, now):
+                record = self._expire(record)
+                if record is None:
+                    continue
             if record.next_attempt_at is not None and record.next_attempt_at > now:
                 continue  # postponed after a transient failure
-            if record.status in SETTLING:
-                self._submit(record.id, self._provision)
-            elif record.status == Status.DELETING:
-                self._submit(record.id, self._teardown)
-            elif record.status == Status.READY and servers is not None:
+            task = self._TASKS.get(record.status)
+            if task is not None:
+                self._submit(record.id, getattr(self, task))
+            elif record.status in RUNS and servers is not None:
                 self._check_drift(record, servers.get(record.id))
+                self._maybe_check_idle(record)
         if servers is not None:
             self._sweep_orphans(records, servers)
+        self._purge()
         if wait:
             self.wait_idle()
+
+    # What the reconciler does for a record in each status that asks for work.
+    _TASKS = {
+        Status.PENDING: "_provision",
+        Status.PROVISIONING: "_provision",
+        Status.STARTING: "_start",
+        Status.STOPPING: "_stop",
+        Status.DELETING: "_teardown",
+    }
+
+    def _purge(self) -> None:
+        if time.monotonic() - self._purged_at < _PURGE_INTERVAL:
+            return
+        self._purged_at = time.monotonic()
+        events, keys = self.records.purge(self.settings.event_retention, self.settings.idempotency_retention)
+        if events or keys:
+            log.info("dropped %d old events and %d old idempotency keys", events, keys)
 
     def wait_idle(self) -> None:
         """Block until every task submitted so far has finished."""
@@ -236,13 +270,13 @@ class Reconciler:
     def _retry_later(self, database_id: str, error: str) -> None:
         """Count the attempt and set the next one, or fail once the budget is spent."""
         record = self._load(database_id)
-        if record.status not in SETTLING | {Status.DELETING}:
+        if record.status not in self._TASKS:
             return
         now = utcnow()
         since = record.retrying_since or now
         attempts = record.attempts + 1
         elapsed = (now - since).total_seconds()
-        if record.status in SETTLING and elapsed >= self.settings.retry_budget:
+        if record.status in _BRINGING_UP and elapsed >= self.settings.retry_budget:
             self._fail(
                 database_id,
                 f"gave up after {attempts} attempts over {elapsed:.0f} s "
@@ -257,6 +291,8 @@ class Reconciler:
             retrying_since=since,
             next_attempt_at=now + timedelta(seconds=delay),
             last_error=f"{error} (attempt {attempts}; next in {delay:.0f} s)",
+            event="retrying",
+            details={"attempt": attempts, "error": error.splitlines()[0]},
         )
         log.warning(
             "database %s: %s; attempt %d, next in %.1f s", database_id, error, attempts, delay
@@ -284,6 +320,17 @@ class Reconciler:
         if record.status == Status.PENDING:
             record = self._transition(database_id, {Status.PENDING}, status=Status.PROVISIONING)
             log.info("database %s: provisioning on port %s", database_id, record.host_port)
+        self._bring_up(record, "ready")
+
+    def _start(self, database_id: str) -> None:
+        record = self._load(database_id)
+        if record.status != Status.STARTING:
+            raise Superseded(database_id)
+        self._bring_up(record, "started")
+
+    def _bring_up(self, record: Database, event: str) -> None:
+        """Server running, ``SELECT 1`` as the tenant working: then ready."""
+        status = record.status
         timings: dict[str, float] = {}
         started = time.monotonic()
         record = self._ensure_server(record)
@@ -296,22 +343,26 @@ class Reconciler:
         timings["setup"] = round(time.monotonic() - phase, 3)
         timings["total"] = round(time.monotonic() - started, 3)
         self._transition(
-            database_id,
-            {Status.PROVISIONING},
+            record.id,
+            {status},
             status=Status.READY,
             ready_at=record.ready_at or utcnow(),
+            active_at=utcnow(),
             phase_timings=timings,
             last_error=None,
             attempts=0,
             next_attempt_at=None,
             retrying_since=None,
+            event=event,
+            details={"port": record.host_port, "seconds": timings["total"]},
         )
         log.info(
-            "database %s: ready on port %s (%.2f s)", database_id, record.host_port, timings["total"]
+            "database %s: %s on port %s (%.2f s)", record.id, event, record.host_port, timings["total"]
         )
 
     def _ensure_server(self, record: Database) -> Database:
         """The server runs; returns the record as it now is (its port may have moved)."""
+        status = record.status
         for _ in range(_PORT_RETRIES):
             try:
                 endpoint = self.runtime.ensure_server(self._spec(record))
@@ -320,12 +371,13 @@ class Reconciler:
                 log.warning("database %s: port %s taken (%s); moving", record.id, record.host_port, exc.detail)
                 with self.store.transaction() as session:
                     port = pick_port(session, self.settings.port_range)
-                record = self._transition(record.id, {Status.PROVISIONING}, host_port=port)
+                record = self._transition(record.id, {status}, host_port=port)
                 continue
-            return self._transition(record.id, {Status.PROVISIONING}, server_host=endpoint.host)
+            return self._transition(record.id, {status}, server_host=endpoint.host)
         raise PortInUse(f"no usable host port after {_PORT_RETRIES} attempts")
 
     def _spec(self, record: Database) -> ServerSpec:
+        plan = self._plan(record)
         return ServerSpec(
             database_id=record.id,
             image=record.image,
@@ -340,10 +392,23 @@ class Reconciler:
                 "POSTGRES_DB": "postgres",
             },
             port=record.host_port,
-            command=("postgres", *self.settings.postgres_args),
-            memory_limit=self.settings.memory_limit,
+            command=(
+                "postgres",
+                *self.settings.postgres_args,
+                # The plan's settings come last, so they win over the general ones.
+                *(arg for name, value in plan.settings.items() for arg in ("-c", f"{name}={value}")),
+            ),
+            memory_limit=plan.memory,
+            cpus=plan.cpus,
             pids_limit=self.settings.pids_limit,
         )
+
+    def _plan(self, record: Database) -> Plan:
+        plans = self.settings.all_plans
+        if record.plan not in plans:
+            # The operator withdrew it: its databases keep running, at the default size.
+            log.warning("database %s: plan %r is no longer offered; using the default", record.id, record.plan)
+        return plans.get(record.plan, plans["default"])
 
     def _setup_tenant(self, record: Database) -> None:
         """The tenant's role, then the check that counts: ``SELECT 1`` as the tenant."""
@@ -388,7 +453,7 @@ class Reconciler:
                 raise Superseded(record.id)
             if time.monotonic() >= next_status_check:
                 # A DELETE may have come in: stop waiting for a database nobody wants.
-                if self._load(record.id).status != Status.PROVISIONING:
+                if self._load(record.id).status != record.status:
                     raise Superseded(record.id)
                 next_status_check = time.monotonic() + 1.0
             # A short fixed interval rather than a growing one: a refused
@@ -414,8 +479,9 @@ class Reconciler:
             log.warning("database %s: server left for the sweep: %s", database_id, exc.detail)
         self._transition(
             database_id,
-            SETTLING,
+            _BRINGING_UP,
             status=Status.FAILED,
+            details={"error": error.splitlines()[0]},
             last_error=error,
             host_port=None,
             attempts=0,
@@ -423,6 +489,73 @@ class Reconciler:
             retrying_since=None,
         )
         log.warning("database %s: failed: %s", database_id, error.splitlines()[0])
+
+    # -- stop, expiry, idle -------------------------------------------------
+
+    def _stop(self, database_id: str) -> None:
+        self.runtime.stop_server(database_id)
+        self._transition(
+            database_id, {Status.STOPPING}, status=Status.STOPPED, attempts=0, next_attempt_at=None,
+            retrying_since=None, last_error=None,
+        )
+        self._idle_checked.pop(database_id, None)
+        log.info("database %s: stopped", database_id)
+
+    @staticmethod
+    def _expired(record: Database, now: datetime) -> bool:
+        return (
+            record.expires_at is not None
+            and record.expires_at <= now
+            and record.status not in GOING
+            and not record.protected
+            and record.tenant != POOL_TENANT
+        )
+
+    def _expire(self, record: Database) -> Database | None:
+        """Delete an expired database the way a DELETE does; None if it moved on."""
+        expired = self.records.transition(
+            record.id, LIVE - GOING, only_if=Database.protected.is_(False), status=Status.DELETING,
+            event="expired", details={"expires_at": record.expires_at.isoformat()},
+        )
+        if expired is not None:
+            log.info("database %s: expired at %s; deleting it", record.id, record.expires_at.isoformat())
+        return expired
+
+    def _maybe_check_idle(self, record: Database) -> None:
+        idle_stop = self.settings.idle_stop
+        if idle_stop is None or record.tenant == POOL_TENANT:
+            return
+        # A quarter of the idle time between counts (at most a minute) keeps
+        # a stop within 25 % of its time without a connection per pass.
+        if time.monotonic() - self._idle_checked.get(record.id, 0.0) < min(idle_stop / 4, 60.0):
+            return
+        self._idle_checked[record.id] = time.monotonic()
+        self._submit(record.id, self._check_idle)
+
+    def _check_idle(self, database_id: str) -> None:
+        """Count the tenant's connections; stop a database idle for DBPROV_IDLE_STOP."""
+        record = self._load(database_id)
+        if record.status != Status.READY:
+            return
+        try:
+            clients = self._server_admin.client_connections(
+                admin_login(record, self.vault), record.database_name
+            )
+        except psycopg.Error:
+            return  # down: drift repair deals with it, and the next count decides
+        now = utcnow()
+        if clients:
+            self.records.transition(database_id, {Status.READY}, active_at=now)
+            return
+        idle_since = record.active_at or record.ready_at or now
+        if (now - idle_since).total_seconds() >= self.settings.idle_stop:
+            stopping = self.records.transition(
+                database_id, {Status.READY}, status=Status.STOPPING, event="idle-stopped",
+                details={"idle_since": idle_since.isoformat()},
+            )
+            if stopping is not None:
+                log.info("database %s: no clients since %s; stopping it", database_id, idle_since.isoformat())
+                self._stop(database_id)
 
     # -- deletion -----------------------------------------------------------
 

@@ -9,13 +9,31 @@ the transaction has committed.
 from __future__ import annotations
 
 from collections.abc import Collection
+from datetime import timedelta
 
-from sqlalchemy import ColumnElement, event, update
+from sqlalchemy import ColumnElement, delete, event, select, update
 from sqlalchemy.orm import Session
 
-from .models import Database, Status, utcnow
+from .models import Database, Event, IdempotencyKey, Status, utcnow
 from .notify import Notifier
 from .store import Store
+
+
+# Who did it, when nobody asked: the reconciler, expiry, the idle stop.
+SERVICE = "service"
+
+# The event a status change records unless the writer names another.
+_EVENT_OF = {
+    Status.PENDING: "requested",
+    Status.PROVISIONING: "provisioning",
+    Status.READY: "ready",
+    Status.FAILED: "failed",
+    Status.STOPPING: "stopping",
+    Status.STOPPED: "stopped",
+    Status.STARTING: "starting",
+    Status.DELETING: "deleting",
+    Status.DELETED: "deleted",
+}
 
 
 class Records:
@@ -25,10 +43,20 @@ class Records:
         self.wanted = wanted
         self.changed = changed
 
-    def add(self, session: Session, record: Database) -> None:
+    def add(self, session: Session, record: Database, actor: str = SERVICE) -> None:
         """Insert a new record inside the caller's transaction."""
         session.add(record)
+        self.event(session, record, "requested", actor, {"version": record.version})
         self._announce(session, record.id)
+
+    def event(
+        self, session: Session, record: Database, kind: str, actor: str = SERVICE, details: dict | None = None
+    ) -> None:
+        """Record that ``kind`` happened to ``record``, inside the caller's transaction."""
+        session.add(
+            Event(database_id=record.id, tenant=record.tenant, at=utcnow(), kind=kind, actor=actor,
+                  details=details or {})
+        )
 
     def transition(
         self,
@@ -37,6 +65,9 @@ class Records:
         *,
         session: Session | None = None,
         only_if: ColumnElement[bool] | None = None,
+        actor: str = SERVICE,
+        event: str | None = None,
+        details: dict | None = None,
         **values,
     ) -> Database | None:
         """Write ``values`` if the record's status is one of ``expected``.
@@ -44,11 +75,15 @@ class Records:
         Returns the record as written, or None if it had moved on (another
         writer got there first). With ``session``, inside the caller's
         transaction; otherwise in one of its own. ``only_if``: a further
-        condition the record must meet.
+        condition the record must meet. A change of status is recorded as its
+        event (or as ``event``, with ``details``), done by ``actor``.
         """
         if session is None:
             with self.store.transaction() as own:
-                return self.transition(database_id, expected, session=own, only_if=only_if, **values)
+                return self.transition(
+                    database_id, expected, session=own, only_if=only_if, actor=actor,
+                    event=event, details=details, **values,
+                )
         conditions = [Database.id == database_id, Database.status.in_(list(expected))]
         if only_if is not None:
             conditions.append(only_if)
@@ -62,8 +97,25 @@ class Records:
         )
         record = session.scalars(statement).one_or_none()
         if record is not None:
+            kind = event or _EVENT_OF.get(values.get("status"))
+            if kind is not None:
+                self.event(session, record, kind, actor, details)
             self._announce(session, database_id)
         return record
+
+    def purge(self, event_retention: float, key_retention: float) -> tuple[int, int]:
+        """Drop the events of databases deleted longer ago than ``event_retention``
+        seconds, and idempotency keys older than ``key_retention``; returns how many."""
+        now = utcnow()
+        gone = select(Database.id).where(
+            Database.status == Status.DELETED, Database.deleted_at < now - timedelta(seconds=event_retention)
+        )
+        with self.store.transaction() as session:
+            events = session.execute(delete(Event).where(Event.database_id.in_(gone))).rowcount
+            keys = session.execute(
+                delete(IdempotencyKey).where(IdempotencyKey.created_at < now - timedelta(seconds=key_retention))
+            ).rowcount
+        return events, keys
 
     def _announce(self, session: Session, database_id: str) -> None:
         self.store.announce(session, database_id)

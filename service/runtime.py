@@ -49,6 +49,8 @@ class ServerSpec:
     # The image's command; for postgres images, "postgres" and its -c options.
     command: tuple[str, ...] = ("postgres",)
     memory_limit: str | None = None
+    # CPUs the engine lets it use; None: no limit.
+    cpus: float | None = None
     pids_limit: int | None = None
 
 

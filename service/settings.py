@@ -8,6 +8,7 @@ by those declarations, and ``settings_table_markdown`` prints the README's table
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import shlex
@@ -130,6 +131,65 @@ def _postgres_args(value: str) -> tuple[str, ...]:
     ):
         raise ValueError(f"expected '-c name=value' options, got {value!r}")
     return args
+
+
+def _optional_seconds(value: str) -> float | None:
+    return _seconds(value) if value else None
+
+
+def _names(value: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    for name in names:
+        if not re.fullmatch(r"[a-z0-9_][a-z0-9_-]{0,62}", name):
+            raise ValueError(f"expected comma-separated names, got {name!r}")
+    return names
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A named size the operator offers: memory, CPUs and server settings that need a restart."""
+
+    name: str
+    memory: str
+    cpus: float | None = None
+    # postgres -c options, e.g. {"shared_buffers": "32MB", "max_connections": "20"}.
+    settings: Mapping[str, str] = field(default_factory=dict)
+
+
+def _plans(value: str) -> dict[str, Plan]:
+    """JSON, or ``@path`` to a JSON file: {"small": {"memory": "256m", "cpus": 0.5, "settings": {...}}}."""
+    if not value:
+        return {}
+    if value.startswith("@"):
+        try:
+            value = Path(value[1:]).read_text()
+        except OSError as exc:
+            raise ValueError(f"cannot read {value[1:]}: {exc.strerror}") from None
+    try:
+        document = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise ValueError("expected an object of plans by name")
+    plans = {}
+    for name, body in document.items():
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", name) or not isinstance(body, dict):
+            raise ValueError(f"plan {name!r}: a lower-case name and an object")
+        unknown = set(body) - {"memory", "cpus", "settings"}
+        if unknown:
+            raise ValueError(f"plan {name!r}: unknown keys {', '.join(sorted(unknown))}")
+        memory = _memory(str(body.get("memory", "1g")))
+        cpus = body.get("cpus")
+        if cpus is not None and (not isinstance(cpus, (int, float)) or isinstance(cpus, bool) or cpus <= 0):
+            raise ValueError(f"plan {name!r}: cpus must be a number greater than zero")
+        server_settings = body.get("settings") or {}
+        if not isinstance(server_settings, dict) or not all(
+            re.fullmatch(r"[a-z_.]+", k) and isinstance(v, (str, int, float)) and re.fullmatch(r"\S+", str(v))
+            for k, v in server_settings.items()
+        ):
+            raise ValueError(f"plan {name!r}: settings must map setting names to single values")
+        plans[name] = Plan(name, memory, cpus, {k: str(v) for k, v in server_settings.items()})
+    return plans
 
 
 @dataclass(frozen=True)
@@ -259,6 +319,43 @@ class Settings:
         "DBPROV_PULL_IMAGES", _bool, "true",
         "whether a configured image the engine does not have is pulled",
     )
+    default_ttl: float | None = setting(
+        "DBPROV_DEFAULT_TTL", _optional_seconds, "",
+        "seconds a database lives when its create names no expiry", shown="none: no expiry",
+    )
+    max_ttl: float | None = setting(
+        "DBPROV_MAX_TTL", _optional_seconds, "",
+        "the longest expiry a create or a renewal may set; with it, every database expires",
+        shown="none",
+    )
+    idle_stop: float | None = setting(
+        "DBPROV_IDLE_STOP", _optional_seconds, "",
+        "seconds without client connections after which a ready database is stopped",
+        shown="off",
+    )
+    plans: Mapping[str, Plan] = setting(
+        "DBPROV_PLANS", _plans, "",
+        'named sizes, as JSON or `@file`: `{"small": {"memory": "256m", "cpus": 0.5, '
+        '"settings": {"shared_buffers": "32MB"}}}`',
+        shown="only `default` (`DBPROV_MEMORY_LIMIT`, no CPU limit)",
+    )
+    allowed_extensions: tuple[str, ...] = setting(
+        "DBPROV_ALLOWED_EXTENSIONS", _names, "",
+        "extensions a create may ask for beyond PostgreSQL's trusted ones", shown="none",
+    )
+    idempotency_retention: float = setting(
+        "DBPROV_IDEMPOTENCY_RETENTION", _seconds, "86400",
+        "seconds an `Idempotency-Key` of a create is remembered",
+    )
+    event_retention: float = setting(
+        "DBPROV_EVENT_RETENTION", _seconds, "2592000",
+        "seconds a deleted database's events stay readable",
+    )
+
+    @property
+    def all_plans(self) -> dict[str, Plan]:
+        """Every plan a create may name; ``default`` is today's size unless DBPROV_PLANS redefines it."""
+        return {"default": Plan("default", self.memory_limit), **self.plans}
 
     @property
     def embedded(self) -> bool:

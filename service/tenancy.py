@@ -44,6 +44,11 @@ class Principal:
     def rate_key(self) -> str:
         return self.token_id or f"tenant:{self.tenant}"
 
+    @property
+    def actor(self) -> str:
+        """Who did it, as events record it."""
+        return f"token:{self.token_id}" if self.token_id else "local"
+
 
 # Who every request is when authentication is off (`dbprov serve --no-auth`).
 LOCAL_ADMIN = Principal(tenant=DEFAULT_TENANT, admin=True)
@@ -125,6 +130,23 @@ class Tenants:
             if record is None:
                 raise NotFound(f"no tenant {tenant!r}")
             record.database_limit = limit
+
+    def plans(self, tenant: str) -> list[str] | None:
+        """The plans ``tenant``'s databases may use; None: every plan."""
+        with self.store.read() as session:
+            record = session.get(Tenant, tenant)
+        return None if record is None else record.plans
+
+    def set_plans(self, tenant: str, plans: list[str] | None) -> None:
+        """Restrict ``tenant`` to ``plans``, or lift the restriction with None."""
+        unknown = set(plans or ()) - set(self.settings.all_plans)
+        if unknown:
+            raise ValidationError(f"no such plans: {', '.join(sorted(unknown))}")
+        with self.store.transaction() as session:
+            record = session.get(Tenant, check_tenant_name(tenant))
+            if record is None:
+                raise NotFound(f"no tenant {tenant!r}")
+            record.plans = plans
 
     def quota(self, tenant: str) -> tuple[int, int]:
         """Live databases of ``tenant`` and its limit."""

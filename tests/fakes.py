@@ -158,6 +158,11 @@ class FakePostgres:
     superusers: dict[int, set[str]] = field(default_factory=dict)
     # Servers that never finish starting.
     starting_up: bool = False
+    # port -> database settings and extensions, as configure left them.
+    settings: dict[int, dict[str, str]] = field(default_factory=dict)
+    extensions: dict[int, list[str]] = field(default_factory=dict)
+    # port -> clients connected.
+    clients: dict[int, int] = field(default_factory=dict)
 
     def _server(self, port: int) -> dict[str, str]:
         for server in list(self.runtime.servers.values()):
@@ -183,3 +188,12 @@ class FakePostgres:
         self.check(admin)
         assert username in self.roles.get(admin.port, {}), username
         self.roles[admin.port][username] = password
+
+    def configure(self, admin, database, parameters, extensions) -> None:
+        self.check(admin)
+        self.settings.setdefault(admin.port, {}).update(parameters)
+        self.extensions.setdefault(admin.port, []).extend(extensions)
+
+    def client_connections(self, admin, database) -> int:
+        self.check(admin)
+        return self.clients.get(admin.port, 0)

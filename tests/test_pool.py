@@ -10,6 +10,7 @@ import pytest
 
 from service.composition import Services
 from service.crypto import Vault
+from service.databases import Wanted
 from service.errors import QuotaExceeded
 from service.models import Database, Status
 from service.store import Store
@@ -159,7 +160,7 @@ def test_an_overstocked_pool_is_trimmed_to_its_size(pooled, runtime):
     reconciler.run_once(wait=True)
     # As if a second worker had stocked at the same moment.
     for _ in range(2):
-        services.databases.record(POOL_TENANT, None, "17", False, services.vault.encrypt("x"))
+        services.databases.record(POOL_TENANT, Wanted("17"), services.vault.encrypt("x"), "service")
     reconciler.run_once(wait=True)
     reconciler.run_once(wait=True)
     assert len(members(services, Status.READY)) == 2

@@ -20,6 +20,29 @@ class StrictBoolean(fields.Boolean):
         return value
 
 
+class AwareDateTime(fields.AwareDateTime):
+    """An RFC 3339 time with its offset: a bare local time would be a guess."""
+
+    def __init__(self, **kwargs):
+        super().__init__(format="iso", **kwargs)
+
+
+_TTL = dict(
+    validate=validate.Range(min=1, max=10 * 365 * 86400),
+    metadata={
+        "description": "Seconds from now until the database is deleted by itself; renew it "
+        "with PATCH. At most DBPROV_MAX_TTL when the service sets one.",
+        "example": 3600,
+    },
+)
+_EXPIRES_AT = dict(
+    metadata={"description": "When the database is deleted by itself (RFC 3339, with offset)"},
+)
+_PROTECTED = dict(
+    metadata={"description": "Refuse DELETE and expiry (409) while true"},
+)
+
+
 class DatabaseCreateSchema(ma.Schema):
     name = fields.String(
         validate=validate.Regexp(NAME_PATTERN, error="Must match {regex}."),
@@ -43,6 +66,40 @@ class DatabaseCreateSchema(ma.Schema):
             "service allows it (DBPROV_ALLOW_SUPERUSER)."
         }
     )
+    ttl = fields.Integer(strict=True, **_TTL)
+    expires_at = AwareDateTime(**_EXPIRES_AT)
+    protected = StrictBoolean(**_PROTECTED)
+    plan = fields.String(
+        validate=validate.Regexp(r"^[a-z0-9][a-z0-9_-]{0,62}$", error="Must be a plan name."),
+        metadata={"description": "A plan of GET /plans; the default is `default`", "example": "default"},
+    )
+    parameters = fields.Dict(
+        keys=fields.String(validate=validate.Regexp(r"^[a-z_]{1,63}$", error="Must be a setting name.")),
+        values=fields.String(validate=validate.Regexp(r"^[^\x00]{1,200}$", error="Must be 1 to 200 characters.")),
+        validate=validate.Length(max=32),
+        metadata={
+            "description": "Database-level settings (ALTER DATABASE ... SET), e.g. work_mem or "
+            "statement_timeout; any other setting is refused with 422 naming it",
+            "example": {"statement_timeout": "30s"},
+        },
+    )
+    extensions = fields.List(
+        fields.String(validate=validate.Regexp(r"^[a-z0-9_-]{1,63}$", error="Must be an extension name.")),
+        validate=validate.Length(max=32),
+        metadata={
+            "description": "Extensions created in the database: PostgreSQL's trusted ones, or "
+            "those DBPROV_ALLOWED_EXTENSIONS allows; anything else is refused with 422",
+            "example": ["pg_trgm"],
+        },
+    )
+
+
+class DatabaseUpdateSchema(ma.Schema):
+    """What PATCH may change: the expiry (renew it, or remove it with expires_at null) and protection."""
+
+    ttl = fields.Integer(strict=True, **_TTL)
+    expires_at = AwareDateTime(allow_none=True, **_EXPIRES_AT)
+    protected = StrictBoolean(**_PROTECTED)
 
 
 class DatabaseSchema(ma.Schema):
@@ -54,7 +111,10 @@ class DatabaseSchema(ma.Schema):
     status = fields.String(
         required=True,
         validate=validate.OneOf(STATUSES),
-        metadata={"description": "pending, provisioning, ready, failed, deleting or deleted"},
+        metadata={
+            "description": "pending, provisioning, ready, failed, stopping, stopped, starting, "
+            "deleting or deleted"
+        },
     )
     version = fields.String(required=True)
     image = fields.String(required=True)
@@ -73,6 +133,11 @@ class DatabaseSchema(ma.Schema):
         values=fields.Float(),
         metadata={"description": "Seconds each provisioning phase took (create, start, ready)"},
     )
+    expires_at = fields.DateTime(allow_none=True, metadata={"description": "When it is deleted by itself"})
+    protected = fields.Boolean(required=True)
+    plan = fields.String(required=True)
+    parameters = fields.Dict(keys=fields.String(), values=fields.String())
+    extensions = fields.List(fields.String())
     created_at = fields.DateTime(required=True)
     ready_at = fields.DateTime(allow_none=True)
     deleted_at = fields.DateTime(allow_none=True)
@@ -108,6 +173,50 @@ class DatabasePageSchema(ma.Schema):
     page = fields.Integer(required=True)
     page_size = fields.Integer(required=True)
     total = fields.Integer(required=True)
+
+
+class EventSchema(ma.Schema):
+    id = fields.Integer(required=True)
+    database_id = fields.String(required=True)
+    tenant = fields.String(required=True)
+    at = fields.DateTime(required=True)
+    kind = fields.String(
+        required=True,
+        metadata={
+            "description": "requested, claimed, provisioning, retrying, ready, failed, updated, "
+            "stopping, stopped, idle-stopped, starting, started, credentials-rotated, expired, "
+            "deleting, deleted"
+        },
+    )
+    actor = fields.String(
+        required=True, metadata={"description": "token:<id>, local (no authentication) or service"}
+    )
+    details = fields.Dict()
+
+
+class EventListSchema(ma.Schema):
+    items = fields.List(fields.Nested(EventSchema), required=True)
+
+
+class EventQuerySchema(ma.Schema):
+    since = AwareDateTime(metadata={"description": "Only events at or after this time"})
+    until = AwareDateTime(metadata={"description": "Only events before this time"})
+    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
+
+
+class LogQuerySchema(ma.Schema):
+    tail = fields.Integer(load_default=100, validate=validate.Range(min=1, max=10_000))
+
+
+class PlanSchema(ma.Schema):
+    name = fields.String(required=True)
+    memory = fields.String(required=True, metadata={"example": "256m"})
+    cpus = fields.Float(allow_none=True, metadata={"description": "null: no CPU limit"})
+    settings = fields.Dict(keys=fields.String(), values=fields.String())
+
+
+class PlanListSchema(ma.Schema):
+    items = fields.List(fields.Nested(PlanSchema), required=True)
 
 
 class QuotaSchema(ma.Schema):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from typing import Any
 
-from flask import current_app, g, request, url_for
+from flask import Response, current_app, g, request, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import RAISE
@@ -13,22 +15,28 @@ from werkzeug.exceptions import UnsupportedMediaType
 
 from ..errors import DbprovError, ProvisioningFailed
 from ..models import Database, Status
-from ..databases import Credentials
+from ..databases import Credentials, Idempotency
 from ..tenancy import LOCAL_ADMIN, Principal
 from .problems import problem_response
+from ..errors import ValidationError
 from .schemas import (
     CredentialsSchema,
     DatabaseCreateSchema,
     DatabaseListQuerySchema,
     DatabasePageSchema,
     DatabaseSchema,
+    DatabaseUpdateSchema,
     DatabaseWithCredentialsSchema,
+    EventListSchema,
+    EventQuerySchema,
     HealthSchema,
+    LogQuerySchema,
+    PlanListSchema,
     QuotaSchema,
 )
 
 databases = Blueprint("databases", __name__, description="PostgreSQL databases on demand")
-quota = Blueprint("quota", __name__, description="The tenant's share of the service")
+quota = Blueprint("quota", __name__, description="The tenant's share of the service: quota and plans")
 health = Blueprint("health", __name__, description="Liveness and readiness of the service")
 
 _LOCATION = {"Location": {"schema": {"type": "string"}, "description": "The database's URL"}}
@@ -72,6 +80,11 @@ def _present(record: Database, credentials: Credentials | None = None) -> dict[s
         "database": record.database_name,
         "username": record.username,
         "superuser": record.superuser,
+        "expires_at": record.expires_at,
+        "protected": record.protected,
+        "plan": record.plan,
+        "parameters": record.parameters or {},
+        "extensions": record.extensions or [],
         "last_error": record.last_error,
         "phase_timings": record.phase_timings or {},
         "created_at": record.created_at,
@@ -106,6 +119,45 @@ def _preferences() -> tuple[bool, float | None]:
         if match:
             wait = float(match[1])
     return asynchronous, wait
+
+
+def _idempotency(body: dict) -> Idempotency | None:
+    """The Idempotency-Key header (IETF httpapi draft) with a hash of the request it came with."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    # The draft's key is a string; quoted as a structured field, or bare.
+    key = key.strip().removeprefix('"').removesuffix('"')
+    if not re.fullmatch(r"[\x21-\x7e]{1,255}", key):
+        raise ValidationError(
+            "the Idempotency-Key must be 1 to 255 visible ASCII characters",
+            errors={"headers": {"Idempotency-Key": ["Must be 1 to 255 visible ASCII characters."]}},
+        )
+    # The parsed body, so that spacing and key order do not make a different request.
+    canonical = json.dumps(body, sort_keys=True, default=str)
+    return Idempotency(key, hashlib.sha256(canonical.encode()).hexdigest())
+
+
+def _settled_answer(record: Database, success: int):
+    """A waited-for database as an answer: ``success`` once ready, 202 while not yet."""
+    if record.status == Status.FAILED:
+        raise ProvisioningFailed(
+            f"database {record.id} did not become ready: {record.last_error}",
+            database_id=record.id,
+        )
+    return success if record.status == Status.READY else 202
+
+
+def _wait(services, principal: Principal, record: Database, headers: dict[str, str]) -> Database:
+    """Wait for readiness as the request's Prefer header asks (RFC 7240)."""
+    asynchronous, wait = _preferences()
+    if asynchronous:
+        headers["Preference-Applied"] = "respond-async"
+        return record
+    timeout = services.settings.request_timeout
+    return services.databases.wait_until_settled(
+        principal, record.id, min(timeout, wait) if wait is not None else timeout
+    )
 
 
 @databases.before_request
@@ -164,7 +216,10 @@ class DatabaseCollection(MethodView):
         description="Over the tenant's quota (type ...:quota-exceeded), or a superuser role "
         "that the service does not allow",
     )
-    @databases.alt_response(409, response="CONFLICT", description="The name is taken")
+    @databases.alt_response(
+        409, response="CONFLICT",
+        description="The name is taken",
+    )
     @databases.alt_response(415, response="UNSUPPORTED_MEDIA_TYPE")
     @databases.alt_response(
         422, response="UNPROCESSABLE_ENTITY",
@@ -183,23 +238,21 @@ class DatabaseCollection(MethodView):
         services = _services()
         principal = _principal()
         record = services.databases.create(
-            principal, body.get("name"), body.get("version"), body.get("superuser", False)
+            principal,
+            body.get("name"),
+            body.get("version"),
+            body.get("superuser", False),
+            ttl=body.get("ttl"),
+            expires_at=body.get("expires_at"),
+            protected=body.get("protected", False),
+            plan=body.get("plan"),
+            parameters=body.get("parameters"),
+            extensions=body.get("extensions"),
+            idempotency=_idempotency(body),
         )
-        asynchronous, wait = _preferences()
         headers = {"Location": url_for("databases.DatabaseItem", database_id=record.id)}
-        if asynchronous:
-            headers["Preference-Applied"] = "respond-async"
-        else:
-            timeout = services.settings.request_timeout
-            record = services.databases.wait_until_settled(
-                principal, record.id, min(timeout, wait) if wait is not None else timeout
-            )
-        if record.status == Status.FAILED:
-            raise ProvisioningFailed(
-                f"database {record.id} did not become ready: {record.last_error}",
-                database_id=record.id,
-            )
-        status = 201 if record.status == Status.READY else 202
+        record = _wait(services, principal, record, headers)
+        status = _settled_answer(record, 201)
         return _present(record, services.databases.credentials(record)), status, headers
 
 
@@ -212,12 +265,94 @@ class DatabaseItem(MethodView):
         """Show a database (without its password)"""
         return _present(_services().databases.get(_principal(), database_id))
 
+    @databases.arguments(DatabaseUpdateSchema)
+    @_guarded(databases, write=True)
+    @databases.response(200, DatabaseSchema)
+    @databases.alt_response(403, response="FORBIDDEN", description="Removing the expiry, where DBPROV_MAX_TTL forbids it")
+    @databases.alt_response(404, response="NOT_FOUND")
+    @databases.alt_response(409, response="CONFLICT", description="The database is being deleted")
+    @databases.alt_response(415, response="UNSUPPORTED_MEDIA_TYPE")
+    @databases.alt_response(422, response="UNPROCESSABLE_ENTITY")
+    def patch(self, body, database_id):
+        """Renew or remove a database's expiry, or set its protection"""
+        return _present(_services().databases.update(_principal(), database_id, body))
+
     @_guarded(databases, write=True)
     @databases.response(202, DatabaseSchema)
     @databases.alt_response(404, response="NOT_FOUND")
+    @databases.alt_response(409, response="CONFLICT", description="The database is protected")
     def delete(self, database_id):
         """Delete a database: its container and volume are removed and its port freed"""
         return _present(_services().databases.delete(_principal(), database_id))
+
+
+@databases.route("/databases/<string:database_id>/stop")
+class DatabaseStop(MethodView):
+    @_guarded(databases, write=True)
+    @databases.response(202, DatabaseSchema)
+    @databases.alt_response(404, response="NOT_FOUND")
+    @databases.alt_response(409, response="CONFLICT", description="The database is not ready")
+    def post(self, database_id):
+        """Stop a database's server: its data, port and password are kept, its memory freed"""
+        return _present(_services().databases.stop(_principal(), database_id))
+
+
+@databases.route("/databases/<string:database_id>/start")
+class DatabaseStart(MethodView):
+    @_guarded(databases, write=True)
+    @databases.response(200, DatabaseSchema)
+    @databases.alt_response(
+        202, schema=DatabaseSchema, success=True,
+        description="Accepted: still starting (asked with Prefer: respond-async, or the wait ran out)",
+    )
+    @databases.alt_response(404, response="NOT_FOUND")
+    @databases.alt_response(409, response="CONFLICT", description="The database is not stopped")
+    @databases.alt_response(502, response="BAD_GATEWAY", description="The server did not come back")
+    def post(self, database_id):
+        """Start a stopped database and, unless asked not to, wait until it accepts connections"""
+        services = _services()
+        principal = _principal()
+        record = services.databases.start(principal, database_id)
+        headers: dict[str, str] = {}
+        record = _wait(services, principal, record, headers)
+        return _present(record), _settled_answer(record, 200), headers
+
+
+@databases.route("/databases/<string:database_id>/events")
+class DatabaseEvents(MethodView):
+    @databases.arguments(EventQuerySchema, location="query", unknown=RAISE)
+    @_guarded(databases)
+    @databases.response(200, EventListSchema)
+    @databases.alt_response(404, response="NOT_FOUND")
+    def get(self, query, database_id):
+        """A database's events, oldest first: what happened, when, and who did it"""
+        return {"items": _services().databases.events(_principal(), database_id, **query)}
+
+
+@databases.route("/events")
+class Events(MethodView):
+    @databases.arguments(EventQuerySchema, location="query", unknown=RAISE)
+    @_guarded(databases)
+    @databases.response(200, EventListSchema)
+    @databases.alt_response(403, response="FORBIDDEN", description="Not an admin token")
+    def get(self, query):
+        """Events of every database, oldest first (admin tokens only)"""
+        return {"items": _services().databases.events(_principal(), None, **query)}
+
+
+@databases.route("/databases/<string:database_id>/logs")
+class DatabaseLogs(MethodView):
+    @databases.arguments(LogQuerySchema, location="query", unknown=RAISE)
+    @_guarded(databases)
+    @databases.response(
+        200, {"type": "string"}, content_type="text/plain",
+        description="The last lines of the server's log",
+    )
+    @databases.alt_response(404, response="NOT_FOUND")
+    def get(self, query, database_id):
+        """The last lines of a database's server log, as text"""
+        text = _services().databases.logs(_principal(), database_id, query["tail"])
+        return Response(text, mimetype="text/plain")
 
 
 @databases.route("/databases/<string:database_id>/credentials")
@@ -253,6 +388,20 @@ class Quota(MethodView):
         principal = _principal()
         used, limit = _services().tenants.quota(principal.tenant)
         return {"tenant": principal.tenant, "used": used, "limit": limit}
+
+
+@quota.route("/plans")
+class Plans(MethodView):
+    @_guarded(quota)
+    @quota.response(200, PlanListSchema)
+    def get(self):
+        """The plans a create may name: memory, CPUs and server settings"""
+        return {
+            "items": [
+                {"name": p.name, "memory": p.memory, "cpus": p.cpus, "settings": dict(p.settings)}
+                for p in _services().settings.all_plans.values()
+            ]
+        }
 
 
 @health.route("/healthz")

@@ -2,24 +2,22 @@
 
     gunicorn -c gunicorn.conf.py 'service.app:create_app()'
 
-The API runs alone here; `dbprov worker` processes reconcile. Each setting can
-be overridden on the command line or with GUNICORN_CMD_ARGS.
+The API runs alone here: `dbprov worker` processes migrate and reconcile, and
+each API worker runs only the change feed beside it. The settings and hooks are
+service/web.py's, which `dbprov serve` uses too. Each setting can be
+overridden on the command line or with GUNICORN_CMD_ARGS.
 """
 
 import os
 
-bind = os.environ.get("DBPROV_LISTEN", "0.0.0.0:8080")
-workers = int(os.environ.get("DBPROV_WEB_WORKERS", "4"))
-# A create waits, mostly idle, until its database is ready: threads let one
-# worker hold many such waits while still answering quick reads. The waits
-# block in psycopg and socket calls, which gthread needs no patching for.
-worker_class = "gthread"
-threads = int(os.environ.get("DBPROV_WEB_THREADS", "16"))
-# Longer than DBPROV_REQUEST_TIMEOUT (90 s by default), so a SIGTERM lets
-# waiting creates answer instead of cutting them off.
-graceful_timeout = 100
-timeout = 120
-accesslog = "-"
-# gunicorn's control socket would sit at one path in the home folder for every
-# instance; dbprov does not use it.
-control_socket_disable = True
+from service import web
+
+# gunicorn takes its settings from this module's names.
+globals().update(web.settings(
+    bind=os.environ.get("DBPROV_LISTEN", "0.0.0.0:8080"),
+    workers=int(os.environ.get("DBPROV_WEB_WORKERS", "4")),
+    threads=int(os.environ.get("DBPROV_WEB_THREADS", "16")),
+    migrate=False,
+    reconcile=False,
+    multiprocess_metrics=True,
+))

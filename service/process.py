@@ -20,6 +20,8 @@ _POLL_WITH_FEED = 2.0
 
 
 class Background:
+    """Started and stopped explicitly, by gunicorn's worker hooks (``web``) or ``dbprov worker``."""
+
     def __init__(
         self,
         services: Services,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import ROOT, ServiceProcess, free_port, managed, wait_until
 
@@ -94,6 +95,14 @@ def test_forty_concurrent_creates_over_four_api_and_two_reconciler_workers(deplo
     containers = managed(docker_client)
     assert sorted(c.name for c in containers) == sorted(f"dbprov-{c['id']}" for c in created)
     assert len(managed(docker_client, "volumes")) == 40
+    # Each create is counted once, whichever worker served it and whichever answers the scrape.
+    for _ in range(8):
+        scraped = text_string_to_metric_families(api.request("GET", "/metrics").text)
+        assert sum(
+            sample.value for family in scraped for sample in family.samples
+            if sample.name == "dbprov_http_request_duration_seconds_count"
+            and sample.labels == {"method": "POST", "route": "/databases", "status": "201"}
+        ) == 40
 
 
 def test_racing_for_the_last_free_port_one_wins(deployment):

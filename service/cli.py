@@ -13,12 +13,14 @@ import click
 from gunicorn.app.base import BaseApplication
 from sqlalchemy.engine import make_url
 
+from . import web
 from .app import create_app, openapi_document
 from .composition import Services
 from .coordination import single_reconciler
 from .crypto import generate_key
-from .errors import DbprovError, SettingsError
+from .errors import DbprovError, MetadataUnavailable, SettingsError
 from .process import Background
+from .rekey import reencrypt_secrets
 
 log = logging.getLogger("dbprov")
 
@@ -28,6 +30,17 @@ def _services() -> Services:
         return Services.build()
     except SettingsError as exc:
         raise click.UsageError(f"invalid setting {exc}") from None
+
+
+def _migrated_services() -> Services:
+    """Services on a metadata store at this code's schema, migrated first if it is not."""
+    services = _services()
+    try:
+        services.store.ping()
+    except MetadataUnavailable:
+        # A fresh store, or one behind this code; if it is unreachable, this says so.
+        _run(services.store.upgrade, services.vault)
+    return services
 
 
 @click.group()
@@ -62,44 +75,29 @@ def serve(host: str, port: int, threads: int, no_auth: bool) -> None:
     else:
         log.info("authentication is on: `dbprov tokens create --tenant NAME` makes a token")
     log.info("metadata store: %s", _redacted(services.store.url))
-    _Server(
-        {
-            "bind": f"{host}:{port}",
-            "workers": 1,
-            "worker_class": "gthread",
-            "threads": threads,
-            "timeout": 120,
-            "graceful_timeout": 30,
-            "accesslog": "-",
-            # One per process otherwise, all at the same path in the home folder.
-            "control_socket_disable": True,
-        },
-        services,
-    ).run()
+    options = web.settings(
+        bind=f"{host}:{port}", workers=1, threads=threads, migrate=True, reconcile=True,
+        # One worker has nothing to sum, and prometheus_client is imported
+        # already here (with the app), before a multiprocess folder could be set.
+        multiprocess_metrics=False,
+    )
+    _Server(options, services).run()
 
 
 class _Server(BaseApplication):
-    """gunicorn with one worker that runs the API and the reconciler side by side."""
+    """gunicorn with ``web.settings``, serving the API on this process's services."""
 
     def __init__(self, options: dict, services: Services) -> None:
         self.options = options
         self.services = services
-        self.background: Background | None = None
         super().__init__()
 
     def load_config(self) -> None:
         for key, value in self.options.items():
             self.cfg.set(key, value)
-        self.cfg.set("worker_exit", self._worker_exit)
 
     def load(self):
-        # Runs in the worker after the fork: threads started here live there.
-        self.background = Background(self.services, migrate=True, reconcile=True).start()
         return create_app(self.services)
-
-    def _worker_exit(self, _server, _worker) -> None:
-        if self.background is not None:
-            self.background.stop()
 
 
 @main.command()
@@ -136,7 +134,7 @@ def worker(check: bool) -> None:
 @click.option("--once", is_flag=True, required=True, help="Run one pass, wait for its work, and exit")
 def reconcile(once: bool) -> None:
     """Make the Docker engine match the metadata store, once."""
-    services = _services()
+    services = _migrated_services()
     reconciler = services.reconciler()
     try:
         with single_reconciler(services.store, services.settings.data_dir):
@@ -155,11 +153,7 @@ def db() -> None:
 @db.command()
 def upgrade() -> None:
     """Apply every pending migration."""
-    services = _services()
-    try:
-        services.store.upgrade(services.vault)
-    except DbprovError as exc:
-        raise click.ClickException(str(exc)) from None
+    services = _migrated_services()
     click.echo(f"metadata store {_redacted(services.store.url)} is up to date")
 
 
@@ -179,7 +173,7 @@ def tokens() -> None:
 @click.option("--admin", is_flag=True, help="The token sees and manages every tenant")
 def tokens_create(tenant: str, admin: bool) -> None:
     """Create a token and print it: it cannot be shown again."""
-    services = _services()
+    services = _migrated_services()
     token, plaintext = _run(services.tenants.create_token, tenant, admin)
     click.echo(plaintext)
     click.echo(f"token {token.id} for tenant {tenant}{' (admin)' if admin else ''}; "
@@ -189,7 +183,7 @@ def tokens_create(tenant: str, admin: bool) -> None:
 @tokens.command("list")
 def tokens_list() -> None:
     """List tokens: id, tenant, admin, created, revoked (never the token itself)."""
-    for token in _run(_services().tenants.list_tokens):
+    for token in _run(_migrated_services().tenants.list_tokens):
         revoked = token.revoked_at.isoformat(timespec="seconds") if token.revoked_at else "-"
         click.echo(
             f"{token.id}  {token.tenant:<20} {'admin' if token.admin else '-':<6} "
@@ -201,7 +195,7 @@ def tokens_list() -> None:
 @click.argument("token_id")
 def tokens_revoke(token_id: str) -> None:
     """Revoke a token by its id; it stops working at once."""
-    _run(_services().tenants.revoke_token, token_id)
+    _run(_migrated_services().tenants.revoke_token, token_id)
     click.echo(f"token {token_id} revoked")
 
 
@@ -216,7 +210,7 @@ def tenants() -> None:
 @click.option("--default", "use_default", is_flag=True, help="Back to DBPROV_TENANT_QUOTA")
 def tenants_quota(tenant: str, limit: int | None, use_default: bool) -> None:
     """Show a tenant's quota, or set it with --limit or --default."""
-    services = _services()
+    services = _migrated_services()
     if limit is not None or use_default:
         _run(services.tenants.set_limit, tenant, None if use_default else limit)
     used, current = _run(services.tenants.quota, tenant)
@@ -240,8 +234,8 @@ def keys_rotate() -> None:
 
     Put the new key first, keep the old ones after it, run this, then drop them.
     """
-    services = _services()
-    count = _run(services.databases.reencrypt_secrets)
+    services = _migrated_services()
+    count = _run(reencrypt_secrets, services.store, services.vault)
     click.echo(f"re-encrypted the secrets of {count} databases with the first key")
 
 

@@ -1,0 +1,69 @@
+"""The `dbprov` command on a fresh data folder: commands that need the metadata
+store migrate it first, and trouble reaches the user as a message, not a traceback."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from service.crypto import generate_key
+
+
+@pytest.fixture
+def dbprov(tmp_path):
+    """Runs a `dbprov` command, as a user does, with a data folder no service has ever used."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DBPROV_")}
+
+    def run(*args: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "service", *args],
+            env={**base, "DBPROV_DATA_DIR": str(tmp_path / "fresh"), **env},
+            capture_output=True, text=True, timeout=60,
+        )
+
+    return run
+
+
+def test_token_and_tenant_commands_work_on_a_fresh_data_folder(dbprov):
+    created = dbprov("tokens", "create", "--tenant", "acme")
+    assert created.returncode == 0, created.stderr
+    assert created.stdout.startswith("dbp_")
+    listed = dbprov("tokens", "list")
+    assert listed.returncode == 0 and "acme" in listed.stdout
+    quota = dbprov("tenants", "quota", "acme", "--limit", "3")
+    assert quota.returncode == 0 and quota.stdout == "acme: 0 of 3 databases\n"
+
+
+@pytest.mark.parametrize("command", [["tokens", "list"], ["tenants", "quota", "acme"],
+                                     ["keys", "rotate"]])
+def test_each_store_command_migrates_first(dbprov, command):
+    result = dbprov(*command)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_refusal_is_a_message(dbprov):
+    result = dbprov("tokens", "revoke", "nosuchtoken")
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == "Error: no token with id 'nosuchtoken'"
+
+
+def test_reconcile_migrates_before_it_needs_the_engine(dbprov, tmp_path):
+    result = dbprov("reconcile", "--once", DOCKER_HOST="unix:///nonexistent/docker.sock")
+    assert "Traceback" not in result.stderr and "no such table" not in result.stderr
+    with sqlite3.connect(tmp_path / "fresh" / "dbprov.sqlite3") as conn:
+        assert conn.execute("SELECT count(*) FROM alembic_version").fetchone() == (1,)
+
+
+def test_an_unreachable_store_is_a_message(dbprov):
+    result = dbprov(
+        "tokens", "list",
+        DBPROV_DATABASE_URL="postgresql+psycopg://dbprov:secret@127.0.0.1:1/dbprov",
+        DBPROV_SECRET_KEY=generate_key(),
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: metadata store unavailable: ")
+    assert "secret" not in result.stderr

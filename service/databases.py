@@ -286,7 +286,7 @@ class Databases:
         else:
             return None
         limit = self.settings.max_ttl
-        if limit is not None and expires > now + timedelta(seconds=limit + 1):
+        if limit is not None and expires > now + timedelta(seconds=limit):
             raise _invalid("ttl", f"the expiry is more than DBPROV_MAX_TTL ({limit:g} s) away",
                            f"At most {limit:g} seconds from now.")
         return expires

@@ -46,6 +46,13 @@ ASYNC = {"Prefer": "respond-async"}
         ("GET", "/databases/0123456789ab/credentials"),
         ("POST", "/databases/0123456789ab/credentials/rotate"),
         ("GET", "/quota"),
+        ("PATCH", "/databases/0123456789ab"),
+        ("POST", "/databases/0123456789ab/stop"),
+        ("POST", "/databases/0123456789ab/start"),
+        ("GET", "/databases/0123456789ab/events"),
+        ("GET", "/databases/0123456789ab/logs"),
+        ("GET", "/events"),
+        ("GET", "/plans"),
     ],
 )
 def test_every_endpoint_needs_a_token(api, services, method, path):

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import re
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+from service.databases import TRUSTED_EXTENSIONS
 
 from .conftest import ServiceProcess
 
@@ -42,23 +45,49 @@ def live(docker_client, tmp_path_factory):
     suppress_health_check=list(HealthCheck),
 )
 def test_api_conforms_to_its_document(case, live):
-    # The document allows any major version; which ones a service runs is
-    # its setting (DBPROV_IMAGES). An unsupported one is a documented 422,
-    # checked here instead of by "valid data must be accepted".
-    unsupported = (
-        case.operation.path == "/databases"
-        and case.method == "POST"
-        and isinstance(case.body, dict)
-        and isinstance(case.body.get("version"), str)
-        and re.fullmatch(r"[0-9]{1,3}", case.body["version"]) is not None
-        and case.body["version"] not in SUPPORTED
-    )
+    refused = refused_by_rule(case)
     # respond-async: created databases are started in the background while
     # the examples go on; the fixture deletes them all afterwards.
-    response = case.call_and_validate(
+    response = case.call(
         base_url=live.url,
         headers={"Authorization": f"Bearer {live.token}", "Prefer": "respond-async"},
-        excluded_checks=[positive_data_acceptance] if unsupported else [],
     )
-    if unsupported:
+    if response.status_code == 414:
+        # gunicorn's own limit on the request line (4094 bytes), answered
+        # before the application sees the request; the README lists it.
+        assert len(response.request.url) > 4000
+        return
+    case.validate_response(response, excluded_checks=[positive_data_acceptance] if refused else [])
+    if refused:
         assert 400 <= response.status_code < 500, response.text
+
+
+def refused_by_rule(case) -> bool:
+    """A body the document allows but a rule refuses with a documented 4xx.
+
+    Which versions run, which plans and extensions are offered, is the
+    service's setting (DBPROV_IMAGES, DBPROV_PLANS, DBPROV_ALLOWED_EXTENSIONS);
+    an expiry must be in the future and given one way. These are checked here
+    instead of by "valid data must be accepted".
+    """
+    body = case.body if isinstance(case.body, dict) else {}
+    if case.method == "POST" and case.operation.path == "/databases":
+        version = body.get("version")
+        if isinstance(version, str) and version not in SUPPORTED:
+            return True
+        if body.get("plan", "default") != "default":
+            return True
+        extensions = body.get("extensions")
+        if isinstance(extensions, list) and any(isinstance(e, str) and e not in TRUSTED_EXTENSIONS for e in extensions):
+            return True
+    elif not (case.method == "PATCH" and case.operation.path == "/databases/{database_id}"):
+        return False
+    if "ttl" in body and "expires_at" in body:
+        return True
+    expires_at = body.get("expires_at")
+    if isinstance(expires_at, str):
+        try:
+            return datetime.fromisoformat(expires_at.replace("Z", "+00:00")) <= datetime.now(timezone.utc)
+        except ValueError:
+            return False
+    return False

@@ -253,8 +253,8 @@ def wait_for_warm(service: Service, wanted: int = 1, timeout: float = 120) -> No
         text = conn.getresponse().read().decode()
         conn.close()
         for line in text.splitlines():
-            if line.startswith('dbprov_pool_servers{version="17",status="ready"}'):
-                if int(line.split()[-1]) >= wanted:
+            if line.startswith('dbprov_pool_servers{status="ready",version="17"}'):
+                if float(line.split()[-1]) >= wanted:
                     return
         time.sleep(0.1)
     raise RuntimeError("the pool was not stocked")

@@ -217,6 +217,55 @@ def tenants_quota(tenant: str, limit: int | None, use_default: bool) -> None:
     click.echo(f"{tenant}: {used} of {current} databases")
 
 
+@tenants.command("plans")
+@click.argument("tenant")
+@click.option("--allow", help="Comma-separated plans the tenant may use")
+@click.option("--all", "every", is_flag=True, help="Lift the restriction: every plan")
+def tenants_plans(tenant: str, allow: str | None, every: bool) -> None:
+    """Show the plans a tenant may use, or set them with --allow or --all."""
+    services = _migrated_services()
+    if allow is not None or every:
+        names = None if every else [name.strip() for name in allow.split(",") if name.strip()]
+        _run(services.tenants.set_plans, tenant, names)
+    plans = _run(services.tenants.plans, tenant)
+    click.echo(f"{tenant}: {', '.join(plans) if plans is not None else 'every plan'}")
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def images(context: click.Context) -> None:
+    """Show each configured version's image: available, pulling or missing."""
+    if context.invoked_subcommand is not None:
+        return
+    services = _services()
+    for version, state in _run(services.images.check, False).items():
+        click.echo(f"{version}  {services.settings.images[version]}  {state}")
+
+
+@images.command("pull")
+def images_pull() -> None:
+    """Pull every configured version's image, showing the engine's progress.
+
+    Exits non-zero if any image could not be pulled.
+    """
+    services = _services()
+    failed = []
+    for version, image in services.settings.images.items():
+        click.echo(f"pulling {image} (version {version})", err=True)
+        try:
+            services.runtime.pull_image(image, lambda line: click.echo(f"  {line}", err=True))
+        except DbprovError as exc:
+            if not _run(services.runtime.has_image, image):
+                click.echo(f"  failed: {exc.detail}", err=True)
+                failed.append(image)
+                continue
+            # No newer image to be had, but the engine's own copy serves.
+            click.echo(f"  not pulled ({exc.detail}); the engine's copy stays", err=True)
+        click.echo(f"{version}  {image}  available")
+    if failed:
+        raise click.ClickException(f"could not pull {', '.join(failed)}")
+
+
 @main.group()
 def keys() -> None:
     """Manage the keys that encrypt stored passwords."""

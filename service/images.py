@@ -31,11 +31,14 @@ class Images:
         self._seen: dict[str, tuple[str, str, float]] = {}
         self._pulls: dict[str, threading.Thread] = {}
 
-    def check(self) -> dict[str, str]:
+    def check(self, pull: bool = True) -> dict[str, str]:
         """Every configured version's state, looked up now: "available",
-        "pulling", or "missing: <why>". A missing image is pulled in the
-        background once per process, if pulling is on."""
-        return {version: self._describe(*self._state(version, fresh=True)) for version in self.settings.images}
+        "pulling", or "missing: <why>". With ``pull``, a missing image is
+        pulled in the background once per process, if pulling is on."""
+        return {
+            version: self._describe(*self._state(version, fresh=True, pull=pull))
+            for version in self.settings.images
+        }
 
     def require(self, version: str) -> None:
         """Return if ``version`` can be provisioned; ``ImageMissing`` or ``ImagePulling`` if not."""
@@ -59,7 +62,7 @@ class Images:
         except RuntimeUnavailable:
             return False
 
-    def _state(self, version: str, fresh: bool = False) -> tuple[str, str]:
+    def _state(self, version: str, fresh: bool = False, pull: bool = True) -> tuple[str, str]:
         with self._lock:
             seen = self._seen.get(version)
         if (
@@ -70,13 +73,13 @@ class Images:
         ):
             return seen[0], seen[1]
         with self._lock:
-            pull = self._pulls.get(version)
-            if pull is not None and pull.is_alive():
+            pulling = self._pulls.get(version)
+            if pulling is not None and pulling.is_alive():
                 return PULLING, ""
         image = self.settings.images[version]
         if self.runtime.has_image(image):
             return self._remember(version, AVAILABLE, "")
-        if self.settings.pull_images and self._start_pull(version):
+        if pull and self.settings.pull_images and self._start_pull(version):
             return PULLING, ""
         with self._lock:
             seen = self._seen.get(version)

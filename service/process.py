@@ -55,6 +55,10 @@ class Background:
             if not store.upgrade_when_up(services.vault, self._stopping):
                 return
             log.info("metadata store is up to date")
+        # Each configured version's image, looked up (and pulled if missing) now
+        # rather than on the first create that needs it.
+        for version, state in services.images.check().items():
+            log.info("version %s (%s): %s", version, services.settings.images[version], state)
         if store.is_postgres:
             listener = ChangeListener(store, [services.wanted, services.changed])
             listener.start()

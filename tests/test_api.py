@@ -251,6 +251,7 @@ def test_a_version_whose_image_is_missing_is_refused_at_once(client, services, r
     deadline = time.monotonic() + 5
     while services.images.check()["15"] == "pulling" and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert services.images.check()["15"] == "missing: cannot pull postgres:15: no registry answers"
     response = client.post("/databases", json={"version": "15"})
     body = assert_problem(response, 422, "image-missing")
     assert body["image"] == "postgres:15" and body["version"] == "15"

@@ -67,3 +67,15 @@ def test_an_unreachable_store_is_a_message(dbprov):
     assert result.returncode == 1
     assert result.stderr.startswith("Error: metadata store unavailable: ")
     assert "secret" not in result.stderr
+
+
+def test_tenant_plans_are_shown_set_and_checked(dbprov):
+    plans = '{"small": {"memory": "256m"}}'
+    dbprov("tokens", "create", "--tenant", "classroom")
+    assert dbprov("tenants", "plans", "classroom", DBPROV_PLANS=plans).stdout == "classroom: every plan\n"
+    held = dbprov("tenants", "plans", "classroom", "--allow", "small", DBPROV_PLANS=plans)
+    assert held.returncode == 0 and held.stdout == "classroom: small\n"
+    unknown = dbprov("tenants", "plans", "classroom", "--allow", "huge", DBPROV_PLANS=plans)
+    assert unknown.returncode == 1 and "no such plans: huge" in unknown.stderr
+    lifted = dbprov("tenants", "plans", "classroom", "--all", DBPROV_PLANS=plans)
+    assert lifted.stdout == "classroom: every plan\n"

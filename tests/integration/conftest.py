@@ -14,6 +14,7 @@ from pathlib import Path
 import docker
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.crypto import generate_key
 from service.runtime import LABEL_INSTANCE
@@ -59,6 +60,15 @@ def wait_until(predicate, timeout: float = 60, what: str = "condition") -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.3)
+
+
+def metric(service, name: str, **labels: str) -> float:
+    """One sample of the service's /metrics, 0 if it has none."""
+    for family in text_string_to_metric_families(service.request("GET", "/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
 
 
 def managed(docker_client, kind: str = "containers") -> list:

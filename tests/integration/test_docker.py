@@ -14,7 +14,7 @@ import pytest
 
 from service.runtime import labels_for
 
-from .conftest import INSTANCE, ServiceProcess, managed, wait_until
+from .conftest import INSTANCE, ServiceProcess, managed, metric, wait_until
 
 pytestmark = pytest.mark.docker
 
@@ -196,10 +196,10 @@ def test_warm_pool_hands_out_a_running_server_at_once(docker_client, tmp_path):
     service = ServiceProcess(tmp_path, {"DBPROV_POOL_SIZE": "17=1"}).start()
     try:
         deadline = time.monotonic() + 60
-        stocked = 'dbprov_pool_servers{version="17",status="ready"} 1'
-        while stocked not in service.request("GET", "/metrics").text.splitlines():
-            assert time.monotonic() < deadline, "the pool was not stocked"
-            time.sleep(0.3)
+        wait_until(
+            lambda: metric(service, "dbprov_pool_servers", status="ready", version="17") == 1,
+            timeout=60, what="the pool to be stocked",
+        )
         warm = {c.name for c in managed(docker_client)}
         created = create(service)
         assert set(created["phase_timings"]) == {"claim"}, created

@@ -12,9 +12,8 @@ import time
 
 import psycopg
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import ROOT, ServiceProcess, free_port, managed, wait_until
+from .conftest import ROOT, ServiceProcess, free_port, managed, metric, wait_until
 
 pytestmark = pytest.mark.docker
 
@@ -74,14 +73,6 @@ def answers(uri: str) -> bool:
             return conn.execute("SELECT 1").fetchone() == (1,)
     except psycopg.OperationalError:
         return False
-
-
-def metric(service, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(service.request("GET", "/metrics").text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    return 0.0
 
 
 def test_kill_9_at_several_points_of_a_provisioning(service, docker_client):
@@ -189,6 +180,12 @@ def test_a_missing_image_is_refused_at_once_and_the_pool_is_unaffected(docker_cl
     log = service.log_path.read_text()
     assert "Traceback" not in log
     assert log.count("version 16 unavailable") == 1
+    # What an operator runs: the state of each image, and a pull that says what failed.
+    listed = service.run("images")
+    assert listed.stdout.splitlines() == ["16  postgres:16  missing: not pulled", "17  postgres:17  available"]
+    pulled = service.run("images", "pull", check=False)
+    assert pulled.returncode == 1 and "could not pull postgres:16" in pulled.stderr
+    assert "17  postgres:17  available" in pulled.stdout and "Traceback" not in pulled.stderr
     for container in managed(docker_client):
         container.remove(force=True, v=True)
     for volume in managed(docker_client, "volumes"):

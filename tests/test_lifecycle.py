@@ -196,6 +196,19 @@ def test_the_same_key_and_body_answer_the_same_database(client, services):
     assert count_records(services) == 2
 
 
+def test_a_retry_after_deletion_answers_the_deleted_database(client, running):
+    headers = {"Idempotency-Key": "once"}
+    created = client.post("/databases", json={}, headers=headers)
+    client.delete(f"/databases/{created.get_json()['id']}")
+    for _ in range(100):
+        if client.get(f"/databases/{created.get_json()['id']}").get_json()["status"] == "deleted":
+            break
+        running.records.changed.wait(0.05)
+    again = client.post("/databases", json={}, headers=headers)
+    assert again.status_code == 201 and again.get_json()["status"] == "deleted"
+    assert again.get_json()["id"] == created.get_json()["id"]
+
+
 def test_concurrent_retries_make_one_database(client, services):
     headers = {**ASYNC, "Idempotency-Key": "retry-storm"}
     with ThreadPoolExecutor(max_workers=6) as pool:

@@ -14,7 +14,7 @@ from marshmallow import RAISE
 from werkzeug.exceptions import UnsupportedMediaType
 
 from ..errors import DbprovError, ProvisioningFailed
-from ..models import Database, Status
+from ..models import SETTLING, Database, Status
 from ..databases import Credentials, Idempotency
 from ..tenancy import LOCAL_ADMIN, Principal
 from .problems import problem_response
@@ -139,13 +139,15 @@ def _idempotency(body: dict) -> Idempotency | None:
 
 
 def _settled_answer(record: Database, success: int):
-    """A waited-for database as an answer: ``success`` once ready, 202 while not yet."""
+    """A waited-for database as an answer: 202 while it is still coming up,
+    ``success`` once it is past that (ready, or since stopped or deleted, as a
+    create retried with its Idempotency-Key may find it)."""
     if record.status == Status.FAILED:
         raise ProvisioningFailed(
             f"database {record.id} did not become ready: {record.last_error}",
             database_id=record.id,
         )
-    return success if record.status == Status.READY else 202
+    return 202 if record.status in SETTLING | {Status.STARTING} else success
 
 
 def _wait(services, principal: Principal, record: Database, headers: dict[str, str]) -> Database:

@@ -151,6 +151,16 @@ def _invalid(field_name: str, detail: str, message: str) -> ValidationError:
     return ValidationError(detail, errors={"json": {field_name: [message]}})
 
 
+def _only(field_name: str, asked, allowed: frozenset[str] | set[str], why: str) -> None:
+    """Refuse the first of ``asked`` that is not ``allowed``, naming it."""
+    for name in asked:
+        if name not in allowed:
+            raise _invalid(
+                field_name, f"{field_name}: {name!r} is not allowed",
+                f"{name}: {why}; allowed: {', '.join(sorted(allowed))}.",
+            )
+
+
 def _check_id(database_id: str) -> None:
     # Anything else cannot exist; refusing it here keeps odd bytes (NUL, say)
     # away from the metadata store's driver.
@@ -249,21 +259,11 @@ class Databases:
         if allowed is not None and plan not in allowed:
             raise Forbidden(f"tenant {principal.tenant!r} may use the plans {', '.join(allowed) or 'none'}, "
                             f"not {plan!r}")
-        for parameter in parameters:
-            if parameter not in DATABASE_PARAMETERS:
-                raise _invalid(
-                    "parameters", f"{parameter!r} cannot be set per database",
-                    f"{parameter}: not a database-level setting this service allows; allowed: "
-                    f"{', '.join(sorted(DATABASE_PARAMETERS))}.",
-                )
-        allowed_extensions = TRUSTED_EXTENSIONS | set(self.settings.allowed_extensions)
-        for extension in extensions:
-            if extension not in allowed_extensions:
-                raise _invalid(
-                    "extensions", f"extension {extension!r} is not allowed",
-                    f"{extension}: neither trusted nor allowed by DBPROV_ALLOWED_EXTENSIONS; "
-                    f"allowed: {', '.join(sorted(allowed_extensions))}.",
-                )
+        _only("parameters", parameters, DATABASE_PARAMETERS, "not a database-level setting this service allows")
+        _only(
+            "extensions", extensions, TRUSTED_EXTENSIONS | set(self.settings.allowed_extensions),
+            "neither trusted nor allowed by DBPROV_ALLOWED_EXTENSIONS",
+        )
         return Wanted(
             version=version, name=name, superuser=superuser,
             expires_at=self._expiry(ttl, expires_at, default=True), protected=protected, plan=plan,

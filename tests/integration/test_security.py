@@ -11,11 +11,8 @@ import pytest
 
 from service.app import create_app
 from service.composition import Services
-from service.crypto import Vault
-from service.docker_runtime import DockerRuntime
 from service.models import Database
 from service.settings import Settings
-from service.store import Store
 
 from .conftest import INSTANCE, SECRET_KEY, ServiceProcess
 
@@ -111,7 +108,7 @@ def test_no_secret_reaches_a_log_line_or_an_error(docker_client, tmp_path, caplo
         instance=INSTANCE, secret_keys=(SECRET_KEY,), reconcile_interval=0.5,
     )
     caplog.set_level(logging.DEBUG)
-    services = Services(settings, Store(settings.database_url), DockerRuntime(), Vault([SECRET_KEY]))
+    services = Services.build(settings)
     services.store.upgrade(services.vault)
     reconciler = services.reconciler()
     reconciler.start()

@@ -71,6 +71,7 @@ def create_app(services: Services | None = None) -> Flask:
     app.extensions["dbprov"] = services
     api = Api(app)
     api.register_blueprint(views.databases)
+    api.register_blueprint(views.data)
     api.register_blueprint(views.quota)
     api.register_blueprint(views.health)
 

@@ -10,6 +10,7 @@ from .coordination import claims_for
 from .crypto import Vault, load_vault
 from .databases import Databases
 from .docker_runtime import DockerRuntime
+from .dumps import Dumps
 from .images import Images
 from .notify import Notifier
 from .pool import WarmPool
@@ -18,7 +19,9 @@ from .reconciler import Reconciler
 from .records import Records
 from .runtime import ServerRuntime
 from .settings import Settings
+from .snapshots import Snapshots
 from .store import Store
+from .templates import Templates
 from .tenancy import Tenants
 
 
@@ -48,10 +51,14 @@ class Services:
             self.settings, self.store, self.records, self.vault, self.tenants,
             self.server_admin, self.images, self.runtime,
         )
-        self.pool = None
-        if self.settings.pool_sizes:
-            self.pool = WarmPool(self.databases, self.claims)
-            self.databases.pool = self.pool
+        # Always there: templates keep warm pools of their own.
+        self.pool = WarmPool(self.databases, self.claims)
+        self.databases.pool = self.pool
+        self.snapshots = Snapshots(self.settings, self.store, self.records, self.databases)
+        self.templates = Templates(self.store, self.records, self.databases, self.snapshots)
+        self.databases.snapshots = self.snapshots
+        self.databases.templates = self.templates
+        self.dumps = Dumps(self.databases, self.records, self.runtime, self.vault, self.server_admin)
 
     @classmethod
     def build(cls, settings: Settings | None = None, runtime: ServerRuntime | None = None):
@@ -70,5 +77,5 @@ class Services:
     def reconciler(self, **options) -> Reconciler:
         return Reconciler(
             self.settings, self.store, self.runtime, self.records, self.vault,
-            self.server_admin, self.claims, pool=self.pool, **options,
+            self.server_admin, self.claims, pool=self.pool, templates=self.templates, **options,
         )

@@ -8,6 +8,7 @@ engine follow what is recorded here.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import secrets
@@ -43,7 +44,10 @@ from .store import Store
 from .tenancy import POOL_TENANT, Principal, Tenants
 
 if TYPE_CHECKING:
+    from .models import Snapshot
     from .pool import WarmPool
+    from .snapshots import Snapshots
+    from .templates import Templates
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +99,14 @@ class Wanted:
     plan: str = "default"
     parameters: Mapping[str, str] = field(default_factory=dict)
     extensions: tuple[str, ...] = ()
+    # The snapshot its data is copied from, and the template it is a clone of.
+    source: "Snapshot | None" = None
+    template_id: str | None = None
 
     @property
     def plain(self) -> bool:
         """What a warm pool member is, or can be made into at its claim."""
-        return self.plan == "default"
+        return self.plan == "default" and (self.source is None or self.template_id is not None)
 
     def columns(self) -> dict[str, Any]:
         """The record's columns this request decides."""
@@ -107,6 +114,8 @@ class Wanted:
             "name": self.name, "superuser": self.superuser, "expires_at": self.expires_at,
             "protected": self.protected, "plan": self.plan,
             "parameters": dict(self.parameters), "extensions": list(self.extensions),
+            "source_snapshot_id": self.source.id if self.source else None,
+            "template_id": self.template_id,
         }
 
 
@@ -190,8 +199,11 @@ class Databases:
         self.server_admin = server_admin
         self.images = images
         self._runtime = runtime
-        # Set by the composition root when DBPROV_POOL_SIZE asks for warm servers.
+        # Set by the composition root: warm servers (when DBPROV_POOL_SIZE asks
+        # for them), and where clones come from.
         self.pool: WarmPool | None = None
+        self.snapshots: Snapshots | None = None
+        self.templates: Templates | None = None
         # Re-read interval while waiting; raised when a change feed delivers nudges.
         self.poll_interval = 0.25
 
@@ -208,17 +220,28 @@ class Databases:
         plan: str | None = None,
         parameters: Mapping[str, str] | None = None,
         extensions: list[str] | None = None,
+        from_snapshot: str | None = None,
+        from_database: str | None = None,
+        template: str | None = None,
         idempotency: Idempotency | None = None,
     ) -> Database:
         """A warm pool member made the tenant's, or else a new record with its port
-        reserved, which the reconciler starts. With ``idempotency``, a create
-        already made with the same key answers again instead."""
+        reserved, which the reconciler starts. A clone's data is a copy of a
+        snapshot, of another database, or of a template. With ``idempotency``,
+        a create already made with the same key answers again instead."""
         if idempotency is not None:
             earlier = self._replay(principal, idempotency)
             if earlier is not None:
                 return earlier
+        source, template_id = self._source(principal, from_snapshot, from_database, template)
+        if source is not None:
+            if version is not None and version != source.version:
+                raise _invalid("version", f"the copy is of version {source.version}, not {version}",
+                               f"Must be {source.version}, the version of the copy, or left out.")
+            version = source.version
         wanted = self._check(principal, name, version, superuser, ttl, expires_at, protected, plan,
                              parameters or {}, extensions or [])
+        wanted = dataclasses.replace(wanted, source=source, template_id=template_id)
         # Before anything is recorded: a version that cannot run holds no record and no port.
         self.images.require(wanted.version)
         password = self.vault.encrypt(new_password())
@@ -235,6 +258,24 @@ class Databases:
             if earlier is None:
                 raise
             return earlier
+
+    def _source(
+        self, principal: Principal, from_snapshot: str | None, from_database: str | None, template: str | None
+    ) -> "tuple[Snapshot | None, str | None]":
+        """The snapshot a clone copies, and its template: none for a fresh database."""
+        asked = [name for name, value in (("from_snapshot", from_snapshot), ("from_database", from_database),
+                                          ("template", template)) if value is not None]
+        if len(asked) > 1:
+            raise _invalid(asked[1], f"give one of {', '.join(asked)}", "Give only one source.")
+        if template is not None:
+            usable = self.templates.usable(principal, template)
+            return self.snapshots.get(principal, usable.snapshot_id, usable=True), usable.id
+        if from_snapshot is not None:
+            return self.snapshots.get(principal, from_snapshot, usable=True), None
+        if from_database is not None:
+            # A consistent copy first; the clone's provisioning waits for it.
+            return self.snapshots.take(principal, from_database), None
+        return None, None
 
     def _check(
         self, principal: Principal, name: str | None, version: str | None, superuser: bool,
@@ -296,7 +337,10 @@ class Databases:
         idempotency: Idempotency | None = None,
     ) -> Database:
         """A new pending record with a host port reserved for it."""
-        admin_password = self.vault.encrypt(new_password())
+        # A copy's server keeps the superuser its data already has.
+        source = wanted.source
+        admin_username = source.admin_username if source else ADMIN_USERNAME
+        admin_password = source.admin_password if source else self.vault.encrypt(new_password())
         for _ in range(_PORT_ATTEMPTS):
             try:
                 with self.store.transaction() as session:
@@ -314,7 +358,7 @@ class Databases:
                         database_name=DATABASE_NAME,
                         username=USERNAME,
                         password=password,
-                        admin_username=ADMIN_USERNAME,
+                        admin_username=admin_username,
                         admin_password=admin_password,
                         phase_timings={},
                         **wanted.columns(),

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import logging
 import secrets
+import tarfile
+import tempfile
 import threading
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import IO, Callable, Iterator
 
 import docker
 import docker.errors
@@ -284,55 +287,104 @@ class DockerRuntime:
 
     # -- jobs -------------------------------------------------------------------
 
-    def run_job(self, database_id: str, command: list[str], timeout: float = 300.0) -> JobResult:
+    def run_job(
+        self,
+        database_id: str,
+        command: list[str],
+        environment: dict[str, str] | None = None,
+        input_file: Path | None = None,
+        timeout: float = 300.0,
+    ) -> JobResult:
         with _translated():
-            image = self._server_image(database_id)
-            return self._job(
-                database_id, image, command, {volume_name(database_id): {"bind": PGDATA, "mode": "rw"}},
-                timeout,
-            )
+            container = self._beside(database_id, command, environment)
+            try:
+                if input_file is not None:
+                    container.put_archive("/tmp", _tar_of(input_file, "input"))
+                container.start()
+                try:
+                    status = container.wait(timeout=timeout)
+                except requests.exceptions.ReadTimeout:
+                    raise EngineError(f"job {command[0]} ran longer than {timeout:g} s") from None
+                output = container.logs().decode("utf-8", errors="replace")
+                return JobResult(exit_code=status.get("StatusCode", -1), output=output)
+            finally:
+                self._remove_container(container.id)
 
-    def copy_data(self, source_id: str, target_id: str) -> None:
+    def stream_job(
+        self, database_id: str, command: list[str], environment: dict[str, str] | None = None
+    ) -> Iterator[bytes]:
+        with _translated():
+            container = self._beside(database_id, command, environment)
+        try:
+            with _translated():
+                container.start()
+                for chunk in container.logs(stdout=True, stderr=False, stream=True, follow=True):
+                    yield chunk
+                status = container.wait()
+                if status.get("StatusCode", -1) != 0:
+                    error = container.logs(stdout=False, stderr=True).decode("utf-8", errors="replace")
+                    raise EngineError(f"{command[0]} failed: {error.strip()}")
+        finally:
+            with _translated():
+                self._remove_container(container.id)
+
+    def _beside(self, database_id: str, command: list[str], environment: dict[str, str] | None):
+        """A job container from the server's image, on its data and in its network namespace."""
+        return self._job_container(
+            database_id,
+            self._server_image(database_id),
+            command,
+            {volume_name(database_id): {"bind": PGDATA, "mode": "rw"}},
+            network_mode=f"container:{container_name(database_id)}",
+            environment=environment,
+        )
+
+    def copy_data(self, source_id: str, target_id: str) -> int:
         with _translated():
             image = self._server_image(source_id)
             self._ensure_volume(volume_name(target_id), labels_for(self.instance, target_id))
-            result = self._job(
+            container = self._job_container(
                 target_id,
                 image,
-                # -a keeps owners and modes: the server runs as its own user on them.
-                ["cp", "-a", "/source/.", "/target/"],
+                # -a keeps owners and modes: the server runs as its own user on
+                # them. The size is the copy's, for the snapshot's record.
+                ["sh", "-c", "cp -a /source/. /target/ && du -sb /target | cut -f1"],
                 {
                     volume_name(source_id): {"bind": "/source", "mode": "ro"},
                     volume_name(target_id): {"bind": "/target", "mode": "rw"},
                 },
-                timeout=3600.0,
+                network_mode="none",
             )
-        if result.exit_code != 0:
-            raise EngineError(f"copying the data of {source_id} failed: {result.output.strip()}")
+            try:
+                container.start()
+                status = container.wait(timeout=3600)
+                output = container.logs().decode("utf-8", errors="replace").strip()
+            finally:
+                self._remove_container(container.id)
+        if status.get("StatusCode", -1) != 0 or not output.splitlines()[-1:][0].isdigit():
+            raise EngineError(f"copying the data of {source_id} failed: {output}")
+        return int(output.splitlines()[-1])
 
-    def _job(
-        self, database_id: str, image: str, command: list[str], volumes: dict, timeout: float
-    ) -> JobResult:
-        container = self.client.containers.create(
+    def _job_container(
+        self,
+        database_id: str,
+        image: str,
+        command: list[str],
+        volumes: dict,
+        network_mode: str,
+        environment: dict[str, str] | None = None,
+    ):
+        return self.client.containers.create(
             image,
             entrypoint=command[:1],
             command=command[1:],
             name=f"{container_name(database_id)}-job-{secrets.token_hex(3)}",
             labels={**labels_for(self.instance, database_id), LABEL_JOB: "true"},
             volumes=volumes,
-            network=self._network(),
+            network_mode=network_mode,
+            environment=environment or {},
             security_opt=["no-new-privileges:true"],
         )
-        try:
-            container.start()
-            try:
-                status = container.wait(timeout=timeout)
-            except requests.exceptions.ReadTimeout:
-                raise EngineError(f"job {' '.join(command)} ran longer than {timeout:g} s") from None
-            output = container.logs().decode("utf-8", errors="replace")
-            return JobResult(exit_code=status.get("StatusCode", -1), output=output)
-        finally:
-            self._remove_container(container.id)
 
     # -- engine objects ------------------------------------------------------------
 
@@ -404,6 +456,19 @@ class DockerRuntime:
     def _networks(self) -> list[dict]:
         # The engine's name filter matches substrings.
         return [n for n in self.client.api.networks(names=[self.network]) if n["Name"] == self.network]
+
+
+def _tar_of(path: Path, name: str) -> IO[bytes]:
+    """``path`` as a one-file tar archive named ``name``, spooled to disk, for put_archive."""
+    spool = tempfile.TemporaryFile()
+    with tarfile.open(fileobj=spool, mode="w") as archive:
+        info = archive.gettarinfo(str(path), arcname=name)
+        # Readable by whatever user the job runs as.
+        info.mode = 0o644
+        with open(path, "rb") as handle:
+            archive.addfile(info, handle)
+    spool.seek(0)
+    return spool
 
 
 def _server_info(

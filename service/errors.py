@@ -104,6 +104,10 @@ class EngineError(TransientError):
     """The engine failed an operation on its side (a 5xx), not because of what was asked."""
 
 
+class Locked(TransientError):
+    """Someone else is building it right now (a template); ask again shortly."""
+
+
 class ImagePulling(TransientError):
     """A version's image is being pulled right now."""
 

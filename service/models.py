@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Enum,
@@ -32,6 +33,7 @@ class Status(str, enum.Enum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     STARTING = "starting"
+    RESETTING = "resetting"
     DELETING = "deleting"
     DELETED = "deleted"
 
@@ -39,8 +41,9 @@ class Status(str, enum.Enum):
 # Named sets of statuses, so that a decision reads as what it means.
 # Being brought up: the reconciler provisions these.
 SETTLING = frozenset({Status.PENDING, Status.PROVISIONING})
-# Stopped on purpose, or on the way there or back: the server and its port are kept.
-RESTING = frozenset({Status.STOPPING, Status.STOPPED, Status.STARTING})
+# Stopped on purpose, or on the way there or back, or being put back to a
+# snapshot: the port is kept, and drift repair leaves the server alone.
+RESTING = frozenset({Status.STOPPING, Status.STOPPED, Status.STARTING, Status.RESETTING})
 # Still holding (or possibly holding) a server, its data, a port or a name.
 LIVE = frozenset({*SETTLING, Status.READY, *RESTING, Status.FAILED, Status.DELETING})
 # Whose server may exist and is wanted; a failed one had its server removed.
@@ -170,6 +173,12 @@ class Database(Base):
     extensions: Mapped[list[str] | None] = mapped_column(JSON, default=list)
     # The last time the service saw a client connected, for the idle stop.
     active_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The snapshot its data comes from (a clone, a template's database, a
+    # reset), and when that copy was made: until then the server must not start.
+    source_snapshot_id: Mapped[str | None] = mapped_column(String(32))
+    seeded_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The template whose warm pool holds it, or whose database it is.
+    template_id: Mapped[str | None] = mapped_column(String(32), index=True)
     # Seconds each provisioning phase took, e.g. {"server": 0.6, "ready": 1.3, "setup": 0.05}.
     phase_timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -217,3 +226,82 @@ class IdempotencyKey(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     database_id: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class SnapshotStatus(str, enum.Enum):
+    PENDING = "pending"
+    READY = "ready"
+    FAILED = "failed"
+    DELETING = "deleting"
+    DELETED = "deleted"
+
+
+# Snapshots whose data exists or is being made.
+SNAPSHOT_LIVE = frozenset({SnapshotStatus.PENDING, SnapshotStatus.READY, SnapshotStatus.DELETING})
+
+
+class Snapshot(Base):
+    """A consistent copy of a database's data, outliving the database."""
+
+    __tablename__ = "snapshots"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(ForeignKey("tenants.name"), index=True)
+    database_id: Mapped[str] = mapped_column(String(32), index=True)
+    # Set for a template's snapshot, which the template owns.
+    template_id: Mapped[str | None] = mapped_column(String(32))
+    status: Mapped[SnapshotStatus] = mapped_column(
+        Enum(SnapshotStatus, name="snapshot_status", native_enum=False, length=16,
+             values_callable=lambda e: [m.value for m in e]),
+        index=True,
+    )
+    version: Mapped[str] = mapped_column(String(8))
+    image: Mapped[str] = mapped_column(String(255))
+    # The server superuser inside the copied data, so that a server made from
+    # it can be logged into; encrypted like every password.
+    admin_username: Mapped[str] = mapped_column(String(63))
+    admin_password: Mapped[str] = mapped_column(String(255))
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    ready_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class TemplateStatus(str, enum.Enum):
+    BUILDING = "building"
+    FINALIZING = "finalizing"
+    READY = "ready"
+    FAILED = "failed"
+    DELETED = "deleted"
+
+
+class Template(Base):
+    """A migrated database kept as a snapshot under a client's key (a hash of
+    its migrations), from which clones are made."""
+
+    __tablename__ = "templates"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(ForeignKey("tenants.name"))
+    key: Mapped[str] = mapped_column(String(255))
+    version: Mapped[str] = mapped_column(String(8))
+    status: Mapped[TemplateStatus] = mapped_column(
+        Enum(TemplateStatus, name="template_status", native_enum=False, length=16,
+             values_callable=lambda e: [m.value for m in e]),
+    )
+    # The database its builder fills, then the snapshot taken of it.
+    database_id: Mapped[str | None] = mapped_column(String(32))
+    snapshot_id: Mapped[str | None] = mapped_column(String(32))
+    # Warm clones kept ready.
+    pool_size: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    ready_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        # One live template per key and tenant; a deleted one frees the key.
+        Index(
+            "uq_templates_tenant_live_key", "tenant", "key", unique=True,
+            sqlite_where=text("status != 'deleted'"), postgresql_where=text("status != 'deleted'"),
+        ),
+    )

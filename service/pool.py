@@ -17,7 +17,7 @@ from sqlalchemy import delete, select
 from .coordination import Claims
 from .databases import Databases, Idempotency, Wanted, new_password
 from .errors import PortRangeExhausted
-from .models import SETTLING, Database, IdempotencyKey, Status, utcnow
+from .models import SETTLING, Database, IdempotencyKey, Snapshot, Status, Template, TemplateStatus, utcnow
 from .postgres import set_up_tenant
 from .records import SERVICE
 from .tenancy import POOL_TENANT, Principal
@@ -42,7 +42,7 @@ class WarmPool:
     ) -> Database | None:
         """A warm member made the tenant's: None when the pool is empty or the claim failed."""
         version = wanted.version
-        if not self.settings.pool_sizes.get(version):
+        if wanted.template_id is None and not self.settings.pool_sizes.get(version):
             return None
         started = time.monotonic()
         with self.store.transaction() as session:
@@ -55,6 +55,7 @@ class WarmPool:
                     Database.tenant == POOL_TENANT,
                     Database.status == Status.READY,
                     Database.version == version,
+                    _of_template(wanted.template_id),
                 )
                 .order_by(Database.created_at)
                 .limit(1)
@@ -114,46 +115,67 @@ class WarmPool:
             session.execute(delete(IdempotencyKey).where(IdempotencyKey.database_id == member.id))
 
     def stock(self) -> int:
-        """Bring each version's pool to its size; returns how many members were added.
+        """Bring each version's pool, and each ready template's, to its size;
+        returns how many members were added.
 
         Workers stocking at the same moment may overshoot; the surplus is
         trimmed on the next pass, so the pool settles at its size.
         """
+        with self.store.transaction() as session:
+            # Failed members are of no use to anyone: have them removed.
+            failed = session.scalars(
+                select(Database.id).where(Database.tenant == POOL_TENANT, Database.status == Status.FAILED)
+            ).all()
+            self._remove(session, failed)
+            templates = session.execute(
+                select(Template, Snapshot)
+                .join(Snapshot, Snapshot.id == Template.snapshot_id)
+                .where(Template.status == TemplateStatus.READY, Template.pool_size > 0)
+            ).all()
         added = 0
-        for version, size in self.settings.pool_sizes.items():
-            with self.store.transaction() as session:
-                # Failed members are of no use to anyone: have them removed.
-                failed = session.scalars(
-                    select(Database.id).where(
-                        Database.tenant == POOL_TENANT, Database.status == Status.FAILED
-                    )
-                ).all()
-                stocked = list(
-                    session.scalars(
-                        select(Database.id)
-                        .where(
-                            Database.tenant == POOL_TENANT,
-                            Database.version == version,
-                            Database.status.in_(SETTLING | {Status.READY}),
-                        )
-                        .order_by(Database.created_at)
-                    )
+        try:
+            for version, size in self.settings.pool_sizes.items():
+                added += self._keep(size, Wanted(version))
+            for template, snapshot in templates:
+                added += self._keep(
+                    template.pool_size, Wanted(template.version, source=snapshot, template_id=template.id)
                 )
-                for member_id in [*failed, *stocked[size:]]:
-                    self.records.transition(
-                        member_id, SETTLING | {Status.READY, Status.FAILED}, session=session,
-                        # Not one a create claimed meanwhile.
-                        only_if=Database.tenant == POOL_TENANT,
-                        status=Status.DELETING,
-                    )
-            if not self._databases.images.available(version):
-                continue  # never stock a version that cannot run
-            for _ in range(size - len(stocked)):
-                try:
-                    self._databases.record(
-                        POOL_TENANT, Wanted(version), self.vault.encrypt(new_password()), SERVICE
-                    )
-                except PortRangeExhausted:
-                    return added  # tenants come first; the pool waits for free ports
-                added += 1
+        except PortRangeExhausted:
+            pass  # tenants come first; the pool waits for free ports
         return added
+
+    def _keep(self, size: int, member: Wanted) -> int:
+        """``size`` members like ``member``: the surplus removed, the missing recorded."""
+        with self.store.transaction() as session:
+            stocked = list(
+                session.scalars(
+                    select(Database.id)
+                    .where(
+                        Database.tenant == POOL_TENANT,
+                        Database.version == member.version,
+                        _of_template(member.template_id),
+                        Database.status.in_(SETTLING | {Status.READY}),
+                    )
+                    .order_by(Database.created_at)
+                )
+            )
+            self._remove(session, stocked[size:])
+        if not self._databases.images.available(member.version):
+            return 0  # never stock a version that cannot run
+        for _ in range(size - len(stocked)):
+            self._databases.record(POOL_TENANT, member, self.vault.encrypt(new_password()), SERVICE)
+        return max(0, size - len(stocked))
+
+    def _remove(self, session, member_ids) -> None:
+        for member_id in member_ids:
+            self.records.transition(
+                member_id, SETTLING | {Status.READY, Status.FAILED}, session=session,
+                # Not one a create claimed meanwhile.
+                only_if=Database.tenant == POOL_TENANT,
+                status=Status.DELETING,
+            )
+
+
+def _of_template(template_id: str | None):
+    """Members of a template's pool, or of the plain pool."""
+    return Database.template_id == template_id if template_id else Database.template_id.is_(None)

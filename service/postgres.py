@@ -49,6 +49,9 @@ class ServerAdmin(Protocol):
     def client_connections(self, admin: Login, database: str) -> int:
         """How many clients other than the service are connected to ``database``."""
 
+    def user_relations(self, login: Login) -> int:
+        """How many tables, views and sequences the logged-in database holds outside the system's schemas."""
+
 
 class PostgresAdmin:
     def check(self, login: Login) -> None:
@@ -117,6 +120,16 @@ class PostgresAdmin:
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
                 "AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
                 (database,),
+            ).fetchone()
+        return int(row[0])
+
+
+    def user_relations(self, login: Login) -> int:
+        with _connect(login) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast') "
+                "AND c.relkind IN ('r', 'v', 'm', 'S', 'p', 'f')"
             ).fetchone()
         return int(row[0])
 

@@ -14,6 +14,7 @@ left behind. Only a bug writes a traceback to the log.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
@@ -21,10 +22,10 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import psycopg
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from .coordination import Claims
 from .crypto import Vault
@@ -35,7 +36,19 @@ from .errors import (
     ServerFailed,
     TransientError,
 )
-from .models import GOING, LIVE, OWNS_SERVER, RUNS, SETTLING, Database, Status, utcnow
+from .models import (
+    GOING,
+    LIVE,
+    OWNS_SERVER,
+    RUNS,
+    SETTLING,
+    SNAPSHOT_LIVE,
+    Database,
+    Snapshot,
+    SnapshotStatus,
+    Status,
+    utcnow,
+)
 from .pool import WarmPool
 from .ports import pick_port
 from .postgres import Login, ServerAdmin, admin_login, set_up_tenant
@@ -44,6 +57,9 @@ from .runtime import ABSENT, RUNNING, ServerInfo, ServerRuntime, ServerSpec
 from .settings import Plan, Settings
 from .store import Store
 from .tenancy import POOL_TENANT
+
+if TYPE_CHECKING:
+    from .templates import Templates
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +71,7 @@ _BACKOFF_CAP = 60.0
 # How often old events and idempotency keys are dropped.
 _PURGE_INTERVAL = 60.0
 # Brought up by the reconciler, and given up on once the retry budget is spent.
-_BRINGING_UP = SETTLING | {Status.STARTING}
+_BRINGING_UP = SETTLING | {Status.STARTING, Status.RESETTING}
 
 
 class Superseded(Exception):
@@ -84,6 +100,7 @@ class Reconciler:
         claims: Claims,
         heartbeat: Path | None = None,
         pool: WarmPool | None = None,
+        templates: "Templates | None" = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -95,6 +112,7 @@ class Reconciler:
         # Touched after every complete pass, for `dbprov worker --check`.
         self._heartbeat = heartbeat
         self._pool = pool
+        self._templates = templates
         self._executor = ThreadPoolExecutor(
             max_workers=settings.max_parallel_provisioning, thread_name_prefix="dbprov-task"
         )
@@ -172,6 +190,7 @@ class Reconciler:
             servers = None
         with self.store.read() as session:
             records = list(session.scalars(select(Database).where(Database.status.in_(LIVE))))
+            snapshots = list(session.scalars(select(Snapshot).where(Snapshot.status.in_(SNAPSHOT_LIVE))))
         now = utcnow()
         self._next_due = min(
             (
@@ -195,8 +214,14 @@ class Reconciler:
             elif record.status in RUNS and servers is not None:
                 self._check_drift(record, servers.get(record.id))
                 self._maybe_check_idle(record)
+        for snapshot in snapshots:
+            if snapshot.status == SnapshotStatus.PENDING:
+                # Under its database's claim: nothing else touches that server meanwhile.
+                self._submit(snapshot.database_id, functools.partial(self._take_snapshot, snapshot.id))
+            elif snapshot.status == SnapshotStatus.DELETING:
+                self._submit(snapshot.id, functools.partial(self._drop_snapshot, snapshot.id))
         if servers is not None:
-            self._sweep_orphans(records, servers)
+            self._sweep_orphans(records, snapshots, servers)
         self._purge()
         if wait:
             self.wait_idle()
@@ -205,7 +230,8 @@ class Reconciler:
     _TASKS = {
         Status.PENDING: "_provision",
         Status.PROVISIONING: "_provision",
-        Status.STARTING: "_start",
+        Status.STARTING: "_resume",
+        Status.RESETTING: "_resume",
         Status.STOPPING: "_stop",
         Status.DELETING: "_teardown",
     }
@@ -322,19 +348,24 @@ class Reconciler:
             log.info("database %s: provisioning on port %s", database_id, record.host_port)
         self._bring_up(record, "ready")
 
-    def _start(self, database_id: str) -> None:
+    def _resume(self, database_id: str) -> None:
+        """A stopped database started, or one put back to a snapshot."""
         record = self._load(database_id)
-        if record.status != Status.STARTING:
+        if record.status not in (Status.STARTING, Status.RESETTING):
             raise Superseded(database_id)
-        self._bring_up(record, "started")
+        self._bring_up(record, "started" if record.status == Status.STARTING else "reset")
 
     def _bring_up(self, record: Database, event: str) -> None:
         """Server running, ``SELECT 1`` as the tenant working: then ready."""
         status = record.status
         timings: dict[str, float] = {}
         started = time.monotonic()
+        if record.source_snapshot_id is not None and record.seeded_at is None:
+            record = self._seed(record)
+            timings["copy"] = round(time.monotonic() - started, 3)
+        phase = time.monotonic()
         record = self._ensure_server(record)
-        timings["server"] = round(time.monotonic() - started, 3)
+        timings["server"] = round(time.monotonic() - phase, 3)
         phase = time.monotonic()
         self._wait_ready(record, admin_login(record, self.vault))
         timings["ready"] = round(time.monotonic() - phase, 3)
@@ -359,6 +390,21 @@ class Reconciler:
         log.info(
             "database %s: %s on port %s (%.2f s)", record.id, event, record.host_port, timings["total"]
         )
+
+    def _seed(self, record: Database) -> Database:
+        """The record's data made a copy of its snapshot, before any server runs on it."""
+        with self.store.read() as session:
+            snapshot = session.get(Snapshot, record.source_snapshot_id)
+        if snapshot is None or snapshot.status in (SnapshotStatus.FAILED, SnapshotStatus.DELETED):
+            state = snapshot.status.value if snapshot else "gone"
+            raise ServerFailed(f"the snapshot {record.source_snapshot_id} to copy is {state}")
+        if snapshot.status != SnapshotStatus.READY:
+            raise TransientError(f"waiting for the snapshot {snapshot.id} to be taken")
+        # Whatever a crash or the data before a reset left goes first.
+        self.runtime.remove_server(record.id)
+        size = self.runtime.copy_data(snapshot.id, record.id)
+        log.info("database %s: data copied from snapshot %s (%d bytes)", record.id, snapshot.id, size)
+        return self._transition(record.id, {record.status}, seeded_at=utcnow())
 
     def _ensure_server(self, record: Database) -> Database:
         """The server runs; returns the record as it now is (its port may have moved)."""
@@ -490,6 +536,76 @@ class Reconciler:
         )
         log.warning("database %s: failed: %s", database_id, error.splitlines()[0])
 
+    # -- snapshots ----------------------------------------------------------
+
+    def _take_snapshot(self, snapshot_id: str, database_id: str) -> None:
+        """A clean stop, a copy of the data, and the server started again."""
+        with self.store.read() as session:
+            snapshot = session.get(Snapshot, snapshot_id)
+        record = self._load(database_id)
+        if snapshot is None or snapshot.status != SnapshotStatus.PENDING:
+            return
+        if record.status not in (Status.READY, Status.STOPPED):
+            if record.status in GOING | {Status.FAILED}:
+                self._settle_snapshot(snapshot, error=f"its database is {record.status.value}")
+            return  # stopping, starting, resetting: the next pass tries again
+        started = time.monotonic()
+        running = record.status == Status.READY
+        try:
+            if running:
+                # A clean shutdown ends with a checkpoint: the copy needs no recovery.
+                self.runtime.stop_server(database_id)
+            size = self.runtime.copy_data(database_id, snapshot_id)
+        except TransientError as exc:
+            log.warning("snapshot %s: postponed: %s", snapshot_id, exc.detail)
+            return
+        except PermanentError as exc:
+            self._settle_snapshot(snapshot, error=exc.detail)
+            return
+        finally:
+            if running:
+                self._restart_after_snapshot(record)
+        seconds = round(time.monotonic() - started, 3)
+        self._settle_snapshot(snapshot, size=size)
+        with self.store.transaction() as session:
+            self.records.event(session, record, "snapshot-taken", SERVICE,
+                               {"snapshot": snapshot_id, "bytes": size, "seconds": seconds})
+        log.info("snapshot %s of database %s: %d bytes in %.2f s", snapshot_id, database_id, size, seconds)
+
+    def _restart_after_snapshot(self, record: Database) -> None:
+        try:
+            self.runtime.start_server(record.id)
+            self._wait_ready(record, admin_login(record, self.vault))
+        except DbprovError as exc:
+            # Drift repair starts it again on a later pass.
+            log.warning("database %s: not back after its snapshot yet: %s", record.id, exc.detail)
+
+    def _settle_snapshot(self, snapshot: Snapshot, size: int | None = None, error: str | None = None) -> None:
+        with self.store.transaction() as session:
+            session.execute(
+                update(Snapshot)
+                .where(Snapshot.id == snapshot.id, Snapshot.status == SnapshotStatus.PENDING)
+                .values(
+                    status=SnapshotStatus.FAILED if error else SnapshotStatus.READY,
+                    size_bytes=size, last_error=error, ready_at=None if error else utcnow(),
+                )
+            )
+            self.records.announce(session, snapshot.database_id)
+        if error:
+            log.warning("snapshot %s failed: %s", snapshot.id, error)
+        if snapshot.template_id is not None and self._templates is not None:
+            self._templates.settle(snapshot.template_id, snapshot_ready=error is None)
+
+    def _drop_snapshot(self, snapshot_id: str, _key: str) -> None:
+        self.runtime.remove_server(snapshot_id)
+        with self.store.transaction() as session:
+            session.execute(
+                update(Snapshot)
+                .where(Snapshot.id == snapshot_id, Snapshot.status == SnapshotStatus.DELETING)
+                .values(status=SnapshotStatus.DELETED, deleted_at=utcnow())
+            )
+        log.info("snapshot %s deleted", snapshot_id)
+
     # -- stop, expiry, idle -------------------------------------------------
 
     def _stop(self, database_id: str) -> None:
@@ -581,21 +697,38 @@ class Reconciler:
             if self.records.transition(record.id, {Status.READY}, status=Status.PROVISIONING):
                 self._submit(record.id, self._provision)
         elif info.state != RUNNING:
-            log.warning("database %s: server is %s; starting it", record.id, info.reason)
-            try:
-                self.runtime.start_server(record.id)
-            except DbprovError as exc:
-                log.warning("database %s: could not start its server: %s", record.id, exc.detail)
+            # As a task, under the database's claim: a snapshot stops the
+            # server on purpose, and holds the claim while it copies.
+            self._submit(record.id, self._repair)
         elif record.server_host is None:
             # A record from before the column: ask the runtime once.
             endpoint = self.runtime.endpoint(record.id)
             if endpoint is not None:
                 self.records.transition(record.id, {Status.READY}, server_host=endpoint.host)
 
-    def _sweep_orphans(self, records: list[Database], servers: dict[str, ServerInfo]) -> None:
+    def _repair(self, database_id: str) -> None:
+        """Start the stopped or crashed server of a ready database."""
+        record = self._load(database_id)
+        info = self.runtime.inspect_server(database_id)
+        if record.status != Status.READY or info is None or info.state in (RUNNING, ABSENT):
+            return
+        log.warning("database %s: server is %s; starting it", database_id, info.reason)
+        try:
+            self.runtime.start_server(database_id)
+        except DbprovError as exc:
+            log.warning("database %s: could not start its server: %s", database_id, exc.detail)
+
+    def _sweep_orphans(
+        self, records: list[Database], snapshots: list[Snapshot], servers: dict[str, ServerInfo]
+    ) -> None:
         owners = {r.id for r in records if r.status in OWNS_SERVER}
-        # A failed database that was ready once keeps its data until DELETE.
-        data_owners = owners | {r.id for r in records if r.status == Status.FAILED and r.ready_at}
+        # A failed database that was ready once keeps its data until DELETE;
+        # a snapshot's data is stored like a server's, without one.
+        data_owners = (
+            owners
+            | {r.id for r in records if r.status == Status.FAILED and r.ready_at}
+            | {s.id for s in snapshots}
+        )
         with self._lock:
             busy = set(self._inflight)
         for database_id, info in servers.items():

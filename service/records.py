@@ -47,7 +47,7 @@ class Records:
         """Insert a new record inside the caller's transaction."""
         session.add(record)
         self.event(session, record, "requested", actor, {"version": record.version})
-        self._announce(session, record.id)
+        self.announce(session, record.id)
 
     def event(
         self, session: Session, record: Database, kind: str, actor: str = SERVICE, details: dict | None = None
@@ -100,7 +100,7 @@ class Records:
             kind = event or _EVENT_OF.get(values.get("status"))
             if kind is not None:
                 self.event(session, record, kind, actor, details)
-            self._announce(session, database_id)
+            self.announce(session, database_id)
         return record
 
     def purge(self, event_retention: float, key_retention: float) -> tuple[int, int]:
@@ -117,7 +117,8 @@ class Records:
             ).rowcount
         return events, keys
 
-    def _announce(self, session: Session, database_id: str) -> None:
+    def announce(self, session: Session, database_id: str) -> None:
+        """Tell every process, once the transaction commits, that ``database_id`` changed."""
         self.store.announce(session, database_id)
         # Local waiters are told after the commit, so that they read the change.
         if not event.contains(session, "after_commit", self._notify):

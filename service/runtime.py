@@ -14,7 +14,8 @@ the configuration).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
 
 LABEL_MANAGED = "io.dbprov.managed"
 LABEL_DATABASE_ID = "io.dbprov.database-id"
@@ -132,15 +133,27 @@ class ServerRuntime(Protocol):
         """The last lines of its log, or a note that there is none."""
 
     def run_job(
-        self, database_id: str, command: list[str], timeout: float = 300.0
+        self,
+        database_id: str,
+        command: list[str],
+        environment: dict[str, str] | None = None,
+        input_file: Path | None = None,
+        timeout: float = 300.0,
     ) -> JobResult:
-        """Run ``command`` once in a new process from the server's image, with the
-        server's data mounted where the server has it, on the server's network."""
+        """Run ``command`` once in a new process from the server's image, beside
+        the server: its data mounted where the server has it, and the server
+        reachable on 127.0.0.1:5432. ``input_file`` is there as /tmp/input."""
 
-    def copy_data(self, source_id: str, target_id: str) -> None:
+    def stream_job(
+        self, database_id: str, command: list[str], environment: dict[str, str] | None = None
+    ) -> Iterator[bytes]:
+        """Like ``run_job``, yielding the command's standard output as it comes;
+        ``EngineError`` at the end, with its standard error, if it failed."""
+
+    def copy_data(self, source_id: str, target_id: str) -> int:
         """Make ``target_id``'s data a copy of ``source_id``'s (stop the source first
-        for a consistent copy). The target has no server yet; ``ensure_server``
-        then starts one on the copy."""
+        for a consistent copy); returns its size in bytes. The target has no
+        server; ``ensure_server`` then starts one on the copy."""
 
     def endpoint(self, database_id: str) -> Endpoint | None:
         """Where the server answers now, or None if it publishes no port."""

@@ -343,6 +343,12 @@ class Settings:
         "DBPROV_ALLOWED_EXTENSIONS", _names, "",
         "extensions a create may ask for beyond PostgreSQL's trusted ones", shown="none",
     )
+    snapshot_quota: int = setting(
+        "DBPROV_SNAPSHOT_QUOTA", _count, "10", "snapshots a tenant may keep (templates' own not counted)"
+    )
+    restore_max_bytes: int = setting(
+        "DBPROV_RESTORE_MAX_BYTES", _count, "1073741824", "the largest archive `POST /databases/{id}/restore` takes"
+    )
     idempotency_retention: float = setting(
         "DBPROV_IDEMPOTENCY_RETENTION", _seconds, "86400",
         "seconds an `Idempotency-Key` of a create is remembered",

@@ -159,6 +159,11 @@ class Tenants:
             return record.database_limit
         return self.settings.tenant_quota
 
+    def lock(self, session: Session, tenant: str) -> None:
+        """Inside a transaction: hold ``tenant``'s row, so that counts against its
+        limits are made one after another (SQLite's BEGIN IMMEDIATE does it already)."""
+        session.execute(select(Tenant).where(Tenant.name == tenant).with_for_update())
+
     def reserve(self, session: Session, tenant: str) -> None:
         """Inside a create's transaction: refuse it if ``tenant`` is at its limit.
 
@@ -166,7 +171,7 @@ class Tenants:
         one tenant count one after another; SQLite's BEGIN IMMEDIATE already
         serialises every writer.
         """
-        session.execute(select(Tenant).where(Tenant.name == tenant).with_for_update())
+        self.lock(session, tenant)
         used, limit = count_live(session, tenant), self._limit(session, tenant)
         if used >= limit:
             raise QuotaExceeded(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 
@@ -37,6 +38,9 @@ class FakeRuntime:
     missing_images: set[str] = field(default_factory=set)
     reachable: bool = True
     calls: list[str] = field(default_factory=list)
+    # Jobs run: (database id, command, environment, input), and what the next ones answer.
+    jobs: list[tuple] = field(default_factory=list)
+    job_results: list[JobResult] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -125,17 +129,28 @@ class FakeRuntime:
         server = self.servers.get(database_id)
         return server.logs if server else "(no server)"
 
-    def run_job(self, database_id: str, command: list[str], timeout: float = 300.0) -> JobResult:
+    def run_job(self, database_id, command, environment=None, input_file=None, timeout=300.0) -> JobResult:
         self._check("run_job")
         if database_id not in self.servers:
             raise NotFound(f"database {database_id} has no server")
-        return JobResult(0, " ".join(command))
+        self.jobs.append((database_id, list(command), dict(environment or {}),
+                          input_file.read_bytes() if input_file else None))
+        return self.job_results.pop(0) if self.job_results else JobResult(0, "")
 
-    def copy_data(self, source_id: str, target_id: str) -> None:
+    def stream_job(self, database_id, command, environment=None):
+        self._check("stream_job")
+        if database_id not in self.servers:
+            raise NotFound(f"database {database_id} has no server")
+        self.jobs.append((database_id, list(command), dict(environment or {}), None))
+        # What the server's data holds, as a "dump".
+        yield from (self.data.get(database_id, "").encode()[i:i + 4] for i in range(0, len(self.data.get(database_id, "")), 4))
+
+    def copy_data(self, source_id: str, target_id: str) -> int:
         self._check("copy_data")
-        if source_id not in self.servers:
-            raise NotFound(f"database {source_id} has no server")
-        self.data[target_id] = self.data.get(source_id, "")
+        if source_id not in self.data:
+            raise NotFound(f"database {source_id} has no data")
+        self.data[target_id] = self.data[source_id]
+        return len(self.data[target_id])
 
     def endpoint(self, database_id: str) -> Endpoint | None:
         self._check("endpoint")
@@ -161,8 +176,9 @@ class FakePostgres:
     # port -> database settings and extensions, as configure left them.
     settings: dict[int, dict[str, str]] = field(default_factory=dict)
     extensions: dict[int, list[str]] = field(default_factory=dict)
-    # port -> clients connected.
+    # port -> clients connected, and tables in the tenant's database.
     clients: dict[int, int] = field(default_factory=dict)
+    relations: dict[int, int] = field(default_factory=dict)
 
     def _server(self, port: int) -> dict[str, str]:
         for server in list(self.runtime.servers.values()):
@@ -193,6 +209,10 @@ class FakePostgres:
         self.check(admin)
         self.settings.setdefault(admin.port, {}).update(parameters)
         self.extensions.setdefault(admin.port, []).extend(extensions)
+
+    def user_relations(self, login) -> int:
+        self.check(dataclasses.replace(login, dbname="template1"))
+        return self.relations.get(login.port, 0)
 
     def client_connections(self, admin, database) -> int:
         self.check(admin)

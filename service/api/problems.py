@@ -35,6 +35,7 @@ PROBLEMS: dict[type[DbprovError], tuple[int, str, str]] = {
     errors.PortInUse: (503, "port-in-use", "Host port in use"),
     errors.EngineError: (503, "docker-error", "Docker engine error"),
     errors.ImagePulling: (503, "image-pulling", "Image being pulled"),
+    errors.Locked: (423, "locked", "Being built"),
     errors.PermanentError: (502, "runtime-refused", "Runtime refused"),
     errors.EngineRefused: (502, "docker-refused", "Docker engine refused"),
     errors.ServerFailed: (502, "server-failed", "Database server failed"),

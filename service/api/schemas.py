@@ -20,6 +20,17 @@ class StrictBoolean(fields.Boolean):
         return value
 
 
+_VERSION = dict(
+    validate=validate.Regexp(r"^[0-9]{1,3}$", error="Must be a PostgreSQL major version."),
+    metadata={
+        "description": "PostgreSQL major version; the default is the service's "
+        "DBPROV_DEFAULT_VERSION. Unsupported versions are rejected with the supported list.",
+        "example": "17",
+    },
+)
+_SOURCE_ID = dict(validate=validate.Regexp(r"^[0-9a-f]{12}$", error="Must be an id."))
+
+
 class AwareDateTime(fields.AwareDateTime):
     """An RFC 3339 time with its offset: a bare local time would be a guess."""
 
@@ -44,6 +55,8 @@ _PROTECTED = dict(
 
 
 class DatabaseCreateSchema(ma.Schema):
+    """What a create may ask for; a clone names one source (from_snapshot, from_database, template)."""
+
     name = fields.String(
         validate=validate.Regexp(NAME_PATTERN, error="Must match {regex}."),
         metadata={
@@ -52,14 +65,7 @@ class DatabaseCreateSchema(ma.Schema):
             "example": "orders-ci",
         },
     )
-    version = fields.String(
-        validate=validate.Regexp(r"^[0-9]{1,3}$", error="Must be a PostgreSQL major version."),
-        metadata={
-            "description": "PostgreSQL major version; the default is the service's "
-            "DBPROV_DEFAULT_VERSION. Unsupported versions are rejected with the supported list.",
-            "example": "17",
-        },
-    )
+    version = fields.String(**_VERSION)
     superuser = StrictBoolean(
         metadata={
             "description": "Make the tenant's role a superuser; refused (403) unless the "
@@ -92,6 +98,21 @@ class DatabaseCreateSchema(ma.Schema):
             "example": ["pg_trgm"],
         },
     )
+    from_snapshot = fields.String(
+        metadata={"description": "A ready snapshot of the tenant's whose data the new database starts with"},
+        **_SOURCE_ID,
+    )
+    from_database = fields.String(
+        metadata={
+            "description": "One of the tenant's databases: a snapshot of it is taken first (listed "
+            "under /snapshots) and the new database starts with its data"
+        },
+        **_SOURCE_ID,
+    )
+    template = fields.String(
+        validate=validate.Regexp(r"^[A-Za-z0-9._:-]{1,255}$", error="Must be a template key."),
+        metadata={"description": "The key of a ready template: a clone of it, from its warm pool if it has one"},
+    )
 
 
 class DatabaseUpdateSchema(ma.Schema):
@@ -113,7 +134,7 @@ class DatabaseSchema(ma.Schema):
         validate=validate.OneOf(STATUSES),
         metadata={
             "description": "pending, provisioning, ready, failed, stopping, stopped, starting, "
-            "deleting or deleted"
+            "resetting, deleting or deleted"
         },
     )
     version = fields.String(required=True)
@@ -138,6 +159,9 @@ class DatabaseSchema(ma.Schema):
     plan = fields.String(required=True)
     parameters = fields.Dict(keys=fields.String(), values=fields.String())
     extensions = fields.List(fields.String())
+    source_snapshot_id = fields.String(
+        allow_none=True, metadata={"description": "The snapshot its data was copied from"}
+    )
     created_at = fields.DateTime(required=True)
     ready_at = fields.DateTime(allow_none=True)
     deleted_at = fields.DateTime(allow_none=True)
@@ -219,6 +243,69 @@ class PlanListSchema(ma.Schema):
     items = fields.List(fields.Nested(PlanSchema), required=True)
 
 
+class SnapshotSchema(ma.Schema):
+    id = fields.String(required=True)
+    tenant = fields.String(required=True)
+    database_id = fields.String(required=True, metadata={"description": "The database it is a copy of"})
+    status = fields.String(
+        required=True, metadata={"description": "pending, ready, failed, deleting or deleted"}
+    )
+    version = fields.String(required=True)
+    size_bytes = fields.Integer(allow_none=True)
+    last_error = fields.String(allow_none=True)
+    created_at = fields.DateTime(required=True)
+    ready_at = fields.DateTime(allow_none=True)
+
+
+class SnapshotListSchema(ma.Schema):
+    items = fields.List(fields.Nested(SnapshotSchema), required=True)
+
+
+class ResetSchema(ma.Schema):
+    snapshot = fields.String(
+        metadata={"description": "The snapshot to go back to; the default is the one the database was made from"},
+        **_SOURCE_ID,
+    )
+
+
+class TemplateCreateSchema(ma.Schema):
+    key = fields.String(
+        required=True,
+        validate=validate.Regexp(r"^[A-Za-z0-9._:-]{1,255}$", error="Must be 1 to 255 of A-Z a-z 0-9 . _ : -"),
+        metadata={"description": "A hash of the migrations and fixtures, e.g. sha256:...", "example": "sha256:9f2c"},
+    )
+    version = fields.String(**_VERSION)
+
+
+class TemplateFinalizeSchema(ma.Schema):
+    pool_size = fields.Integer(
+        load_default=0, validate=validate.Range(min=0, max=20),
+        metadata={"description": "Warm clones kept ready for creates that name this template"},
+    )
+
+
+class TemplateSchema(ma.Schema):
+    id = fields.String(required=True)
+    key = fields.String(required=True)
+    version = fields.String(required=True)
+    status = fields.String(
+        required=True, metadata={"description": "building, finalizing, ready or failed"}
+    )
+    pool_size = fields.Integer(required=True)
+    snapshot_id = fields.String(allow_none=True)
+    created_at = fields.DateTime(required=True)
+    ready_at = fields.DateTime(allow_none=True)
+    database = fields.Nested(
+        DatabaseWithCredentialsSchema,
+        allow_none=True,
+        metadata={"description": "To the client that builds it: the database to fill, with its credentials"},
+    )
+
+
+class TemplateListSchema(ma.Schema):
+    items = fields.List(fields.Nested(TemplateSchema), required=True)
+
+
 class QuotaSchema(ma.Schema):
     tenant = fields.String(required=True)
     used = fields.Integer(required=True, metadata={"description": "Databases not yet deleted"})
@@ -252,6 +339,7 @@ class ProblemSchema(ma.Schema):
     detail = fields.String()
     database_id = fields.String(metadata={"description": "For provisioning-failed problems"})
     image = fields.String(metadata={"description": "For image-missing problems"})
+    template = fields.String(metadata={"description": "For locked problems: the template being built"})
     version = fields.String(metadata={"description": "For image-missing problems"})
     used = fields.Integer(metadata={"description": "For quota-exceeded problems"})
     limit = fields.Integer(metadata={"description": "For quota-exceeded problems"})

@@ -33,9 +33,17 @@ from .schemas import (
     LogQuerySchema,
     PlanListSchema,
     QuotaSchema,
+    ResetSchema,
+    SnapshotListSchema,
+    SnapshotSchema,
+    TemplateCreateSchema,
+    TemplateFinalizeSchema,
+    TemplateListSchema,
+    TemplateSchema,
 )
 
 databases = Blueprint("databases", __name__, description="PostgreSQL databases on demand")
+data = Blueprint("data", __name__, description="Snapshots, clones, resets, templates, dumps and restores")
 quota = Blueprint("quota", __name__, description="The tenant's share of the service: quota and plans")
 health = Blueprint("health", __name__, description="Liveness and readiness of the service")
 
@@ -85,6 +93,7 @@ def _present(record: Database, credentials: Credentials | None = None) -> dict[s
         "plan": record.plan,
         "parameters": record.parameters or {},
         "extensions": record.extensions or [],
+        "source_snapshot_id": record.source_snapshot_id,
         "last_error": record.last_error,
         "phase_timings": record.phase_timings or {},
         "created_at": record.created_at,
@@ -163,6 +172,7 @@ def _wait(services, principal: Principal, record: Database, headers: dict[str, s
 
 
 @databases.before_request
+@data.before_request
 @quota.before_request
 def _authenticate() -> None:
     services = _services()
@@ -175,9 +185,12 @@ def _authenticate() -> None:
 
 
 @databases.before_request
+@data.before_request
 def _require_json_body() -> None:
     # webargs reads a body only when it is declared JSON, and would otherwise
     # treat it as empty: a form or text body must be refused, not ignored.
+    if request.endpoint == "data.DatabaseRestore":
+        return  # an archive, streamed to disk by its view, never read whole here
     if request.method in ("POST", "PUT", "PATCH") and request.get_data(cache=True):
         if not request.is_json:
             raise UnsupportedMediaType(
@@ -250,6 +263,9 @@ class DatabaseCollection(MethodView):
             plan=body.get("plan"),
             parameters=body.get("parameters"),
             extensions=body.get("extensions"),
+            from_snapshot=body.get("from_snapshot"),
+            from_database=body.get("from_database"),
+            template=body.get("template"),
             idempotency=_idempotency(body),
         )
         headers = {"Location": url_for("databases.DatabaseItem", database_id=record.id)}
@@ -390,6 +406,211 @@ class Quota(MethodView):
         principal = _principal()
         used, limit = _services().tenants.quota(principal.tenant)
         return {"tenant": principal.tenant, "used": used, "limit": limit}
+
+
+def _snapshot_body(snapshot) -> dict[str, Any]:
+    return {
+        "id": snapshot.id, "tenant": snapshot.tenant, "database_id": snapshot.database_id,
+        "status": snapshot.status.value, "version": snapshot.version, "size_bytes": snapshot.size_bytes,
+        "last_error": snapshot.last_error, "created_at": snapshot.created_at, "ready_at": snapshot.ready_at,
+    }
+
+
+def _template_body(template, database: Database | None = None) -> dict[str, Any]:
+    body = {
+        "id": template.id, "key": template.key, "version": template.version,
+        "status": template.status.value, "pool_size": template.pool_size,
+        "snapshot_id": template.snapshot_id, "created_at": template.created_at,
+        "ready_at": template.ready_at, "database": None,
+    }
+    if database is not None:
+        body["database"] = _present(database, _services().databases.credentials(database))
+    return body
+
+
+@data.route("/databases/<string:database_id>/snapshots")
+class DatabaseSnapshots(MethodView):
+    @_guarded(data, write=True)
+    @data.response(201, SnapshotSchema)
+    @data.alt_response(202, schema=SnapshotSchema, success=True,
+                       description="Accepted: still being taken (respond-async, or the wait ran out)")
+    @data.alt_response(403, response="FORBIDDEN", description="Over DBPROV_SNAPSHOT_QUOTA")
+    @data.alt_response(404, response="NOT_FOUND")
+    @data.alt_response(409, response="CONFLICT", description="The database is neither ready nor stopped")
+    def post(self, database_id):
+        """Take a consistent snapshot of a database (a clean stop of a second or so, a copy, a start)"""
+        services = _services()
+        principal = _principal()
+        snapshot = services.snapshots.take(principal, database_id)
+        headers = {"Location": url_for("data.SnapshotItem", snapshot_id=snapshot.id)}
+        asynchronous, wait = _preferences()
+        if asynchronous:
+            headers["Preference-Applied"] = "respond-async"
+        else:
+            timeout = services.settings.request_timeout
+            snapshot = services.snapshots.wait_until_settled(
+                principal, snapshot.id, min(timeout, wait) if wait is not None else timeout
+            )
+        return _snapshot_body(snapshot), 201 if snapshot.status.value == "ready" else 202, headers
+
+
+@data.route("/snapshots")
+class SnapshotCollection(MethodView):
+    @_guarded(data)
+    @data.response(200, SnapshotListSchema)
+    def get(self):
+        """The tenant's snapshots, newest first"""
+        return {"items": [_snapshot_body(s) for s in _services().snapshots.list(_principal())]}
+
+
+@data.route("/snapshots/<string:snapshot_id>")
+class SnapshotItem(MethodView):
+    @_guarded(data)
+    @data.response(200, SnapshotSchema)
+    @data.alt_response(404, response="NOT_FOUND")
+    def get(self, snapshot_id):
+        """A snapshot: its status, size and time"""
+        return _snapshot_body(_services().snapshots.get(_principal(), snapshot_id))
+
+    @_guarded(data, write=True)
+    @data.response(202, SnapshotSchema)
+    @data.alt_response(404, response="NOT_FOUND")
+    @data.alt_response(409, response="CONFLICT", description="It belongs to a template")
+    def delete(self, snapshot_id):
+        """Delete a snapshot and its data"""
+        return _snapshot_body(_services().snapshots.delete(_principal(), snapshot_id))
+
+
+@data.route("/databases/<string:database_id>/reset")
+class DatabaseReset(MethodView):
+    @data.arguments(ResetSchema, required=False)
+    @_guarded(data, write=True)
+    @data.response(200, DatabaseSchema)
+    @data.alt_response(202, schema=DatabaseSchema, success=True,
+                       description="Accepted: still resetting (respond-async, or the wait ran out)")
+    @data.alt_response(404, response="NOT_FOUND")
+    @data.alt_response(409, response="CONFLICT",
+                       description="No snapshot to go back to, another version's, or not ready or stopped")
+    @data.alt_response(502, response="BAD_GATEWAY", description="The server did not come back")
+    def post(self, body, database_id):
+        """Put a database back to a snapshot, keeping its URI and password; answers once SELECT 1 works"""
+        services = _services()
+        principal = _principal()
+        record = services.snapshots.reset(principal, database_id, (body or {}).get("snapshot"))
+        headers: dict[str, str] = {}
+        record = _wait(services, principal, record, headers)
+        return _present(record), _settled_answer(record, 200), headers
+
+
+@data.route("/databases/<string:database_id>/dump")
+class DatabaseDump(MethodView):
+    @_guarded(data)
+    @data.response(200, {"type": "string", "format": "binary"}, content_type="application/octet-stream",
+                   description="A pg_dump custom-format archive")
+    @data.alt_response(404, response="NOT_FOUND")
+    @data.alt_response(409, response="CONFLICT", description="The database is not ready")
+    def get(self, database_id):
+        """Stream a pg_dump archive (custom format) of the database, made beside its server"""
+        chunks = _services().dumps.dump(_principal(), database_id)
+        return Response(
+            chunks, mimetype="application/octet-stream",
+            headers={"Content-Disposition": f'attachment; filename="{database_id}.dump"'},
+        )
+
+
+@data.route("/databases/<string:database_id>/restore")
+class DatabaseRestore(MethodView):
+    @_guarded(data, write=True)
+    @data.doc(requestBody={
+        "required": True,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "A pg_dump custom-format archive, at most DBPROV_RESTORE_MAX_BYTES",
+    })
+    @data.response(200, DatabaseSchema)
+    @data.alt_response(404, response="NOT_FOUND")
+    @data.alt_response(409, response="CONFLICT", description="The database is not ready, or not empty")
+    @data.alt_response(413, response="DEFAULT_ERROR", description="Larger than DBPROV_RESTORE_MAX_BYTES")
+    @data.alt_response(415, response="UNSUPPORTED_MEDIA_TYPE")
+    @data.alt_response(422, response="UNPROCESSABLE_ENTITY",
+                       description="Not an archive pg_restore takes; the database is left as it was")
+    def post(self, database_id):
+        """Restore a pg_dump archive into an empty database, in one transaction"""
+        services = _services()
+        if request.mimetype != "application/octet-stream":
+            raise UnsupportedMediaType("the body must be application/octet-stream: a pg_dump archive")
+        request.max_content_length = services.settings.restore_max_bytes
+        record = services.dumps.restore(_principal(), database_id, request.stream)
+        return _present(record)
+
+
+@data.route("/templates")
+class TemplateCollection(MethodView):
+    @_guarded(data)
+    @data.response(200, TemplateListSchema)
+    def get(self):
+        """The tenant's templates"""
+        return {"items": [_template_body(t) for t in _services().templates.list(_principal())]}
+
+    @data.arguments(TemplateCreateSchema)
+    @_guarded(data, write=True)
+    @data.response(201, TemplateSchema)
+    @data.alt_response(200, schema=TemplateSchema, success=True,
+                       description="The template is ready: create databases with it")
+    @data.alt_response(202, schema=TemplateSchema, success=True,
+                       description="Its database is still being provisioned (respond-async, or the wait ran out)")
+    @data.alt_response(423, response="DEFAULT_ERROR", description="Another client is building it; ask again")
+    @data.alt_response(422, response="UNPROCESSABLE_ENTITY")
+    def post(self, body):
+        """Start a template for a key (a database to fill, 201), or find it ready (200)"""
+        services = _services()
+        principal = _principal()
+        template, database = services.templates.begin(principal, body["key"], body.get("version"))
+        if database is None:
+            return _template_body(template), 200
+        headers = {"Location": url_for("data.TemplateItem", key=template.key)}
+        database = _wait(services, principal, database, headers)
+        return _template_body(template, database), _settled_answer(database, 201), headers
+
+
+@data.route("/templates/<string:key>")
+class TemplateItem(MethodView):
+    @_guarded(data)
+    @data.response(200, TemplateSchema)
+    @data.alt_response(404, response="NOT_FOUND")
+    def get(self, key):
+        """A template and its state"""
+        return _template_body(_services().templates.get(_principal(), key))
+
+    @_guarded(data, write=True)
+    @data.response(202, TemplateSchema)
+    @data.alt_response(404, response="NOT_FOUND")
+    def delete(self, key):
+        """Delete a template: its snapshot, its database and its warm pool go"""
+        return _template_body(_services().templates.delete(_principal(), key))
+
+
+@data.route("/templates/<string:key>/finalize")
+class TemplateFinalize(MethodView):
+    @data.arguments(TemplateFinalizeSchema, required=False)
+    @_guarded(data, write=True)
+    @data.response(200, TemplateSchema)
+    @data.alt_response(202, schema=TemplateSchema, success=True,
+                       description="Accepted: its snapshot is still being taken")
+    @data.alt_response(404, response="NOT_FOUND")
+    @data.alt_response(409, response="CONFLICT", description="Not being built, or its database is not ready")
+    def post(self, body, key):
+        """Finish a template: a snapshot of its database, from which every clone is made"""
+        services = _services()
+        principal = _principal()
+        template = services.templates.finalize(principal, key, (body or {}).get("pool_size", 0))
+        asynchronous, wait = _preferences()
+        if not asynchronous:
+            timeout = services.settings.request_timeout
+            services.snapshots.wait_until_settled(
+                principal, template.snapshot_id, min(timeout, wait) if wait is not None else timeout
+            )
+            template = services.templates.get(principal, key)
+        return _template_body(template), 200 if template.status.value == "ready" else 202
 
 
 @quota.route("/plans")

@@ -1,0 +1,173 @@
+"""Snapshots of a database's data, and what is made from them: resets here,
+clones through ``Databases.create``, templates in ``templates``.
+
+A snapshot is taken by the reconciler with a short stop: the server is shut
+down cleanly (a checkpoint, so the copy needs no recovery), its data copied,
+and the server started again. It is a copy of its own, so it outlives its
+database until it is deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Collection
+
+from sqlalchemy import func, select, update
+
+from .databases import Databases
+from .errors import Conflict, NotFound, QuotaExceeded
+from .models import Database, Snapshot, SnapshotStatus, Status, utcnow
+from .records import Records
+from .settings import Settings
+from .store import Store
+from .tenancy import Principal
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_ID_PATTERN = r"[0-9a-f]{12}"
+
+
+class Snapshots:
+    def __init__(self, settings: Settings, store: Store, records: Records, databases: Databases) -> None:
+        self.settings = settings
+        self.store = store
+        self.records = records
+        self.databases = databases
+
+    def take(self, principal: Principal, database_id: str, template_id: str | None = None) -> Snapshot:
+        """Ask for a snapshot of a ready (or stopped) database; the reconciler takes it."""
+        record = self.databases.get(principal, database_id)
+        if record.status not in (Status.READY, Status.STOPPED):
+            raise Conflict(f"database {database_id} is {record.status.value}; a snapshot needs it ready or stopped")
+        with self.store.transaction() as session:
+            if template_id is None:
+                # Counted under the tenant's row lock, like databases.
+                self.databases.tenants.lock(session, record.tenant)
+                kept = session.scalar(
+                    select(func.count()).select_from(Snapshot).where(
+                        Snapshot.tenant == record.tenant,
+                        Snapshot.template_id.is_(None),
+                        Snapshot.status.in_([SnapshotStatus.PENDING, SnapshotStatus.READY]),
+                    )
+                )
+                if kept >= self.settings.snapshot_quota:
+                    raise QuotaExceeded(
+                        f"tenant {record.tenant!r} keeps {kept} of {self.settings.snapshot_quota} "
+                        "snapshots; delete one first",
+                        used=kept, limit=self.settings.snapshot_quota,
+                    )
+            snapshot = Snapshot(
+                id=secrets.token_hex(6),
+                tenant=record.tenant,
+                database_id=record.id,
+                template_id=template_id,
+                status=SnapshotStatus.PENDING,
+                version=record.version,
+                image=record.image,
+                admin_username=record.admin_username,
+                admin_password=record.admin_password,
+                created_at=utcnow(),
+            )
+            session.add(snapshot)
+            self.records.event(session, record, "snapshot-requested", principal.actor, {"snapshot": snapshot.id})
+            self.records.announce(session, record.id)
+        log.info("snapshot %s of database %s requested", snapshot.id, record.id)
+        return snapshot
+
+    def get(self, principal: Principal, snapshot_id: str, usable: bool = False) -> Snapshot:
+        """A snapshot the principal may see; with ``usable``, one that is ready."""
+        with self.store.read() as session:
+            snapshot = session.get(Snapshot, snapshot_id) if len(snapshot_id) <= 32 else None
+        if (
+            snapshot is None
+            or not (principal.admin or snapshot.tenant == principal.tenant)
+            or snapshot.status == SnapshotStatus.DELETED
+        ):
+            raise NotFound(f"no snapshot with id {snapshot_id!r}")
+        if usable and snapshot.status != SnapshotStatus.READY:
+            raise Conflict(f"snapshot {snapshot_id} is {snapshot.status.value}, not ready")
+        return snapshot
+
+    def list(self, principal: Principal) -> list[Snapshot]:
+        query = select(Snapshot).where(
+            Snapshot.status != SnapshotStatus.DELETED, Snapshot.template_id.is_(None)
+        )
+        if not principal.admin:
+            query = query.where(Snapshot.tenant == principal.tenant)
+        with self.store.read() as session:
+            return list(session.scalars(query.order_by(Snapshot.created_at.desc(), Snapshot.id)))
+
+    def delete(self, principal: Principal, snapshot_id: str) -> Snapshot:
+        snapshot = self.get(principal, snapshot_id)
+        if snapshot.template_id is not None:
+            raise Conflict(f"snapshot {snapshot_id} belongs to a template; delete the template instead")
+        return self.transition(
+            snapshot_id, {SnapshotStatus.PENDING, SnapshotStatus.READY, SnapshotStatus.FAILED},
+            status=SnapshotStatus.DELETING,
+        ) or self.get(principal, snapshot_id)
+
+    def transition(
+        self, snapshot_id: str, expected: Collection[SnapshotStatus], **values
+    ) -> Snapshot | None:
+        """Compare-and-set on a snapshot's status, announced like a record's change."""
+        with self.store.transaction() as session:
+            snapshot = session.scalars(
+                update(Snapshot)
+                .where(Snapshot.id == snapshot_id, Snapshot.status.in_(list(expected)))
+                .values(**values)
+                .returning(Snapshot)
+                .execution_options(synchronize_session="fetch")
+            ).one_or_none()
+            if snapshot is not None:
+                self.records.announce(session, snapshot.database_id)
+        return snapshot
+
+    def wait_until_settled(self, principal: Principal, snapshot_id: str, timeout: float) -> Snapshot:
+        """The snapshot once it is ready or failed, or as it is when ``timeout`` runs out."""
+        deadline = time.monotonic() + timeout
+        changed = self.records.changed
+        while True:
+            seen = changed.generation
+            snapshot = self.get(principal, snapshot_id)
+            remaining = deadline - time.monotonic()
+            if snapshot.status != SnapshotStatus.PENDING or remaining <= 0:
+                return snapshot
+            changed.wait(min(remaining, self.databases.poll_interval), since=seen)
+
+    def reset(self, principal: Principal, database_id: str, snapshot_id: str | None) -> Database:
+        """Put a database back to ``snapshot_id``, or to the snapshot it was made from.
+
+        Its URI and password stay; its connections are dropped.
+        """
+        record = self.databases.get(principal, database_id)
+        snapshot_id = snapshot_id or record.source_snapshot_id
+        if snapshot_id is None:
+            raise Conflict(f"database {database_id} was not made from a snapshot; name one to reset to")
+        snapshot = self.get(principal, snapshot_id, usable=True)
+        if snapshot.tenant != record.tenant or snapshot.version != record.version:
+            raise Conflict(
+                f"snapshot {snapshot_id} is of version {snapshot.version}; database {database_id} "
+                f"runs {record.version}"
+            )
+        changed = self.records.transition(
+            database_id, {Status.READY, Status.STOPPED}, actor=principal.actor, event="resetting",
+            details={"snapshot": snapshot.id}, status=Status.RESETTING,
+            source_snapshot_id=snapshot.id, seeded_at=None,
+            # The server's superuser is the one inside the snapshot's data.
+            admin_username=snapshot.admin_username, admin_password=snapshot.admin_password,
+        )
+        if changed is None:
+            current = self.databases.get(principal, database_id)
+            raise Conflict(f"database {database_id} is {current.status.value}; only a ready or stopped one can be reset")
+        log.info("database %s: reset to snapshot %s requested", database_id, snapshot.id)
+        return changed
+
+    def mark_unused(self, session, snapshot_ids: Collection[str]) -> None:
+        """Inside a transaction: have these snapshots removed."""
+        session.execute(
+            update(Snapshot)
+            .where(Snapshot.id.in_(list(snapshot_ids)), Snapshot.status != SnapshotStatus.DELETED)
+            .values(status=SnapshotStatus.DELETING)
+        )

@@ -1,0 +1,181 @@
+"""Templates keyed by a hash of a client's migrations and fixtures.
+
+The first client to ask for a key gets a database to fill (like a create); it
+finalizes the template, which takes a snapshot of that database and drops the
+database. Every later create that names the key gets a clone of the snapshot,
+from the template's own warm pool when it has one. While a template is being
+built, others asking for the same key get 423 and ask again.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+
+import sqlalchemy.exc
+from sqlalchemy import select, update
+
+from .databases import Databases, Wanted, new_password
+from .errors import Conflict, Locked, NotFound, ValidationError
+from .models import GOING, Database, Status, Template, TemplateStatus, utcnow
+from .records import Records
+from .snapshots import Snapshots
+from .store import Store
+from .tenancy import POOL_TENANT, Principal
+
+log = logging.getLogger(__name__)
+
+KEY_PATTERN = r"[A-Za-z0-9._:-]{1,255}"
+# Warm clones a template may keep.
+MAX_POOL = 20
+
+
+class Templates:
+    def __init__(self, store: Store, records: Records, databases: Databases, snapshots: Snapshots) -> None:
+        self.store = store
+        self.records = records
+        self.databases = databases
+        self.snapshots = snapshots
+
+    def begin(self, principal: Principal, key: str, version: str | None) -> tuple[Template, Database | None]:
+        """The template for ``key``: a new one with its database to fill, or the
+        ready one (and no database). ``Locked`` while another client builds it."""
+        _check_key(key)
+        version = version or self.databases.settings.default_version
+        existing = self._live(principal.tenant, key)
+        if existing is not None:
+            return self._answer(existing), None
+        if version not in self.databases.settings.images:
+            raise ValidationError(
+                f"unsupported version {version!r}",
+                errors={"json": {"version": [f"Must be one of: {', '.join(self.databases.settings.images)}."]}},
+            )
+        self.databases.images.require(version)
+        template = Template(
+            id=secrets.token_hex(6), tenant=principal.tenant, key=key, version=version,
+            status=TemplateStatus.BUILDING, pool_size=0, created_at=utcnow(),
+        )
+        try:
+            with self.store.transaction() as session:
+                session.add(template)
+        except sqlalchemy.exc.IntegrityError:
+            # Another client asked for the same key at the same moment and won.
+            return self._answer(self._live(principal.tenant, key)), None
+        try:
+            database = self.databases.record(
+                principal.tenant, Wanted(version, template_id=template.id),
+                self.databases.vault.encrypt(new_password()), principal.actor,
+            )
+        except Exception:
+            # Nothing to fill: free the key for the next client.
+            self._set(template.id, {TemplateStatus.BUILDING}, status=TemplateStatus.DELETED)
+            raise
+        template = self._set(template.id, {TemplateStatus.BUILDING}, database_id=database.id)
+        log.info("template %s (%s) for tenant %s: database %s to fill", template.id, key, principal.tenant, database.id)
+        return template, database
+
+    def _answer(self, template: Template) -> Template:
+        if template.status in (TemplateStatus.BUILDING, TemplateStatus.FINALIZING):
+            raise Locked(
+                f"template {template.key!r} is being built by another client; ask again shortly",
+                template=template.key,
+            )
+        return template
+
+    def finalize(self, principal: Principal, key: str, pool_size: int) -> Template:
+        """Take the template's snapshot from its filled database; it is usable once ready."""
+        template = self.get(principal, key)
+        if template.status != TemplateStatus.BUILDING:
+            raise Conflict(f"template {key!r} is {template.status.value}, not being built")
+        if not 0 <= pool_size <= MAX_POOL:
+            raise ValidationError(f"pool_size must be 0 to {MAX_POOL}")
+        snapshot = self.snapshots.take(principal, template.database_id, template_id=template.id)
+        template = self._set(
+            template.id, {TemplateStatus.BUILDING}, status=TemplateStatus.FINALIZING,
+            snapshot_id=snapshot.id, pool_size=pool_size,
+        )
+        if template is None:
+            raise Conflict(f"template {key!r} changed meanwhile")
+        return template
+
+    def get(self, principal: Principal, key: str) -> Template:
+        _check_key(key)
+        template = self._live(principal.tenant, key)
+        if template is None:
+            raise NotFound(f"no template {key!r}")
+        return template
+
+    def usable(self, principal: Principal, key: str) -> Template:
+        """A ready template to clone; ``Locked`` while it is being built."""
+        template = self._answer(self.get(principal, key))
+        if template.status != TemplateStatus.READY:
+            raise Conflict(f"template {key!r} is {template.status.value}")
+        return template
+
+    def list(self, principal: Principal) -> list[Template]:
+        with self.store.read() as session:
+            return list(session.scalars(
+                select(Template)
+                .where(Template.tenant == principal.tenant, Template.status != TemplateStatus.DELETED)
+                .order_by(Template.created_at)
+            ))
+
+    def delete(self, principal: Principal, key: str) -> Template:
+        """Remove the template with its snapshot, its database and its warm pool."""
+        template = self.get(principal, key)
+        with self.store.transaction() as session:
+            session.execute(
+                update(Template).where(Template.id == template.id).values(status=TemplateStatus.DELETED)
+            )
+            owned = session.scalars(
+                select(Database.id).where(
+                    Database.template_id == template.id, Database.status.not_in(list(GOING)),
+                    # Clones handed to a tenant are the tenant's now; the pool and the builder go.
+                    (Database.tenant == POOL_TENANT) | (Database.id == template.database_id),
+                )
+            ).all()
+            for database_id in owned:
+                self.records.transition(
+                    database_id, set(Status) - GOING, session=session, actor=principal.actor,
+                    status=Status.DELETING,
+                )
+            if template.snapshot_id:
+                self.snapshots.mark_unused(session, [template.snapshot_id])
+        log.info("template %s (%s) deleted with its pool of %d", template.id, key, len(owned))
+        return template
+
+    def settle(self, template_id: str, snapshot_ready: bool) -> None:
+        """The reconciler's word on a finalizing template's snapshot."""
+        if snapshot_ready:
+            template = self._set(
+                template_id, {TemplateStatus.FINALIZING}, status=TemplateStatus.READY, ready_at=utcnow()
+            )
+            if template is not None and template.database_id:
+                # Filled and copied: the builder's database has done its job.
+                self.records.transition(template.database_id, set(Status) - GOING, status=Status.DELETING)
+        else:
+            self._set(template_id, {TemplateStatus.FINALIZING}, status=TemplateStatus.FAILED)
+
+    def _live(self, tenant: str, key: str) -> Template | None:
+        with self.store.read() as session:
+            return session.scalar(
+                select(Template).where(
+                    Template.tenant == tenant, Template.key == key, Template.status != TemplateStatus.DELETED
+                )
+            )
+
+    def _set(self, template_id: str, expected: set[TemplateStatus], **values) -> Template | None:
+        with self.store.transaction() as session:
+            return session.scalars(
+                update(Template)
+                .where(Template.id == template_id, Template.status.in_(list(expected)))
+                .values(**values)
+                .returning(Template)
+                .execution_options(synchronize_session="fetch")
+            ).one_or_none()
+
+
+def _check_key(key: str) -> None:
+    if not re.fullmatch(KEY_PATTERN, key):
+        raise NotFound(f"no template {key!r}")

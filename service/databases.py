@@ -34,7 +34,7 @@ from .errors import (
     ValidationError,
 )
 from .images import Images
-from .models import GOING, LIVE, OWNS_SERVER, SETTLING, Database, Event, IdempotencyKey, Status, utcnow
+from .models import COMING_UP, GOING, LIVE, OWNS_SERVER, Database, Event, IdempotencyKey, Status, utcnow
 from .ports import pick_port
 from .postgres import ServerAdmin, admin_login
 from .records import Records
@@ -600,7 +600,7 @@ class Databases:
             seen = changed.generation
             record = self.get(principal, database_id)
             remaining = deadline - time.monotonic()
-            if record.status not in SETTLING | {Status.STARTING} or remaining <= 0:
+            if record.status not in COMING_UP or remaining <= 0:
                 return record
             # Writers nudge ``changed`` (in this process, or through the
             # store's change feed); the cap bounds the wait when nothing can.

@@ -48,6 +48,8 @@ RESTING = frozenset({Status.STOPPING, Status.STOPPED, Status.STARTING, Status.RE
 LIVE = frozenset({*SETTLING, Status.READY, *RESTING, Status.FAILED, Status.DELETING})
 # Whose server may exist and is wanted; a failed one had its server removed.
 OWNS_SERVER = frozenset({*SETTLING, Status.READY, *RESTING, Status.DELETING})
+# Being brought up until SELECT 1 works: a create, a start or a reset; waiters wait for these.
+COMING_UP = frozenset({*SETTLING, Status.STARTING, Status.RESETTING})
 # Whose server is meant to run, so that drift repair starts it again.
 RUNS = frozenset({Status.READY})
 # Past which a DELETE has nothing more to do.

@@ -37,6 +37,7 @@ from .errors import (
     TransientError,
 )
 from .models import (
+    COMING_UP,
     GOING,
     LIVE,
     OWNS_SERVER,
@@ -70,8 +71,6 @@ _BACKOFF_FIRST = 1.0
 _BACKOFF_CAP = 60.0
 # How often old events and idempotency keys are dropped.
 _PURGE_INTERVAL = 60.0
-# Brought up by the reconciler, and given up on once the retry budget is spent.
-_BRINGING_UP = SETTLING | {Status.STARTING, Status.RESETTING}
 
 
 class Superseded(Exception):
@@ -117,6 +116,7 @@ class Reconciler:
             max_workers=settings.max_parallel_provisioning, thread_name_prefix="dbprov-task"
         )
         self._inflight: dict[str, Future] = {}
+        self._deferred: set[str] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -256,7 +256,12 @@ class Reconciler:
 
     def _submit(self, database_id: str, task: Callable[[str], None]) -> None:
         with self._lock:
-            if database_id in self._inflight or self._stopping.is_set():
+            if database_id in self._inflight:
+                # Wanted again while busy (a snapshot asked for as its create
+                # finishes): another pass once the current task is done.
+                self._deferred.add(database_id)
+                return
+            if self._stopping.is_set():
                 return
             future = self._executor.submit(self._run_task, database_id, task)
             self._inflight[database_id] = future
@@ -276,6 +281,10 @@ class Reconciler:
         finally:
             with self._lock:
                 self._inflight.pop(database_id, None)
+                deferred = database_id in self._deferred
+                self._deferred.discard(database_id)
+            if deferred:
+                self.records.wanted.notify()
 
     def _attempt(self, database_id: str, task: Callable[[str], None]) -> None:
         """Run one step and decide what its failure means."""
@@ -302,7 +311,7 @@ class Reconciler:
         since = record.retrying_since or now
         attempts = record.attempts + 1
         elapsed = (now - since).total_seconds()
-        if record.status in _BRINGING_UP and elapsed >= self.settings.retry_budget:
+        if record.status in COMING_UP and elapsed >= self.settings.retry_budget:
             self._fail(
                 database_id,
                 f"gave up after {attempts} attempts over {elapsed:.0f} s "
@@ -525,7 +534,7 @@ class Reconciler:
             log.warning("database %s: server left for the sweep: %s", database_id, exc.detail)
         self._transition(
             database_id,
-            _BRINGING_UP,
+            COMING_UP,
             status=Status.FAILED,
             details={"error": error.splitlines()[0]},
             last_error=error,

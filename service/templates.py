@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import time
 
 import sqlalchemy.exc
 from sqlalchemy import select, update
@@ -166,14 +167,30 @@ class Templates:
             )
 
     def _set(self, template_id: str, expected: set[TemplateStatus], **values) -> Template | None:
+        """Compare-and-set on a template's status, announced so that waiters look again."""
         with self.store.transaction() as session:
-            return session.scalars(
+            template = session.scalars(
                 update(Template)
                 .where(Template.id == template_id, Template.status.in_(list(expected)))
                 .values(**values)
                 .returning(Template)
                 .execution_options(synchronize_session="fetch")
             ).one_or_none()
+            if template is not None:
+                self.records.announce(session, template.database_id or template.id)
+        return template
+
+    def wait_until_settled(self, principal: Principal, key: str, timeout: float) -> Template:
+        """The template once it is no longer finalizing, or as it is when ``timeout`` runs out."""
+        deadline = time.monotonic() + timeout
+        changed = self.records.changed
+        while True:
+            seen = changed.generation
+            template = self.get(principal, key)
+            remaining = deadline - time.monotonic()
+            if template.status != TemplateStatus.FINALIZING or remaining <= 0:
+                return template
+            changed.wait(min(remaining, self.databases.poll_interval), since=seen)
 
 
 def _check_key(key: str) -> None:

@@ -14,7 +14,7 @@ from marshmallow import RAISE
 from werkzeug.exceptions import UnsupportedMediaType
 
 from ..errors import DbprovError, ProvisioningFailed
-from ..models import SETTLING, Database, Status
+from ..models import COMING_UP, Database, Status
 from ..databases import Credentials, Idempotency
 from ..tenancy import LOCAL_ADMIN, Principal
 from .problems import problem_response
@@ -156,7 +156,7 @@ def _settled_answer(record: Database, success: int):
             f"database {record.id} did not become ready: {record.last_error}",
             database_id=record.id,
         )
-    return 202 if record.status in SETTLING | {Status.STARTING} else success
+    return 202 if record.status in COMING_UP else success
 
 
 def _wait(services, principal: Principal, record: Database, headers: dict[str, str]) -> Database:
@@ -606,10 +606,9 @@ class TemplateFinalize(MethodView):
         asynchronous, wait = _preferences()
         if not asynchronous:
             timeout = services.settings.request_timeout
-            services.snapshots.wait_until_settled(
-                principal, template.snapshot_id, min(timeout, wait) if wait is not None else timeout
+            template = services.templates.wait_until_settled(
+                principal, key, min(timeout, wait) if wait is not None else timeout
             )
-            template = services.templates.get(principal, key)
         return _template_body(template), 200 if template.status.value == "ready" else 202
 
 

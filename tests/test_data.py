@@ -1,0 +1,278 @@
+"""Snapshots, clones, resets, templates, dumps and restores, on a fake runtime
+whose "data" is a string that copies carry along."""
+
+from __future__ import annotations
+
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+import pytest
+
+from service.models import Database, Snapshot, SnapshotStatus, Status
+from service.runtime import RUNNING, JobResult
+
+from .test_api import assert_problem
+from .test_lifecycle import kinds
+from .test_tenancy import api, token  # noqa: F401 - fixtures
+
+ASYNC = {"Prefer": "respond-async"}
+
+
+def record(services, database_id: str) -> Database:
+    with services.store.read() as session:
+        return session.get(Database, database_id)
+
+
+def snapshot_record(services, snapshot_id: str) -> Snapshot:
+    with services.store.read() as session:
+        return session.get(Snapshot, snapshot_id)
+
+
+def settle(services, reconciler, passes: int = 4) -> None:
+    """Passes enough for chained work (a snapshot, then the clone that waits for it)."""
+    for _ in range(passes):
+        with services.store.transaction() as session:
+            session.query(Database).update({Database.next_attempt_at: None})
+        reconciler.run_once(wait=True)
+
+
+@pytest.fixture
+def ready(client, services, reconciler, runtime):
+    """A ready database whose data says "orders"."""
+    created = client.post("/databases", json={}, headers=ASYNC).get_json()
+    reconciler.run_once(wait=True)
+    runtime.data[created["id"]] = "orders"
+    return created
+
+
+def test_a_snapshot_is_a_copy_taken_with_a_short_stop(client, services, reconciler, runtime, ready):
+    taken = client.post(f"/databases/{ready['id']}/snapshots", headers=ASYNC)
+    assert taken.status_code == 202 and taken.get_json()["status"] == "pending"
+    assert taken.headers["Location"] == f"/snapshots/{taken.get_json()['id']}"
+    reconciler.run_once(wait=True)
+    snapshot = client.get(f"/snapshots/{taken.get_json()['id']}").get_json()
+    assert snapshot["status"] == "ready" and snapshot["size_bytes"] == len("orders")
+    assert runtime.data[snapshot["id"]] == "orders"
+    # Stopped for the copy, and running again.
+    assert runtime.calls.count("stop_server") == 1 and runtime.servers[ready["id"]].state == RUNNING
+    assert kinds(client, ready["id"])[-2:] == ["snapshot-requested", "snapshot-taken"]
+    assert [s["id"] for s in client.get("/snapshots").get_json()["items"]] == [snapshot["id"]]
+
+
+def test_snapshots_are_the_tenants_and_count_against_a_quota(api, services, token, reconciler, settings):
+    services.settings = services.databases.settings = services.snapshots.settings = dataclasses.replace(
+        settings, snapshot_quota=1
+    )
+    alice, bob = token("alice"), token("bob")
+    created = api.post("/databases", json={}, headers={**alice, **ASYNC}).get_json()
+    reconciler.run_once(wait=True)
+    first = api.post(f"/databases/{created['id']}/snapshots", headers={**alice, **ASYNC}).get_json()
+    assert_problem(api.post(f"/databases/{created['id']}/snapshots", headers=alice), 403, "quota-exceeded")
+    assert_problem(api.get(f"/snapshots/{first['id']}", headers=bob), 404, "not-found")
+    assert_problem(api.post(f"/databases/{created['id']}/snapshots", headers=bob), 404, "not-found")
+    assert api.get("/snapshots", headers=bob).get_json()["items"] == []
+    assert_problem(
+        api.post("/databases", json={"from_snapshot": first["id"]}, headers=bob), 404, "not-found"
+    )
+
+
+def test_a_clone_starts_with_the_copy_and_lives_apart(client, services, reconciler, runtime, ready):
+    snapshot = client.post(f"/databases/{ready['id']}/snapshots", headers=ASYNC).get_json()
+    reconciler.run_once(wait=True)
+    clone = client.post("/databases", json={"from_snapshot": snapshot["id"]}, headers=ASYNC).get_json()
+    settle(services, reconciler)
+    cloned = record(services, clone["id"])
+    assert cloned.status == Status.READY and cloned.source_snapshot_id == snapshot["id"]
+    assert runtime.data[clone["id"]] == "orders"
+    # Its own password, port and server.
+    source = record(services, ready["id"])
+    assert cloned.password != source.password and cloned.host_port != source.host_port
+    runtime.data[ready["id"]] = "orders, later"
+    runtime.data[clone["id"]] = "orders, cloned"
+    assert runtime.data[snapshot["id"]] == "orders"
+
+
+def test_a_clone_of_a_database_takes_a_snapshot_first(client, services, reconciler, runtime, ready):
+    clone = client.post("/databases", json={"from_database": ready["id"]}, headers=ASYNC).get_json()
+    assert clone["source_snapshot_id"] is not None
+    settle(services, reconciler)
+    assert record(services, clone["id"]).status == Status.READY
+    assert runtime.data[clone["id"]] == "orders"
+    assert client.get(f"/snapshots/{clone['source_snapshot_id']}").get_json()["status"] == "ready"
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"from_snapshot": "0123456789ab", "from_database": "0123456789ab"}, "from_database"),
+        ({"from_snapshot": "not-an-id"}, "from_snapshot"),
+        ({"template": "a b"}, "template"),
+    ],
+)
+def test_a_bad_source_is_refused(client, body, field):
+    problem = assert_problem(client.post("/databases", json=body), 422, "validation-error")
+    assert field in problem["errors"]["json"]
+
+
+def test_reset_puts_the_data_back_and_keeps_the_password(client, services, reconciler, runtime, ready):
+    snapshot = client.post(f"/databases/{ready['id']}/snapshots", headers=ASYNC).get_json()
+    reconciler.run_once(wait=True)
+    clone = client.post("/databases", json={"from_snapshot": snapshot["id"]}, headers=ASYNC).get_json()
+    settle(services, reconciler)
+    before = record(services, clone["id"])
+    runtime.data[clone["id"]] = "scribbled on by a test"
+    resetting = client.post(f"/databases/{clone['id']}/reset", headers=ASYNC)
+    assert resetting.status_code == 202 and resetting.get_json()["status"] == "resetting"
+    settle(services, reconciler)
+    after = record(services, clone["id"])
+    assert after.status == Status.READY and runtime.data[clone["id"]] == "orders"
+    assert after.password == before.password and after.host_port == before.host_port
+    assert kinds(client, clone["id"])[-2:] == ["resetting", "reset"]
+    # The source itself goes back to a snapshot named in the body.
+    runtime.data[ready["id"]] = "gone wrong"
+    assert client.post(f"/databases/{ready['id']}/reset", json={"snapshot": snapshot["id"]}, headers=ASYNC).status_code == 202
+    settle(services, reconciler)
+    assert runtime.data[ready["id"]] == "orders"
+
+
+def test_reset_without_a_snapshot_to_go_back_to_is_refused(client, ready):
+    assert_problem(client.post(f"/databases/{ready['id']}/reset"), 409, "conflict")
+    assert client.get(f"/databases/{ready['id']}").get_json()["status"] == "ready"
+
+
+def test_a_snapshot_outlives_its_database_until_it_is_deleted(client, services, reconciler, runtime, ready):
+    snapshot = client.post(f"/databases/{ready['id']}/snapshots", headers=ASYNC).get_json()
+    reconciler.run_once(wait=True)
+    client.delete(f"/databases/{ready['id']}")
+    settle(services, reconciler)
+    assert record(services, ready["id"]).status == Status.DELETED
+    assert runtime.data[snapshot["id"]] == "orders"
+    clone = client.post("/databases", json={"from_snapshot": snapshot["id"]}, headers=ASYNC).get_json()
+    settle(services, reconciler)
+    assert runtime.data[clone["id"]] == "orders"
+    assert client.delete(f"/snapshots/{snapshot['id']}").get_json()["status"] == "deleting"
+    settle(services, reconciler)
+    assert snapshot_record(services, snapshot["id"]).status == SnapshotStatus.DELETED
+    assert snapshot["id"] not in runtime.data
+    assert_problem(client.get(f"/snapshots/{snapshot['id']}"), 404, "not-found")
+
+
+# -- templates ----------------------------------------------------------------------
+
+
+def test_a_template_is_built_once_and_cloned_from_its_pool(client, services, running, runtime):
+    first = client.post("/templates", json={"key": "sha256:abc"})
+    assert first.status_code == 201, first.get_json()
+    body = first.get_json()
+    assert body["status"] == "building" and body["database"]["status"] == "ready"
+    assert body["database"]["connection_uri"]
+    runtime.data[body["database"]["id"]] = "migrated schema"
+    waiting = client.post("/templates", json={"key": "sha256:abc"})
+    assert_problem(waiting, 423, "locked")
+    assert int(waiting.headers["Retry-After"]) > 0
+    finalized = client.post("/templates/sha256:abc/finalize", json={"pool_size": 2})
+    assert finalized.status_code == 200 and finalized.get_json()["status"] == "ready"
+    again = client.post("/templates", json={"key": "sha256:abc"})
+    assert again.status_code == 200 and again.get_json()["database"] is None
+
+    def pooled() -> list[Database]:
+        with services.store.read() as session:
+            return list(session.query(Database).filter(
+                Database.template_id == body["id"], Database.tenant == "_pool", Database.status == Status.READY))
+
+    for _ in range(100):
+        if len(pooled()) == 2:
+            break
+        running.records.changed.wait(0.05)
+    assert len(pooled()) == 2
+    clone = client.post("/databases", json={"template": "sha256:abc"}).get_json()
+    assert clone["status"] == "ready" and "claim" in clone["phase_timings"]
+    assert runtime.data[clone["id"]] == "migrated schema"
+    # The builder's database is gone: the snapshot holds the data.
+    for _ in range(100):
+        if record(services, body["database"]["id"]).status == Status.DELETED:
+            break
+        running.records.changed.wait(0.05)
+    assert record(services, body["database"]["id"]).status == Status.DELETED
+
+
+def test_concurrent_first_requests_build_one_template(client, services):
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        answers = list(pool.map(
+            lambda _: client.post("/templates", json={"key": "k1"}, headers=ASYNC), range(5)
+        ))
+    assert sorted(a.status_code for a in answers) == [202, 423, 423, 423, 423]
+    assert len(client.get("/templates").get_json()["items"]) == 1
+
+
+def test_deleting_a_template_drains_its_pool(client, services, running, runtime):
+    client.post("/templates", json={"key": "k2"})
+    finalized = client.post("/templates/k2/finalize", json={"pool_size": 1}).get_json()
+    for _ in range(100):
+        if any(r.tenant == "_pool" and r.status == Status.READY for r in _all(services)):
+            break
+        running.records.changed.wait(0.05)
+    assert client.delete("/templates/k2").status_code == 202
+    assert_problem(client.get("/templates/k2"), 404, "not-found")
+    assert_problem(client.post("/databases", json={"template": "k2"}), 404, "not-found")
+    for _ in range(100):
+        if all(r.status == Status.DELETED for r in _all(services)):
+            break
+        running.records.changed.wait(0.05)
+    assert all(r.status == Status.DELETED for r in _all(services))
+    for _ in range(100):
+        if snapshot_record(services, finalized["snapshot_id"]).status == SnapshotStatus.DELETED:
+            break
+        running.records.changed.wait(0.05)
+    assert snapshot_record(services, finalized["snapshot_id"]).status == SnapshotStatus.DELETED
+    assert finalized["snapshot_id"] not in runtime.data
+
+
+def _all(services) -> list[Database]:
+    with services.store.read() as session:
+        return list(session.query(Database))
+
+
+# -- dumps and restores ----------------------------------------------------------------
+
+
+def test_a_dump_streams_the_jobs_output(client, services, reconciler, runtime, ready):
+    response = client.get(f"/databases/{ready['id']}/dump")
+    assert response.status_code == 200 and response.mimetype == "application/octet-stream"
+    assert response.get_data() == b"orders"
+    command = runtime.jobs[-1][1]
+    assert command[:2] == ["pg_dump", "--format=custom"] and "PGPASSWORD" in runtime.jobs[-1][2]
+
+
+def test_a_restore_runs_pg_restore_on_the_uploaded_archive(client, services, runtime, ready):
+    archive = b"PGDMP" + b"\0" * 100
+    response = client.post(f"/databases/{ready['id']}/restore", data=archive,
+                           headers={"Content-Type": "application/octet-stream"})
+    assert response.status_code == 200, response.get_json()
+    database_id, command, environment, given = runtime.jobs[-1]
+    assert given == archive and command[0] == "pg_restore" and "--single-transaction" in command
+    assert "--role=app" in command and command[-1] == "/tmp/input"
+    assert kinds(client, ready["id"])[-1] == "restored"
+
+
+def test_a_bad_archive_is_refused_with_the_tools_message(client, runtime, ready):
+    runtime.job_results.append(JobResult(1, "pg_restore: error: input file does not appear to be a valid archive"))
+    response = client.post(f"/databases/{ready['id']}/restore", data=b"not a dump",
+                           headers={"Content-Type": "application/octet-stream"})
+    problem = assert_problem(response, 422, "validation-error")
+    assert "does not appear to be a valid archive" in problem["detail"]
+
+
+def test_a_restore_needs_an_empty_database_an_archive_and_a_size_within_the_limit(
+    client, services, runtime, ready, settings
+):
+    port = record(services, ready["id"]).host_port
+    services.server_admin.relations[port] = 3
+    busy = client.post(f"/databases/{ready['id']}/restore", data=b"x", headers={"Content-Type": "application/octet-stream"})
+    assert_problem(busy, 409, "conflict")
+    services.server_admin.relations[port] = 0
+    assert client.post(f"/databases/{ready['id']}/restore", json={}).status_code == 415
+    services.settings = dataclasses.replace(settings, restore_max_bytes=10)
+    too_big = client.post(f"/databases/{ready['id']}/restore", data=b"x" * 11,
+                          headers={"Content-Type": "application/octet-stream"})
+    assert too_big.status_code == 413
+    assert runtime.jobs == []

@@ -7,6 +7,7 @@ from importlib.metadata import version
 from flask import Flask, Response
 from flask_smorest import Api as _Api
 
+from . import ui
 from .api import problems, views
 from .api.schemas import ProblemSchema
 from .composition import Services
@@ -76,6 +77,7 @@ def create_app(services: Services | None = None) -> Flask:
     api.register_blueprint(views.health)
 
     Metrics(services.store, services.settings.port_range).init_app(app)
+    ui.init_app(app)
 
     @app.get("/openapi.yaml")
     def openapi_yaml() -> Response:

@@ -9,6 +9,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -48,6 +49,20 @@ class Principal:
     def actor(self) -> str:
         """Who did it, as events record it."""
         return f"token:{self.token_id}" if self.token_id else "local"
+
+
+@dataclass(frozen=True)
+class TenantSummary:
+    """One tenant as an operator sees it: its databases, limit, plans and tokens."""
+
+    name: str
+    live: int
+    limit: int
+    # None: every plan.
+    plans: list[str] | None
+    tokens: int
+    admin_tokens: int
+    created_at: datetime | None
 
 
 # Who every request is when authentication is off (`dbprov serve --no-auth`).
@@ -179,6 +194,39 @@ class Tenants:
                 used=used,
                 limit=limit,
             )
+
+    def summaries(self) -> list[TenantSummary]:
+        """Every tenant (the warm pool's excepted), by name, with its live
+        databases, limit, plans and tokens that still work."""
+        with self.store.read() as session:
+            tenants = list(session.scalars(
+                select(Tenant).where(Tenant.name != POOL_TENANT).order_by(Tenant.name)
+            ))
+            live = dict(session.execute(
+                select(Database.tenant, func.count())
+                .where(Database.status != Status.DELETED)
+                .group_by(Database.tenant)
+            ).all())
+            tokens = session.execute(
+                select(Token.tenant, Token.admin, func.count())
+                .where(Token.revoked_at.is_(None))
+                .group_by(Token.tenant, Token.admin)
+            ).all()
+        working: dict[str, dict[bool, int]] = {}
+        for tenant, admin, count in tokens:
+            working.setdefault(tenant, {})[bool(admin)] = count
+        return [
+            TenantSummary(
+                name=tenant.name,
+                live=live.get(tenant.name, 0),
+                limit=self.settings.tenant_quota if tenant.database_limit is None else tenant.database_limit,
+                plans=tenant.plans,
+                tokens=sum(working.get(tenant.name, {}).values()),
+                admin_tokens=working.get(tenant.name, {}).get(True, 0),
+                created_at=tenant.created_at,
+            )
+            for tenant in tenants
+        ]
 
     # -- rate limits --------------------------------------------------------
 

@@ -1,4 +1,11 @@
-"""The ``dbprov`` command."""
+"""The server's commands of ``dbprov``: serve, worker, reconcile, db, openapi,
+tokens, tenants, images, keys.
+
+The ``dbprov`` command itself belongs to the client distribution (dbprov-client);
+this distribution adds these commands to it through the entry-point group
+``dbprov.commands`` (see pyproject.toml). ``python -m service`` runs the same
+command with these commands added directly, installed entry points or not.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import threading
 import time
 
 import click
+from dbprov_client.cli import make_cli
 from gunicorn.app.base import BaseApplication
 from sqlalchemy.engine import make_url
 
@@ -43,16 +51,7 @@ def _migrated_services() -> Services:
     return services
 
 
-@click.group()
-@click.option("--log-level", default="INFO", show_default=True, envvar="DBPROV_LOG_LEVEL")
-def main(log_level: str) -> None:
-    """dbprov: PostgreSQL databases on demand."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-
-
-@main.command()
+@click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the API listens on")
 @click.option("--port", default=8080, show_default=True, type=int, help="Port the API listens on")
 @click.option("--threads", default=16, show_default=True, type=int,
@@ -100,7 +99,7 @@ class _Server(BaseApplication):
         return create_app(self.services)
 
 
-@main.command()
+@click.command()
 @click.option("--check", is_flag=True,
               help="Exit 0 if this host's worker completed a pass recently (a health check)")
 def worker(check: bool) -> None:
@@ -130,7 +129,7 @@ def worker(check: bool) -> None:
     background.stop()
 
 
-@main.command()
+@click.command()
 @click.option("--once", is_flag=True, required=True, help="Run one pass, wait for its work, and exit")
 def reconcile(once: bool) -> None:
     """Make the Docker engine match the metadata store, once."""
@@ -145,7 +144,7 @@ def reconcile(once: bool) -> None:
         reconciler.stop()
 
 
-@main.group()
+@click.group()
 def db() -> None:
     """Manage the metadata store."""
 
@@ -157,13 +156,13 @@ def upgrade() -> None:
     click.echo(f"metadata store {_redacted(services.store.url)} is up to date")
 
 
-@main.command()
+@click.command()
 def openapi() -> None:
     """Print the OpenAPI document (what openapi.yaml holds)."""
     sys.stdout.write(openapi_document(create_app(_services())))
 
 
-@main.group()
+@click.group()
 def tokens() -> None:
     """Manage API tokens (stored only as hashes)."""
 
@@ -199,7 +198,7 @@ def tokens_revoke(token_id: str) -> None:
     click.echo(f"token {token_id} revoked")
 
 
-@main.group()
+@click.group()
 def tenants() -> None:
     """Manage tenants."""
 
@@ -231,7 +230,7 @@ def tenants_plans(tenant: str, allow: str | None, every: bool) -> None:
     click.echo(f"{tenant}: {', '.join(plans) if plans is not None else 'every plan'}")
 
 
-@main.group(invoke_without_command=True)
+@click.group(invoke_without_command=True)
 @click.pass_context
 def images(context: click.Context) -> None:
     """Show each configured version's image: available, pulling or missing."""
@@ -266,7 +265,7 @@ def images_pull() -> None:
         raise click.ClickException(f"could not pull {', '.join(failed)}")
 
 
-@main.group()
+@click.group()
 def keys() -> None:
     """Manage the keys that encrypt stored passwords."""
 
@@ -286,6 +285,15 @@ def keys_rotate() -> None:
     services = _migrated_services()
     count = _run(reencrypt_secrets, services.store, services.vault)
     click.echo(f"re-encrypted the secrets of {count} databases with the first key")
+
+
+#: Every top-level server command; pyproject.toml registers each as an entry point.
+COMMANDS = (serve, worker, reconcile, db, openapi, tokens, tenants, images, keys)
+
+
+def main() -> None:
+    """``dbprov`` with the client's commands and these (``python -m service``)."""
+    make_cli(COMMANDS)(prog_name="dbprov")
 
 
 def _run(function, *args):

@@ -1,0 +1,29 @@
+"""dbprov's client: the `dbprov` command, a Python client and a pytest plugin.
+
+    from dbprov_client import Client
+
+    with Client().database(version="17", ttl=600) as db:
+        print(db.connection_uri)
+"""
+
+from .client import Client
+from .durations import parse_duration
+from .errors import NotFound, ProblemError, Refused, Unavailable, WaitTimeout
+from .models import Credentials, Database, DatabasePage, Event, Health, Plan, Quota
+
+__all__ = [
+    "Client",
+    "Credentials",
+    "Database",
+    "DatabasePage",
+    "Event",
+    "Health",
+    "NotFound",
+    "Plan",
+    "ProblemError",
+    "Quota",
+    "Refused",
+    "Unavailable",
+    "WaitTimeout",
+    "parse_duration",
+]

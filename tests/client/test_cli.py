@@ -1,0 +1,240 @@
+"""The `dbprov` client commands against the stand-in API: what goes to standard
+output and error, exit statuses, login, and the server's commands loaded from
+the `dbprov.commands` entry points."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import stat
+import subprocess
+import sys
+from importlib.metadata import EntryPoint, entry_points, requires
+
+import pytest
+from click.testing import CliRunner
+
+from dbprov_client import cli as cli_module
+from dbprov_client.cli import make_cli
+
+EXIT_NOT_FOUND, EXIT_REFUSED, EXIT_UNAVAILABLE = 3, 4, 5
+DBPROV = [sys.executable, "-m", "dbprov_client"]
+
+
+@pytest.fixture
+def dbprov(fake, isolated):
+    """Runs a client command in this process, against the stand-in."""
+    runner = CliRunner()
+    env = {"DBPROV_URL": fake.url, "DBPROV_TOKEN": None}
+
+    def run(*args: str, **extra_env: str):
+        return runner.invoke(make_cli(plugins=False), list(args), env={**env, **extra_env})
+
+    return run
+
+
+def subprocess_env(fake, isolated) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DBPROV_")}
+    return {**env, "DBPROV_URL": fake.url, "XDG_CONFIG_HOME": str(isolated / "config")}
+
+
+def test_new_prints_only_the_uri_on_standard_output(dbprov, fake):
+    result = dbprov("new", "--version", "17", "--name", "orders", "--ttl", "30m", "--plan", "default")
+    assert result.exit_code == 0, result.output
+    database = next(iter(fake.databases.values()))
+    assert result.stdout == database.uri() + "\n"
+    assert result.stderr == ""  # no progress: standard error is no terminal here
+    assert fake.requests_to("POST", "/databases")[0].body == {
+        "version": "17", "name": "orders", "plan": "default", "ttl": 1800}
+
+
+def test_new_json_prints_the_whole_record(dbprov, fake):
+    result = dbprov("new", "--json")
+    record = json.loads(result.stdout)
+    assert record["status"] == "ready" and record["connection_uri"] and record["password"]
+
+
+def test_new_no_wait_answers_while_it_provisions(dbprov, fake):
+    fake.provision_seconds = 30
+    result = dbprov("new", "--no-wait")
+    assert result.exit_code == 0 and result.stdout.startswith("postgresql://")
+    assert fake.requests_to("POST", "/databases")[0].headers["Prefer"] == "respond-async"
+
+
+def test_a_bad_duration_is_a_usage_error(dbprov):
+    result = dbprov("new", "--ttl", "soon")
+    assert result.exit_code == 2 and "not a duration" in result.stderr
+
+
+@pytest.mark.parametrize(("status", "code"), [
+    (401, EXIT_REFUSED), (403, EXIT_REFUSED), (409, EXIT_REFUSED), (422, EXIT_REFUSED),
+    (500, EXIT_UNAVAILABLE), (502, EXIT_UNAVAILABLE), (503, EXIT_UNAVAILABLE),
+])
+def test_problems_are_one_line_with_an_exit_status_per_kind(dbprov, fake, status, code):
+    fake.fail("POST", "/databases", status, {
+        "type": "urn:dbprov:problem:x", "title": "The title", "status": status,
+        "detail": "first line\nsecond line"}, headers={"Retry-After": "0"}, times=10)
+    result = dbprov("new")
+    assert result.exit_code == code
+    assert result.stdout == ""
+    assert result.stderr == "Error: The title: first line | second line\n"
+
+
+def test_not_found_has_its_own_exit_status(dbprov):
+    result = dbprov("show", "nosuch")
+    assert result.exit_code == EXIT_NOT_FOUND
+    assert result.stderr == "Error: Not found: no database with id 'nosuch'\n"
+
+
+def test_no_server_is_unavailable(isolated):
+    result = CliRunner().invoke(make_cli(plugins=False), ["stop", "abc"],
+                                env={"DBPROV_URL": "http://127.0.0.1:1"})
+    assert result.exit_code == EXIT_UNAVAILABLE
+    assert result.stderr.startswith("Error: Service unavailable: no answer from http://127.0.0.1:1")
+
+
+def test_the_other_commands(dbprov, fake):
+    uri = dbprov("new", "--name", "kept", "--ttl", "10m").stdout.strip()
+    database_id = next(iter(fake.databases))
+    dbprov("new", "--name", "gone")
+    gone_id = list(fake.databases)[1]
+
+    listing = dbprov("ls").stdout.splitlines()
+    assert listing[0].split() == ["ID", "NAME", "STATUS", "VERSION", "PORT", "AGE", "EXPIRES"]
+    assert [line.split()[0] for line in listing[1:]] == [gone_id, database_id]
+    assert "in 9m" in listing[2] and "never" in listing[1]
+
+    assert dbprov("rm", gone_id, "--wait").stdout == f"{gone_id} deleted\n"
+    assert gone_id not in dbprov("ls").stdout
+    assert gone_id in dbprov("ls", "--all").stdout
+    assert [d["id"] for d in json.loads(dbprov("ls", "--json").stdout)] == [database_id]
+
+    shown = dbprov("show", database_id).stdout
+    assert f"id:         {database_id}" in shown and "status:     ready" in shown
+    assert json.loads(dbprov("show", database_id, "--json").stdout)["name"] == "kept"
+    assert dbprov("url", database_id).stdout == uri + "\n"
+    assert dbprov("renew", database_id, "--ttl", "1h").stdout.startswith(f"{database_id} expires 20")
+    assert fake.requests_to("PATCH", f"/databases/{database_id}")[-1].body == {"ttl": 3600}
+    assert dbprov("stop", database_id).stdout == f"{database_id} stopped\n"
+    assert dbprov("start", database_id).stdout == f"{database_id} ready\n"
+    rotated = dbprov("rotate", database_id).stdout.strip()
+    assert rotated.startswith("postgresql://") and rotated != uri
+    assert "requested" in dbprov("events", database_id).stdout
+    assert json.loads(dbprov("events", database_id, "--json").stdout)[0]["kind"] == "requested"
+    assert dbprov("logs", database_id, "--tail", "2").stdout == "log line 0\nlog line 1\n"
+
+
+def test_login_stores_url_and_token_readable_by_the_user_alone(fake, isolated):
+    fake.token = "dbp_secret"
+    runner = CliRunner()
+    refused = runner.invoke(make_cli(plugins=False), ["login", "--url", fake.url], input="dbp_wrong\n")
+    assert refused.exit_code == EXIT_REFUSED
+    path = isolated / "config" / "dbprov" / "client.json"
+    assert not path.exists()
+
+    result = runner.invoke(make_cli(plugins=False), ["login", "--url", fake.url], input="dbp_secret\n")
+    assert result.exit_code == 0, result.output
+    assert "dbp_secret" not in result.output  # asked for without echo
+    assert json.loads(path.read_text()) == {"url": fake.url, "token": "dbp_secret"}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # The commands now find both without DBPROV_URL or DBPROV_TOKEN.
+    listed = runner.invoke(make_cli(plugins=False), ["ls"])
+    assert listed.exit_code == 0, listed.output
+    assert fake.seen[-1].headers["Authorization"] == "Bearer dbp_secret"
+
+
+def test_the_console_script_prints_the_uri_as_its_last_line(fake, isolated):
+    result = subprocess.run([*DBPROV, "new", "--ttl", "5m"], env=subprocess_env(fake, isolated),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [next(iter(fake.databases.values())).uri()]
+    assert result.stderr == ""
+    missing = subprocess.run([*DBPROV, "url", "nosuch"], env=subprocess_env(fake, isolated),
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == EXIT_NOT_FOUND and missing.stdout == ""
+
+
+def test_on_a_terminal_a_progress_line_goes_to_standard_error_only(fake, isolated):
+    fake.provision_seconds = 1.0
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([*DBPROV, "new"], env=subprocess_env(fake, isolated),
+                               stdout=subprocess.PIPE, stderr=follower, text=True)
+    os.close(follower)
+    terminal = b""
+    while True:
+        ready, _, _ = select.select([leader], [], [], 30)
+        if not ready:
+            break
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the other side closed
+            break
+        if not chunk:
+            break
+        terminal += chunk
+    stdout = process.communicate(timeout=30)[0]
+    os.close(leader)
+    database = next(iter(fake.databases.values()))
+    assert process.returncode == 0
+    assert stdout == database.uri() + "\n"
+    shown = terminal.decode()
+    assert f"creating database {database.id}" in shown
+    assert f"database {database.id} ready in" in shown and database.password not in shown
+
+
+def test_psql_runs_psql_with_the_uri(fake, isolated, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "psql").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    (bin_dir / "psql").chmod(0o755)
+    env = subprocess_env(fake, isolated)
+    uri = subprocess.run([*DBPROV, "new"], env=env, capture_output=True, text=True).stdout.strip()
+    database_id = next(iter(fake.databases))
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    result = subprocess.run([*DBPROV, "psql", database_id, "-c", "select 1"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [uri, "-c", "select 1"]
+
+
+def test_the_server_commands_come_from_entry_points():
+    registered = {e.name: e for e in entry_points(group="dbprov.commands")}
+    from service.cli import COMMANDS
+
+    assert set(registered) == {command.name for command in COMMANDS}
+    for command in COMMANDS:
+        assert registered[command.name].load() is command
+    help_text = subprocess.run(["dbprov", "--help"], capture_output=True, text=True, timeout=60,
+                               env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"})
+    assert help_text.returncode == 0, help_text.stderr
+    server_part = help_text.stdout.split("Server commands:")[1]
+    for command in COMMANDS:
+        assert f"\n  {command.name} " in server_part
+    assert "\n  new " in help_text.stdout.split("Server commands:")[0]
+
+
+def test_a_broken_plugin_breaks_only_its_command(monkeypatch):
+    broken = EntryPoint(name="broken", value="no_such_module:command", group="dbprov.commands")
+    monkeypatch.setattr(cli_module, "entry_points", lambda group: [broken])
+    runner = CliRunner()
+    listed = runner.invoke(make_cli(), ["--help"])
+    assert listed.exit_code == 0 and "broken" in listed.stdout and "cannot be loaded" in listed.stdout
+    run = runner.invoke(make_cli(), ["broken"])
+    assert run.exit_code == 1 and "no_such_module" in run.stderr
+
+
+def test_the_client_distribution_is_small():
+    assert sorted(r.split(">")[0].split("<")[0].split("=")[0].strip()
+                  for r in requires("dbprov-client")) == ["click", "platformdirs", "requests"]
+    # Its commands and plugin import nothing of the server's.
+    code = (
+        "import sys; import dbprov_client, dbprov_client.cli, dbprov_client.pytest_plugin;"
+        "from click.testing import CliRunner;"
+        "assert CliRunner().invoke(dbprov_client.cli.main, ['new', '--help']).exit_code == 0;"
+        "heavy = {'flask', 'sqlalchemy', 'docker', 'psycopg', 'service', 'gunicorn'} & set(sys.modules);"
+        "assert not heavy, heavy"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,156 @@
+"""The client distribution against the real service (`dbprov serve --no-auth`)
+and the real engine: the `dbprov` command as a shell user runs it, the Python
+client's context manager, and the pytest plugin in a child pytest."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from dbprov_client import Client, NotFound
+
+from .conftest import free_port
+
+pytestmark = pytest.mark.docker
+pytest_plugins = ["pytester"]
+
+DBPROV = str(Path(sys.executable).with_name("dbprov"))
+
+
+@pytest.fixture
+def shell(service, tmp_path):
+    """Runs the installed `dbprov` console script against the service."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DBPROV_")}
+    env.update(DBPROV_URL=service.url, XDG_CONFIG_HOME=str(tmp_path / "config"))
+
+    def run(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([DBPROV, *args], env={**env, **extra}, capture_output=True,
+                              text=True, timeout=180)
+
+    return run
+
+
+def connect(uri: str) -> psycopg.Connection:
+    return psycopg.connect(uri, connect_timeout=5)
+
+
+def test_new_wait_prints_a_uri_psql_can_use_and_rm_wait_removes_it(shell, service, docker_client):
+    created = shell("new", "--wait", "--ttl", "10m", "--name", "shell")
+    assert created.returncode == 0, created.stderr
+    assert created.stderr == ""  # no terminal, no progress
+    uri = created.stdout.splitlines()[-1]
+    with connect(uri) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("app",)
+    (listed,) = [line for line in shell("ls").stdout.splitlines() if " shell " in line]
+    database_id = listed.split()[0]
+    assert shell("url", database_id).stdout.strip() == uri
+    if shutil.which("psql"):
+        result = shell("psql", database_id, "-tAc", "SELECT 40 + 2")
+        assert result.returncode == 0 and result.stdout.strip() == "42", result.stderr
+
+    assert shell("stop", database_id, "--wait").stdout == f"{database_id} stopped\n"
+    assert shell("start", database_id).stdout == f"{database_id} ready\n"
+    with connect(uri) as conn:
+        conn.execute("SELECT 1")
+    assert shell("renew", database_id, "--ttl", "1h").returncode == 0
+    kinds = shell("events", database_id).stdout
+    assert all(kind in kinds for kind in ("requested", "ready", "stopped", "started", "updated"))
+
+    removed = shell("rm", database_id, "--wait")
+    assert removed.returncode == 0 and removed.stdout == f"{database_id} deleted\n"
+    assert not [c for c in docker_client.containers.list(all=True) if c.name == f"dbprov-{database_id}"]
+
+
+def test_each_kind_of_error_has_its_exit_status(shell):
+    missing = shell("show", "nosuchdatabase")
+    assert (missing.returncode, missing.stdout) == (3, "")
+    assert missing.stderr == "Error: Not found: no database with id 'nosuchdatabase'\n"
+    refused = shell("new", "--version", "9")
+    assert refused.returncode == 4
+    assert refused.stderr.startswith("Error: Request validation failed: unsupported version '9'")
+    unreachable = shell("ls", DBPROV_URL=f"http://127.0.0.1:{free_port()}")
+    assert unreachable.returncode == 5
+    assert unreachable.stderr.startswith("Error: Service unavailable: no answer from")
+
+
+def test_the_context_manager_deletes_its_database(service):
+    client = Client(service.url)
+    with client.database(version="15", ttl=600) as db:
+        with connect(db.connection_uri) as conn:
+            assert conn.execute("SHOW server_version").fetchone()[0].startswith("15.")
+        assert client.get(db.id).expires_at is not None
+    service.wait_for_status(db.id, "deleted")
+
+
+def test_a_create_answered_at_once_is_waited_for_with_its_key(service):
+    """The command's terminal path: an asynchronous create, then the same
+    create again, which the service answers once the database is ready."""
+    client = Client(service.url)
+    accepted = []
+    database = client.create(ttl=600, on_accepted=accepted.append)
+    assert accepted[0].id == database.id and database.status == "ready"
+    with connect(database.connection_uri) as conn:
+        conn.execute("SELECT 1")
+    assert [d.id for d in client.list_all() if d.status != "deleted"] == [database.id]
+    client.delete(database.id, wait=True)
+    with pytest.raises(NotFound):
+        client.delete("nosuchdatabase")
+
+
+def test_the_pytest_plugin_gives_each_test_a_database_and_deletes_it(service, pytester, monkeypatch):
+    ids = pytester.path / "ids.txt"
+    pytester.makepyfile(test_suite=f"""
+        import psycopg
+
+        def record(database):
+            with open({str(ids)!r}, "a") as file:
+                file.write(database.id + "\\n")
+
+        def test_one(dbprov_database):
+            with psycopg.connect(dbprov_database.connection_uri, connect_timeout=5) as conn:
+                conn.execute("CREATE TABLE t (x int)")
+            record(dbprov_database)
+
+        def test_two(dbprov_database):
+            with psycopg.connect(dbprov_database.connection_uri, connect_timeout=5) as conn:
+                # A fresh database: the other test's table is not in it.
+                assert conn.execute("SELECT to_regclass('t')").fetchone() == (None,)
+            record(dbprov_database)
+        """)
+    monkeypatch.delenv("DBPROV_URL", raising=False)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--dbprov-url={service.url}",
+                                           timeout=300)
+    result.assert_outcomes(passed=2)
+    database_ids = ids.read_text().split()
+    assert len(set(database_ids)) == 2
+    for database_id in database_ids:
+        service.wait_for_status(database_id, "deleted")
+
+
+def test_the_plugin_renews_the_lease_while_a_test_runs(service, pytester, monkeypatch):
+    """Created with a 3 s lease, the database outlives it while the test runs;
+    the service expires what is not renewed every half second."""
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    pytester.makepyfile(test_lease="""
+        import time
+        import psycopg
+
+        def test_long(dbprov_database):
+            time.sleep(5)
+            with psycopg.connect(dbprov_database.connection_uri, connect_timeout=5) as conn:
+                conn.execute("SELECT 1")
+        """)
+    started = time.monotonic()
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-p", "dbprov_client.pytest_plugin",
+        f"--dbprov-url={service.url}", "--dbprov-ttl=3s", timeout=120,
+    )
+    result.assert_outcomes(passed=1)
+    assert time.monotonic() - started > 5

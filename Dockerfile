@@ -6,11 +6,14 @@ ARG PYTHON_VERSION=3.11
 
 FROM python:${PYTHON_VERSION}-slim AS build
 WORKDIR /src
+COPY client ./client
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY migrations ./migrations
+# The client distribution (the `dbprov` command) first: the server depends on
+# it, and it is not on a package index.
 RUN python -m venv /opt/dbprov \
- && /opt/dbprov/bin/pip install --no-cache-dir --disable-pip-version-check . \
+ && /opt/dbprov/bin/pip install --no-cache-dir --disable-pip-version-check ./client . \
  && find /opt/dbprov -name '__pycache__' -prune -exec rm -rf {} +
 
 FROM python:${PYTHON_VERSION}-slim

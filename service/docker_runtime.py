@@ -317,8 +317,11 @@ class DockerRuntime:
             container = self._beside(database_id, command, environment)
         try:
             with _translated():
+                # Attached before it starts, for every byte as written: the
+                # engine's logs are kept as text and would mangle a binary stream.
+                output = self.client.api.attach(container.id, stdout=True, stderr=False, stream=True, logs=True)
                 container.start()
-                for chunk in container.logs(stdout=True, stderr=False, stream=True, follow=True):
+                for chunk in output:
                     yield chunk
                 status = container.wait()
                 if status.get("StatusCode", -1) != 0:
@@ -339,9 +342,10 @@ class DockerRuntime:
             environment=environment,
         )
 
-    def copy_data(self, source_id: str, target_id: str) -> int:
+    def copy_data(self, source_id: str, target_id: str, image: str) -> int:
         with _translated():
-            image = self._server_image(source_id)
+            if not self._volume_exists(volume_name(source_id)):
+                raise NotFound(f"{source_id} has no data to copy")
             self._ensure_volume(volume_name(target_id), labels_for(self.instance, target_id))
             container = self._job_container(
                 target_id,

@@ -411,7 +411,7 @@ class Reconciler:
             raise TransientError(f"waiting for the snapshot {snapshot.id} to be taken")
         # Whatever a crash or the data before a reset left goes first.
         self.runtime.remove_server(record.id)
-        size = self.runtime.copy_data(snapshot.id, record.id)
+        size = self.runtime.copy_data(snapshot.id, record.id, snapshot.image)
         log.info("database %s: data copied from snapshot %s (%d bytes)", record.id, snapshot.id, size)
         return self._transition(record.id, {record.status}, seeded_at=utcnow())
 
@@ -564,7 +564,7 @@ class Reconciler:
             if running:
                 # A clean shutdown ends with a checkpoint: the copy needs no recovery.
                 self.runtime.stop_server(database_id)
-            size = self.runtime.copy_data(database_id, snapshot_id)
+            size = self.runtime.copy_data(database_id, snapshot_id, record.image)
         except TransientError as exc:
             log.warning("snapshot %s: postponed: %s", snapshot_id, exc.detail)
             return

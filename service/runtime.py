@@ -150,10 +150,11 @@ class ServerRuntime(Protocol):
         """Like ``run_job``, yielding the command's standard output as it comes;
         ``EngineError`` at the end, with its standard error, if it failed."""
 
-    def copy_data(self, source_id: str, target_id: str) -> int:
+    def copy_data(self, source_id: str, target_id: str, image: str) -> int:
         """Make ``target_id``'s data a copy of ``source_id``'s (stop the source first
-        for a consistent copy); returns its size in bytes. The target has no
-        server; ``ensure_server`` then starts one on the copy."""
+        for a consistent copy), with a job from ``image``; returns its size in
+        bytes. The target has no server; ``ensure_server`` then starts one on
+        the copy. A snapshot's data is stored like a server's, under its id."""
 
     def endpoint(self, database_id: str) -> Endpoint | None:
         """Where the server answers now, or None if it publishes no port."""

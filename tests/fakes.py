@@ -145,7 +145,7 @@ class FakeRuntime:
         # What the server's data holds, as a "dump".
         yield from (self.data.get(database_id, "").encode()[i:i + 4] for i in range(0, len(self.data.get(database_id, "")), 4))
 
-    def copy_data(self, source_id: str, target_id: str) -> int:
+    def copy_data(self, source_id: str, target_id: str, image: str) -> int:
         self._check("copy_data")
         if source_id not in self.data:
             raise NotFound(f"database {source_id} has no data")

@@ -11,6 +11,7 @@ from sqlalchemy import event
 from service.models import Database
 
 PROBLEM = "application/problem+json"
+ASYNC_HEADERS = {"Prefer": "respond-async"}
 
 
 def count_records(services) -> int:
@@ -285,3 +286,14 @@ def test_metadata_outage_is_a_503_problem(client, services):
     assert_problem(response, 503, "metadata-unavailable")
     assert "Retry-After" in response.headers
     assert client.get("/readyz").get_json()["checks"]["metadata"].startswith("metadata store unavailable")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Sec-Fetch-Site": "cross-site"}, {"Origin": "https://elsewhere.example"}],
+)
+def test_without_authentication_a_browser_post_from_elsewhere_is_refused(client, services, headers):
+    assert_problem(client.post("/databases", json={}, headers=headers), 403, "forbidden")
+    assert count_records(services) == 0
+    same = client.post("/databases", json={}, headers={"Origin": "http://localhost", **ASYNC_HEADERS})
+    assert same.status_code == 202

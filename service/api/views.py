@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Response, current_app, g, request, url_for
 from flask.views import MethodView
@@ -13,12 +14,11 @@ from flask_smorest import Blueprint
 from marshmallow import RAISE
 from werkzeug.exceptions import UnsupportedMediaType
 
-from ..errors import DbprovError, ProvisioningFailed
+from ..errors import DbprovError, Forbidden, ProvisioningFailed, ValidationError
 from ..models import COMING_UP, Database, Status
 from ..databases import Credentials, Idempotency
 from ..tenancy import LOCAL_ADMIN, Principal
 from .problems import problem_response
-from ..errors import ValidationError
 from .schemas import (
     CredentialsSchema,
     DatabaseCreateSchema,
@@ -177,11 +177,22 @@ def _wait(services, principal: Principal, record: Database, headers: dict[str, s
 def _authenticate() -> None:
     services = _services()
     if not services.auth_required:
+        # Without tokens, any web page the local user opens could post a form
+        # here; what a browser marks as coming from elsewhere is refused.
+        if request.method in ("POST", "PUT", "PATCH", "DELETE") and _from_another_site():
+            raise Forbidden("with authentication off, only requests from this origin may change anything")
         g.principal = LOCAL_ADMIN
         return
     g.principal = services.tenants.authenticate(request.headers.get("Authorization"))
     if request.method in ("POST", "PUT", "PATCH", "DELETE"):
         services.tenants.check_rate(g.principal)
+
+
+def _from_another_site() -> bool:
+    if request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site"):
+        return True
+    origin = request.headers.get("Origin")
+    return origin is not None and urlsplit(origin).netloc != request.host
 
 
 @databases.before_request

@@ -166,12 +166,24 @@ class ServiceProcess:
             time.sleep(0.2)
 
     def delete_all(self) -> None:
+        """Every template, snapshot and database of the service gone, and their data."""
+        for template in self.request("GET", "/templates").json()["items"]:
+            self.request("DELETE", f"/templates/{template['key']}")
+        snapshots = [s["id"] for s in self.request("GET", "/snapshots").json()["items"]]
+        for snapshot_id in snapshots:
+            self.request("DELETE", f"/snapshots/{snapshot_id}")
         listing = self.request("GET", "/databases", params={"page_size": 500}).json()
         live = [i["id"] for i in listing["items"] if i["status"] != "deleted"]
         for database_id in live:
+            # A protected one would refuse; the test that protected it is done with it.
+            self.request("PATCH", f"/databases/{database_id}", json={"protected": False})
             self.request("DELETE", f"/databases/{database_id}")
         for database_id in live:
             self.wait_for_status(database_id, "deleted")
+        wait_until(
+            lambda: not self.request("GET", "/snapshots").json()["items"], timeout=60,
+            what="snapshots to be deleted",
+        )
 
 
 @pytest.fixture

@@ -102,7 +102,7 @@ def test_copied_data_makes_an_independent_server(runtime):
         conn.execute("CREATE TABLE origin AS SELECT 'source' AS side")
     runtime.stop_server(source_id)  # a consistent copy
     target, target_id = new_server(runtime)
-    runtime.copy_data(source_id, target_id)
+    assert runtime.copy_data(source_id, target_id, source.image) > 1_000_000
     runtime.start_server(source_id)
     with connect_when_up(runtime.ensure_server(target)) as conn:
         assert conn.execute("SELECT side FROM origin").fetchone() == ("source",)

@@ -2,7 +2,7 @@
 baseline measured in the same run (these machines are noisy).
 
     .venv/bin/python bench/run.py                 # everything
-    .venv/bin/python bench/run.py ready api       # some: ready burst api density reconcile
+    .venv/bin/python bench/run.py ready api       # some: ready burst api density reconcile data
     .venv/bin/python bench/run.py --runs 5 --burst 10 --density 20   # a quick pass
 
 Needs the Docker engine and the postgres:17 image. Every container it starts
@@ -134,7 +134,8 @@ class Service:
         deadline = time.monotonic() + 60
         while True:
             try:
-                if self.request("GET", "/healthz")[0] == 200:
+                # Ready: the store is migrated (in the background) and the engine answers.
+                if self.request("GET", "/readyz")[0] == 200:
                     return self
             except OSError:
                 pass
@@ -516,9 +517,98 @@ def bench_reconcile(client: docker.DockerClient, real: int) -> None:
     )
 
 
+# -- 6. data: templates, snapshots, clones ---------------------------------------
+
+
+def fill(uri: str, megabytes: int) -> None:
+    """About ``megabytes`` of table data (rows of 1 KB)."""
+    with psycopg.connect(uri, autocommit=True) as conn:
+        conn.execute("CREATE TABLE filler (id int PRIMARY KEY, payload text)")
+        conn.execute(
+            "INSERT INTO filler SELECT g, repeat(md5(g::text), 32) FROM generate_series(1, %s) g",
+            (megabytes * 1024,),
+        )
+
+
+def make_template(service: Service, key: str, megabytes: int, pool_size: int) -> None:
+    status, body = service.request("POST", "/templates", {"key": key})
+    assert status == 201, body
+    fill(body["database"]["connection_uri"], megabytes)
+    status, body = service.request("POST", f"/templates/{key}/finalize", {"pool_size": pool_size})
+    assert status == 200, body
+
+
+def clone_once(service: Service, body: dict) -> tuple[float, dict]:
+    """Request sent -> first SELECT 1 on the clone; the clone is deleted afterwards."""
+    started = time.perf_counter()
+    status, created = service.request("POST", "/databases", body)
+    assert status == 201, created
+    wait_select1(created["connection_uri"])
+    elapsed = time.perf_counter() - started
+    service.request("DELETE", f"/databases/{created['id']}")
+    return elapsed, created
+
+
+def bench_data(client: docker.DockerClient, runs: int, sizes: list[int]) -> None:
+    service = Service().start()
+    try:
+        make_template(service, "pooled", 10, 2)
+        make_template(service, "unpooled", 10, 0)
+        times: dict[str, list[float]] = {"floor": [], "pooled": [], "unpooled": []}
+        claims = 0
+        for _ in range(runs):
+            times["floor"].append(floor_once(client))
+            wait_for_warm(service, 2)
+            elapsed, created = clone_once(service, {"template": "pooled"})
+            times["pooled"].append(elapsed)
+            claims += "claim" in created["phase_timings"]
+            times["unpooled"].append(clone_once(service, {"template": "unpooled"})[0])
+        base = pct(times["floor"], 50)
+        table(
+            f"Template clone (10 MB of data): request sent -> first SELECT 1 ({runs} runs each, interleaved)",
+            ["path", "p50 s", "p95 s", "p50 / floor", "floor p50 / p50"],
+            [
+                [name, pct(t, 50), pct(t, 95), pct(t, 50) / base, base / pct(t, 50)]
+                for name, t in (
+                    ["docker run + polling connect (floor)", times["floor"]],
+                    [f"dbprov template clone, from its pool ({claims}/{runs})", times["pooled"]],
+                    ["dbprov template clone, no pool", times["unpooled"]],
+                )
+            ],
+        )
+        rows = []
+        for megabytes in sizes:
+            floor = floor_once(client)
+            status, source = service.request("POST", "/databases", {})
+            assert status == 201, source
+            fill(source["connection_uri"], megabytes)
+            started = time.perf_counter()
+            status, snapshot = service.request("POST", f"/databases/{source['id']}/snapshots")
+            assert status == 201, snapshot
+            snapshot_s = time.perf_counter() - started
+            clone_s, _ = clone_once(service, {"from_snapshot": snapshot["id"]})
+            rows.append([f"{megabytes} MB", snapshot["size_bytes"] / 2**20, snapshot_s, clone_s, floor,
+                         clone_s / floor])
+            service.request("DELETE", f"/snapshots/{snapshot['id']}")
+            service.request("DELETE", f"/databases/{source['id']}")
+        table(
+            "Snapshot and clone against data size (each with a docker run floor measured beside it)",
+            ["data", "on disk MiB", "snapshot s", "clone to SELECT 1 s", "floor s", "clone / floor"],
+            rows,
+        )
+        for key in ("pooled", "unpooled"):
+            service.request("DELETE", f"/templates/{key}")
+        service.delete_all()
+    finally:
+        service.stop()
+        sweep(client)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("only", nargs="*", choices=["ready", "burst", "api", "density", "reconcile", []], default=[])
+    parser.add_argument(
+        "only", nargs="*", choices=["ready", "burst", "api", "density", "reconcile", "data", []], default=[]
+    )
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--burst", type=int, default=50)
     parser.add_argument("--density", type=int, default=100)
@@ -526,8 +616,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--rate", type=float, default=200, help="steady load for the API latency")
+    parser.add_argument("--sizes", default="10,100,1000", help="MB of data for the snapshot benchmark")
     args = parser.parse_args()
-    chosen = set(args.only) or {"ready", "burst", "api", "density", "reconcile"}
+    chosen = set(args.only) or {"ready", "burst", "api", "density", "reconcile", "data"}
     client = docker.from_env()
     print(f"# dbprov benchmarks ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, run {uuid.uuid4().hex[:6]})")
     try:
@@ -541,6 +632,8 @@ def main() -> None:
             bench_density(client, args.density)
         if "reconcile" in chosen:
             bench_reconcile(client, args.real)
+        if "data" in chosen:
+            bench_data(client, args.runs, [int(size) for size in args.sizes.split(",")])
     finally:
         sweep(client)
 

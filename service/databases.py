@@ -198,7 +198,7 @@ class Databases:
         self.tenants = tenants
         self.server_admin = server_admin
         self.images = images
-        self._runtime = runtime
+        self.runtime = runtime
         # Set by the composition root: warm servers (when DBPROV_POOL_SIZE asks
         # for them), and where clones come from.
         self.pool: WarmPool | None = None
@@ -547,7 +547,7 @@ class Databases:
         """The last ``tail`` lines of the server's log, as long as anything of it remains."""
         record = self.get(principal, database_id)
         if record.status in OWNS_SERVER:
-            return self._runtime.server_logs(database_id, tail)
+            return self.runtime.server_logs(database_id, tail)
         # A failed server was removed; its last lines were kept with the failure.
         marker = "server log (last lines):\n"
         if record.last_error and marker in record.last_error:

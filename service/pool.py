@@ -24,6 +24,9 @@ from .tenancy import POOL_TENANT, Principal
 
 log = logging.getLogger(__name__)
 
+# Members looked at per claim before it falls back to a cold start.
+_CANDIDATES = 3
+
 
 class WarmPool:
     def __init__(self, databases: Databases, claims: Claims) -> None:
@@ -35,53 +38,50 @@ class WarmPool:
         self.records = databases.records
         self.vault = databases.vault
         self._server_admin = databases.server_admin
+        self._runtime = databases.runtime
         self._claims = claims
 
     def claim(
         self, principal: Principal, wanted: Wanted, password: str, idempotency: Idempotency | None
     ) -> Database | None:
-        """A warm member made the tenant's: None when the pool is empty or the claim failed."""
+        """A warm member made the tenant's: None when the pool is empty or the claim failed.
+
+        A member was stocked with its tenant role and a password of its own
+        already made and checked, so a plain claim is one short transaction
+        in the metadata store and no round trip to the server: the member's
+        password is fresh (no one has seen it) and never handed out twice (a
+        claimed server never returns to the pool). A claim that asks for more
+        (a superuser role, settings, extensions) sets them up in the server,
+        with ``password``, before it answers.
+        """
         version = wanted.version
         if wanted.template_id is None and not self.settings.pool_sizes.get(version):
             return None
+        plain = not (wanted.superuser or wanted.parameters or wanted.extensions)
         started = time.monotonic()
         with self.store.transaction() as session:
             self._databases.tenants.reserve(session, principal.tenant)
             if wanted.name is not None:
                 self._databases.ensure_name_free(session, principal.tenant, wanted.name)
-            query = (
-                select(Database.id)
-                .where(
-                    Database.tenant == POOL_TENANT,
-                    Database.status == Status.READY,
-                    Database.version == version,
-                    _of_template(wanted.template_id),
-                )
-                .order_by(Database.created_at)
-                .limit(1)
-            )
-            if self.store.is_postgres:
-                # Parallel claims each take a different member instead of queueing.
-                query = query.with_for_update(skip_locked=True)
-            member_id = session.scalar(query)
+            member_id = self._pick(session, version, wanted.template_id)
             if member_id is None:
                 return None
+            values = dict(
+                tenant=principal.tenant, created_at=utcnow(), **wanted.columns(),
+            )
+            if plain:
+                values.update(status=Status.READY, ready_at=utcnow(),
+                              phase_timings={"claim": round(time.monotonic() - started, 3)})
+            else:
+                values.update(status=Status.PROVISIONING, password=password, ready_at=None, phase_timings={})
             member = self.records.transition(
-                member_id,
-                {Status.READY},
-                session=session,
-                actor=principal.actor,
-                event="claimed",
-                tenant=principal.tenant,
-                password=password,
-                status=Status.PROVISIONING,
-                created_at=utcnow(),
-                ready_at=None,
-                phase_timings={},
-                **wanted.columns(),
+                member_id, {Status.READY}, session=session, actor=principal.actor, event="claimed", **values
             )
             if idempotency is not None:
                 self._databases.remember(session, principal.tenant, idempotency, member.id)
+        if plain:
+            log.info("database %s: warm server claimed for tenant %s", member.id, member.tenant)
+            return member
         with self._claims.hold(member.id) as mine:
             if not mine:
                 # A reconciler got to it first and finishes it the same way.
@@ -103,6 +103,32 @@ class WarmPool:
             "database %s: warm server claimed for tenant %s (%.3f s)", member.id, member.tenant, timings["claim"]
         )
         return member
+
+    def _pick(self, session, version: str, template_id: str | None) -> str | None:
+        """The oldest ready member whose server runs; parallel claims each take another."""
+        query = (
+            select(Database.id)
+            .where(
+                Database.tenant == POOL_TENANT,
+                Database.status == Status.READY,
+                Database.version == version,
+                _of_template(template_id),
+            )
+            .order_by(Database.created_at)
+            .limit(_CANDIDATES)
+        )
+        if self.store.is_postgres:
+            query = query.with_for_update(skip_locked=True)
+        for member_id in session.scalars(query):
+            # One question to the engine, cheaper than a connection: a server
+            # that died in the pool is never handed out. The reconciler's
+            # drift repair deals with it.
+            info = self._runtime.inspect_server(member_id)
+            if info is not None and info.running and not info.restarts:
+                return member_id
+            log.warning("database %s: warm server is %s; not handed out", member_id,
+                        info.reason if info else "gone")
+        return None
 
     def _release(self, member: Database) -> None:
         """A claim that failed: back to the pool's name, to be removed; the

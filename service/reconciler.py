@@ -466,9 +466,11 @@ class Reconciler:
         return plans.get(record.plan, plans["default"])
 
     def _setup_tenant(self, record: Database) -> None:
-        """The tenant's role, then the check that counts: ``SELECT 1`` as the tenant."""
-        if record.tenant == POOL_TENANT:
-            return  # a warm server gets its tenant's role when it is claimed
+        """The tenant's role, then the check that counts: ``SELECT 1`` as the tenant.
+
+        A warm pool member gets its role and password too, so that its claim
+        needs no round trip to the server.
+        """
         try:
             set_up_tenant(self._server_admin, record, self.vault)
         except psycopg.Error as exc:

@@ -48,8 +48,11 @@ def test_the_reconciler_keeps_the_pool_stocked_and_invisible(pooled, runtime):
     warm = members(services, Status.READY)
     assert len(warm) == 2 and {m.version for m in warm} == {"17"}
     assert len(runtime.servers) == 2
-    # Warm servers have only the service's superuser: no tenant role yet.
-    assert all("app" not in services.server_admin.roles.get(m.host_port, {}) for m in warm)
+    # Each warm server has its tenant role with a password of its own, made
+    # and checked at stocking, so that a claim needs no round trip.
+    passwords = [services.vault.decrypt(m.password) for m in warm]
+    assert [services.server_admin.roles[m.host_port]["app"] for m in warm] == passwords
+    assert len(set(passwords)) == 2
     assert services.databases.list(LOCAL_ADMIN).total == 0
     reconciler.run_once(wait=True)
     assert len(members(services)) == 2  # stocked once, not twice
@@ -92,9 +95,10 @@ def test_a_failed_claim_falls_back_to_a_cold_start(pooled, runtime):
     def refuse(*_args):
         raise psycopg.OperationalError("server closed the connection unexpectedly")
 
-    admin.ensure_tenant_role, original = refuse, admin.ensure_tenant_role
-    created = services.databases.create(LOCAL_ADMIN)
-    admin.ensure_tenant_role = original
+    # Only a claim that asks for more than the stocked role talks to the server.
+    admin.configure, original = refuse, admin.configure
+    created = services.databases.create(LOCAL_ADMIN, parameters={"work_mem": "8MB"})
+    admin.configure = original
     assert created.status == Status.PENDING and created.tenant == "default"
     assert created.id not in {m.id for m in members(services, Status.READY)}
     reconciler.run_once(wait=True)
@@ -103,6 +107,29 @@ def test_a_failed_claim_falls_back_to_a_cold_start(pooled, runtime):
     reconciler.run_once(wait=True)
     assert len(members(services, Status.READY)) == 2
     assert services.databases.list(LOCAL_ADMIN).total == 1
+
+
+def test_a_plain_claim_asks_the_server_nothing(pooled, runtime, monkeypatch):
+    services, reconciler = pooled
+    reconciler.run_once(wait=True)
+
+    def no_round_trip(*_args):
+        raise AssertionError("a plain claim must not talk to the server")
+
+    for name in ("check", "ensure_tenant_role", "configure", "set_password"):
+        monkeypatch.setattr(services.server_admin, name, no_round_trip)
+    created = services.databases.create(LOCAL_ADMIN, "quick")
+    assert created.status == Status.READY and set(created.phase_timings) == {"claim"}
+
+
+def test_a_warm_server_that_died_is_never_handed_out(pooled, runtime):
+    services, reconciler = pooled
+    reconciler.run_once(wait=True)
+    for member in members(services, Status.READY):
+        runtime.stop_server(member.id)
+    created = services.databases.create(LOCAL_ADMIN)
+    assert created.status == Status.PENDING and created.tenant == "default"
+    assert {m.id for m in members(services)}.isdisjoint({created.id})
 
 
 def test_parallel_creates_each_claim_a_different_server(pooled):

@@ -1,4 +1,5 @@
-"""data: snapshots, templates, and where a database's data comes from
+"""data: snapshots, templates, and where a database's data comes from; warm
+servers replaced by ones stocked with their tenant role
 
 Revision ID: 0006
 Revises: 0005
@@ -15,6 +16,12 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # Warm servers are now stocked with their tenant role made and checked, so
+    # that a claim needs no round trip; older members have none: replace them.
+    op.execute(sa.text(
+        "UPDATE databases SET status = 'deleting' WHERE tenant = '_pool' "
+        "AND status IN ('pending', 'provisioning', 'ready')"
+    ))
     with op.batch_alter_table("databases") as batch:
         batch.add_column(sa.Column("source_snapshot_id", sa.String(32), nullable=True))
         batch.add_column(sa.Column("seeded_at", sa.DateTime(timezone=True), nullable=True))

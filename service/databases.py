@@ -8,6 +8,8 @@ engine follow what is recorded here.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import logging
 import re
@@ -21,7 +23,7 @@ from urllib.parse import quote
 
 import psycopg
 import sqlalchemy.exc
-from sqlalchemy import func, select
+from sqlalchemy import func, select, tuple_
 from sqlalchemy.orm import Session
 
 from .crypto import Vault
@@ -133,6 +135,28 @@ class Page:
     page: int
     page_size: int
     total: int
+    # Where the next page starts; None on the last one.
+    next_cursor: str | None = None
+
+
+def _encode_cursor(record: Database) -> str:
+    raw = f"{record.created_at.isoformat()}|{record.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created_at, database_id = raw.split("|", 1)
+        moment = datetime.fromisoformat(created_at)
+        if moment.tzinfo is None or not re.fullmatch(ID_PATTERN, database_id):
+            raise ValueError(raw)
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        raise ValidationError(
+            "the cursor is not one this service gave out",
+            errors={"query": {"cursor": ["Not a cursor from next_cursor."]}},
+        ) from None
+    return moment, database_id
 
 
 @dataclass(frozen=True)
@@ -433,22 +457,27 @@ class Databases:
         status: Status | None = None,
         page: int = 1,
         page_size: int = 50,
+        cursor: str | None = None,
     ) -> Page:
+        """Newest first. ``cursor`` (from a page's ``next_cursor``) continues after
+        that page's last item without counting past the earlier ones, as an
+        offset would; ``page`` stays for clients that number pages."""
         query = select(Database).where(Database.tenant != POOL_TENANT)
         if not principal.admin:
             query = query.where(Database.tenant == principal.tenant)
         if status is not None:
             query = query.where(Database.status == status)
+        ordered = query.order_by(Database.created_at.desc(), Database.id.desc()).limit(page_size)
+        if cursor is not None:
+            created_at, last_id = _decode_cursor(cursor)
+            ordered = ordered.where(tuple_(Database.created_at, Database.id) < tuple_(created_at, last_id))
+        else:
+            ordered = ordered.offset((page - 1) * page_size)
         with self.store.read() as session:
             total = session.scalar(select(func.count()).select_from(query.subquery()))
-            items = list(
-                session.scalars(
-                    query.order_by(Database.created_at.desc(), Database.id)
-                    .offset((page - 1) * page_size)
-                    .limit(page_size)
-                )
-            )
-        return Page(items=items, page=page, page_size=page_size, total=total or 0)
+            items = list(session.scalars(ordered))
+        next_cursor = _encode_cursor(items[-1]) if len(items) == page_size else None
+        return Page(items=items, page=page, page_size=page_size, total=total or 0, next_cursor=next_cursor)
 
     def delete(self, principal: Principal, database_id: str) -> Database:
         """Mark a database for removal; repeating it changes nothing."""

@@ -189,6 +189,9 @@ class Database(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (
+        # The list, newest first, of one tenant or of all: read in index order, no sort.
+        Index("ix_databases_tenant_created_at", "tenant", "created_at", "id"),
+        Index("ix_databases_created_at", "created_at", "id"),
         # A name is unique within a tenant among databases that are not deleted.
         Index(
             "uq_databases_tenant_live_name",

@@ -297,3 +297,25 @@ def test_without_authentication_a_browser_post_from_elsewhere_is_refused(client,
     assert count_records(services) == 0
     same = client.post("/databases", json={}, headers={"Origin": "http://localhost", **ASYNC_HEADERS})
     assert same.status_code == 202
+
+
+def test_a_cursor_walks_the_list_newest_first_without_gaps(client, services):
+    made = [client.post("/databases", json={}, headers=ASYNC_HEADERS).get_json()["id"] for _ in range(7)]
+    seen, cursor = [], None
+    while True:
+        query = {"page_size": 3, **({"cursor": cursor} if cursor else {})}
+        page = client.get("/databases", query_string=query).get_json()
+        assert page["total"] == 7
+        seen += [item["id"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == list(reversed(made))
+    # Page numbers give the same order.
+    numbered = client.get("/databases", query_string={"page": 2, "page_size": 3}).get_json()
+    assert [item["id"] for item in numbered["items"]] == seen[3:6]
+
+
+def test_a_forged_cursor_is_refused(client):
+    problem = assert_problem(client.get("/databases?cursor=bm90LWEtY3Vyc29y"), 422, "validation-error")
+    assert "cursor" in problem["errors"]["query"]

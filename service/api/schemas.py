@@ -190,6 +190,10 @@ class DatabaseListQuerySchema(ma.Schema):
     status = fields.String(validate=validate.OneOf(STATUSES))
     page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=1_000_000))
     page_size = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
+    cursor = fields.String(
+        validate=validate.Length(max=200),
+        metadata={"description": "A page's next_cursor: the page after it (faster than page numbers deep in a long list)"},
+    )
 
 
 class DatabasePageSchema(ma.Schema):
@@ -197,6 +201,9 @@ class DatabasePageSchema(ma.Schema):
     page = fields.Integer(required=True)
     page_size = fields.Integer(required=True)
     total = fields.Integer(required=True)
+    next_cursor = fields.String(
+        allow_none=True, metadata={"description": "Pass as cursor for the next page; null on the last one"}
+    )
 
 
 class EventSchema(ma.Schema):

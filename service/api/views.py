@@ -218,12 +218,15 @@ class DatabaseCollection(MethodView):
     def get(self, query):
         """List databases, newest first"""
         status = Status(query["status"]) if query.get("status") else None
-        page = _services().databases.list(_principal(), status, query["page"], query["page_size"])
+        page = _services().databases.list(
+            _principal(), status, query["page"], query["page_size"], query.get("cursor")
+        )
         return {
             "items": [_present(record) for record in page.items],
             "page": page.page,
             "page_size": page.page_size,
             "total": page.total,
+            "next_cursor": page.next_cursor,
         }
 
     @databases.arguments(DatabaseCreateSchema, required=False)

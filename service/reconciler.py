@@ -168,7 +168,7 @@ class Reconciler:
         if text is not None:
             log.warning("%s", text)
         else:
-            log.info("the engine answers again")
+            log.info("reconcile passes resumed")
         self._outage = text
 
     def run_once(self, wait: bool = False) -> None:

@@ -153,7 +153,8 @@ class Service:
         data = response.read()
         if connection is None:
             conn.close()
-        return response.status, (json.loads(data) if data else {})
+        is_json = "json" in (response.getheader("Content-Type") or "")
+        return response.status, (json.loads(data) if data and is_json else {})
 
     def delete_all(self) -> None:
         _, listing = self.request("GET", "/databases?page_size=500")
@@ -369,47 +370,77 @@ def load(
     return latencies, len(latencies) / (time.monotonic() - started)
 
 
-def bench_api(seconds: float, threads: int, rate: float) -> None:
-    # The API alone under gunicorn, on 1,000 records (no reconciler: they stay pending).
-    service = Service({"DBPROV_PORT_RANGE": "40000-41999"}, gunicorn=True)
-    service.cli("db", "upgrade")
-    service.token = service.cli("tokens", "create", "--tenant", "bench", "--admin").splitlines()[-1]
-    subprocess.run(
-        [sys.executable, "-c", SEED], env=service.env, cwd=ROOT, check=True,
-    )
-    service.start()
-    try:
-        _, listing = service.request("GET", "/databases?page_size=500")
-        ids = [item["id"] for item in listing["items"]]
-        assert listing["total"] == 1000, listing["total"]
-        rows = []
-        for name, paths in (
-            ("GET /healthz (baseline: no metadata read)", ["/healthz"]),
-            ("GET /databases/{id}", [f"/databases/{i}" for i in ids]),
-            ("GET /databases (page of 50 of 1,000)", [f"/databases?page={p}" for p in range(1, 21)]),
-        ):
-            steady, _ = load(service, paths, seconds, threads, rate)
-            _, most = load(service, paths, seconds, threads)
-            rows.append([name, pct(steady, 50) * 1000, pct(steady, 99) * 1000, most])
-    finally:
-        service.stop()
-    base = rows[0][3]
-    table(
-        f"API latency at a steady {rate:g} requests/s, and the most requests/s with "
-        f"{threads} keep-alive clients ({seconds:g} s each; gunicorn 2 workers x 16 threads, SQLite)",
-        ["request", f"p50 ms @{rate:g}/s", f"p99 ms @{rate:g}/s", "most requests/s", "most / baseline"],
-        [row + [row[3] / base] for row in rows],
-    )
+def bench_api(seconds: float, threads: int, rate: float, records: int) -> None:
+    """The API alone under gunicorn on ``records`` records (no reconciler: they
+    stay pending), on SQLite and, with DBPROV_BENCH_POSTGRES_URL, on PostgreSQL."""
+    backends = {"SQLite": None}
+    if os.environ.get("DBPROV_BENCH_POSTGRES_URL"):
+        backends["PostgreSQL"] = os.environ["DBPROV_BENCH_POSTGRES_URL"]
+    for backend, url in backends.items():
+        env = {"DBPROV_PORT_RANGE": f"30000-{30000 + records + 999}"}
+        if url:
+            env["DBPROV_DATABASE_URL"] = url
+        service = Service(env, gunicorn=True)
+        service.cli("db", "upgrade")
+        service.token = service.cli("tokens", "create", "--tenant", "bench", "--admin").splitlines()[-1]
+        subprocess.run(
+            [sys.executable, "-c", SEED, str(records)], env=service.env, cwd=ROOT, check=True,
+        )
+        service.start()
+        try:
+            _, listing = service.request("GET", "/databases?page_size=500")
+            ids = [item["id"] for item in listing["items"]]
+            assert listing["total"] == records, listing["total"]
+            cursors, cursor = [], None
+            for _ in range(20):
+                _, page = service.request("GET", "/databases?page_size=50" + (f"&cursor={cursor}" if cursor else ""))
+                cursor = page["next_cursor"]
+                cursors.append(cursor)
+            rows = []
+            for name, paths in (
+                ("GET /healthz (baseline: no metadata read)", ["/healthz"]),
+                ("GET /databases/{id}", [f"/databases/{i}" for i in ids]),
+                (f"GET /databases (page of 50 of {records:,}, page numbers 1-20)",
+                 [f"/databases?page={p}" for p in range(1, 21)]),
+                (f"GET /databases (page of 50 of {records:,}, by cursor)",
+                 [f"/databases?cursor={c}" for c in cursors]),
+                ("GET /databases?status=ready (no match)", ["/databases?status=ready"]),
+                ("GET /metrics", ["/metrics"]),
+            ):
+                steady, _ = load(service, paths, seconds, threads, rate)
+                _, most = load(service, paths, seconds, threads)
+                rows.append([name, pct(steady, 50) * 1000, pct(steady, 99) * 1000, most])
+        finally:
+            service.stop()
+            if url:
+                subprocess.run([sys.executable, "-c", DROP], env=service.env, cwd=ROOT, check=True)
+        base = rows[0][3]
+        table(
+            f"API latency at a steady {rate:g} requests/s, and the most requests/s with "
+            f"{threads} keep-alive clients ({seconds:g} s each; gunicorn 2 workers x 16 threads, {backend})",
+            ["request", f"p50 ms @{rate:g}/s", f"p99 ms @{rate:g}/s", "most requests/s", "most / baseline"],
+            [row + [row[3] / base] for row in rows],
+        )
 
 
 SEED = """
+import sys
 from service.composition import Services
 from service.tenancy import Principal
 services = Services.build()
 bench = Principal(tenant="bench")
-services.tenants.set_limit("bench", 2000)
-for _ in range(1000):
+services.tenants.set_limit("bench", int(sys.argv[1]) + 1)
+for _ in range(int(sys.argv[1])):
     services.databases.create(bench)
+"""
+
+# Leaves the PostgreSQL metadata database as the next run wants it: empty.
+DROP = """
+from sqlalchemy import text
+from service.composition import Services
+services = Services.build()
+with services.store.engine.begin() as connection:
+    connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
 """
 
 
@@ -616,6 +647,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--rate", type=float, default=200, help="steady load for the API latency")
+    parser.add_argument("--records", type=int, default=10_000, help="records in the store for the API benchmark")
     parser.add_argument("--sizes", default="10,100,1000", help="MB of data for the snapshot benchmark")
     args = parser.parse_args()
     chosen = set(args.only) or {"ready", "burst", "api", "density", "reconcile", "data"}
@@ -627,7 +659,7 @@ def main() -> None:
         if "burst" in chosen:
             bench_burst(client, args.burst)
         if "api" in chosen:
-            bench_api(args.seconds, args.threads, args.rate)
+            bench_api(args.seconds, args.threads, args.rate, args.records)
         if "density" in chosen:
             bench_density(client, args.density)
         if "reconcile" in chosen:

@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import re
 import secrets
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -228,8 +227,6 @@ class Databases:
         self.pool: WarmPool | None = None
         self.snapshots: Snapshots | None = None
         self.templates: Templates | None = None
-        # Re-read interval while waiting; raised when a change feed delivers nudges.
-        self.poll_interval = 0.25
 
     def create(
         self,
@@ -627,14 +624,6 @@ class Databases:
 
     def wait_until_settled(self, principal: Principal, database_id: str, timeout: float) -> Database:
         """The record once it is ready or failed, or as it is when ``timeout`` runs out."""
-        deadline = time.monotonic() + timeout
-        changed = self.records.changed
-        while True:
-            seen = changed.generation
-            record = self.get(principal, database_id)
-            remaining = deadline - time.monotonic()
-            if record.status not in COMING_UP or remaining <= 0:
-                return record
-            # Writers nudge ``changed`` (in this process, or through the
-            # store's change feed); the cap bounds the wait when nothing can.
-            changed.wait(min(remaining, self.poll_interval), since=seen)
+        return self.records.wait(
+            lambda: self.get(principal, database_id), lambda r: r.status in COMING_UP, timeout
+        )

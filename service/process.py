@@ -63,7 +63,7 @@ class Background:
             listener = ChangeListener(store, [services.wanted, services.changed])
             listener.start()
             self._resources.callback(listener.stop)
-            services.databases.poll_interval = _POLL_WITH_FEED
+            services.records.poll_interval = _POLL_WITH_FEED
         if self.reconcile:
             self._resources.enter_context(single_reconciler(store, services.settings.data_dir))
             reconciler = services.reconciler(heartbeat=self.heartbeat)

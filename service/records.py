@@ -8,8 +8,10 @@ the transaction has committed.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import time
+from collections.abc import Callable, Collection
 from datetime import timedelta
+from typing import TypeVar
 
 from sqlalchemy import ColumnElement, delete, event, select, update
 from sqlalchemy.orm import Session
@@ -18,6 +20,8 @@ from .models import Database, Event, IdempotencyKey, Status, utcnow
 from .notify import Notifier
 from .store import Store
 
+
+T = TypeVar("T")
 
 # Who did it, when nobody asked: the reconciler, expiry, the idle stop.
 SERVICE = "service"
@@ -42,6 +46,21 @@ class Records:
         # Something is wanted of the reconciler / a record changed, for waiters.
         self.wanted = wanted
         self.changed = changed
+        # Re-read interval while waiting; raised when a change feed delivers nudges.
+        self.poll_interval = 0.25
+
+    def wait(self, read: Callable[[], T], busy: Callable[[T], bool], timeout: float) -> T:
+        """``read()`` once ``busy`` says no more, or as it is when ``timeout`` runs out."""
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = self.changed.generation
+            value = read()
+            remaining = deadline - time.monotonic()
+            if not busy(value) or remaining <= 0:
+                return value
+            # Writers nudge ``changed`` (in this process, or through the
+            # store's change feed); the cap bounds the wait when nothing can.
+            self.changed.wait(min(remaining, self.poll_interval), since=seen)
 
     def add(self, session: Session, record: Database, actor: str = SERVICE) -> None:
         """Insert a new record inside the caller's transaction."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
 from collections.abc import Collection
 
 from sqlalchemy import func, select, update
@@ -126,15 +125,9 @@ class Snapshots:
 
     def wait_until_settled(self, principal: Principal, snapshot_id: str, timeout: float) -> Snapshot:
         """The snapshot once it is ready or failed, or as it is when ``timeout`` runs out."""
-        deadline = time.monotonic() + timeout
-        changed = self.records.changed
-        while True:
-            seen = changed.generation
-            snapshot = self.get(principal, snapshot_id)
-            remaining = deadline - time.monotonic()
-            if snapshot.status != SnapshotStatus.PENDING or remaining <= 0:
-                return snapshot
-            changed.wait(min(remaining, self.databases.poll_interval), since=seen)
+        return self.records.wait(
+            lambda: self.get(principal, snapshot_id), lambda s: s.status == SnapshotStatus.PENDING, timeout
+        )
 
     def reset(self, principal: Principal, database_id: str, snapshot_id: str | None) -> Database:
         """Put a database back to ``snapshot_id``, or to the snapshot it was made from.

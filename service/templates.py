@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-import time
 
 import sqlalchemy.exc
 from sqlalchemy import select, update
@@ -182,15 +181,10 @@ class Templates:
 
     def wait_until_settled(self, principal: Principal, key: str, timeout: float) -> Template:
         """The template once it is no longer finalizing, or as it is when ``timeout`` runs out."""
-        deadline = time.monotonic() + timeout
-        changed = self.records.changed
-        while True:
-            seen = changed.generation
-            template = self.get(principal, key)
-            remaining = deadline - time.monotonic()
-            if template.status != TemplateStatus.FINALIZING or remaining <= 0:
-                return template
-            changed.wait(min(remaining, self.databases.poll_interval), since=seen)
+        return self.records.wait(
+            lambda: self.get(principal, key), lambda t: t.status == TemplateStatus.FINALIZING, timeout
+        )
+
 
 
 def _check_key(key: str) -> None:

@@ -8,8 +8,8 @@
 
 from .client import Client
 from .durations import parse_duration
-from .errors import NotFound, ProblemError, Refused, Unavailable, WaitTimeout
-from .models import Credentials, Database, DatabasePage, Event, Health, Plan, Quota
+from .errors import Locked, NotFound, ProblemError, Refused, Unavailable, WaitTimeout
+from .models import Credentials, Database, DatabasePage, Event, Health, Plan, Quota, Snapshot, Template
 
 __all__ = [
     "Client",
@@ -18,11 +18,14 @@ __all__ = [
     "DatabasePage",
     "Event",
     "Health",
+    "Locked",
     "NotFound",
     "Plan",
     "ProblemError",
     "Quota",
     "Refused",
+    "Snapshot",
+    "Template",
     "Unavailable",
     "WaitTimeout",
     "parse_duration",

@@ -8,17 +8,19 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Iterator
+import os
+import tempfile
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import IO, Any
 
 import requests
 
 from . import config
 from .durations import parse_duration
-from .errors import NotFound, ProblemError, Unavailable, WaitTimeout, from_response
-from .models import Credentials, Database, DatabasePage, Event, Health, Plan, Quota
+from .errors import Locked, NotFound, ProblemError, Unavailable, WaitTimeout, from_response
+from .models import Credentials, Database, DatabasePage, Event, Health, Plan, Quota, Snapshot, Template
 
 log = logging.getLogger("dbprov_client")
 
@@ -105,6 +107,9 @@ class Client:
         superuser: bool | None = None,
         parameters: dict[str, str] | None = None,
         extensions: list[str] | None = None,
+        from_snapshot: str | None = None,
+        from_database: str | None = None,
+        template: str | None = None,
         wait: bool = True,
         timeout: float = 600.0,
         idempotency_key: str | None = None,
@@ -112,6 +117,10 @@ class Client:
     ) -> Database:
         """Create a database; with ``wait`` (the default) return once it accepts
         connections, raising :class:`WaitTimeout` after ``timeout`` seconds.
+
+        ``from_snapshot`` (a snapshot id), ``from_database`` (a database id: a
+        snapshot of it is taken first) or ``template`` (a ready template's key)
+        make it a clone that starts with that data.
 
         The returned database carries ``password`` and ``connection_uri``. With
         ``on_accepted``, the create is first answered at once and
@@ -122,6 +131,7 @@ class Client:
             "superuser": superuser, "parameters": parameters, "extensions": extensions,
             "ttl": parse_duration(ttl) if ttl is not None else None,
             "expires_at": _iso(expires_at) if expires_at is not None else None,
+            "from_snapshot": from_snapshot, "from_database": from_database, "template": template,
         }
         body = {key: value for key, value in body.items() if value is not None}
         key = idempotency_key or f"dbprov-client-{uuid.uuid4().hex}"
@@ -314,6 +324,229 @@ class Client:
         params = {"tail": tail} if tail is not None else None
         return self._request("GET", f"/databases/{_id(database_id)}/logs", params=params).text
 
+    # -- data: snapshots, resets, templates, dumps ------------------------------
+
+    def snapshot(self, database_id: str, wait: bool = True, timeout: float = 600.0) -> Snapshot:
+        """Take a consistent snapshot of a database (its server stops cleanly for a
+        second or two); with ``wait`` (the default), until it is ``ready``."""
+        path = f"/databases/{_id(database_id)}/snapshots"
+        prefer = f"wait={max(1, int(min(timeout, _WAIT_CHUNK)))}" if wait else "respond-async"
+        response = self._request("POST", path, idempotent=False, headers={"Prefer": prefer},
+                                 read_timeout=_WAIT_CHUNK + self.timeout)
+        snapshot = Snapshot.from_dict(response.json())
+        if wait and snapshot.status != "ready":
+            snapshot = self.wait_for_snapshot(snapshot.id, timeout)
+        return snapshot
+
+    def snapshots(self) -> list[Snapshot]:
+        """The tenant's snapshots, newest first."""
+        return [Snapshot.from_dict(item) for item in self._request("GET", "/snapshots").json()["items"]]
+
+    def get_snapshot(self, snapshot_id: str) -> Snapshot:
+        return Snapshot.from_dict(self._request("GET", f"/snapshots/{_id(snapshot_id, 'snapshot')}").json())
+
+    def delete_snapshot(self, snapshot_id: str) -> Snapshot:
+        """Delete a snapshot and its data (409 while a template uses it)."""
+        path = f"/snapshots/{_id(snapshot_id, 'snapshot')}"
+        return Snapshot.from_dict(self._request("DELETE", path).json())
+
+    def wait_for_snapshot(self, snapshot_id: str, timeout: float = 600.0, interval: float = 0.2) -> Snapshot:
+        """Poll until the snapshot is ready; a failed one raises :class:`Unavailable`,
+        one still pending after ``timeout`` seconds :class:`WaitTimeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            snapshot = self.get_snapshot(snapshot_id)
+            if snapshot.status == "ready":
+                return snapshot
+            if snapshot.status != "pending":
+                raise Unavailable(
+                    502, "Snapshot failed", snapshot.last_error or f"snapshot {snapshot_id} is {snapshot.status}",
+                    "urn:dbprov-client:snapshot-failed",
+                    {"title": "Snapshot failed", "detail": snapshot.last_error, "snapshot_id": snapshot_id},
+                )
+            if time.monotonic() > deadline:
+                raise WaitTimeout(
+                    None, "Timed out", f"snapshot {snapshot_id} is still {snapshot.status} after "
+                    f"{timeout:.0f} s", "urn:dbprov-client:wait-timeout",
+                    {"title": "Timed out", "snapshot_id": snapshot_id},
+                )
+            time.sleep(interval)
+
+    def reset(self, database_id: str, snapshot: str | None = None, wait: bool = True,
+              timeout: float = 600.0) -> Database:
+        """Put a database back to the snapshot it was made from (or ``snapshot``),
+        keeping its URI and password; with ``wait`` (the default), until it is ready."""
+        prefer = f"wait={max(1, int(min(timeout, _WAIT_CHUNK)))}" if wait else "respond-async"
+        response = self._request(
+            "POST", f"/databases/{_id(database_id)}/reset", idempotent=False,
+            json={"snapshot": _id(snapshot, "snapshot")} if snapshot else None,
+            headers={"Prefer": prefer}, read_timeout=_WAIT_CHUNK + self.timeout,
+        )
+        database = Database.from_dict(response.json())
+        if wait and database.status != "ready":
+            database = self.wait_for(database.id, {"ready"}, timeout)
+        return database
+
+    def begin_template(self, key: str, version: str | None = None, timeout: float = 600.0) -> Template:
+        """Ask for the template ``key``: ``status`` ``ready`` when it is (200), or
+        ``building`` with ``database`` to fill when this client is the first (201;
+        returned once that database accepts connections). Another client building
+        it raises :class:`Locked` (423): :meth:`template` waits that out."""
+        body = {"key": _key(key), **({"version": version} if version else {})}
+        chunk = max(1, int(min(timeout, _WAIT_CHUNK)))
+        response = self._request("POST", "/templates", json=body, idempotent=False,
+                                 headers={"Prefer": f"wait={chunk}"}, read_timeout=chunk + self.timeout)
+        template = Template.from_dict(response.json())
+        if response.status_code == 202 and template.database is not None:
+            # Its database is still coming up: the template is ours all the same.
+            ready = self.wait_for(template.database.id, {"ready"}, timeout)
+            credentials = self.credentials(ready.id)
+            database = Database.from_dict({**ready.raw, "password": credentials.password,
+                                           "connection_uri": credentials.connection_uri})
+            template = Template.from_dict({**template.raw, "database": database.raw})
+        return template
+
+    def finalize_template(self, key: str, pool_size: int = 0, wait: bool = True,
+                          timeout: float = 600.0) -> Template:
+        """Finish a template this client filled: a snapshot of its database, from
+        which every clone is made, and ``pool_size`` warm clones kept ready.
+        With ``wait`` (the default), until it is ``ready``."""
+        prefer = f"wait={max(1, int(min(timeout, _WAIT_CHUNK)))}" if wait else "respond-async"
+        response = self._request(
+            "POST", f"/templates/{_key(key)}/finalize", json={"pool_size": pool_size}, idempotent=False,
+            headers={"Prefer": prefer}, read_timeout=_WAIT_CHUNK + self.timeout,
+        )
+        template = Template.from_dict(response.json())
+        if not wait:
+            return template
+        deadline = time.monotonic() + timeout
+        while template.status == "finalizing":
+            if time.monotonic() > deadline:
+                raise WaitTimeout(
+                    None, "Timed out", f"template {key!r} is still finalizing after {timeout:.0f} s",
+                    "urn:dbprov-client:wait-timeout", {"title": "Timed out", "template": key},
+                )
+            time.sleep(0.2)
+            template = self.get_template(key)
+        return _usable(template)
+
+    def templates(self) -> list[Template]:
+        """The tenant's templates."""
+        return [Template.from_dict(item) for item in self._request("GET", "/templates").json()["items"]]
+
+    def get_template(self, key: str) -> Template:
+        return Template.from_dict(self._request("GET", f"/templates/{_key(key)}").json())
+
+    def delete_template(self, key: str) -> Template:
+        """Delete a template: its snapshot, its database and its warm pool go."""
+        return Template.from_dict(self._request("DELETE", f"/templates/{_key(key)}").json())
+
+    def template(
+        self,
+        key: str,
+        version: str | None = None,
+        *,
+        build: Callable[[str], Any],
+        pool_size: int = 0,
+        timeout: float = 900.0,
+    ) -> Template:
+        """A ready template for ``key``, built once however many clients ask at once::
+
+            client.template("sha256:...", build=migrate, pool_size=2)
+
+        The first client to ask gets a database to fill: it calls
+        ``build(connection_uri)`` and finalizes the template with ``pool_size``
+        warm clones. Every other client is answered 423 while that happens, and
+        asks again after the server's ``Retry-After`` (at most ``max_retry_wait``
+        seconds each time, ``timeout`` seconds in all: then :class:`WaitTimeout`).
+        If ``build`` raises, the template is deleted, so that the next client
+        builds it afresh, and the exception propagates. A template that failed
+        raises :class:`Unavailable`: delete it to build it again.
+        """
+        deadline = time.monotonic() + timeout
+        attempt = 0
+        while True:
+            try:
+                template = self.begin_template(key, version, timeout=max(1.0, deadline - time.monotonic()))
+            except Locked as exc:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise WaitTimeout(
+                        423, "Timed out", f"template {key!r} was still being built by another client "
+                        f"after {timeout:.0f} s", "urn:dbprov-client:wait-timeout",
+                        {"title": "Timed out", "template": key},
+                    ) from None
+                delay = retry_after(exc.retry_after)
+                if delay is None:
+                    delay = random.uniform(0.5, 1.0) * 2 ** min(attempt, 5)
+                delay = max(0.1, min(delay, self.max_retry_wait, remaining))
+                attempt += 1
+                log.debug("template %s is being built by another client; asking again in %.1f s", key, delay)
+                self.sleep(delay)
+                continue
+            if template.database is None:
+                return _usable(template)
+            log.info("building template %s in database %s", key, template.database.id)
+            try:
+                build(template.database.connection_uri)
+            except BaseException:
+                # Free the key: the next client to ask builds it afresh.
+                with contextlib.suppress(ProblemError):
+                    self.delete_template(key)
+                raise
+            return self.finalize_template(key, pool_size, timeout=max(1.0, deadline - time.monotonic()))
+
+    def dump(self, database_id: str, to: "str | os.PathLike[str] | IO[bytes]",
+             chunk_size: int = 1 << 16) -> int:
+        """Stream a pg_dump archive (custom format) of the database into ``to``, a
+        binary file object or a path, a chunk at a time; return the bytes written.
+
+        A path is written whole or not at all (through a temporary file beside it).
+        """
+        response = self._request("GET", f"/databases/{_id(database_id)}/dump", stream=True,
+                                 read_timeout=max(self.timeout, 300.0))
+        with response:
+            if isinstance(to, (str, os.PathLike)):
+                folder = os.path.dirname(os.path.abspath(to))
+                descriptor, partial = tempfile.mkstemp(prefix=".dbprov-dump-", dir=folder)
+                try:
+                    with os.fdopen(descriptor, "wb") as file:
+                        written = self._copy(response, file, chunk_size)
+                    os.replace(partial, to)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(partial)
+                    raise
+                return written
+            return self._copy(response, to, chunk_size)
+
+    def _copy(self, response: requests.Response, file: IO[bytes], chunk_size: int) -> int:
+        written = 0
+        try:
+            for chunk in response.iter_content(chunk_size):
+                file.write(chunk)
+                written += len(chunk)
+        except requests.RequestException as exc:
+            raise Unavailable(
+                None, "Service unavailable", f"the dump was cut off after {written} bytes: {_reason(exc)}",
+                "urn:dbprov-client:unreachable",
+            ) from None
+        return written
+
+    def restore(self, database_id: str, source: "str | os.PathLike[str] | IO[bytes]",
+                timeout: float = 600.0) -> Database:
+        """Restore a pg_dump archive (custom format) into an empty database, in one
+        transaction. ``source`` is a path or a binary file object, streamed (never
+        read whole): a bad archive changes nothing (:class:`Refused`, 422)."""
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as file:
+                return self.restore(database_id, file, timeout)
+        response = self._request(
+            "POST", f"/databases/{_id(database_id)}/restore", data=source, idempotent=False,
+            headers={"Content-Type": "application/octet-stream"}, read_timeout=timeout,
+        )
+        return Database.from_dict(response.json())
+
     # -- the tenant and the service -------------------------------------------
 
     def plans(self) -> list[Plan]:
@@ -338,6 +571,8 @@ class Client:
         path: str,
         *,
         json: Any = None,
+        data: IO[bytes] | None = None,
+        stream: bool = False,
         params: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
         read_timeout: float | None = None,
@@ -350,11 +585,18 @@ class Client:
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         answered = unanswered = 0
+        # A file body is sent again from where it started, or, if it cannot be
+        # rewound (a pipe), not sent again at all.
+        start = _tell(data) if data is not None else None
+        if data is not None and start is None:
+            retry = False
         while True:
+            if start is not None:
+                data.seek(start)
             try:
                 response = self._session.request(
-                    method, self.url + path, json=json, params=params, headers=headers,
-                    timeout=(min(10.0, self.timeout), read_timeout or self.timeout),
+                    method, self.url + path, json=json, data=data, params=params, headers=headers,
+                    timeout=(min(10.0, self.timeout), read_timeout or self.timeout), stream=stream,
                 )
             except requests.RequestException as exc:
                 if retry and idempotent and unanswered < self.connect_retries:
@@ -371,6 +613,7 @@ class Client:
                 delay = self._retry_delay(response, answered)
                 answered += 1
                 log.debug("%s %s: %s; retrying in %.1f s", method, path, response.status_code, delay)
+                response.close()
                 self.sleep(delay)
                 continue
             if response.status_code >= 400:
@@ -408,11 +651,35 @@ def _iso(moment: datetime) -> str:
     return moment.isoformat()
 
 
-def _id(database_id: str) -> str:
+def _id(database_id: str, kind: str = "database") -> str:
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", database_id or ""):
         # Not a path to smuggle: the server would answer 404 anyway.
-        raise NotFound(404, "Not Found", f"no database with id {database_id!r}")
+        raise NotFound(404, "Not Found", f"no {kind} with id {database_id!r}")
     return database_id
+
+
+def _key(key: str) -> str:
+    """A template key as the server takes it (and as a path segment as it is)."""
+    if not re.fullmatch(r"[A-Za-z0-9._:-]{1,255}", key or "") or key in (".", ".."):
+        raise NotFound(404, "Not Found", f"no template {key!r}")
+    return key
+
+
+def _usable(template: Template) -> Template:
+    if template.status == "failed":
+        raise Unavailable(
+            502, "Template failed", f"template {template.key!r} failed; delete it to build it again",
+            "urn:dbprov-client:template-failed",
+            {"title": "Template failed", "template": template.key},
+        )
+    return template
+
+
+def _tell(data: Any) -> int | None:
+    try:
+        return data.tell() if data.seekable() else None
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _reason(exc: Exception) -> str:

@@ -57,6 +57,15 @@ class Refused(ProblemError):
     """Any other 4xx: the request was refused (bad input, quota, conflict, auth, rate)."""
 
 
+class Locked(Refused):
+    """423: another client is building the template right now; ask again after
+    ``retry_after`` seconds (:meth:`Client.template` does)."""
+
+    @property
+    def retry_after(self) -> str | None:
+        return next((v for k, v in self.headers.items() if k.lower() == "retry-after"), None)
+
+
 class Unavailable(ProblemError):
     """5xx, no answer at all, or a wait that ran out: the service could not do it now."""
 
@@ -84,5 +93,5 @@ def from_response(response: requests.Response) -> ProblemError:
         detail = text[:500] if text else None
         kind = "about:blank"
         body = {"type": kind, "title": title, "status": status, "detail": detail}
-    cls = NotFound if status == 404 else Unavailable if status >= 500 else Refused
+    cls = NotFound if status == 404 else Locked if status == 423 else Unavailable if status >= 500 else Refused
     return cls(status, title, detail, kind, body, headers)

@@ -147,3 +147,57 @@ class Health:
     @classmethod
     def from_dict(cls, body: dict[str, Any]) -> "Health":
         return cls(body["status"], dict(body.get("checks") or {}), dict(body.get("images") or {}))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A consistent copy of a database's data: ``pending``, ``ready``, ``failed``,
+    ``deleting`` or ``deleted``. It outlives its database."""
+
+    id: str
+    status: str
+    database_id: str
+    tenant: str | None = None
+    version: str | None = None
+    size_bytes: int | None = None
+    last_error: str | None = None
+    created_at: datetime | None = None
+    ready_at: datetime | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> "Snapshot":
+        return cls(
+            id=body["id"], status=body["status"], database_id=body["database_id"],
+            tenant=body.get("tenant"), version=body.get("version"), size_bytes=body.get("size_bytes"),
+            last_error=body.get("last_error"), created_at=_time(body.get("created_at")),
+            ready_at=_time(body.get("ready_at")), raw=body,
+        )
+
+
+@dataclass(frozen=True)
+class Template:
+    """A template keyed by a hash of migrations: ``building``, ``finalizing``,
+    ``ready`` or ``failed``. ``database`` (with its credentials) is set only in
+    the answer to the client that is to fill it."""
+
+    id: str
+    key: str
+    status: str
+    version: str | None = None
+    pool_size: int = 0
+    snapshot_id: str | None = None
+    created_at: datetime | None = None
+    ready_at: datetime | None = None
+    database: Database | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> "Template":
+        database = body.get("database")
+        return cls(
+            id=body["id"], key=body["key"], status=body["status"], version=body.get("version"),
+            pool_size=int(body.get("pool_size") or 0), snapshot_id=body.get("snapshot_id"),
+            created_at=_time(body.get("created_at")), ready_at=_time(body.get("ready_at")),
+            database=Database.from_dict(database) if database else None, raw=body,
+        )

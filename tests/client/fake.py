@@ -21,6 +21,7 @@ class Seen:
     query: dict[str, list[str]]
     headers: dict[str, str]
     body: dict | None
+    raw: bytes = b""
 
 
 @dataclass
@@ -44,6 +45,10 @@ class Record:
     expires_at: datetime | None = None
     status: str = "pending"
     created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    #: What a dump streams: the database's "data".
+    data: bytes = b""
+    source_snapshot_id: str | None = None
+    template: str | None = None
 
     def settle(self) -> None:
         if self.status == "pending" and time.monotonic() >= self.ready_at:
@@ -69,6 +74,38 @@ class Record:
         return f"postgresql://app:{self.password}@localhost:{self.port}/app"
 
 
+@dataclass
+class FakeSnapshot:
+    id: str
+    database_id: str
+    data: bytes
+    status: str = "ready"
+    created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+    def body(self) -> dict:
+        return {"id": self.id, "tenant": "default", "database_id": self.database_id, "status": self.status,
+                "version": "17", "size_bytes": len(self.data), "last_error": None,
+                "created_at": self.created_at.isoformat(),
+                "ready_at": self.created_at.isoformat() if self.status == "ready" else None}
+
+
+@dataclass
+class FakeTemplate:
+    id: str
+    key: str
+    version: str
+    database_id: str | None
+    status: str = "building"
+    pool_size: int = 0
+    snapshot_id: str | None = None
+    created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+    def body(self, database: dict | None = None) -> dict:
+        return {"id": self.id, "key": self.key, "version": self.version, "status": self.status,
+                "pool_size": self.pool_size, "snapshot_id": self.snapshot_id,
+                "created_at": self.created_at.isoformat(), "ready_at": None, "database": database}
+
+
 def problem(status: int, title: str, detail: str, slug: str = "error", **extra) -> dict:
     return {"type": f"urn:dbprov:problem:{slug}", "title": title, "status": status, "detail": detail, **extra}
 
@@ -79,6 +116,8 @@ class FakeDbprov:
         self.seen: list[Seen] = []
         self.failures: list[Failure] = []
         self.keys: dict[str, tuple[str, str]] = {}
+        self.snapshots: dict[str, FakeSnapshot] = {}
+        self.templates: dict[str, FakeTemplate] = {}
         #: Seconds a database takes to become ready.
         self.provision_seconds = 0.0
         self.token: str | None = None
@@ -125,8 +164,9 @@ class FakeDbprov:
         parts = urlsplit(handler.path)
         length = int(handler.headers.get("Content-Length") or 0)
         raw = handler.rfile.read(length) if length else b""
-        body = json.loads(raw) if raw else None
-        seen = Seen(handler.command, parts.path, parse_qs(parts.query), dict(handler.headers), body)
+        binary = handler.headers.get("Content-Type") == "application/octet-stream"
+        body = json.loads(raw) if raw and not binary else None
+        seen = Seen(handler.command, parts.path, parse_qs(parts.query), dict(handler.headers), body, raw)
         with self.lock:
             self.seen.append(seen)
             scripted = next((f for f in self.failures if f.times > 0 and f.method == seen.method
@@ -142,7 +182,9 @@ class FakeDbprov:
         self._send(handler, status, answer, headers)
 
     def _send(self, handler, status: int, answer, headers: dict[str, str] | None = None) -> None:
-        if isinstance(answer, str):
+        if isinstance(answer, bytes):
+            data, kind = answer, "application/octet-stream"
+        elif isinstance(answer, str):
             data, kind = answer.encode(), "text/plain"
         else:
             data = json.dumps(answer).encode()
@@ -172,6 +214,8 @@ class FakeDbprov:
             if "status" in seen.query:
                 items = [i for i in items if i["status"] == seen.query["status"][0]]
             return 200, {"items": items, "page": 1, "page_size": 500, "total": len(items)}, None
+        if path.startswith(("/snapshots", "/templates")):
+            return self.data_route(seen)
         match = re.fullmatch(r"/databases/([^/]+)(/.*)?", path)
         record = self.databases.get(match[1]) if match else None
         if record is None:
@@ -201,10 +245,85 @@ class FakeDbprov:
             return 200, {"items": [{"id": 1, "database_id": record.id, "tenant": "default",
                                     "at": record.created_at.isoformat(), "kind": "requested",
                                     "actor": "local", "details": {"version": record.version}}]}, None
+        if rest == "/snapshots" and method == "POST":
+            snapshot = FakeSnapshot(secrets.token_hex(6), record.id, record.data)
+            self.snapshots[snapshot.id] = snapshot
+            if "respond-async" in seen.headers.get("Prefer", ""):
+                snapshot.status = "pending"
+                threading.Timer(0.3, lambda: setattr(snapshot, "status", "ready")).start()
+                return 202, snapshot.body(), {"Location": f"/snapshots/{snapshot.id}"}
+            return 201, snapshot.body(), {"Location": f"/snapshots/{snapshot.id}"}
+        if rest == "/reset" and method == "POST":
+            snapshot_id = (seen.body or {}).get("snapshot") or record.source_snapshot_id
+            if snapshot_id is None:
+                return 409, problem(409, "Conflict", f"database {record.id} has no snapshot to go back to",
+                                    "conflict"), None
+            record.data = self.snapshots[snapshot_id].data
+            return 200, record.body(), None
+        if rest == "/dump" and method == "GET":
+            return 200, b"PGDMP" + record.data, {"Content-Disposition": f'attachment; filename="{record.id}.dump"'}
+        if rest == "/restore" and method == "POST":
+            if seen.headers.get("Content-Type") != "application/octet-stream":
+                return 415, problem(415, "Unsupported Media Type", "not application/octet-stream"), None
+            if not seen.raw.startswith(b"PGDMP"):
+                return 422, problem(422, "Unprocessable", "pg_restore: not an archive", "validation-error"), None
+            if record.data:
+                return 409, problem(409, "Conflict", f"database {record.id} is not empty", "conflict"), None
+            record.data = seen.raw[len(b"PGDMP"):]
+            return 200, record.body(), None
         if rest == "/logs":
             tail = int(seen.query.get("tail", ["100"])[0])
             return 200, "".join(f"log line {n}\n" for n in range(tail))[-200:], None
         return 404, problem(404, "Not found", "no such route"), None
+
+    def data_route(self, seen: Seen):
+        path, method = seen.path, seen.method
+        if path == "/snapshots":
+            return 200, {"items": [s.body() for s in reversed(list(self.snapshots.values()))]}, None
+        match = re.fullmatch(r"/snapshots/([^/]+)", path)
+        if match:
+            snapshot = self.snapshots.get(match[1])
+            if snapshot is None:
+                return 404, problem(404, "Not found", f"no snapshot {match[1]!r}", "not-found"), None
+            if method == "DELETE":
+                snapshot.status = "deleting"
+                return 202, snapshot.body(), None
+            return 200, snapshot.body(), None
+        if path == "/templates" and method == "GET":
+            return 200, {"items": [t.body() for t in self.templates.values()]}, None
+        if path == "/templates" and method == "POST":
+            key = seen.body["key"]
+            with self.lock:
+                template = self.templates.get(key)
+                if template is None:
+                    record = Record(secrets.token_hex(6), None, seen.body.get("version", "17"), next(self._ports),
+                                    secrets.token_hex(8), time.monotonic(), status="ready")
+                    self.databases[record.id] = record
+                    template = FakeTemplate(secrets.token_hex(6), key, record.version, record.id)
+                    self.templates[key] = template
+                    return 201, template.body(record.body(credentials=True)), {"Location": f"/templates/{key}"}
+            if template.status in ("building", "finalizing"):
+                return 423, problem(423, "Being built", f"template {key!r} is being built by another client",
+                                    "locked", template=key), {"Retry-After": "1"}
+            return 200, template.body(), None
+        match = re.fullmatch(r"/templates/([^/]+)(/finalize)?", path)
+        template = self.templates.get(match[1]) if match else None
+        if template is None:
+            return 404, problem(404, "Not found", f"no template {path!r}", "not-found"), None
+        if match[2] and method == "POST":
+            if template.status != "building":
+                return 409, problem(409, "Conflict", f"template is {template.status}", "conflict"), None
+            builder = self.databases[template.database_id]
+            snapshot = FakeSnapshot(secrets.token_hex(6), builder.id, builder.data)
+            self.snapshots[snapshot.id] = snapshot
+            builder.status = "deleted"
+            template.status, template.snapshot_id = "ready", snapshot.id
+            template.pool_size = (seen.body or {}).get("pool_size", 0)
+            return 200, template.body(), None
+        if method == "DELETE":
+            del self.templates[template.key]
+            return 202, template.body(), None
+        return 200, template.body(), None
 
     def live(self) -> int:
         return sum(1 for r in self.databases.values() if r.status != "deleted")
@@ -233,6 +352,25 @@ class FakeDbprov:
                     secrets.token_hex(8), time.monotonic() + self.provision_seconds,
                     datetime.now(timezone.utc) + timedelta(seconds=body["ttl"]) if "ttl" in body else None,
                 )
+                source = None
+                if body.get("template"):
+                    template = self.templates.get(body["template"])
+                    if template is None:
+                        return 404, problem(404, "Not found", f"no template {body['template']!r}", "not-found"), None
+                    if template.status != "ready":
+                        return 423, problem(423, "Being built", "being built", "locked"), {"Retry-After": "1"}
+                    source = self.snapshots[template.snapshot_id]
+                    record.template = template.key
+                elif body.get("from_snapshot"):
+                    source = self.snapshots.get(body["from_snapshot"])
+                    if source is None:
+                        return 404, problem(404, "Not found", "no such snapshot", "not-found"), None
+                elif body.get("from_database"):
+                    database = self.databases[body["from_database"]]
+                    source = FakeSnapshot(secrets.token_hex(6), database.id, database.data)
+                    self.snapshots[source.id] = source
+                if source is not None:
+                    record.data, record.source_snapshot_id = source.data, source.id
                 self.databases[record.id] = record
                 if key:
                     self.keys[key] = (canonical, record.id)

@@ -3,15 +3,17 @@ made safe to retry with an Idempotency-Key, the database context manager."""
 
 from __future__ import annotations
 
+import io
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 
 import pytest
 
 from dbprov_client import (
-    Client, Credentials, Database, NotFound, ProblemError, Refused, Unavailable, WaitTimeout,
-    parse_duration,
+    Client, Credentials, Database, Locked, NotFound, ProblemError, Refused, Snapshot, Template, Unavailable,
+    WaitTimeout, parse_duration,
 )
 from dbprov_client.client import retry_after
 from dbprov_client.config import resolve, save
@@ -235,3 +237,163 @@ def test_durations(text, seconds):
 def test_bad_durations(text):
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+# -- data: snapshots, clones, resets, templates, dumps -----------------------------
+
+
+def test_snapshot_clone_and_reset(client, fake):
+    source = client.create()
+    fake.databases[source.id].data = b"orders v1"
+    snapshot = client.snapshot(source.id)
+    assert isinstance(snapshot, Snapshot) and snapshot.status == "ready"
+    assert snapshot.database_id == source.id and snapshot.size_bytes == len(b"orders v1")
+    assert fake.requests_to("POST", f"/databases/{source.id}/snapshots")[0].headers["Prefer"].startswith("wait=")
+    assert [s.id for s in client.snapshots()] == [snapshot.id]
+    assert client.get_snapshot(snapshot.id) == snapshot
+
+    clone = client.create(from_snapshot=snapshot.id, ttl=60)
+    assert fake.requests_to("POST", "/databases")[-1].body == {"from_snapshot": snapshot.id, "ttl": 60}
+    assert fake.databases[clone.id].data == b"orders v1"
+    copy = client.create(from_database=source.id)
+    assert fake.databases[copy.id].data == b"orders v1"
+
+    fake.databases[clone.id].data = b"changed"
+    reset = client.reset(clone.id)
+    assert reset.status == "ready" and fake.databases[clone.id].data == b"orders v1"
+    assert fake.requests_to("POST", f"/databases/{clone.id}/reset")[0].body is None
+    client.reset(copy.id, snapshot=snapshot.id)
+    assert fake.requests_to("POST", f"/databases/{copy.id}/reset")[0].body == {"snapshot": snapshot.id}
+    with pytest.raises(Refused) as raised:
+        client.reset(source.id)  # made from no snapshot
+    assert raised.value.status == 409
+    assert client.delete_snapshot(snapshot.id).status == "deleting"
+    with pytest.raises(NotFound):
+        client.get_snapshot("../quota")
+
+
+def test_a_snapshot_without_wait_is_pending_and_can_be_waited_for(client, fake):
+    source = client.create()
+    snapshot = client.snapshot(source.id, wait=False)
+    assert snapshot.status == "pending"
+    assert client.wait_for_snapshot(snapshot.id, timeout=10).status == "ready"
+
+
+def test_a_snapshot_is_retried_after_429(client, fake):
+    source = client.create()
+    fake.fail("POST", f"/databases/{source.id}/snapshots", 429, headers={"Retry-After": "3"})
+    assert client.snapshot(source.id).status == "ready"
+    assert client.waits == [3.0] and len(fake.snapshots) == 1
+
+
+def test_the_first_template_caller_builds_and_finalizes(client, fake):
+    built = []
+    template = client.template("sha256:abc", "17", build=built.append, pool_size=2)
+    assert isinstance(template, Template) and template.status == "ready" and template.pool_size == 2
+    (uri,) = built
+    assert uri.startswith("postgresql://app:")
+    assert fake.requests_to("POST", "/templates")[0].body == {"key": "sha256:abc", "version": "17"}
+    assert fake.requests_to("POST", "/templates/sha256:abc/finalize")[0].body == {"pool_size": 2}
+    # Ready now: the next caller builds nothing.
+    again = client.template("sha256:abc", build=built.append)
+    assert again.status == "ready" and len(built) == 1
+    assert [t.key for t in client.templates()] == ["sha256:abc"]
+    clone = client.create(template="sha256:abc")
+    assert fake.databases[clone.id].template == "sha256:abc"
+    assert client.delete_template("sha256:abc").key == "sha256:abc"
+
+
+def test_a_template_being_built_is_waited_for_after_retry_after(client, fake):
+    fake.fail("POST", "/templates", 423, headers={"Retry-After": "4"}, times=2,
+              body={"type": "urn:dbprov:problem:locked", "title": "Being built", "status": 423,
+                    "detail": "being built by another client", "template": "sha256:abc"})
+    built = []
+    assert client.template("sha256:abc", build=built.append).status == "ready"
+    assert client.waits == [4.0, 4.0] and len(built) == 1
+    assert len(fake.requests_to("POST", "/templates")) == 3
+
+
+def test_the_wait_for_a_template_is_bounded(client, fake):
+    fake.fail("POST", "/templates", 423, headers={"Retry-After": "3600"}, times=1000)
+    started = time.monotonic()
+    with pytest.raises(WaitTimeout) as raised:
+        client.template("sha256:abc", build=lambda uri: None, timeout=0.5)
+    assert time.monotonic() - started < 5
+    assert "still being built" in raised.value.detail
+    assert all(wait <= 30.0 for wait in client.waits)  # each wait at most max_retry_wait
+
+
+def test_two_concurrent_callers_build_once(fake, isolated):
+    built = []
+
+    def build(uri):
+        time.sleep(0.3)
+        built.append(uri)
+
+    def ask(_):
+        with Client(fake.url) as client:
+            return client.template("sha256:together", build=build, timeout=30)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        templates = list(pool.map(ask, range(2)))
+    assert [t.status for t in templates] == ["ready", "ready"] and len(built) == 1
+    codes = fake.requests_to("POST", "/templates")
+    assert len(codes) >= 3  # one built it, the other asked again after its 423
+
+
+def test_a_failed_build_frees_the_key_for_the_next_caller(client, fake):
+    def broken(uri):
+        raise RuntimeError("migration 002 failed")
+
+    with pytest.raises(RuntimeError, match="migration 002"):
+        client.template("sha256:abc", build=broken)
+    assert fake.requests_to("DELETE", "/templates/sha256:abc") and not fake.templates
+    assert client.template("sha256:abc", build=lambda uri: None).status == "ready"
+
+
+def test_a_locked_template_is_a_refusal_of_its_own(client, fake):
+    client.begin_template("sha256:abc")
+    with pytest.raises(Locked) as raised:
+        client.begin_template("sha256:abc")
+    assert isinstance(raised.value, Refused) and raised.value.retry_after == "1"
+    with pytest.raises(NotFound):
+        client.get_template("no/such")
+
+
+def test_dump_streams_into_a_file_and_restore_streams_it_back(client, fake, tmp_path):
+    source = client.create()
+    fake.databases[source.id].data = bytes(range(256)) * 8192  # 2 MiB
+    sink = io.BytesIO()
+    written = client.dump(source.id, sink)
+    assert written == 5 + 2 * 1024 * 1024 and sink.getvalue().startswith(b"PGDMP")
+    path = tmp_path / "app.dump"
+    assert client.dump(source.id, path) == written and path.read_bytes() == sink.getvalue()
+    assert [p.name for p in tmp_path.iterdir()] == ["app.dump"]  # no partial file left
+
+    target = client.create()
+    restored = client.restore(target.id, path)
+    assert restored.id == target.id
+    assert fake.databases[target.id].data == fake.databases[source.id].data
+    sent = fake.requests_to("POST", f"/databases/{target.id}/restore")[0]
+    assert sent.headers["Content-Type"] == "application/octet-stream"
+    assert sent.headers["Content-Length"] == str(written)
+    with pytest.raises(Refused) as raised:
+        client.restore(target.id, path)  # not empty now
+    assert raised.value.status == 409
+
+
+def test_a_failed_dump_leaves_no_file(client, fake, tmp_path):
+    fake.fail("GET", "/databases/abc/dump", 409, {"type": "urn:dbprov:problem:conflict", "title": "Conflict",
+                                                  "status": 409, "detail": "not ready"})
+    with pytest.raises(Refused):
+        client.dump("abc", tmp_path / "app.dump")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_restore_retried_after_503_sends_the_whole_file_again(client, fake):
+    target = client.create()
+    fake.fail("POST", f"/databases/{target.id}/restore", 503, headers={"Retry-After": "1"})
+    archive = io.BytesIO(b"PGDMP" + b"x" * 100_000)
+    client.restore(target.id, archive)
+    first, second = fake.requests_to("POST", f"/databases/{target.id}/restore")
+    assert second.raw == archive.getvalue() and fake.databases[target.id].data == b"x" * 100_000

@@ -254,24 +254,33 @@ _JSON = click.option("--json", "as_json", is_flag=True, help="Print the whole re
 @click.option("--ttl", type=DURATION, metavar="DURATION",
               help="Deleted by the server this long from now unless renewed: 600, 90s, 30m, 2h, 1d")
 @click.option("--plan", metavar="P", help="A plan of the server (memory, CPUs)")
+@click.option("--from-snapshot", metavar="S", help="A clone of this snapshot's data")
+@click.option("--from-database", metavar="D", help="A clone of this database's data (snapshotted first)")
+@click.option("--template", metavar="KEY", help="A clone of this ready template")
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Wait until it accepts connections; --no-wait prints the URI at once")
 @click.option("--timeout", type=DURATION, default="10m", show_default=True, help="Longest wait")
 @_JSON
 @_handled
-def new(version, name, ttl, plan, wait, timeout, as_json) -> None:
+def new(version, name, ttl, plan, from_snapshot, from_database, template, wait, timeout, as_json) -> None:
     """Create a database and print its connection URI.
 
     The URI is the last line of standard output:
 
         psql "$(dbprov new --wait)"
 
+    With --from-snapshot, --from-database or --template (one of them) it is a
+    clone, a dedicated server that starts with that data.
+
     While it waits, a progress line goes to standard error if that is a terminal.
     """
+    if sum(source is not None for source in (from_snapshot, from_database, template)) > 1:
+        raise click.UsageError("give at most one of --from-snapshot, --from-database and --template")
     client = _client()
     with _Progress(enabled=sys.stderr.isatty()) as progress:
         database = client.create(
             version=version, name=name, ttl=ttl, plan=plan, wait=wait, timeout=timeout,
+            from_snapshot=from_snapshot, from_database=from_database, template=template,
             on_accepted=progress.accepted if (wait and progress.enabled) else None,
         )
     progress.done(database)
@@ -470,7 +479,134 @@ def login(server, token, check) -> None:
     click.echo(f"logged in to {server}{tenant}; stored in {path}", err=True)
 
 
-_CLIENT = (new, ls, show, url, rm, psql, stop, start, renew, rotate, events, logs, login)
+def _size(size: int | None) -> str:
+    if size is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return "-"  # pragma: no cover
+
+
+@click.command()
+@_ID
+@click.option("--wait", is_flag=True, help="Wait until the snapshot is ready")
+@click.option("--timeout", type=DURATION, default="10m", show_default=True, help="Longest wait")
+@_JSON
+@_handled
+def snapshot(database_id, wait, timeout, as_json) -> None:
+    """Take a consistent snapshot of a database and print its id.
+
+    The database's server stops cleanly for a second or two (connections are
+    refused meanwhile). Without --wait the id is printed at once, while the
+    snapshot is still pending.
+    """
+    taken = _client().snapshot(database_id, wait=wait, timeout=timeout)
+    if as_json:
+        _dump(taken.raw)
+    else:
+        click.echo(taken.id)
+
+
+@click.command()
+@_JSON
+@_handled
+def snapshots(as_json) -> None:
+    """List your snapshots, newest first."""
+    items = _client().snapshots()
+    if as_json:
+        _dump([s.raw for s in items])
+        return
+    _table(
+        ["ID", "DATABASE", "STATUS", "VERSION", "SIZE", "AGE"],
+        [[s.id, s.database_id, s.status, s.version or "-", _size(s.size_bytes), _age(s.created_at)]
+         for s in items],
+    )
+
+
+@click.command()
+@_ID
+@click.option("--snapshot", "snapshot_id", metavar="S",
+              help="The snapshot to go back to (default: the one it was made from)")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until it is ready again")
+@click.option("--timeout", type=DURATION, default="10m", show_default=True, help="Longest wait")
+@_handled
+def reset(database_id, snapshot_id, wait, timeout) -> None:
+    """Put a database back to a snapshot, keeping its URI and password.
+
+    Its connections are dropped.
+    """
+    database = _client().reset(database_id, snapshot_id, wait=wait, timeout=timeout)
+    click.echo(f"{database.id} {database.status}")
+
+
+@click.command()
+@_ID
+@click.option("--output", "-o", metavar="FILE", type=click.Path(dir_okay=False, writable=True),
+              help="Write the archive here (default: standard output, unless it is a terminal)")
+@_handled
+def dump(database_id, output) -> None:
+    """Stream a pg_dump archive (custom format) of a database.
+
+    To FILE (written whole or not at all) or to standard output:
+
+        dbprov dump ID -o app.dump;  dbprov dump ID | pg_restore -l
+    """
+    client = _client()
+    if output and output != "-":
+        written = client.dump(database_id, output)
+        if sys.stderr.isatty():
+            click.echo(f"{_size(written)} written to {output}", err=True)
+        return
+    stdout = sys.stdout.buffer
+    if stdout.isatty():
+        raise click.UsageError("standard output is a terminal: give -o FILE (or pipe it)")
+    client.dump(database_id, stdout)
+    stdout.flush()
+
+
+@click.command()
+@_ID
+@click.argument("file", metavar="FILE", type=click.Path(dir_okay=False, allow_dash=True))
+@_handled
+def restore(database_id, file) -> None:
+    """Restore a pg_dump archive (custom format) into an empty database.
+
+    FILE is streamed (- for standard input). It is restored in one
+    transaction: a bad archive changes nothing.
+    """
+    client = _client()
+    if file == "-":
+        database = client.restore(database_id, sys.stdin.buffer)
+    else:
+        try:
+            source = open(file, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise click.BadParameter(f"{file}: {exc.strerror}", param_hint="FILE") from None
+        with source:
+            database = client.restore(database_id, source)
+    click.echo(f"{database.id} restored")
+
+
+@click.command()
+@_JSON
+@_handled
+def templates(as_json) -> None:
+    """List your templates."""
+    items = _client().templates()
+    if as_json:
+        _dump([t.raw for t in items])
+        return
+    _table(
+        ["KEY", "STATUS", "VERSION", "POOL", "SNAPSHOT", "AGE"],
+        [[t.key, t.status, t.version or "-", str(t.pool_size), t.snapshot_id or "-", _age(t.created_at)]
+         for t in items],
+    )
+
+
+_CLIENT = (new, ls, show, url, rm, psql, stop, start, renew, rotate, events, logs, snapshot, snapshots,
+           reset, dump, restore, templates, login)
 CLIENT_COMMANDS = frozenset(command.name for command in _CLIENT)
 
 #: The ``dbprov`` console script.

@@ -238,3 +238,91 @@ def test_the_client_distribution_is_small():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_snapshot_clone_reset_and_templates(dbprov, fake):
+    dbprov("new")
+    database_id = next(iter(fake.databases))
+    fake.databases[database_id].data = b"v1"
+    taken = dbprov("snapshot", database_id, "--wait")
+    assert taken.exit_code == 0, taken.output
+    snapshot_id = taken.stdout.strip()
+    assert list(fake.snapshots) == [snapshot_id] and fake.snapshots[snapshot_id].status == "ready"
+    pending = dbprov("snapshot", database_id)
+    assert pending.stdout.strip() in fake.snapshots
+    assert fake.seen[-1].headers["Prefer"] == "respond-async"
+
+    listing = dbprov("snapshots").stdout.splitlines()
+    assert listing[0].split() == ["ID", "DATABASE", "STATUS", "VERSION", "SIZE", "AGE"]
+    assert snapshot_id in listing[2] and f"{database_id}  ready" in listing[2] and "2 B" in listing[2]
+    assert [s["id"] for s in json.loads(dbprov("snapshots", "--json").stdout)][1] == snapshot_id
+
+    clone_uri = dbprov("new", "--from-snapshot", snapshot_id).stdout.strip()
+    clone_id = list(fake.databases)[-1]
+    assert clone_uri == fake.databases[clone_id].uri() and fake.databases[clone_id].data == b"v1"
+    dbprov("new", "--from-database", database_id)
+    assert fake.requests_to("POST", "/databases")[-1].body == {"from_database": database_id}
+    both = dbprov("new", "--from-snapshot", snapshot_id, "--from-database", database_id)
+    assert both.exit_code == 2 and "at most one" in both.stderr
+
+    fake.databases[clone_id].data = b"changed"
+    assert dbprov("reset", clone_id).stdout == f"{clone_id} ready\n"
+    assert fake.databases[clone_id].data == b"v1"
+    assert dbprov("reset", database_id, "--snapshot", snapshot_id).exit_code == 0
+    assert fake.requests_to("POST", f"/databases/{database_id}/reset")[0].body == {"snapshot": snapshot_id}
+    dbprov("new")
+    refused = dbprov("reset", list(fake.databases)[-1])  # made from no snapshot
+    assert refused.exit_code == EXIT_REFUSED and refused.stderr.startswith("Error: Conflict: ")
+    assert dbprov("reset", "nosuch").exit_code == EXIT_NOT_FOUND
+
+    assert dbprov("templates").stdout.split() == ["KEY", "STATUS", "VERSION", "POOL", "SNAPSHOT", "AGE"]
+    from dbprov_client import Client
+
+    Client(fake.url).template("sha256:abc", build=lambda uri: None, pool_size=1)
+    rows = dbprov("templates").stdout.splitlines()
+    assert rows[1].split()[:4] == ["sha256:abc", "ready", "17", "1"]
+    assert json.loads(dbprov("templates", "--json").stdout)[0]["key"] == "sha256:abc"
+    assert dbprov("new", "--template", "sha256:abc").exit_code == 0
+    assert fake.databases[list(fake.databases)[-1]].template == "sha256:abc"
+    missing = dbprov("new", "--template", "sha256:nosuch")
+    assert missing.exit_code == EXIT_NOT_FOUND
+
+
+def test_dump_to_a_file_or_standard_output_and_restore(dbprov, fake, tmp_path):
+    dbprov("new")
+    dbprov("new")
+    source_id, target_id = list(fake.databases)
+    fake.databases[source_id].data = b"\x00\x01 rows" * 1000
+    archive = tmp_path / "app.dump"
+    written = dbprov("dump", source_id, "-o", str(archive))
+    assert written.exit_code == 0 and written.stdout == "" and written.stderr == ""
+    assert archive.read_bytes() == b"PGDMP" + fake.databases[source_id].data
+    piped = dbprov("dump", source_id)
+    assert piped.exit_code == 0 and piped.stdout_bytes == archive.read_bytes()
+
+    restored = dbprov("restore", target_id, str(archive))
+    assert restored.exit_code == 0 and restored.stdout == f"{target_id} restored\n"
+    assert fake.databases[target_id].data == fake.databases[source_id].data
+    again = dbprov("restore", target_id, str(archive))
+    assert again.exit_code == EXIT_REFUSED and "not empty" in again.stderr
+    dbprov("new")
+    third = list(fake.databases)[-1]
+    from_stdin = CliRunner().invoke(make_cli(plugins=False), ["restore", third, "-"],
+                                    input=archive.read_bytes(), env={"DBPROV_URL": fake.url})
+    assert from_stdin.exit_code == 0 and fake.databases[third].data == fake.databases[source_id].data
+    bad = tmp_path / "bad.dump"
+    bad.write_bytes(b"not an archive")
+    dbprov("new")
+    assert dbprov("restore", list(fake.databases)[-1], str(bad)).exit_code == EXIT_REFUSED
+    assert dbprov("restore", target_id, str(tmp_path / "none.dump")).exit_code == 2
+    assert dbprov("dump", "nosuch", "-o", str(tmp_path / "x.dump")).exit_code == EXIT_NOT_FOUND
+    assert not (tmp_path / "x.dump").exists()
+
+
+def test_dump_refuses_a_terminal(fake, isolated):
+    leader, follower = pty.openpty()
+    process = subprocess.run([*DBPROV, "dump", "abc"], env=subprocess_env(fake, isolated), stdout=follower,
+                             stderr=subprocess.PIPE, text=True, timeout=60)
+    os.close(follower)
+    os.close(leader)
+    assert process.returncode == 2 and "standard output is a terminal" in process.stderr

@@ -8,6 +8,12 @@ the whole setup.
 - ``dbprov_client``: the session's :class:`dbprov_client.Client`.
 - ``dbprov_create_options``: what each create asks for (``{"version": "17"}``,
   a plan, extensions ...); override it in a conftest.py.
+- ``dbprov_template``: with ``--dbprov-migrations DIR`` (or the ini option
+  ``dbprov_migrations``), the server template whose key is a hash of the
+  folder's files, built once (by ``dbprov_template_build``) whichever process
+  asks first; every ``dbprov_database`` is then a clone of it.
+- ``dbprov_template_build``: a callable given the template's connection URI;
+  by default it runs the folder's ``*.sql`` files in name order with psycopg.
 
 Options: ``--dbprov-url`` and ``--dbprov-token`` (default DBPROV_URL and
 DBPROV_TOKEN, then what ``dbprov login`` stored) and ``--dbprov-ttl`` (default
@@ -20,17 +26,19 @@ runs out. Under pytest-xdist each worker has its own databases, named
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 if TYPE_CHECKING:
     from .client import Client
-    from .models import Database
+    from .models import Database, Template
 
 log = logging.getLogger("dbprov_client.pytest")
 
@@ -46,6 +54,84 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--dbprov-ttl", default=None, metavar="DURATION",
                     help=f"expiry lease of each database, renewed every third of it while "
                          f"tests run (default {DEFAULT_TTL})")
+    group.addoption("--dbprov-migrations", default=None, metavar="DIR",
+                    help="a migrations folder: its hash names a server template, built once, "
+                         "and each dbprov_database is a clone of it (ini: dbprov_migrations)")
+    group.addoption("--dbprov-template-pool", default=None, type=int, metavar="N",
+                    help="warm clones the server keeps for the template (default 0; "
+                         "ini: dbprov_template_pool)")
+    parser.addini("dbprov_migrations", type="paths", default=[],
+                  help="dbprov: a migrations folder whose hash names the template each test's database "
+                       "is a clone of (relative to the ini file)")
+    parser.addini("dbprov_template_pool", default="0",
+                  help="dbprov: warm clones the server keeps for the template")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    migrations_folder(config)  # a folder that is not there stops the run before any test
+
+
+def migrations_folder(config: pytest.Config) -> Path | None:
+    """The folder of ``--dbprov-migrations`` (relative to where pytest was started)
+    or of the ini option ``dbprov_migrations`` (relative to the ini file)."""
+    given = config.getoption("dbprov_migrations")
+    if given:
+        folder = config.invocation_params.dir / given
+    else:
+        paths = config.getini("dbprov_migrations")
+        if not paths:
+            return None
+        folder = Path(paths[0])
+    if not folder.is_dir():
+        raise pytest.UsageError(f"dbprov migrations: {folder} is not a folder")
+    return folder.resolve()
+
+
+def _files(folder: Path) -> list[Path]:
+    """The folder's files, its subfolders' too, sorted by their path in it;
+    hidden files and __pycache__ left out."""
+    return sorted(
+        (path for path in folder.rglob("*")
+         if path.is_file() and not any(part.startswith(".") or part == "__pycache__"
+                                       for part in path.relative_to(folder).parts)),
+        key=lambda path: path.relative_to(folder).as_posix(),
+    )
+
+
+def template_key(folder: Path, version: str | None = None) -> str:
+    """``sha256:`` and the hash of the folder's files, names and contents, in
+    name order (and of the PostgreSQL version, when one is asked for): the same
+    migrations give the same key in every run and on every machine."""
+    digest = hashlib.sha256()
+    for path in _files(folder):
+        name = path.relative_to(folder).as_posix().encode()
+        content = path.read_bytes()
+        digest.update(b"%d:%s%d:" % (len(name), name, len(content)))
+        digest.update(content)
+    if version:
+        digest.update(b"version:" + str(version).encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def run_sql_files(folder: Path, uri: str) -> None:
+    """Run every ``*.sql`` file of ``folder`` in name order, each in a transaction of its own."""
+    try:
+        import psycopg
+    except ImportError:
+        raise RuntimeError(
+            "dbprov: building the template runs the migrations' *.sql files with psycopg, which is "
+            "not installed: `pip install psycopg[binary]`, or override the fixture "
+            "dbprov_template_build to migrate the database your own way"
+        ) from None
+    scripts = sorted(folder.glob("*.sql"))
+    if not scripts:
+        raise RuntimeError(f"dbprov: no *.sql file in {folder}; override the fixture dbprov_template_build "
+                           "to migrate the database your own way")
+    with psycopg.connect(uri, autocommit=True, connect_timeout=10) as conn:
+        for script in scripts:
+            log.info("template: running %s", script.name)
+            with conn.transaction():
+                conn.execute(script.read_text())
 
 
 def _worker(config: pytest.Config) -> tuple[str, str]:
@@ -179,19 +265,76 @@ def dbprov_leases(dbprov_client: "Client", pytestconfig: pytest.Config) -> Itera
     leases.close()
 
 
+@pytest.fixture(scope="session")
+def dbprov_migrations(pytestconfig: pytest.Config) -> Path | None:
+    """The migrations folder of ``--dbprov-migrations`` or ``dbprov_migrations``, or None."""
+    return migrations_folder(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def dbprov_template_build(dbprov_migrations: Path | None) -> Callable[[str], Any]:
+    """What fills the template, called once with its connection URI by whichever
+    process builds it. By default: every ``*.sql`` file of the migrations folder,
+    in name order, with psycopg. Override it to migrate your own way::
+
+        @pytest.fixture(scope="session")
+        def dbprov_template_build():
+            def build(uri):
+                subprocess.run(["alembic", "upgrade", "head"], check=True,
+                               env={**os.environ, "DATABASE_URL": uri})
+            return build
+    """
+
+    def build(uri: str) -> None:
+        if dbprov_migrations is None:
+            raise RuntimeError("dbprov: no migrations folder (--dbprov-migrations or dbprov_migrations)")
+        run_sql_files(dbprov_migrations, uri)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def dbprov_template(
+    dbprov_client: "Client",
+    dbprov_migrations: Path | None,
+    dbprov_template_build: Callable[[str], Any],
+    dbprov_create_options: dict[str, Any],
+    pytestconfig: pytest.Config,
+) -> "Template | None":
+    """The ready template for the migrations folder (None without one): built
+    once by whichever process (xdist worker, CI job) asks first, while the others
+    wait for it; kept on the server, so a later run with the same migrations
+    clones it at once."""
+    if dbprov_migrations is None:
+        return None
+    pool = pytestconfig.getoption("dbprov_template_pool")
+    if pool is None:
+        pool = int(pytestconfig.getini("dbprov_template_pool") or 0)
+    version = dbprov_create_options.get("version")
+    key = template_key(dbprov_migrations, version)
+    return dbprov_client.template(key, version, build=dbprov_template_build, pool_size=pool)
+
+
+def _options(options: dict[str, Any], template: "Template | None") -> dict[str, Any]:
+    return {**options, "template": template.key} if template is not None else options
+
+
 @pytest.fixture
-def dbprov_database(dbprov_leases: Leases, dbprov_create_options: dict[str, Any]) -> Iterator["Database"]:
-    """A fresh database for this test: connect with ``.connection_uri``; deleted after the test."""
-    database = dbprov_leases.create(dbprov_create_options)
+def dbprov_database(
+    dbprov_leases: Leases, dbprov_create_options: dict[str, Any], dbprov_template: "Template | None"
+) -> Iterator["Database"]:
+    """A fresh database for this test: connect with ``.connection_uri``; deleted
+    after the test. A clone of the template when there is a migrations folder."""
+    database = dbprov_leases.create(_options(dbprov_create_options, dbprov_template))
     yield database
     dbprov_leases.release(database)
 
 
 @pytest.fixture(scope="session")
 def dbprov_database_session(
-    dbprov_leases: Leases, dbprov_create_options: dict[str, Any]
+    dbprov_leases: Leases, dbprov_create_options: dict[str, Any], dbprov_template: "Template | None"
 ) -> Iterator["Database"]:
     """One database for the whole session (each xdist worker has its own)."""
-    database = dbprov_leases.create(dbprov_create_options)
+    database = dbprov_leases.create(_options(dbprov_create_options, dbprov_template))
     yield database
     dbprov_leases.release(database)

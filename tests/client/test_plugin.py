@@ -131,3 +131,122 @@ def test_each_xdist_worker_has_its_own_databases(run, fake):
     assert len({run_id for run_id, _ in workers}) == 1  # one run, two workers
     assert len(names) == len(set(names)) == 6  # 4 per test, one per worker's session
     assert all(record.status == "deleted" for record in fake.databases.values())
+
+
+MIGRATED_SUITE = """
+    import pytest
+
+    @pytest.fixture(scope="session")
+    def dbprov_template_build():
+        def build(uri):
+            with open({builds!r}, "a") as file:
+                file.write(uri + "\\n")
+        return build
+
+    def test_one(dbprov_database):
+        assert dbprov_database.connection_uri
+
+    def test_two(dbprov_database):
+        assert dbprov_database.connection_uri
+    """
+
+
+def test_a_migrations_folder_names_the_template_each_test_clones(run, fake, pytester):
+    from dbprov_client.pytest_plugin import template_key
+
+    migrations = pytester.mkdir("migrations")
+    (migrations / "001_orders.sql").write_text("CREATE TABLE orders (id int);")
+    builds = pytester.path / "builds.txt"
+    result = run(MIGRATED_SUITE.format(builds=str(builds)), "--dbprov-migrations", "migrations",
+                 "--dbprov-template-pool", "2")
+    result.assert_outcomes(passed=2)
+    key = template_key(migrations)
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", key)
+    assert len(builds.read_text().splitlines()) == 1
+    assert fake.templates[key].status == "ready" and fake.templates[key].pool_size == 2
+    creates = fake.requests_to("POST", "/databases")
+    assert len(creates) == 2 and all(c.body["template"] == key for c in creates)
+
+    # A second run with the same migrations clones at once; a changed file is a new template.
+    run(MIGRATED_SUITE.format(builds=str(builds)), "--dbprov-migrations", "migrations").assert_outcomes(passed=2)
+    assert len(builds.read_text().splitlines()) == 1
+    (migrations / "002_items.sql").write_text("CREATE TABLE items (id int);")
+    pytester.makeini("[pytest]\ndbprov_migrations = migrations\n")
+    run(MIGRATED_SUITE.format(builds=str(builds))).assert_outcomes(passed=2)
+    assert len(builds.read_text().splitlines()) == 2
+    assert template_key(migrations) in fake.templates and len(fake.templates) == 2
+
+
+def test_under_xdist_the_template_is_built_once(run, fake, pytester):
+    migrations = pytester.mkdir("migrations")
+    (migrations / "001.sql").write_text("CREATE TABLE t (id int);")
+    builds = pytester.path / "builds.txt"
+    suite = MIGRATED_SUITE.replace("def build(uri):", "def build(uri):\n            import time; time.sleep(0.5)")
+    result = run(suite.format(builds=str(builds)) + """
+    @pytest.mark.parametrize("n", range(4))
+    def test_more(dbprov_database, n):
+        pass
+    """, "--dbprov-migrations", "migrations", "-p", "xdist", "-n", "2")
+    result.assert_outcomes(passed=6)
+    assert len(builds.read_text().splitlines()) == 1
+    assert len(fake.requests_to("POST", "/templates")) >= 3  # the other worker asked again after 423
+    assert all(c.body["template"] for c in fake.requests_to("POST", "/databases"))
+
+
+def test_the_key_hashes_names_and_contents_in_order(tmp_path):
+    from dbprov_client.pytest_plugin import template_key
+
+    (tmp_path / "a.sql").write_text("one")
+    (tmp_path / "b.sql").write_text("two")
+    (tmp_path / ".hidden").write_text("ignored")
+    first = template_key(tmp_path)
+    assert template_key(tmp_path) == first
+    (tmp_path / ".hidden").write_text("still ignored")
+    assert template_key(tmp_path) == first
+    assert template_key(tmp_path, "16") != first
+    (tmp_path / "b.sql").rename(tmp_path / "c.sql")
+    assert template_key(tmp_path) != first
+    (tmp_path / "c.sql").rename(tmp_path / "b.sql")
+    (tmp_path / "b.sql").write_text("two!")
+    assert template_key(tmp_path) != first
+
+
+def test_a_missing_migrations_folder_is_a_usage_error(run):
+    result = run("def test_it(dbprov_database):\n    pass\n", "--dbprov-migrations", "nowhere")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*nowhere is not a folder*"])
+
+
+def test_the_default_build_runs_the_sql_files_in_name_order(tmp_path, monkeypatch):
+    from dbprov_client import pytest_plugin
+
+    (tmp_path / "002_b.sql").write_text("two")
+    (tmp_path / "001_a.sql").write_text("one")
+    (tmp_path / "notes.txt").write_text("not run")
+    ran = []
+
+    class Connection:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def transaction(self):
+            return self
+
+        def execute(self, sql):
+            ran.append(sql)
+
+    import psycopg
+
+    monkeypatch.setattr(psycopg, "connect", lambda uri, **kwargs: Connection())
+    pytest_plugin.run_sql_files(tmp_path, "postgresql://x")
+    assert ran == ["one", "two"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RuntimeError, match="no \\*.sql file"):
+        pytest_plugin.run_sql_files(empty, "postgresql://x")
+    monkeypatch.setitem(__import__("sys").modules, "psycopg", None)
+    with pytest.raises(RuntimeError, match="psycopg, which is not installed"):
+        pytest_plugin.run_sql_files(tmp_path, "postgresql://x")

@@ -21,6 +21,7 @@ from .runtime import ServerRuntime
 from .settings import Settings
 from .snapshots import Snapshots
 from .store import Store
+from .swarm_runtime import SwarmRuntime
 from .templates import Templates
 from .tenancy import Tenants
 
@@ -65,13 +66,7 @@ class Services:
         settings = settings or Settings.from_env()
         settings.ensure_data_dir()
         if runtime is None:
-            runtime = DockerRuntime(
-                instance=settings.instance,
-                network=settings.network,
-                bind_address=settings.bind_address,
-                probe_host=settings.effective_probe_host,
-                pull=settings.pull_images,
-            )
+            runtime = _runtime(settings)
         return cls(settings, Store(settings.database_url), runtime, load_vault(settings))
 
     def reconciler(self, **options) -> Reconciler:
@@ -79,3 +74,25 @@ class Services:
             self.settings, self.store, self.runtime, self.records, self.vault,
             self.server_admin, self.claims, pool=self.pool, templates=self.templates, **options,
         )
+
+
+def _runtime(settings: Settings) -> ServerRuntime:
+    """The engine DBPROV_RUNTIME names: one Docker engine, or a Swarm through a manager."""
+    if settings.runtime == "swarm":
+        return SwarmRuntime(
+            instance=settings.instance,
+            pull=settings.pull_images,
+            exclude_label=settings.swarm_exclude_label,
+            host_label=settings.swarm_host_label,
+            overcommit=settings.swarm_overcommit,
+            max_per_node=settings.swarm_max_per_node,
+            helper_image=settings.swarm_helper_image,
+            start_timeout=settings.ready_timeout,
+        )
+    return DockerRuntime(
+        instance=settings.instance,
+        network=settings.network,
+        bind_address=settings.bind_address,
+        probe_host=settings.effective_probe_host,
+        pull=settings.pull_images,
+    )

@@ -1,4 +1,7 @@
-"""One Docker engine behind ``ServerRuntime``: the only module that imports ``docker``.
+"""One Docker engine behind ``ServerRuntime``.
+
+With ``swarm_runtime``, which builds on it, the only modules that import
+``docker``; docker-py's errors become the project's here, in ``_translated``.
 
 A server is a container named ``dbprov-<id>`` on a volume ``dbprov-<id>-data``,
 published on the bind address, attached to the installation's network (no

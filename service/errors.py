@@ -140,6 +140,11 @@ class ServerFailed(PermanentError):
     """A database server crashed or never became ready; the text carries its log."""
 
 
+class NotSupported(PermanentError):
+    """The runtime cannot do this at all (say, Swarm and a job on another node's
+    data); the text says what cannot be done and why."""
+
+
 # -- a database server's own answers ---------------------------------------------
 
 

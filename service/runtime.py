@@ -1,9 +1,9 @@
 """The runtime seam: what the domain asks of any engine that runs database servers.
 
 It speaks of servers, their data and their endpoints, never of containers,
-networks or volumes: ``docker_runtime`` maps it onto one Docker engine, and a
-Swarm or Kubernetes runtime can map it onto a cluster. The fast tests use a
-fake with failure knobs (``tests/fakes.py``).
+networks or volumes: ``docker_runtime`` maps it onto one Docker engine,
+``swarm_runtime`` onto a Docker Swarm (docs/scale-out.md also maps it onto
+Kubernetes). The fast tests use a fake with failure knobs (``tests/fakes.py``).
 
 Every method raises only ``DbprovError``s: ``TransientError`` when trying again
 later can help (the engine is unreachable, a host port is taken), a

@@ -145,6 +145,32 @@ def _names(value: str) -> tuple[str, ...]:
     return names
 
 
+def _runtime(value: str) -> str:
+    if value not in ("docker", "swarm"):
+        raise ValueError(f"expected docker or swarm, got {value!r}")
+    return value
+
+
+def _label(value: str) -> str:
+    if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}", value):
+        raise ValueError(f"expected a node label key, got {value!r}")
+    return value
+
+
+def _ratio(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"expected a number, got {value!r}") from None
+    if number <= 0:
+        raise ValueError(f"must be greater than zero, got {value!r}")
+    return number
+
+
+def _optional_count(value: str) -> int | None:
+    return _count(value) if value else None
+
+
 @dataclass(frozen=True)
 class Plan:
     """A named size the operator offers: memory, CPUs and server settings that need a restart."""
@@ -356,6 +382,33 @@ class Settings:
     event_retention: float = setting(
         "DBPROV_EVENT_RETENTION", _seconds, "2592000",
         "seconds a deleted database's events stay readable",
+    )
+    runtime: str = setting(
+        "DBPROV_RUNTIME", _runtime, "docker",
+        "where database servers run: `docker` (containers on one engine) or `swarm` (services on "
+        "a Docker Swarm, through a manager's socket; see docs/scale-out.md)",
+    )
+    swarm_exclude_label: str = setting(
+        "DBPROV_SWARM_EXCLUDE_LABEL", _label, "io.dbprov.exclude",
+        "Swarm node label that keeps new databases off a node (any value but `false`)",
+    )
+    swarm_host_label: str = setting(
+        "DBPROV_SWARM_HOST_LABEL", _label, "io.dbprov.public-host",
+        "Swarm node label with the host name its databases are reached at; without it, the "
+        "node's address",
+    )
+    swarm_overcommit: float = setting(
+        "DBPROV_SWARM_OVERCOMMIT", _ratio, "1",
+        "how many times its memory a Swarm node may promise to the memory limits of its databases",
+    )
+    swarm_max_per_node: int | None = setting(
+        "DBPROV_SWARM_MAX_PER_NODE", _optional_count, "", "databases per Swarm node at most",
+        shown="no limit",
+    )
+    swarm_helper_image: str = setting(
+        "DBPROV_SWARM_HELPER_IMAGE", str, "python:3.11-slim",
+        "an image with `python3` that removes a deleted database's volume on a Swarm node other "
+        "than the manager dbprov uses",
     )
 
     @property

@@ -39,6 +39,7 @@ PROBLEMS: dict[type[DbprovError], tuple[int, str, str]] = {
     errors.PermanentError: (502, "runtime-refused", "Runtime refused"),
     errors.EngineRefused: (502, "docker-refused", "Docker engine refused"),
     errors.ServerFailed: (502, "server-failed", "Database server failed"),
+    errors.NotSupported: (501, "not-supported", "Not supported by this runtime"),
     errors.ProvisioningFailed: (502, "provisioning-failed", "Provisioning failed"),
     errors.DatabaseServerError: (502, "database-server-error", "Database server error"),
 }

@@ -8,7 +8,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -154,3 +156,132 @@ def test_the_plugin_renews_the_lease_while_a_test_runs(service, pytester, monkey
     )
     result.assert_outcomes(passed=1)
     assert time.monotonic() - started > 5
+
+
+# -- data: snapshots, clones, resets, templates, dumps -----------------------------
+
+
+def rows(uri: str, table: str = "item") -> list[int]:
+    with connect(uri) as conn:
+        return [row[0] for row in conn.execute(f"SELECT id FROM {table} ORDER BY id")]
+
+
+def test_snapshot_clone_and_reset_through_the_client_and_the_command(service, shell):
+    client = Client(service.url)
+    source = client.create(ttl=600)
+    with connect(source.connection_uri) as conn:
+        conn.execute("CREATE TABLE item (id int PRIMARY KEY)")
+        conn.execute("INSERT INTO item VALUES (1)")
+    taken = shell("snapshot", source.id, "--wait")
+    assert taken.returncode == 0, taken.stderr
+    snapshot_id = taken.stdout.strip()
+    assert client.get_snapshot(snapshot_id).status == "ready"
+    assert snapshot_id in shell("snapshots").stdout
+
+    clone = client.create(from_snapshot=snapshot_id, ttl=600)
+    assert clone.id != source.id and clone.connection_uri != source.connection_uri
+    with connect(clone.connection_uri) as conn:
+        conn.execute("INSERT INTO item VALUES (2)")
+    assert rows(clone.connection_uri) == [1, 2] and rows(source.connection_uri) == [1]
+
+    reset = client.reset(clone.id)
+    assert reset.status == "ready" and rows(clone.connection_uri) == [1]
+    with connect(source.connection_uri) as conn:
+        conn.execute("DELETE FROM item")
+    assert shell("reset", source.id, "--snapshot", snapshot_id).stdout == f"{source.id} ready\n"
+    assert rows(source.connection_uri) == [1]
+    copied = shell("new", "--from-database", clone.id, "--ttl", "10m")
+    assert copied.returncode == 0, copied.stderr
+    assert rows(copied.stdout.splitlines()[-1]) == [1]
+
+
+def test_a_template_asked_for_by_two_clients_at_once_is_built_once(service):
+    key = "sha256:client-concurrent"
+    builds = []
+    barrier = threading.Barrier(2)
+
+    def build(uri):
+        builds.append(uri)
+        with connect(uri) as conn:
+            conn.execute("CREATE TABLE migrated (id int PRIMARY KEY)")
+            conn.execute("INSERT INTO migrated SELECT generate_series(1, 100)")
+
+    def ask(_):
+        with Client(service.url) as client:
+            barrier.wait()
+            return client.template(key, build=build, timeout=240)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        templates = list(pool.map(ask, range(2)))
+    assert [t.status for t in templates] == ["ready", "ready"] and len(builds) == 1
+    client = Client(service.url)
+    assert [t.key for t in client.templates()] == [key]
+    clone = client.create(template=key, ttl=600)
+    assert len(rows(clone.connection_uri, "migrated")) == 100
+
+
+def test_the_plugin_clones_a_template_of_the_migrations_folder(service, pytester, monkeypatch):
+    migrations = pytester.mkdir("migrations")
+    (migrations / "001_orders.sql").write_text("CREATE TABLE orders (id int PRIMARY KEY);")
+    (migrations / "002_seed.sql").write_text("INSERT INTO orders SELECT generate_series(1, 10);")
+    builds = pytester.path / "builds.txt"
+    pytester.makeconftest(f"""
+        import pytest
+        from dbprov_client.pytest_plugin import run_sql_files
+
+        @pytest.fixture(scope="session")
+        def dbprov_template_build(dbprov_migrations):
+            def build(uri):
+                with open({str(builds)!r}, "a") as file:
+                    file.write("built\\n")
+                run_sql_files(dbprov_migrations, uri)  # the default's way
+            return build
+        """)
+    pytester.makepyfile(test_suite="""
+        import psycopg
+
+        def count(database):
+            with psycopg.connect(database.connection_uri, connect_timeout=5) as conn:
+                return conn.execute("SELECT count(*) FROM orders").fetchone()[0]
+
+        def test_one(dbprov_database):
+            assert count(dbprov_database) == 10
+            with psycopg.connect(dbprov_database.connection_uri, connect_timeout=5) as conn:
+                conn.execute("DELETE FROM orders")
+
+        def test_two(dbprov_database):
+            assert count(dbprov_database) == 10  # a clone of its own
+        """)
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.delenv("DBPROV_URL", raising=False)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-p", "dbprov_client.pytest_plugin", f"--dbprov-url={service.url}",
+        "--dbprov-migrations", "migrations", timeout=300,
+    )
+    result.assert_outcomes(passed=2)
+    assert builds.read_text() == "built\n"
+    (template,) = Client(service.url).templates()
+    assert template.key.startswith("sha256:") and template.status == "ready"
+
+
+def test_a_dump_restored_into_a_new_database(service, shell, tmp_path):
+    client = Client(service.url)
+    source = client.create(ttl=600)
+    with connect(source.connection_uri) as conn:
+        conn.execute("CREATE TABLE item (id int PRIMARY KEY, label text)")
+        conn.execute("INSERT INTO item SELECT i, 'row ' || i FROM generate_series(1, 200) i")
+    archive = tmp_path / "app.dump"
+    written = client.dump(source.id, archive)
+    assert written == archive.stat().st_size and archive.read_bytes().startswith(b"PGDMP")
+    target = client.create(ttl=600)
+    assert client.restore(target.id, archive).id == target.id
+    assert rows(target.connection_uri) == list(range(1, 201))
+
+    by_command = tmp_path / "command.dump"
+    assert shell("dump", source.id, "-o", str(by_command)).returncode == 0
+    other = client.create(ttl=600)
+    restored = shell("restore", other.id, str(by_command))
+    assert restored.returncode == 0 and restored.stdout == f"{other.id} restored\n", restored.stderr
+    assert len(rows(other.connection_uri)) == 200
+    again = shell("restore", other.id, str(by_command))
+    assert again.returncode == 4 and again.stderr.startswith("Error: Conflict")

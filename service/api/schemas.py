@@ -191,7 +191,7 @@ class DatabaseListQuerySchema(ma.Schema):
     page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=1_000_000))
     page_size = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
     cursor = fields.String(
-        validate=validate.Length(max=200),
+        validate=validate.Length(min=1, max=200),
         metadata={"description": "A page's next_cursor: the page after it (faster than page numbers deep in a long list)"},
     )
 

@@ -10,6 +10,7 @@ database until it is deleted.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from collections.abc import Collection
 
@@ -77,8 +78,11 @@ class Snapshots:
 
     def get(self, principal: Principal, snapshot_id: str, usable: bool = False) -> Snapshot:
         """A snapshot the principal may see; with ``usable``, one that is ready."""
+        # Anything but an id cannot exist; odd bytes stay away from the store's driver.
+        if not re.fullmatch(SNAPSHOT_ID_PATTERN, snapshot_id):
+            raise NotFound(f"no snapshot with id {snapshot_id!r}")
         with self.store.read() as session:
-            snapshot = session.get(Snapshot, snapshot_id) if len(snapshot_id) <= 32 else None
+            snapshot = session.get(Snapshot, snapshot_id)
         if (
             snapshot is None
             or not (principal.admin or snapshot.tenant == principal.tenant)

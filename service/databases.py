@@ -254,14 +254,19 @@ class Databases:
             earlier = self._replay(principal, idempotency)
             if earlier is not None:
                 return earlier
-        source, template_id = self._source(principal, from_snapshot, from_database, template)
-        if source is not None:
-            if version is not None and version != source.version:
-                raise _invalid("version", f"the copy is of version {source.version}, not {version}",
-                               f"Must be {source.version}, the version of the copy, or left out.")
-            version = source.version
+        source, template_id, original = self._source(principal, from_snapshot, from_database, template)
+        copied = source or original
+        if copied is not None:
+            if version is not None and version != copied.version:
+                raise _invalid("version", f"the copy is of version {copied.version}, not {version}",
+                               f"Must be {copied.version}, the version of the copy, or left out.")
+            version = copied.version
         wanted = self._check(principal, name, version, superuser, ttl, expires_at, protected, plan,
                              parameters or {}, extensions or [])
+        if original is not None:
+            # Only once the request is known to be good: a consistent copy
+            # first, which the clone's provisioning waits for.
+            source = self.snapshots.take(principal, original.id)
         wanted = dataclasses.replace(wanted, source=source, template_id=template_id)
         # Before anything is recorded: a version that cannot run holds no record and no port.
         self.images.require(wanted.version)
@@ -282,21 +287,21 @@ class Databases:
 
     def _source(
         self, principal: Principal, from_snapshot: str | None, from_database: str | None, template: str | None
-    ) -> "tuple[Snapshot | None, str | None]":
-        """The snapshot a clone copies, and its template: none for a fresh database."""
+    ) -> "tuple[Snapshot | None, str | None, Database | None]":
+        """What a clone copies: a ready snapshot and its template, or a database
+        to take a snapshot of; nothing for a fresh database."""
         asked = [name for name, value in (("from_snapshot", from_snapshot), ("from_database", from_database),
                                           ("template", template)) if value is not None]
         if len(asked) > 1:
             raise _invalid(asked[1], f"give one of {', '.join(asked)}", "Give only one source.")
         if template is not None:
             usable = self.templates.usable(principal, template)
-            return self.snapshots.get(principal, usable.snapshot_id, usable=True), usable.id
+            return self.snapshots.get(principal, usable.snapshot_id, usable=True), usable.id, None
         if from_snapshot is not None:
-            return self.snapshots.get(principal, from_snapshot, usable=True), None
+            return self.snapshots.get(principal, from_snapshot, usable=True), None, None
         if from_database is not None:
-            # A consistent copy first; the clone's provisioning waits for it.
-            return self.snapshots.take(principal, from_database), None
-        return None, None
+            return None, None, self.get(principal, from_database)
+        return None, None, None
 
     def _check(
         self, principal: Principal, name: str | None, version: str | None, superuser: bool,

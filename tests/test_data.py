@@ -276,3 +276,9 @@ def test_a_restore_needs_an_empty_database_an_archive_and_a_size_within_the_limi
                           headers={"Content-Type": "application/octet-stream"})
     assert too_big.status_code == 413
     assert runtime.jobs == []
+
+
+def test_a_bad_clone_request_takes_no_snapshot(client, services, ready):
+    response = client.post("/databases", json={"from_database": ready["id"], "plan": "huge"})
+    assert_problem(response, 422, "validation-error")
+    assert client.get("/snapshots").get_json()["items"] == []

@@ -230,9 +230,23 @@ class SwarmRuntime:
             if node is None or not node.ready:
                 # Its node stops the task when it is back; nothing to wait for.
                 return
+            deadline = time.monotonic() + 45
+            if node.id == self._local_node_id():
+                # Swarm's agent acts on a scale some 3 s later. Once the
+                # orchestrator wants no task running (so none is restarted),
+                # the engine at hand stops the server (SIGINT, a fast shutdown).
+                while any(t.get("DesiredState") == "running" for t in self._tasks(name)):
+                    if time.monotonic() > deadline:
+                        raise EngineError(f"the server of {database_id} is still wanted after 45 s")
+                    time.sleep(0.05)
+                for task in self._task_containers(name, running=True):
+                    try:
+                        self.client.api.stop(task["Id"], timeout=30)
+                    except docker.errors.NotFound:
+                        pass
+                return
             # Like `docker stop`, return once the server is down: a copy of the
             # data taken next must be consistent. The grace period is 30 s.
-            deadline = time.monotonic() + 45
             while any(t["Status"]["State"] not in _DONE for t in self._tasks(name)):
                 if time.monotonic() > deadline:
                     raise EngineError(f"the server of {database_id} did not stop within 45 s")
@@ -255,6 +269,11 @@ class SwarmRuntime:
                 self.client.api.remove_service(name)
             except docker.errors.NotFound:
                 pass
+            if not keep_data:
+                # The data goes too, so the server need not stop cleanly: its
+                # container goes now rather than when Swarm's agent gets to it.
+                for task in self._task_containers(name):
+                    self._engine._remove_container(task["Id"])
             self._remove_network(database_id)
             if keep_data:
                 return
@@ -402,22 +421,33 @@ class SwarmRuntime:
                     "(see docs/scale-out.md)"
                 )
             container = self._local_container(database_id, image, command, environment)
+        output = None
         try:
             with _translated():
+                # Attached before it starts, for every byte as written: the
+                # engine's logs are kept as text and would mangle a binary stream.
+                output = self.client.api.attach(
+                    container.id, stdout=True, stderr=False, stream=True, logs=True
+                )
                 container.start()
-                for chunk in container.logs(stdout=True, stderr=False, stream=True, follow=True):
+                for chunk in output:
                     yield chunk
                 status = container.wait()
                 if status.get("StatusCode", -1) != 0:
                     error = container.logs(stdout=False, stderr=True).decode("utf-8", errors="replace")
                     raise EngineError(f"{command[0]} failed: {error.strip()}")
         finally:
+            if output is not None:
+                # Both: closing the stream shuts its socket down, and the
+                # response still holds the file object that owns it.
+                output.close()
+                output._response.close()
             with _translated():
                 self._engine._remove_container(container.id)
 
-    def copy_data(self, source_id: str, target_id: str) -> int:
+    def copy_data(self, source_id: str, target_id: str, image: str) -> int:
         with _translated():
-            node_id, image = self._data_home(source_id)
+            node_id, _ = self._data_home(source_id, image)
             # A local volume cannot be copied across nodes: the copy lives
             # where its source does, and the target's server will too.
             target_node = self._record_placement(target_id, node_id, image)
@@ -532,8 +562,8 @@ class SwarmRuntime:
     def _host(self, node: Node) -> str:
         return node.labels.get(self.host_label) or node.address
 
-    def _data_home(self, database_id: str) -> tuple[str, str]:
-        """The node holding the data (which must be up) and the server's image."""
+    def _data_home(self, database_id: str, image: str | None = None) -> tuple[str, str]:
+        """The node holding the data (which must be up), and ``image`` or else the server's."""
         marker = self._marker(database_id)
         service = self._service(container_name(database_id))
         node_id = _marker_node(marker) if marker else _constrained_node(service) if service else None
@@ -541,7 +571,7 @@ class SwarmRuntime:
             node_id = self._local_node_id()
         if node_id is None:
             raise NotFound(f"database {database_id} has no data")
-        image = (
+        image = image or (
             service["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] if service
             else _marker_labels(marker).get(LABEL_IMAGE) if marker else None
         )
@@ -592,6 +622,8 @@ class SwarmRuntime:
             created = self.client.api.create_service(
                 task_template, name=container_name(spec.database_id), labels=labels,
                 mode={"Replicated": {"Replicas": 1}}, endpoint_spec=endpoint_spec,
+                # Never two servers on one data directory, even for a moment.
+                update_config={"Parallelism": 1, "Order": "stop-first"},
             )
         except docker.errors.APIError as exc:
             if exc.status_code != 409:
@@ -665,7 +697,7 @@ class SwarmRuntime:
         if node.id != self._local_node_id():
             return  # Swarm's own retries cover other nodes
         deadline = time.monotonic() + 30
-        while self.client.api.containers(all=True, filters={"label": [f"{_SERVICE_LABEL}={name}"]}):
+        while self._task_containers(name):
             if time.monotonic() > deadline:
                 return
             time.sleep(0.2)
@@ -681,6 +713,13 @@ class SwarmRuntime:
             return self.client.api.inspect_service(name)
         except docker.errors.NotFound:
             return None
+
+    def _task_containers(self, name: str, running: bool = False) -> list[dict]:
+        """The containers of service ``name`` on the manager's own node."""
+        filters: dict = {"label": [f"{_SERVICE_LABEL}={name}"]}
+        if running:
+            filters["status"] = "running"
+        return self.client.api.containers(all=not running, filters=filters)
 
     def _tasks(self, name: str) -> list[dict]:
         return self.client.api.tasks(filters={"service": name})
@@ -890,9 +929,7 @@ class SwarmRuntime:
         self, database_id: str, image: str, command: list[str], environment: dict[str, str] | None
     ):
         """A job container on this engine: on the data, in the running server's network namespace."""
-        running = self.client.api.containers(
-            filters={"label": [f"{_SERVICE_LABEL}={container_name(database_id)}"], "status": "running"}
-        )
+        running = self._task_containers(container_name(database_id), running=True)
         return self.client.containers.create(
             image,
             entrypoint=command[:1],
@@ -946,6 +983,9 @@ def _server_info(
     after = f" after {restarts} restart(s)" if restarts else ""
     last = f"; last failure: {failures[-1]['Status'].get('Err')}" if failures else ""
     if current is None:
+        if not failures:
+            # Scaled up a moment ago: the orchestrator is making its task.
+            return ServerInfo(database_id, RUNNING, has_data, f"starting{where}", restarts)
         return ServerInfo(database_id, CRASHED, has_data, f"no task{where}{after}{last}", restarts)
     state = current["Status"]["State"]
     error = current["Status"].get("Err")

@@ -318,6 +318,7 @@ class DockerRuntime:
     ) -> Iterator[bytes]:
         with _translated():
             container = self._beside(database_id, command, environment)
+        output = None
         try:
             with _translated():
                 # Attached before it starts, for every byte as written: the
@@ -331,6 +332,11 @@ class DockerRuntime:
                     error = container.logs(stdout=False, stderr=True).decode("utf-8", errors="replace")
                     raise EngineError(f"{command[0]} failed: {error.strip()}")
         finally:
+            if output is not None:
+                # Both: closing the stream shuts its socket down, and the
+                # response still holds the file object that owns it.
+                output.close()
+                output._response.close()
             with _translated():
                 self._remove_container(container.id)
 

@@ -95,4 +95,5 @@ def _runtime(settings: Settings) -> ServerRuntime:
         bind_address=settings.bind_address,
         probe_host=settings.effective_probe_host,
         pull=settings.pull_images,
+        golden=settings.golden_images,
     )

@@ -7,16 +7,27 @@ A server is a container named ``dbprov-<id>`` on a volume ``dbprov-<id>-data``,
 published on the bind address, attached to the installation's network (no
 traffic between its containers), and labelled ``io.dbprov.*`` so that this
 installation finds, and sweeps, only its own.
+
+A new server skips ``initdb``: its volume starts as a copy of a data directory
+initialised once per image and superuser, kept in a local "golden" image
+(``dbprov-golden:<key>``, made by ``docker commit``). The engine copies an
+image's files into an empty named volume mounted over them, so the copy costs
+no extra container. Before the server first listens, its superuser gets its
+own password in single-user mode; nobody ever knew the golden one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import secrets
 import tarfile
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
@@ -25,6 +36,7 @@ import docker.errors
 import requests.exceptions
 from docker.utils import parse_repository_tag
 
+from .crypto import scram_verifier
 from .errors import (
     EngineError,
     EngineRefused,
@@ -53,11 +65,45 @@ from .runtime import (
 
 log = logging.getLogger(__name__)
 
+class GoldenFailed(EngineError):
+    """A golden image could not be made; its servers initialise the usual way."""
+
+
 # Marks the one-off containers of run_job and copy_data, which are not servers.
 LABEL_JOB = "io.dbprov.job"
 # Docker reports a taken host port only in the text of a 500 error; these are
 # the phrasings of the engine's port allocator and of the kernel's bind().
 _PORT_TAKEN = ("port is already allocated", "address already in use")
+
+# Golden images: the repository they are tagged in, and the labels that say
+# what each was made from (the base image's name and id).
+GOLDEN_REPOSITORY = "dbprov-golden"
+LABEL_GOLDEN_OF = "io.dbprov.golden-of"
+LABEL_GOLDEN_BASE = "io.dbprov.golden-base"
+# Where a golden image keeps its data directory: outside every volume the
+# postgres images declare, since a commit leaves volumes out.
+GOLDEN_PGDATA = "/var/lib/dbprov-initialized"
+# In a golden copy until its first start has set the superuser's password.
+GOLDEN_MARK = "dbprov-golden"
+# Bumped when the way a golden image is made changes, so old ones are not used.
+_GOLDEN_FORMAT = "1"
+# Seconds after which a golden build still under way was left by a crash.
+_GOLDEN_STALE = 180.0
+# Seconds before a golden image that could not be made is tried again.
+_GOLDEN_RETRY = 600.0
+# What the official entrypoint prints once initdb and the init scripts are done.
+_INIT_DONE = b"init process complete"
+# The entry of a server on a golden copy. Single-user mode runs as the data's
+# owner and listens nowhere; the image's own entrypoint then finds PG_VERSION
+# and starts the server without initdb. A crash in between repeats the step.
+_FIRST_START = f"""set -e
+if [ -e "$PGDATA/{GOLDEN_MARK}" ]; then
+    printf '%s\\n' "$DBPROV_FIRST_START" | postgres --single -D "$PGDATA" postgres > /dev/null
+    rm "$PGDATA/{GOLDEN_MARK}"
+fi
+unset DBPROV_FIRST_START
+exec "$@"
+"""
 
 
 @contextmanager
@@ -93,6 +139,7 @@ class DockerRuntime:
         bind_address: str,
         probe_host: str,
         pull: bool = True,
+        golden: bool = True,
         client: "docker.DockerClient | None" = None,
     ) -> None:
         self.instance = instance
@@ -101,11 +148,18 @@ class DockerRuntime:
         # Where the service itself connects to published ports.
         self.probe_host = probe_host
         self.pull = pull
+        # Whether new servers start on a golden copy rather than running initdb.
+        self.golden = golden
         self._client = client
         self._labels = {LABEL_MANAGED: "true", LABEL_INSTANCE: instance}
         # Found or made on the first server; one lookup per process.
         self._network_id: str | None = None
         self._network_lock = threading.Lock()
+        # One golden image made at a time in this process; when each base
+        # image's could not be made (its servers initialise as before until
+        # _GOLDEN_RETRY has passed).
+        self._golden_lock = threading.Lock()
+        self._golden_failed: dict[str, float] = {}
 
     @property
     def client(self) -> "docker.DockerClient":
@@ -175,6 +229,17 @@ class DockerRuntime:
                     retried = True
 
     def _create(self, spec: ServerSpec, labels: dict[str, str]) -> str:
+        try:
+            base = self.client.api.inspect_image(spec.image)
+        except docker.errors.ImageNotFound:
+            if not self.pull:
+                raise ImageMissing(
+                    f"the engine has no image {spec.image} and pulling is off (DBPROV_PULL_IMAGES)",
+                    image=spec.image,
+                ) from None
+            log.info("pulling image %s", spec.image)
+            self.pull_image(spec.image)
+            base = self.client.api.inspect_image(spec.image)
         kwargs = dict(
             name=container_name(spec.database_id),
             command=list(spec.command),
@@ -190,17 +255,145 @@ class DockerRuntime:
             security_opt=["no-new-privileges:true"],
             detach=True,
         )
-        try:
+        golden = self._golden_image(spec, base) if self.golden else None
+        if golden is None:
             return self.client.containers.create(spec.image, **kwargs).id
-        except docker.errors.ImageNotFound:
-            if not self.pull:
-                raise ImageMissing(
-                    f"the engine has no image {spec.image} and pulling is off (DBPROV_PULL_IMAGES)",
-                    image=spec.image,
-                ) from None
-        log.info("pulling image %s", spec.image)
-        self.pull_image(spec.image)
-        return self.client.containers.create(spec.image, **kwargs).id
+        user, password = spec.environment["POSTGRES_USER"], spec.environment["POSTGRES_PASSWORD"]
+        kwargs.update(
+            # The data's owner from the start: single-user mode refuses root,
+            # and the entrypoint has nothing to change hands on a copy.
+            user="postgres",
+            entrypoint=["sh", "-c", _FIRST_START, "sh"],
+            command=[*(base["Config"].get("Entrypoint") or []), *spec.command],
+            environment={
+                **spec.environment,
+                "PGDATA": GOLDEN_PGDATA,
+                # A verifier, never the password: an error would print the statement.
+                "DBPROV_FIRST_START": f"ALTER ROLE {_identifier(user)} PASSWORD {_literal(scram_verifier(password))}",
+            },
+            # Mounted over the golden data: the engine copies it into the empty volume.
+            volumes={volume_name(spec.database_id): {"bind": GOLDEN_PGDATA, "mode": "rw"}},
+            # The volumes the image declares, unused now: a tmpfs rather than
+            # an anonymous volume each.
+            tmpfs={path: "size=1m" for path in (base["Config"].get("Volumes") or {})},
+        )
+        return self.client.containers.create(golden, **kwargs).id
+
+    def _golden_image(self, spec: ServerSpec, base: dict) -> str | None:
+        """The golden image for ``spec``'s image and superuser, made if need be; None
+        if it cannot be made (its servers then run initdb, as without one)."""
+        key = self._golden_key(spec, base)
+        tag = f"{GOLDEN_REPOSITORY}:{key}"
+        if time.monotonic() < self._golden_failed.get(base["Id"], 0.0):
+            return None
+        with self._golden_lock:
+            if self.has_image(tag):
+                return tag
+            try:
+                self._make_golden(spec, base, key)
+            except (docker.errors.APIError, GoldenFailed) as exc:
+                self._golden_failed[base["Id"]] = time.monotonic() + _GOLDEN_RETRY
+                log.warning(
+                    "no golden image for %s (servers on it run initdb, about 1 s more each): %s",
+                    spec.image, exc,
+                )
+                return None
+        self._prune_golden(spec.image, base["Id"])
+        return tag
+
+    @staticmethod
+    def _golden_key(spec: ServerSpec, base: dict) -> str:
+        """What a golden copy depends on: the image, and the superuser initdb makes."""
+        superuser = spec.environment.get("POSTGRES_USER", "postgres")
+        return hashlib.sha256(f"{_GOLDEN_FORMAT}\0{base['Id']}\0{superuser}".encode()).hexdigest()[:16]
+
+    def _make_golden(self, spec: ServerSpec, base: dict, key: str) -> None:
+        """Initialise a data directory with the image's own entrypoint, stop it
+        cleanly, and commit it as ``dbprov-golden:<key>``."""
+        name = f"{GOLDEN_REPOSITORY}-{key}"
+        started = time.monotonic()
+        container = self._golden_builder(spec, base, name)
+        if container is None:
+            # Another process made it meanwhile.
+            if not self.has_image(f"{GOLDEN_REPOSITORY}:{key}"):
+                raise GoldenFailed("another process could not make it")
+            return
+        try:
+            self.client.api.start(container)
+            deadline = time.monotonic() + 120
+            while _INIT_DONE not in self.client.api.logs(container):
+                if not self.client.api.inspect_container(container)["State"]["Running"]:
+                    raise GoldenFailed(f"initialisation exited: {self._tail(container)}")
+                if time.monotonic() > deadline:
+                    raise GoldenFailed(f"initialisation took over 120 s: {self._tail(container)}")
+                time.sleep(0.05)
+            # A clean shutdown ends with a checkpoint: the copies need no recovery.
+            self.client.api.stop(container, timeout=30)
+            if self.client.api.inspect_container(container)["State"]["ExitCode"] != 0:
+                raise GoldenFailed(f"the server did not stop cleanly: {self._tail(container)}")
+            self.client.api.put_archive(container, GOLDEN_PGDATA, _tar_of_empty(GOLDEN_MARK))
+            self.client.api.commit(
+                container, repository=GOLDEN_REPOSITORY, tag=key,
+                # No password of any kind in the image; the base's name and id for pruning.
+                changes=[
+                    "ENV POSTGRES_PASSWORD=",
+                    f'LABEL {LABEL_GOLDEN_OF}="{spec.image}" {LABEL_GOLDEN_BASE}="{base["Id"]}"',
+                ],
+            )
+        finally:
+            self._remove_container(container)
+        log.info("golden image for %s made in %.1f s", spec.image, time.monotonic() - started)
+
+    def _golden_builder(self, spec: ServerSpec, base: dict, name: str) -> str | None:
+        """The container that initialises a golden copy; None once another
+        process's is done. The fixed name keeps builds of one key to one at a time
+        across processes; one older than any build takes was left by a crash."""
+        while True:
+            try:
+                return self.client.api.create_container(
+                    spec.image,
+                    name=name,
+                    command=["postgres"],
+                    labels={**self._labels, LABEL_GOLDEN_OF: spec.image},
+                    environment={
+                        **spec.environment,
+                        # Thrown away: each server's first start sets its own.
+                        "POSTGRES_PASSWORD": secrets.token_urlsafe(32),
+                        "PGDATA": GOLDEN_PGDATA,
+                    },
+                    host_config=self.client.api.create_host_config(
+                        network_mode="none",
+                        tmpfs={path: "size=1m" for path in (base["Config"].get("Volumes") or {})},
+                    ),
+                )["Id"]
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:
+                    raise
+            other = self._container(name)
+            if other is None:
+                return None
+            if time.time() - _when(other["Created"]) > _GOLDEN_STALE:
+                self._remove_container(other["Id"])
+                continue
+            while self._container(name) is not None:
+                time.sleep(0.1)
+            return None
+
+    def _prune_golden(self, image: str, base_id: str) -> None:
+        """Drop the golden images of earlier versions of ``image``: it has changed."""
+        stale = [
+            found["Id"]
+            for found in self.client.api.images(filters={"label": f"{LABEL_GOLDEN_OF}={image}"})
+            if (found.get("Labels") or {}).get(LABEL_GOLDEN_BASE) != base_id
+        ]
+        for image_id in stale:
+            try:
+                self.client.api.remove_image(image_id)
+            except docker.errors.APIError:
+                pass  # still used by a server of that version: tried again next time
+
+    def _tail(self, container: str) -> str:
+        return self.client.api.logs(container, tail=10).decode("utf-8", errors="replace").strip()
 
     def stop_server(self, database_id: str) -> None:
         with _translated():
@@ -342,11 +535,12 @@ class DockerRuntime:
 
     def _beside(self, database_id: str, command: list[str], environment: dict[str, str] | None):
         """A job container from the server's image, on its data and in its network namespace."""
+        image, data = self._server_image(database_id)
         return self._job_container(
             database_id,
-            self._server_image(database_id),
+            image,
             command,
-            {volume_name(database_id): {"bind": PGDATA, "mode": "rw"}},
+            {volume_name(database_id): {"bind": data, "mode": "rw"}},
             network_mode=f"container:{container_name(database_id)}",
             environment=environment,
         )
@@ -401,11 +595,16 @@ class DockerRuntime:
 
     # -- engine objects ------------------------------------------------------------
 
-    def _server_image(self, database_id: str) -> str:
+    def _server_image(self, database_id: str) -> tuple[str, str]:
+        """The server's image, and where it has its data (a golden copy's is elsewhere)."""
         attrs = self._container(container_name(database_id))
         if attrs is None:
             raise NotFound(f"database {database_id} has no server")
-        return attrs["Config"]["Image"]
+        data = next(
+            (m["Destination"] for m in attrs.get("Mounts") or [] if m.get("Name") == volume_name(database_id)),
+            PGDATA,
+        )
+        return attrs["Config"]["Image"], data
 
     def _container(self, name_or_id: str) -> dict | None:
         try:
@@ -469,6 +668,29 @@ class DockerRuntime:
     def _networks(self) -> list[dict]:
         # The engine's name filter matches substrings.
         return [n for n in self.client.api.networks(names=[self.network]) if n["Name"] == self.network]
+
+
+def _tar_of_empty(name: str) -> bytes:
+    """A tar archive holding one empty file ``name``."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        info = tarfile.TarInfo(name)
+        info.mode = 0o600
+        archive.addfile(info)
+    return buffer.getvalue()
+
+
+def _when(created: str) -> float:
+    """The engine's RFC 3339 time (nanoseconds, "Z") as seconds since the epoch."""
+    return datetime.fromisoformat(created[:26].rstrip("Z") + "+00:00").timestamp()
+
+
+def _identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def _tar_of(path: Path, name: str) -> IO[bytes]:

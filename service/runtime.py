@@ -141,8 +141,8 @@ class ServerRuntime(Protocol):
         timeout: float = 300.0,
     ) -> JobResult:
         """Run ``command`` once in a new process from the server's image, beside
-        the server: its data mounted where the server has it, and the server
-        reachable on 127.0.0.1:5432. ``input_file`` is there as /tmp/input."""
+        the server: its data mounted where the server has it (``$PGDATA``), and
+        the server reachable on 127.0.0.1:5432. ``input_file`` is there as /tmp/input."""
 
     def stream_job(
         self, database_id: str, command: list[str], environment: dict[str, str] | None = None

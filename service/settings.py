@@ -345,6 +345,11 @@ class Settings:
         "DBPROV_PULL_IMAGES", _bool, "true",
         "whether a configured image the engine does not have is pulled",
     )
+    golden_images: bool = setting(
+        "DBPROV_GOLDEN_IMAGES", _bool, "true",
+        "whether a new server starts on a copy of a data directory initialised once per image "
+        "(a local `dbprov-golden` image) instead of running initdb; Docker runtime only",
+    )
     default_ttl: float | None = setting(
         "DBPROV_DEFAULT_TTL", _optional_seconds, "",
         "seconds a database lives when its create names no expiry", shown="none: no expiry",

@@ -3,13 +3,16 @@ postgres servers, with real connections."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import secrets
 import time
 
 import psycopg
 import pytest
 
-from service.docker_runtime import DockerRuntime
+from service import docker_runtime
+from service.docker_runtime import GOLDEN_REPOSITORY, LABEL_GOLDEN_BASE, LABEL_GOLDEN_OF, DockerRuntime
 from service.errors import ImageMissing, PortInUse
 from service.runtime import ABSENT, RUNNING, STOPPED, ServerSpec
 
@@ -20,11 +23,14 @@ pytestmark = pytest.mark.docker
 PASSWORD = "seam-test-password"
 
 
-@pytest.fixture
-def runtime(docker_client):
+# Each method on both ways a server's data begins: a golden copy, and the
+# image's own initdb (DBPROV_GOLDEN_IMAGES=false, or a golden image that
+# could not be made).
+@pytest.fixture(params=[True, False], ids=["golden", "initdb"])
+def runtime(request, docker_client):
     runtime = DockerRuntime(
         instance=INSTANCE, network=f"dbprov-{INSTANCE}", bind_address="127.0.0.1",
-        probe_host="127.0.0.1", pull=True,
+        probe_host="127.0.0.1", pull=True, golden=request.param,
     )
     made: list[str] = []
     runtime.made = made
@@ -33,26 +39,26 @@ def runtime(docker_client):
         runtime.remove_server(database_id)
 
 
-def new_server(runtime, image: str = "postgres:17") -> tuple[ServerSpec, str]:
+def new_server(runtime, image: str = "postgres:17", password: str = PASSWORD) -> tuple[ServerSpec, str]:
     database_id = secrets.token_hex(6)
     runtime.made.append(database_id)
     spec = ServerSpec(
         database_id=database_id, image=image,
-        environment={"POSTGRES_USER": "admin", "POSTGRES_PASSWORD": PASSWORD, "POSTGRES_DB": "postgres"},
+        environment={"POSTGRES_USER": "admin", "POSTGRES_PASSWORD": password, "POSTGRES_DB": "postgres"},
         port=free_port(),
     )
     return spec, database_id
 
 
-def uri(endpoint) -> str:
-    return f"postgresql://admin:{PASSWORD}@{endpoint.host}:{endpoint.port}/postgres"
+def uri(endpoint, password: str = PASSWORD) -> str:
+    return f"postgresql://admin:{password}@{endpoint.host}:{endpoint.port}/postgres"
 
 
-def connect_when_up(endpoint, timeout: float = 60) -> psycopg.Connection:
+def connect_when_up(endpoint, timeout: float = 60, password: str = PASSWORD) -> psycopg.Connection:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return psycopg.connect(uri(endpoint), connect_timeout=2, autocommit=True)
+            return psycopg.connect(uri(endpoint, password), connect_timeout=2, autocommit=True)
         except psycopg.OperationalError:
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.2)
@@ -90,7 +96,7 @@ def test_a_server_lives_stops_starts_and_goes_with_its_data(runtime):
 def test_a_job_runs_beside_a_server_on_its_data(runtime):
     spec, database_id = new_server(runtime)
     connect_when_up(runtime.ensure_server(spec)).close()
-    result = runtime.run_job(database_id, ["sh", "-c", "cat /var/lib/postgresql/data/PG_VERSION"])
+    result = runtime.run_job(database_id, ["sh", "-c", "cat \"$PGDATA/PG_VERSION\""])
     assert result.exit_code == 0 and result.output.strip() == "17"
     failing = runtime.run_job(database_id, ["sh", "-c", "echo no such thing >&2; exit 4"])
     assert failing.exit_code == 4 and "no such thing" in failing.output
@@ -142,3 +148,109 @@ def test_a_missing_image_is_reported_at_once(runtime):
     assert time.monotonic() - started < 30
     # No server was made; the reconciler's failure handling removes the data.
     assert runtime.inspect_server(database_id).state == ABSENT
+
+
+golden_only = pytest.mark.parametrize("runtime", [True], ids=["golden"], indirect=True)
+
+
+def golden_images(docker_client, image: str) -> list:
+    return docker_client.images.list(filters={"label": f"{LABEL_GOLDEN_OF}={image}"})
+
+
+@golden_only
+def test_servers_on_golden_copies_skip_initdb_and_each_has_its_own_password(runtime, docker_client):
+    first, first_id = new_server(runtime, password="first-'quoted\\-password")
+    second, second_id = new_server(runtime, password="second-password")
+    connect_when_up(runtime.ensure_server(first), password=first.environment["POSTGRES_PASSWORD"]).close()
+    connect_when_up(runtime.ensure_server(second), password="second-password").close()
+    # Neither server ran initdb: the official entrypoint says so when it does.
+    for database_id in (first_id, second_id):
+        assert "init process complete" not in runtime.server_logs(database_id, tail=200)
+        container = docker_client.containers.get(f"dbprov-{database_id}")
+        assert container.attrs["Config"]["User"] == "postgres"
+        assert container.image.tags[0].startswith(f"{GOLDEN_REPOSITORY}:")
+    # Each superuser has only its own password; the golden one is known to nobody.
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(uri(runtime.endpoint(second_id), first.environment["POSTGRES_PASSWORD"]), connect_timeout=5)
+    golden = docker_client.containers.get(f"dbprov-{first_id}").image
+    assert "POSTGRES_PASSWORD=" in golden.attrs["Config"]["Env"]
+    assert golden.labels[LABEL_GOLDEN_BASE] == docker_client.images.get("postgres:17").id
+    # The first start's step is done once: the mark is gone, a restart is a plain start.
+    marked = runtime.run_job(first_id, ["sh", "-c", 'test -e "$PGDATA/dbprov-golden" && echo marked || echo clean'])
+    assert marked.output.strip() == "clean"
+    runtime.stop_server(first_id)
+    runtime.start_server(first_id)
+    connect_when_up(runtime.endpoint(first_id), password=first.environment["POSTGRES_PASSWORD"]).close()
+    # No volume but the servers' own: the image's declared volume is a tmpfs.
+    volumes = docker_client.volumes.list(filters={"label": f"io.dbprov.instance={INSTANCE}"})
+    mounted = {m.get("Name") for c in (first_id, second_id)
+               for m in docker_client.containers.get(f"dbprov-{c}").attrs["Mounts"] if m["Type"] == "volume"}
+    assert mounted == {f"dbprov-{first_id}-data", f"dbprov-{second_id}-data"} <= {v.name for v in volumes}
+
+
+@golden_only
+def test_a_changed_image_gets_a_new_golden_image_and_the_old_one_goes(runtime, docker_client):
+    image = f"dbprov-test-golden-{INSTANCE}:17"
+
+    def build(revision: str) -> str:
+        dockerfile = io.BytesIO(f"FROM postgres:17\nLABEL revision={revision}\n".encode())
+        return docker_client.images.build(fileobj=dockerfile, tag=image, rm=True)[0].id
+
+    try:
+        old_id = build("1")
+        spec, database_id = new_server(runtime, image=image)
+        connect_when_up(runtime.ensure_server(spec)).close()
+        runtime.remove_server(database_id)
+        (old_golden,) = golden_images(docker_client, image)
+        assert old_golden.labels[LABEL_GOLDEN_BASE] == old_id
+        new_id = build("2")
+        assert new_id != old_id
+        spec, database_id = new_server(runtime, image=image)
+        connect_when_up(runtime.ensure_server(spec)).close()
+        (new_golden,) = golden_images(docker_client, image)
+        assert new_golden.labels[LABEL_GOLDEN_BASE] == new_id
+        runtime.remove_server(database_id)
+    finally:
+        for golden in golden_images(docker_client, image):
+            docker_client.images.remove(golden.id, force=True)
+        for left in docker_client.images.list(filters={"reference": image.split(":")[0]}):
+            docker_client.images.remove(left.id, force=True)
+        docker_client.images.prune(filters={"dangling": True})
+
+
+@golden_only
+def test_a_golden_build_left_by_a_crash_is_cleared(runtime, docker_client, monkeypatch):
+    image = f"dbprov-test-golden-{INSTANCE}:crash"
+    docker_client.images.get("postgres:17").tag(image)
+    try:
+        base = docker_client.api.inspect_image(image)
+        spec, database_id = new_server(runtime, image=image)
+        # A superuser of its own: a golden image of its own, not made yet.
+        spec = dataclasses.replace(spec, environment={**spec.environment, "POSTGRES_USER": f"crash_{INSTANCE[5:]}"})
+        key = runtime._golden_key(spec, base)
+        # What a process killed in the middle of a build leaves: its builder, running.
+        docker_client.containers.run(
+            image, name=f"{GOLDEN_REPOSITORY}-{key}", detach=True, network_mode="none",
+            environment={"POSTGRES_PASSWORD": "x"}, labels={"io.dbprov.instance": INSTANCE},
+        )
+        monkeypatch.setattr(docker_runtime, "_GOLDEN_STALE", 0.0)
+        endpoint = runtime.ensure_server(spec)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                psycopg.connect(
+                    host=endpoint.host, port=endpoint.port, user=spec.environment["POSTGRES_USER"],
+                    password=PASSWORD, dbname="postgres", connect_timeout=2,
+                ).close()
+                break
+            except psycopg.OperationalError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.2)
+        assert docker_client.containers.get(f"dbprov-{database_id}").image.tags[0] == f"{GOLDEN_REPOSITORY}:{key}"
+        left = docker_client.containers.list(all=True, filters={"name": f"{GOLDEN_REPOSITORY}-{key}"})
+        assert not left, [(c.name, c.status, c.attrs["Created"]) for c in left]
+        runtime.remove_server(database_id)
+    finally:
+        for golden in golden_images(docker_client, image):
+            docker_client.images.remove(golden.id, force=True)
+        docker_client.images.remove(image)

@@ -3,7 +3,7 @@ baseline measured in the same run (these machines are noisy).
 
     .venv/bin/python bench/run.py                 # everything
     .venv/bin/python bench/run.py ready api       # some: ready burst api density reconcile data
-    .venv/bin/python bench/run.py --runs 5 --burst 10 --density 20   # a quick pass
+    .venv/bin/python bench/run.py --runs 5 --burst 10 --curve 4 --density 20   # a quick pass
 
 Needs the Docker engine and the postgres:17 image. Every container it starts
 carries the label io.dbprov.instance=bench-<pid> (or is removed by name), and
@@ -175,17 +175,20 @@ class Service:
         self.log.close()
 
 
-def create_many(service: Service, count: int, parallel: int, connect: bool = False) -> None:
+def create_many(
+    service: Service, count: int, parallel: int, connect: bool = False, body: dict | None = None
+) -> list[dict]:
     """``count`` creates, ``parallel`` at a time, each waiting until ready (and connecting)."""
 
     def one(_):
-        status, body = service.request("POST", "/databases", {})
-        assert status == 201, body
+        status, created = service.request("POST", "/databases", body or {})
+        assert status == 201, created
         if connect:
-            wait_select1(body["connection_uri"])
+            wait_select1(created["connection_uri"])
+        return created
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        list(pool.map(one, range(count)))
+        return list(pool.map(one, range(count)))
 
 
 def sweep(client: docker.DockerClient) -> None:
@@ -302,28 +305,32 @@ def bench_ready(client: docker.DockerClient, runs: int) -> None:
 # -- 2. burst -----------------------------------------------------------------
 
 
-def bench_burst(client: docker.DockerClient, count: int) -> None:
+def bench_burst(client: docker.DockerClient, count: int, curve: list[int]) -> None:
+    """``count`` creates sent at once, with the service provisioning 1, 2, 4 ...
+    at a time (DBPROV_MAX_PARALLEL), against ``count`` simultaneous docker runs."""
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=count) as pool:
         list(pool.map(lambda _: floor_once(client), range(count)))
     floor_wall = time.perf_counter() - started
-
-    service = Service().start()
-    try:
-        started = time.perf_counter()
-        create_many(service, count, count, connect=True)
-        wall = time.perf_counter() - started
-        service.delete_all()
-    finally:
-        service.stop()
-        sweep(client)
+    rows = [[f"{count} x docker run + polling connect (floor)", floor_wall, count / floor_wall, 1.0]]
+    for parallel in curve:
+        service = Service({"DBPROV_MAX_PARALLEL": str(parallel)}).start()
+        try:
+            started = time.perf_counter()
+            created = create_many(service, count, count, connect=True)
+            wall = time.perf_counter() - started
+            # Every one connectable, each on a port of its own.
+            ports = {body["port"] for body in created}
+            assert len(ports) == count, f"{count - len(ports)} port clashes"
+            rows.append([f"dbprov, pool off, DBPROV_MAX_PARALLEL={parallel}", wall, count / wall, wall / floor_wall])
+            service.delete_all()
+        finally:
+            service.stop()
+            sweep(client)
     table(
         f"Burst: {count} concurrent creates until all accept connections",
         ["path", "wall s", "databases / s", "wall / floor wall"],
-        [
-            [f"{count} x docker run + polling connect (floor)", floor_wall, count / floor_wall, 1.0],
-            ["dbprov, pool off", wall, count / wall, wall / floor_wall],
-        ],
+        rows,
     )
 
 
@@ -454,33 +461,78 @@ def container_rss(container) -> int:
     return stats.get("usage", 0) - detail.get("inactive_file", detail.get("total_inactive_file", 0))
 
 
-def bench_density(client: docker.DockerClient, count: int) -> None:
+SMALL_PLAN = {"small": {"memory": "256m", "settings": {
+    "shared_buffers": "16MB", "max_connections": "20", "max_wal_senders": "0", "autovacuum_max_workers": "1",
+}}}
+
+
+def available_memory() -> int:
+    """The host's MemAvailable, in bytes."""
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def bench_density(client: docker.DockerClient, counts: list[int], stopped: int = 50) -> None:
+    stopped = min(stopped, counts[-1])
     rows = []
-    for name, args in (
-        ("default settings", None),
-        ("small settings", "-c shared_buffers=16MB -c max_connections=20 -c max_wal_senders=0 -c autovacuum_max_workers=1"),
-    ):
-        service = Service({"DBPROV_POSTGRES_ARGS": args} if args else {}).start()
-        try:
-            create_many(service, count, 16)
-            time.sleep(10)  # idle: let start-up work settle
-            containers = client.containers.list(
-                filters={"label": f"{LABEL_INSTANCE}={service.env['DBPROV_INSTANCE']}"}
-            )
-            with ThreadPoolExecutor(max_workers=16) as pool:
-                rss = list(pool.map(container_rss, containers))
-            rows.append([f"{name}, {len(rss)} idle databases", statistics.mean(rss) / 2**20,
-                         pct(rss, 95) / 2**20, sum(rss) / 2**30])
-            service.delete_all()
-        finally:
-            service.stop()
-            sweep(client)
+    freed: list[list] = []
+    for plan in ("default", "small"):
+        for count in counts:
+            service = Service({"DBPROV_PLANS": json.dumps(SMALL_PLAN)}).start()
+            try:
+                created = create_many(service, count, 16, body={"plan": plan})
+                # All of them connectable at once, each with its own credentials.
+                with ThreadPoolExecutor(max_workers=16) as pool:
+                    list(pool.map(lambda body: wait_select1(body["connection_uri"], timeout=60), created))
+                time.sleep(10)  # idle: let start-up work settle
+                containers = client.containers.list(
+                    filters={"label": f"{LABEL_INSTANCE}={service.env['DBPROV_INSTANCE']}"}
+                )
+                with ThreadPoolExecutor(max_workers=16) as pool:
+                    rss = list(pool.map(container_rss, containers))
+                rows.append([f"{plan} plan, {len(rss)} idle databases", statistics.mean(rss) / 2**20,
+                             pct(rss, 95) / 2**20, sum(rss) / 2**30])
+                if count == counts[-1]:
+                    freed.append([plan, *stopped_memory(client, service, created[:stopped])])
+                service.delete_all()
+            finally:
+                service.stop()
+                sweep(client)
     base = rows[0][1]
     table(
         "Density: memory per idle tenant database (container memory less page cache)",
-        ["setup", "mean MiB", "p95 MiB", "total GiB", "mean / default"],
+        ["setup", "mean MiB", "p95 MiB", "total GiB", "mean / default at the first count"],
         [row + [row[1] / base] for row in rows],
     )
+    table(
+        f"Stopped databases: {stopped} stopped with POST /databases/{{id}}/stop",
+        ["plan", "container MiB each, stopped", "host MiB freed each", "freed / idle container MiB"],
+        freed,
+    )
+
+
+def stopped_memory(client: docker.DockerClient, service: Service, databases: list[dict]) -> list[float]:
+    """A stopped database's container memory (none: it has no processes) and
+    what stopping it gave back to the host, per database."""
+    containers = {c.name: c for c in client.containers.list(
+        filters={"label": f"{LABEL_INSTANCE}={service.env['DBPROV_INSTANCE']}"}
+    )}
+    idle = [container_rss(containers[f"dbprov-{body['id']}"]) for body in databases]
+    before = available_memory()
+    for body in databases:
+        service.request("POST", f"/databases/{body['id']}/stop", {})
+    deadline = time.monotonic() + 300
+    while any(service.request("GET", f"/databases/{body['id']}")[1]["status"] != "stopped" for body in databases):
+        assert time.monotonic() < deadline, "the databases did not stop"
+        time.sleep(0.5)
+    time.sleep(5)
+    after = available_memory()
+    stopped = [container_rss(client.containers.get(f"dbprov-{body['id']}")) for body in databases]
+    each = (after - before) / len(databases)
+    return [statistics.mean(stopped) / 2**20, each / 2**20, each / statistics.mean(idle)]
 
 
 # -- 5. reconcile pass --------------------------------------------------------
@@ -641,8 +693,9 @@ def main() -> None:
         "only", nargs="*", choices=["ready", "burst", "api", "density", "reconcile", "data", []], default=[]
     )
     parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--burst", type=int, default=50)
-    parser.add_argument("--density", type=int, default=100)
+    parser.add_argument("--burst", type=int, default=100)
+    parser.add_argument("--curve", default="1,2,4,8,16", help="DBPROV_MAX_PARALLEL values for the burst")
+    parser.add_argument("--density", default="100,300", help="idle databases per density measurement")
     parser.add_argument("--real", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--threads", type=int, default=8)
@@ -657,11 +710,11 @@ def main() -> None:
         if "ready" in chosen:
             bench_ready(client, args.runs)
         if "burst" in chosen:
-            bench_burst(client, args.burst)
+            bench_burst(client, args.burst, [int(n) for n in args.curve.split(",")])
         if "api" in chosen:
             bench_api(args.seconds, args.threads, args.rate, args.records)
         if "density" in chosen:
-            bench_density(client, args.density)
+            bench_density(client, [int(n) for n in args.density.split(",")])
         if "reconcile" in chosen:
             bench_reconcile(client, args.real)
         if "data" in chosen:

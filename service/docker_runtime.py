@@ -426,11 +426,15 @@ class DockerRuntime:
                     pass
 
     def inspect_server(self, database_id: str) -> ServerInfo | None:
+        volume = volume_name(database_id)
         with _translated():
             attrs = self._container(container_name(database_id))
-            has_data = self._volume_exists(volume_name(database_id))
-        if attrs is None:
-            return ServerInfo(database_id, ABSENT, has_data, "no container") if has_data else None
+            if attrs is None:
+                has_data = self._volume_exists(volume)
+                return ServerInfo(database_id, ABSENT, has_data, "no container") if has_data else None
+        # A volume a container mounts cannot be removed: no second question to
+        # the engine (a warm pool's claim asks this of its member).
+        has_data = any(m.get("Name") == volume for m in attrs.get("Mounts") or [])
         state = attrs.get("State") or {}
         return _server_info(
             database_id,

@@ -26,6 +26,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -87,6 +88,8 @@ GOLDEN_PGDATA = "/var/lib/dbprov-initialized"
 GOLDEN_MARK = "dbprov-golden"
 # Bumped when the way a golden image is made changes, so old ones are not used.
 _GOLDEN_FORMAT = "1"
+# Seconds a subscription to the engine's events is trusted before it is made anew.
+_EVENTS_RESUBSCRIBE = 60.0
 # Seconds after which a golden build still under way was left by a crash.
 _GOLDEN_STALE = 180.0
 # Seconds before a golden image that could not be made is tried again.
@@ -160,6 +163,7 @@ class DockerRuntime:
         # _GOLDEN_RETRY has passed).
         self._golden_lock = threading.Lock()
         self._golden_failed: dict[str, float] = {}
+        self._liveness = _Liveness(self)
 
     @property
     def client(self) -> "docker.DockerClient":
@@ -354,7 +358,10 @@ class DockerRuntime:
                     spec.image,
                     name=name,
                     command=["postgres"],
-                    labels={**self._labels, LABEL_GOLDEN_OF: spec.image},
+                    # Not the installation's labels: it belongs to no installation
+                    # (every one on this engine shares the golden images), and
+                    # the next build clears one that a crash left.
+                    labels={LABEL_GOLDEN_OF: spec.image},
                     environment={
                         **spec.environment,
                         # Thrown away: each server's first start sets its own.
@@ -443,6 +450,9 @@ class DockerRuntime:
             restarts=attrs.get("RestartCount") or 0,
             has_data=has_data,
         )
+
+    def runs_unbroken(self, database_id: str) -> bool | None:
+        return self._liveness.runs_unbroken(database_id)
 
     def list_servers(self) -> list[ServerInfo]:
         filters = {"label": [f"{k}={v}" for k, v in self._labels.items()]}
@@ -672,6 +682,92 @@ class DockerRuntime:
     def _networks(self) -> list[dict]:
         # The engine's name filter matches substrings.
         return [n for n in self.client.api.networks(names=[self.network]) if n["Name"] == self.network]
+
+
+class _Liveness:
+    """Which of the installation's servers run, followed from the engine's events.
+
+    Started by the first question, on a thread of its own: it subscribes to
+    the containers' start, die and destroy events, then lists the containers,
+    then applies each event as it comes (all events since the subscription, in
+    order, so the listing cannot hide one). It subscribes again every minute,
+    so a stream that hangs without an error is trusted for a minute at most;
+    while it is not subscribed, it does not know.
+    """
+
+    def __init__(self, runtime: DockerRuntime) -> None:
+        # Weak: a runtime that is dropped (tests make many) ends the thread.
+        self._runtime = weakref.ref(runtime)
+        self._filters = {"label": [f"{LABEL_INSTANCE}={runtime.instance}"]}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._running: dict[str, bool] = {}
+        # Died since they were first seen running: a crash, even one the
+        # restart policy recovered from, is reason enough not to trust it.
+        self._died: set[str] = set()
+        self._fresh_until = 0.0
+
+    def runs_unbroken(self, database_id: str) -> bool | None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._follow, name="dbprov-engine-events", daemon=True)
+                self._thread.start()
+            if time.monotonic() > self._fresh_until:
+                return None
+            if database_id in self._died:
+                return False
+            return self._running.get(database_id)
+
+    def _follow(self) -> None:
+        while True:
+            runtime = self._runtime()
+            if runtime is None:
+                return
+            try:
+                self._subscribe(runtime.client)
+            except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
+                log.debug("engine events interrupted: %s", exc)
+                time.sleep(1.0)
+            finally:
+                with self._lock:
+                    self._fresh_until = 0.0
+            del runtime
+
+    def _subscribe(self, client: "docker.DockerClient") -> None:
+        stream = client.api.events(
+            decode=True, filters={**self._filters, "type": "container", "event": ["start", "die", "destroy"]}
+        )
+        closer = threading.Timer(_EVENTS_RESUBSCRIBE, stream.close)
+        closer.daemon = True
+        closer.start()
+        try:
+            listed = client.api.containers(all=True, filters=self._filters)
+            with self._lock:
+                self._running = {
+                    labels[LABEL_DATABASE_ID]: item.get("State") == "running"
+                    for item in listed
+                    if LABEL_DATABASE_ID in (labels := item.get("Labels") or {}) and LABEL_JOB not in labels
+                }
+                self._died &= set(self._running)
+                self._fresh_until = time.monotonic() + _EVENTS_RESUBSCRIBE
+            for event in stream:
+                attributes = (event.get("Actor") or {}).get("Attributes") or {}
+                database_id = attributes.get(LABEL_DATABASE_ID)
+                if database_id is None or LABEL_JOB in attributes:
+                    continue
+                action = event.get("Action")
+                with self._lock:
+                    if action == "start":
+                        self._running[database_id] = True
+                    elif action == "die":
+                        self._running[database_id] = False
+                        self._died.add(database_id)
+                    else:  # destroy: a server made anew under this id starts afresh
+                        self._running.pop(database_id, None)
+                        self._died.discard(database_id)
+        finally:
+            closer.cancel()
+            stream.close()
 
 
 def _tar_of_empty(name: str) -> bytes:

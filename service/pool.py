@@ -120,14 +120,24 @@ class WarmPool:
         if self.store.is_postgres:
             query = query.with_for_update(skip_locked=True)
         for member_id in session.scalars(query):
-            # One question to the engine, cheaper than a connection: a server
-            # that died in the pool is never handed out. The reconciler's
-            # drift repair deals with it.
-            info = self._runtime.inspect_server(member_id)
-            if info is not None and info.running and not info.restarts:
+            # A server that died in the pool is never handed out. What the
+            # runtime follows of the engine's events says so without a round
+            # trip; else one question to the engine, still cheaper than a
+            # connection. The reconciler's drift repair deals with the dead.
+            unbroken = self._runtime.runs_unbroken(member_id)
+            reason = "stopped or crashed since it was stocked"
+            if unbroken is None:
+                info = self._runtime.inspect_server(member_id)
+                unbroken = info is not None and info.running and not info.restarts
+                reason = info.reason if info else "gone"
+            if unbroken:
                 return member_id
-            log.warning("database %s: warm server is %s; not handed out", member_id,
-                        info.reason if info else "gone")
+            # Removed, so that the pool is refilled with one that can be trusted.
+            self.records.transition(
+                member_id, {Status.READY}, session=session, only_if=Database.tenant == POOL_TENANT,
+                status=Status.DELETING,
+            )
+            log.warning("database %s: warm server is %s; not handed out, removed", member_id, reason)
         return None
 
     def _release(self, member: Database) -> None:

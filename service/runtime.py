@@ -126,6 +126,11 @@ class ServerRuntime(Protocol):
     def inspect_server(self, database_id: str) -> ServerInfo | None:
         """Its state, or None if neither it nor its data exists."""
 
+    def runs_unbroken(self, database_id: str) -> bool | None:
+        """Whether the server runs and has not stopped or crashed since the
+        runtime began to follow it, from what the runtime follows on its own
+        (the engine's events), without asking the engine; None when it cannot tell."""
+
     def list_servers(self) -> list[ServerInfo]:
         """Every server of this installation that has a process or data."""
 

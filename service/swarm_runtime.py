@@ -305,6 +305,10 @@ class SwarmRuntime:
             nodes = self._nodes()
         return _server_info(database_id, service, tasks, node_id, nodes, has_data)
 
+    def runs_unbroken(self, database_id: str) -> bool | None:
+        # Not followed: a task's events come from the node it runs on.
+        return None
+
     def list_servers(self) -> list[ServerInfo]:
         filters = {"label": [f"{k}={v}" for k, v in self._labels.items()]}
         with _translated():

@@ -120,6 +120,10 @@ class FakeRuntime:
             return ServerInfo(database_id, ABSENT, True, "no container") if has_data else None
         return ServerInfo(database_id, server.state, has_data, server.reason)
 
+    def runs_unbroken(self, database_id: str) -> bool | None:
+        # Not followed: claims ask inspect_server, whose failures the tests set.
+        return None
+
     def list_servers(self) -> list[ServerInfo]:
         self._check("list_servers")
         ids = set(self.servers) | set(self.data)

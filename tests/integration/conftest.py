@@ -74,7 +74,11 @@ def metric(service, name: str, **labels: str) -> float:
 def managed(docker_client, kind: str = "containers") -> list:
     filters = {"label": f"{LABEL_INSTANCE}={INSTANCE}"}
     if kind == "containers":
-        return docker_client.containers.list(all=True, filters=filters)
+        while True:
+            try:
+                return docker_client.containers.list(all=True, filters=filters)
+            except docker.errors.NotFound:
+                pass  # one was removed while the list was read: read it again
     return docker_client.volumes.list(filters=filters)
 
 

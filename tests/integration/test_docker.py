@@ -224,3 +224,41 @@ def test_warm_pool_hands_out_a_running_server_at_once(docker_client, tmp_path):
         container.remove(force=True, v=True)
     for volume in managed(docker_client, "volumes"):
         volume.remove(force=True)
+
+
+def test_a_warm_server_that_died_is_never_handed_out(docker_client, tmp_path):
+    service = ServiceProcess(tmp_path, {"DBPROV_POOL_SIZE": "17=1"}).start()
+    try:
+        wait_until(
+            lambda: metric(service, "dbprov_pool_servers", status="ready", version="17") == 1,
+            timeout=60, what="the pool to be stocked",
+        )
+        # A first claim, so the service follows the engine's events from now on.
+        create(service)
+        wait_until(
+            lambda: metric(service, "dbprov_pool_servers", status="ready", version="17") == 1,
+            timeout=60, what="the pool to be refilled",
+        )
+        mine = {item["id"] for item in service.request("GET", "/databases").json()["items"]}
+        (member,) = [c for c in managed(docker_client) if c.name.removeprefix("dbprov-") not in mine]
+        member.kill()
+        # At once, before a reconcile pass could notice: the create starts a cold server.
+        created = create(service)
+        assert created["id"] != member.name.removeprefix("dbprov-")
+        assert "claim" not in created["phase_timings"], created
+        with psycopg.connect(created["connection_uri"]) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        # The dead member is removed and the pool refilled.
+        wait_until(lambda: member.name not in {c.name for c in managed(docker_client)}, timeout=60,
+                   what="the dead member to be removed")
+        wait_until(
+            lambda: metric(service, "dbprov_pool_servers", status="ready", version="17") == 1,
+            timeout=60, what="the pool to be refilled",
+        )
+    finally:
+        service.delete_all()
+        service.stop()
+    for container in managed(docker_client):
+        container.remove(force=True, v=True)
+    for volume in managed(docker_client, "volumes"):
+        volume.remove(force=True)

@@ -16,7 +16,7 @@ from service.docker_runtime import GOLDEN_REPOSITORY, LABEL_GOLDEN_BASE, LABEL_G
 from service.errors import ImageMissing, PortInUse
 from service.runtime import ABSENT, RUNNING, STOPPED, ServerSpec
 
-from .conftest import INSTANCE, free_port
+from .conftest import INSTANCE, free_port, wait_until
 
 pytestmark = pytest.mark.docker
 
@@ -254,3 +254,21 @@ def test_a_golden_build_left_by_a_crash_is_cleared(runtime, docker_client, monke
         for golden in golden_images(docker_client, image):
             docker_client.images.remove(golden.id, force=True)
         docker_client.images.remove(image)
+
+
+def test_the_engine_events_tell_an_unbroken_server_from_one_that_died(runtime, docker_client):
+    spec, database_id = new_server(runtime)
+    connect_when_up(runtime.ensure_server(spec)).close()
+    wait_until(lambda: runtime.runs_unbroken(database_id) is True, timeout=10, what="the events to follow it")
+    docker_client.containers.get(f"dbprov-{database_id}").kill()
+    wait_until(lambda: runtime.runs_unbroken(database_id) is False, timeout=5, what="the death to be seen")
+    # Started again (as drift repair would), it stays untrusted all the same.
+    runtime.start_server(database_id)
+    wait_until(lambda: runtime.inspect_server(database_id).running, timeout=30, what="the restart")
+    assert runtime.runs_unbroken(database_id) is False
+    # A server made anew under the id is followed afresh.
+    runtime.remove_server(database_id, keep_data=True)
+    connect_when_up(runtime.ensure_server(spec)).close()
+    wait_until(lambda: runtime.runs_unbroken(database_id) is True, timeout=10, what="the new server to be seen")
+    # Unknown ids are not guessed at.
+    assert runtime.runs_unbroken("000000000000") is None

@@ -538,37 +538,57 @@ def stopped_memory(client: docker.DockerClient, service: Service, databases: lis
 # -- 5. reconcile pass --------------------------------------------------------
 
 
-def bench_reconcile(client: docker.DockerClient, real: int) -> None:
+def bench_reconcile(client: docker.DockerClient, real: int, records: int) -> None:
+    from sqlalchemy import insert, inspect, select
+
     from service.composition import Services
     from service.crypto import Vault
+    from service.models import Database
+    from service.runtime import ServerSpec
     from service.settings import Settings
     from service.store import Store
     from service.tenancy import Principal
     from tests.fakes import FakePostgres, FakeRuntime
 
     rows = []
-    for records in (0, 1000):
+    for count in (0, 1000, records):
         directory = Path(tempfile.mkdtemp(prefix="dbprov-bench-"))
         settings = Settings(
             database_url=f"sqlite:///{directory / 'meta.sqlite3'}", data_dir=directory,
-            port_range=(30000, 31999), images={"17": IMAGE}, secret_keys=(KEY,),
-            instance=INSTANCE, tenant_quota=5000, max_parallel_provisioning=8,
+            port_range=(20000, 20000 + count + 999), images={"17": IMAGE}, secret_keys=(KEY,),
+            instance=INSTANCE, tenant_quota=count + 1, max_parallel_provisioning=8,
         )
         runtime = FakeRuntime()
         services = Services(settings, Store(settings.database_url), runtime, Vault([KEY]),
                             server_admin=FakePostgres(runtime))
         services.store.upgrade(services.vault)
-        for _ in range(records):
-            services.databases.create(Principal(tenant="default"))
         reconciler = services.reconciler()
-        reconciler.run_once(wait=True)  # provisions them all (fake)
+        if count:
+            # One database made the usual way, the rest copies of its ready
+            # record (each with its own id, name and port) and of its server:
+            # the pass is what is measured, not how they came to be.
+            first = services.databases.create(Principal(tenant="default"))
+            reconciler.run_once(wait=True)
+            with services.store.read() as session:
+                ready = session.scalars(select(Database).where(Database.id == first.id)).one()
+                template = {c.key: getattr(ready, c.key) for c in inspect(Database).column_attrs}
+            ports = (port for port in range(*settings.port_range) if port != ready.host_port)
+            copies = [
+                {**template, "id": f"{n:012x}", "name": None, "host_port": port}
+                for n, port in zip(range(1, count), ports)
+            ]
+            with services.store.transaction() as session:
+                session.execute(insert(Database), copies)
+            for copy in copies:
+                runtime.ensure_server(ServerSpec(copy["id"], IMAGE, {}, copy["host_port"]))
+        reconciler.run_once(wait=True)
         passes = []
         for _ in range(10):
             started = time.perf_counter()
             reconciler.run_once(wait=True)
             passes.append(time.perf_counter() - started)
         reconciler.stop()
-        rows.append([f"{records} ready records, fake runtime", statistics.median(passes) * 1000])
+        rows.append([f"{count} ready records, fake runtime", statistics.median(passes) * 1000])
 
     service = Service().start()
     try:
@@ -716,7 +736,7 @@ def main() -> None:
         if "density" in chosen:
             bench_density(client, [int(n) for n in args.density.split(",")])
         if "reconcile" in chosen:
-            bench_reconcile(client, args.real)
+            bench_reconcile(client, args.real, args.records)
         if "data" in chosen:
             bench_data(client, args.runs, [int(size) for size in args.sizes.split(",")])
     finally:

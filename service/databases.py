@@ -590,12 +590,24 @@ class Databases:
             return "\n".join(lines[-tail:]) + "\n"
         raise NotFound(f"nothing is left of the log of database {database_id}")
 
+    def host(self, record: Database) -> str:
+        """The host clients connect to.
+
+        On Swarm a server answers on its own node: at that node's public name
+        or address, as the runtime said (``server_host``). On one engine the
+        address the service reaches it at may be one clients cannot use
+        (``host.docker.internal``), so DBPROV_PUBLIC_HOST names it.
+        """
+        if self.settings.runtime == "swarm" and record.server_host:
+            return record.server_host
+        return self.settings.public_host
+
     def credentials(self, record: Database) -> Credentials:
         return Credentials(
             username=record.username,
             password=self.vault.decrypt(record.password),
             database=record.database_name,
-            host=self.settings.public_host,
+            host=self.host(record),
             port=record.host_port,
         )
 

@@ -86,6 +86,12 @@ class RuntimeUnavailable(TransientError):
     retry_after = 10
 
 
+class NodeUnavailable(RuntimeUnavailable):
+    """The machine holding a server's data is down or gone (a Swarm node); the
+    data is presumably intact there, and nothing can be done with it until
+    that machine is back."""
+
+
 class MetadataUnavailable(TransientError):
     """The metadata store cannot be reached, or is not migrated yet."""
 

@@ -36,6 +36,9 @@ class Status(str, enum.Enum):
     RESETTING = "resetting"
     DELETING = "deleting"
     DELETED = "deleted"
+    # Was ready, but the machine holding its server and data cannot be reached
+    # (a Swarm node down or removed): it comes back by itself with that machine.
+    UNAVAILABLE = "unavailable"
 
 
 # Named sets of statuses, so that a decision reads as what it means.
@@ -45,13 +48,18 @@ SETTLING = frozenset({Status.PENDING, Status.PROVISIONING})
 # snapshot: the port is kept, and drift repair leaves the server alone.
 RESTING = frozenset({Status.STOPPING, Status.STOPPED, Status.STARTING, Status.RESETTING})
 # Still holding (or possibly holding) a server, its data, a port or a name.
-LIVE = frozenset({*SETTLING, Status.READY, *RESTING, Status.FAILED, Status.DELETING})
+# An unavailable one holds all of them, on a machine that is away.
+LIVE = frozenset({*SETTLING, Status.READY, Status.UNAVAILABLE, *RESTING, Status.FAILED, Status.DELETING})
 # Whose server may exist and is wanted; a failed one had its server removed.
-OWNS_SERVER = frozenset({*SETTLING, Status.READY, *RESTING, Status.DELETING})
+# An unavailable one's server and data exist where they were: the orphan
+# sweep must leave them alone.
+OWNS_SERVER = frozenset({*SETTLING, Status.READY, Status.UNAVAILABLE, *RESTING, Status.DELETING})
 # Being brought up until SELECT 1 works: a create, a start or a reset; waiters wait for these.
 COMING_UP = frozenset({*SETTLING, Status.STARTING, Status.RESETTING})
-# Whose server is meant to run, so that drift repair starts it again.
-RUNS = frozenset({Status.READY})
+# Whose server is meant to run, which drift checks each pass: a ready one's is
+# started again if it stopped, an unavailable one's brought back once its
+# machine is.
+RUNS = frozenset({Status.READY, Status.UNAVAILABLE})
 # Past which a DELETE has nothing more to do.
 GOING = frozenset({Status.DELETING, Status.DELETED})
 

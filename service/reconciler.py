@@ -10,6 +10,11 @@ exponential backoff and jitter, its attempts kept on the record, until the
 retry budget (DBPROV_RETRY_BUDGET) runs out; a ``PermanentError`` fails the
 database at once. Either way the reason is in ``last_error``, and nothing is
 left behind. Only a bug writes a traceback to the log.
+
+A server whose machine cannot be reached (a Swarm node down) is neither: its
+data is there. A ready database on it is ``unavailable`` until the machine is
+back, and one being brought up that was ready once waits for it without
+spending the budget (``NodeUnavailable``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from .coordination import Claims
 from .crypto import Vault
 from .errors import (
     DbprovError,
+    NodeUnavailable,
     PermanentError,
     PortInUse,
     ServerFailed,
@@ -54,7 +60,7 @@ from .pool import WarmPool
 from .ports import pick_port
 from .postgres import Login, ServerAdmin, admin_login, set_up_tenant
 from .records import SERVICE, Records
-from .runtime import ABSENT, RUNNING, ServerInfo, ServerRuntime, ServerSpec
+from .runtime import ABSENT, RUNNING, UNREACHABLE, ServerInfo, ServerRuntime, ServerSpec
 from .settings import Plan, Settings
 from .store import Store
 from .tenancy import POOL_TENANT
@@ -292,7 +298,7 @@ class Reconciler:
             try:
                 task(database_id)
             except TransientError as exc:
-                self._retry_later(database_id, exc.detail)
+                self._retry_later(database_id, exc.detail, node_away=isinstance(exc, NodeUnavailable))
             except PermanentError as exc:
                 self._fail(database_id, exc.detail)
             except DbprovError as exc:
@@ -302,16 +308,23 @@ class Reconciler:
         except Superseded:
             pass  # the record moved on; the next pass sees what it wants now
 
-    def _retry_later(self, database_id: str, error: str) -> None:
-        """Count the attempt and set the next one, or fail once the budget is spent."""
+    def _retry_later(self, database_id: str, error: str, node_away: bool = False) -> None:
+        """Count the attempt and set the next one, or fail once the budget is spent.
+
+        A database that was ready once, waiting for the machine that holds its
+        data (``node_away``), spends no budget however long that takes: its
+        data is there, and failing it would help nobody. A new one keeps the
+        budget, so that a CI job does not wait for ever.
+        """
         record = self._load(database_id)
         if record.status not in self._TASKS:
             return
+        waits = node_away and record.ready_at is not None
         now = utcnow()
         since = record.retrying_since or now
         attempts = record.attempts + 1
         elapsed = (now - since).total_seconds()
-        if record.status in COMING_UP and elapsed >= self.settings.retry_budget:
+        if record.status in COMING_UP and not waits and elapsed >= self.settings.retry_budget:
             self._fail(
                 database_id,
                 f"gave up after {attempts} attempts over {elapsed:.0f} s "
@@ -323,7 +336,8 @@ class Reconciler:
             database_id,
             {record.status},
             attempts=attempts,
-            retrying_since=since,
+            # No streak runs while it waits: the budget counts from the node's return.
+            retrying_since=None if waits else since,
             next_attempt_at=now + timedelta(seconds=delay),
             last_error=f"{error} (attempt {attempts}; next in {delay:.0f} s)",
             event="retrying",
@@ -489,6 +503,9 @@ class Reconciler:
             # costs the engine CPU that the starting server would rather have.
             if time.monotonic() >= next_inspect:
                 info = self.runtime.inspect_server(record.id)
+                if info is not None and info.state == UNREACHABLE:
+                    # Not the server's failure: it waits for its machine.
+                    raise NodeUnavailable(f"{info.reason}: the server of {record.id} waits for it")
                 if info is None or info.state != RUNNING or info.restarts:
                     state = info.reason if info else "vanished"
                     raise ServerFailed(self._failure_text(record.id, f"server {state}", last_error))
@@ -650,7 +667,8 @@ class Reconciler:
 
     def _maybe_check_idle(self, record: Database) -> None:
         idle_stop = self.settings.idle_stop
-        if idle_stop is None or record.tenant == POOL_TENANT:
+        # An unavailable one has no clients to count, nor a server to stop.
+        if idle_stop is None or record.tenant == POOL_TENANT or record.status != Status.READY:
             return
         # A quarter of the idle time between counts (at most a minute) keeps
         # a stop within 25 % of its time without a connection per pass.
@@ -703,10 +721,17 @@ class Reconciler:
     # -- drift --------------------------------------------------------------
 
     def _check_drift(self, record: Database, info: ServerInfo | None) -> None:
-        if info is None or info.state == ABSENT:
+        if info is not None and info.state == UNREACHABLE:
+            # Its data is on a machine that is away: nothing is started or
+            # made anew (it would start empty) until that machine is back.
+            if record.status == Status.READY:
+                self._mark_unavailable(record, info.reason)
+        elif info is None or info.state == ABSENT:
             log.warning("database %s: server vanished; making it anew on its data", record.id)
-            if self.records.transition(record.id, {Status.READY}, status=Status.PROVISIONING):
+            if self.records.transition(record.id, RUNS, status=Status.PROVISIONING):
                 self._submit(record.id, self._provision)
+        elif record.status == Status.UNAVAILABLE:
+            self._submit(record.id, self._recover)
         elif info.state != RUNNING:
             # As a task, under the database's claim: a snapshot stops the
             # server on purpose, and holds the claim while it copies.
@@ -716,6 +741,48 @@ class Reconciler:
             endpoint = self.runtime.endpoint(record.id)
             if endpoint is not None:
                 self.records.transition(record.id, {Status.READY}, server_host=endpoint.host)
+
+    def _mark_unavailable(self, record: Database, reason: str) -> None:
+        if self.records.transition(
+            record.id, {Status.READY}, status=Status.UNAVAILABLE, last_error=reason,
+            event="unavailable", details={"reason": reason},
+        ):
+            log.warning("database %s: unavailable until its machine is back: %s", record.id, reason)
+
+    def _recover(self, database_id: str) -> None:
+        """An unavailable database whose machine is back: its server started if
+        need be, then ready again once ``SELECT 1`` works. If it does not come
+        up, it stays unavailable with the reason, and a later pass tries again
+        after a backoff (a write wakes the loop at once)."""
+        record = self._load(database_id)
+        info = self.runtime.inspect_server(database_id)
+        if record.status != Status.UNAVAILABLE or info is None or info.state in (ABSENT, UNREACHABLE):
+            return  # the next pass decides
+        try:
+            if info.state != RUNNING:
+                log.info("database %s: its machine is back, its server %s; starting it", database_id, info.reason)
+                self.runtime.start_server(database_id)
+            # The machine's address, or its public name, may have changed meanwhile.
+            endpoint = self.runtime.endpoint(database_id)
+            if endpoint is not None and endpoint.host != record.server_host:
+                record = self._transition(database_id, {Status.UNAVAILABLE}, server_host=endpoint.host)
+            self._wait_ready(record, admin_login(record, self.vault))
+        except DbprovError as exc:
+            delay = backoff(record.attempts + 1)
+            self.records.transition(
+                database_id, {Status.UNAVAILABLE}, last_error=exc.detail, attempts=record.attempts + 1,
+                next_attempt_at=utcnow() + timedelta(seconds=delay),
+            )
+            log.warning(
+                "database %s: still unavailable: %s; next try in %.1f s",
+                database_id, exc.detail.splitlines()[0], delay,
+            )
+            return
+        self._transition(
+            database_id, {Status.UNAVAILABLE}, status=Status.READY, last_error=None, active_at=utcnow(),
+            attempts=0, next_attempt_at=None, event="available",
+        )
+        log.info("database %s: available again", database_id)
 
     def _repair(self, database_id: str) -> None:
         """Start the stopped or crashed server of a ready database."""
@@ -746,12 +813,17 @@ class Reconciler:
             if database_id in owners or database_id in busy:
                 continue
             keep_data = database_id in data_owners
-            if keep_data and info.state == ABSENT:
+            # A kept data's machine that is away: nothing of it to remove until it is back.
+            if keep_data and info.state in (ABSENT, UNREACHABLE):
                 continue
             log.warning(
                 "removing orphan %s of database %s", "server" if keep_data else "server and data", database_id
             )
-            self.runtime.remove_server(database_id, keep_data=keep_data)
+            try:
+                self.runtime.remove_server(database_id, keep_data=keep_data)
+            except TransientError as exc:
+                # One orphan on a machine that is away must not hold up the others.
+                log.warning("orphan of database %s left for a later pass: %s", database_id, exc.detail)
 
 
 def _first_line(exc: Exception) -> str:

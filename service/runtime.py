@@ -68,6 +68,10 @@ RUNNING = "running"  # up (ready or still starting)
 STOPPED = "stopped"  # stopped on purpose, or never started; its data is kept
 CRASHED = "crashed"  # exited on its own, or restarted by the engine after a crash
 ABSENT = "absent"    # only its data is left
+# The machine holding the server and its data cannot be reached (a Swarm node
+# down or removed); its data is presumably intact there, so the server is
+# neither started nor made anew elsewhere. The Docker runtime never reports it.
+UNREACHABLE = "unreachable"
 
 
 @dataclass(frozen=True)

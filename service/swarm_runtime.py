@@ -47,6 +47,7 @@ from .errors import (
     DbprovError,
     EngineError,
     ImageMissing,
+    NodeUnavailable,
     NotFound,
     NotSupported,
     PortInUse,
@@ -62,6 +63,7 @@ from .runtime import (
     PGDATA,
     RUNNING,
     STOPPED,
+    UNREACHABLE,
     Endpoint,
     JobResult,
     ServerInfo,
@@ -557,7 +559,7 @@ class SwarmRuntime:
     def _require_up(self, node_id: str | None, database_id: str) -> Node:
         node = self._nodes().get(node_id or "")
         if node is None or not node.ready:
-            raise RuntimeUnavailable(
+            raise NodeUnavailable(
                 f"{_node_text(node, node_id)}: database {database_id}'s data is on it, so its server "
                 "waits for that node"
             )
@@ -971,7 +973,7 @@ def _server_info(
     if node_id and (node is None or not node.ready):
         # Not ABSENT even without a service: the data is on that node, and a
         # server made anew elsewhere would start empty.
-        return ServerInfo(database_id, CRASHED, has_data, _node_text(node, node_id))
+        return ServerInfo(database_id, UNREACHABLE, has_data, _node_text(node, node_id))
     if service is None:
         return ServerInfo(database_id, ABSENT, True, "no service") if has_data else None
     if _replicas(service) == 0:
@@ -1030,7 +1032,8 @@ def _node(attrs: dict) -> Node:
 def _node_text(node: Node | None, node_id: str | None) -> str:
     if node is None:
         return f"node {node_id} has left the swarm"
-    return f"node {node.hostname} is {node.state}"
+    # The id too: `docker node rm` takes it, and host names may repeat.
+    return f"node {node.hostname} ({node.id}) is {node.state}"
 
 
 def _replicas(service: dict) -> int:

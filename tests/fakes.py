@@ -8,9 +8,15 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from service.errors import ImageMissing, NotFound, PortInUse, RuntimeUnavailable
+from service.errors import ImageMissing, NodeUnavailable, NotFound, PortInUse, RuntimeUnavailable
 from service.postgres import Login
-from service.runtime import ABSENT, CRASHED, RUNNING, STOPPED, Endpoint, JobResult, ServerInfo, ServerSpec
+from service.runtime import (
+    ABSENT, CRASHED, RUNNING, STOPPED, UNREACHABLE, Endpoint, JobResult, ServerInfo, ServerSpec,
+)
+
+
+# Why a server whose machine is away cannot be reached, as the Swarm runtime words it.
+AWAY = "node fake-2 (f2) is down"
 
 
 @dataclass
@@ -37,6 +43,9 @@ class FakeRuntime:
     # Images the engine lacks and cannot pull.
     missing_images: set[str] = field(default_factory=set)
     reachable: bool = True
+    # Ids whose server and data are on a machine that is away (a Swarm node
+    # down): reported UNREACHABLE, and whatever needs that machine waits for it.
+    away: set[str] = field(default_factory=set)
     calls: list[str] = field(default_factory=list)
     # Jobs run: (database id, command, environment, input), and what the next ones answer.
     jobs: list[tuple] = field(default_factory=list)
@@ -50,6 +59,10 @@ class FakeRuntime:
         self.calls.append(call)
         if not self.reachable:
             raise RuntimeUnavailable("Docker engine unreachable: fake is down")
+
+    def _require_machine(self, database_id: str) -> None:
+        if database_id in self.away:
+            raise NodeUnavailable(f"{AWAY}: database {database_id}'s data is on it")
 
     def ping(self) -> None:
         self._check("ping")
@@ -67,6 +80,7 @@ class FakeRuntime:
 
     def ensure_server(self, spec: ServerSpec) -> Endpoint:
         self._check("ensure_server")
+        self._require_machine(spec.database_id)
         if spec.image in self.missing_images:
             self.pull_image(spec.image)  # which fails, as the engine's would
         with self._lock:
@@ -100,6 +114,7 @@ class FakeRuntime:
 
     def start_server(self, database_id: str) -> None:
         self._check("start_server")
+        self._require_machine(database_id)
         server = self.servers.get(database_id)
         if server is None:
             raise NotFound(f"database {database_id} has no server to start")
@@ -109,13 +124,18 @@ class FakeRuntime:
         self._check("remove_server")
         with self._lock:
             self.servers.pop(database_id, None)
-            if not keep_data:
+        if not keep_data:
+            # As on Swarm: the server goes at once, its data only with its machine there.
+            self._require_machine(database_id)
+            with self._lock:
                 self.data.pop(database_id, None)
 
     def inspect_server(self, database_id: str) -> ServerInfo | None:
         self._check("inspect_server")
         server = self.servers.get(database_id)
         has_data = database_id in self.data
+        if database_id in self.away and (server is not None or has_data):
+            return ServerInfo(database_id, UNREACHABLE, has_data, AWAY)
         if server is None:
             return ServerInfo(database_id, ABSENT, True, "no container") if has_data else None
         return ServerInfo(database_id, server.state, has_data, server.reason)
@@ -151,6 +171,7 @@ class FakeRuntime:
 
     def copy_data(self, source_id: str, target_id: str, image: str) -> int:
         self._check("copy_data")
+        self._require_machine(source_id)
         if source_id not in self.data:
             raise NotFound(f"database {source_id} has no data")
         self.data[target_id] = self.data[source_id]
@@ -186,7 +207,8 @@ class FakePostgres:
 
     def _server(self, port: int) -> dict[str, str]:
         for server in list(self.runtime.servers.values()):
-            if server.spec.port == port and server.state == RUNNING:
+            away = server.spec.database_id in self.runtime.away
+            if server.spec.port == port and server.state == RUNNING and not away:
                 env = server.spec.environment
                 known = {env["POSTGRES_USER"]: env["POSTGRES_PASSWORD"]}
                 return {**known, **self.roles.get(port, {})}

@@ -16,6 +16,7 @@ from service.runtime import RUNNING, STOPPED
 from service.settings import Plan
 from service.tenancy import LOCAL_ADMIN
 
+from .fakes import AWAY
 from .test_api import assert_problem, count_records
 from .test_tenancy import api, token  # noqa: F401 - fixtures
 
@@ -175,6 +176,56 @@ def test_a_database_without_clients_is_stopped_after_the_idle_time(services, set
         assert record(services, busy.id).active_at > utcnow() - timedelta(seconds=1)
     finally:
         reconciler.stop()
+
+
+# -- a machine that is away (a Swarm node down) ------------------------------------------
+
+
+def test_an_unavailable_database_says_why_refuses_changes_and_can_be_deleted(
+    client, services, reconciler, runtime
+):
+    created = client.post("/databases", json={}, headers=ASYNC).get_json()
+    reconciler.run_once(wait=True)
+    snapshot = client.post(f"/databases/{created['id']}/snapshots", headers=ASYNC).get_json()
+    reconciler.run_once(wait=True)
+    runtime.away.add(created["id"])
+    reconciler.run_once(wait=True)
+    shown = client.get(f"/databases/{created['id']}").get_json()
+    assert shown["status"] == "unavailable" and shown["last_error"] == AWAY
+    assert [d["id"] for d in client.get("/databases?status=unavailable").get_json()["items"]] == [created["id"]]
+    page = client.get(f"/ui/databases/{created['id']}").get_data(as_text=True)
+    assert 'class="status s-unavailable"' in page and AWAY in page
+
+    for method, path, body in [
+        ("post", "stop", None), ("post", "start", None), ("post", "credentials/rotate", None),
+        ("post", "snapshots", None), ("post", "reset", {"snapshot": snapshot["id"]}), ("get", "dump", None),
+    ]:
+        refused = getattr(client, method)(f"/databases/{created['id']}/{path}", json=body)
+        assert "is unavailable" in assert_problem(refused, 409, "conflict")["detail"], path
+    assert record(services, created["id"]).status == Status.UNAVAILABLE
+
+    deleting = client.delete(f"/databases/{created['id']}")
+    assert deleting.status_code == 202 and deleting.get_json()["status"] == "deleting"
+    runtime.away.clear()
+    services.records.transition(created["id"], set(Status), next_attempt_at=None)
+    reconciler.run_once(wait=True)
+    assert record(services, created["id"]).status == Status.DELETED
+
+
+def test_connection_info_names_the_node_on_swarm_and_the_public_host_on_docker(
+    services, settings, reconciler
+):
+    for runtime_name, host in (("docker", "localhost"), ("swarm", "db-2.example.test")):
+        client = make_client(services, dataclasses.replace(settings, runtime=runtime_name))
+        created = client.post("/databases", json={}, headers=ASYNC).get_json()
+        reconciler.run_once(wait=True)
+        # Where the runtime said the server answers: its node's public name on Swarm.
+        services.records.transition(created["id"], set(Status), server_host="db-2.example.test")
+        assert client.get(f"/databases/{created['id']}").get_json()["host"] == host
+        credentials = client.get(f"/databases/{created['id']}/credentials").get_json()
+        assert credentials["host"] == host
+        assert f"@{host}:{created['port']}/app" in credentials["connection_uri"]
+        assert f"<dd>{host}</dd>" in client.get(f"/ui/databases/{created['id']}").get_data(as_text=True)
 
 
 # -- idempotent creates -------------------------------------------------------------

@@ -8,8 +8,10 @@ from datetime import timedelta
 from service.errors import EngineRefused
 from service.models import Database, Status, utcnow
 from service.reconciler import backoff
-from service.runtime import RUNNING, ServerSpec
+from service.runtime import CRASHED, RUNNING, STOPPED, ServerSpec
 from service.tenancy import LOCAL_ADMIN
+
+from .fakes import AWAY
 
 
 def record(services, database_id: str) -> Database:
@@ -240,3 +242,149 @@ def test_backoff_grows_to_its_cap_with_jitter():
     assert 4.0 <= backoff(4) <= 8.0
     assert 30.0 <= backoff(20) <= 60.0
     assert len({backoff(3) for _ in range(20)}) > 1
+
+
+# -- a machine that is away (a Swarm node down) ------------------------------------
+
+
+def ready_database(services, reconciler) -> str:
+    created = services.databases.create(LOCAL_ADMIN)
+    reconciler.run_once(wait=True)
+    assert record(services, created.id).status == Status.READY
+    return created.id
+
+
+def events_of(services, database_id: str) -> list:
+    return services.databases.events(LOCAL_ADMIN, database_id)
+
+
+def test_a_database_whose_machine_is_away_is_unavailable_until_it_is_back(
+    services, reconciler, runtime, caplog
+):
+    database_id = ready_database(services, reconciler)
+    runtime.away.add(database_id)
+    with caplog.at_level(logging.WARNING):
+        reconciler.run_once(wait=True)
+    unavailable = record(services, database_id)
+    assert unavailable.status == Status.UNAVAILABLE
+    assert unavailable.last_error == AWAY
+    event = events_of(services, database_id)[-1]
+    assert (event.kind, event.details) == ("unavailable", {"reason": AWAY})
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [f"database {database_id}: unavailable until its machine is back: {AWAY}"]
+    assert not any(r.exc_info for r in caplog.records)
+
+    # While it is away: neither started nor made anew, and nothing more is recorded.
+    runtime.calls.clear()
+    reconciler.run_once(wait=True)
+    reconciler.run_once(wait=True)
+    assert not {"start_server", "ensure_server", "create", "remove_server"} & set(runtime.calls)
+    assert record(services, database_id).status == Status.UNAVAILABLE
+    assert [e.kind for e in events_of(services, database_id)].count("unavailable") == 1
+
+    # Back, its server stopped meanwhile, and at another address: started, and ready once SELECT 1 works.
+    services.records.transition(database_id, set(Status), server_host="10.0.0.9")
+    runtime.away.clear()
+    runtime.set_state(database_id, STOPPED)
+    reconciler.run_once(wait=True)
+    back = record(services, database_id)
+    assert back.status == Status.READY and back.last_error is None
+    assert back.server_host == "127.0.0.1"
+    assert runtime.servers[database_id].state == RUNNING and "start_server" in runtime.calls
+    assert events_of(services, database_id)[-1].kind == "available"
+
+
+def test_an_unavailable_database_whose_server_does_not_come_back_stays_unavailable(
+    services, reconciler, runtime, caplog
+):
+    database_id = ready_database(services, reconciler)
+    runtime.away.add(database_id)
+    reconciler.run_once(wait=True)
+    runtime.away.clear()
+    runtime.set_state(database_id, CRASHED)
+    runtime.crashing_images["postgres:17"] = "PANIC: could not open file \"global/pg_control\""
+    with caplog.at_level(logging.WARNING):
+        reconciler.run_once(wait=True)
+    still = record(services, database_id)
+    assert still.status == Status.UNAVAILABLE and "pg_control" in still.last_error
+    # Its data is kept, and nothing is failed or removed: a later pass tries again.
+    assert database_id in runtime.servers and database_id in runtime.data
+    assert not any(r.exc_info for r in caplog.records)
+    assert still.attempts == 1 and still.next_attempt_at > utcnow()
+    del runtime.crashing_images["postgres:17"]
+    reconciler.run_once(wait=True)  # not due yet
+    assert record(services, database_id).status == Status.UNAVAILABLE
+    due_now(services, database_id)
+    reconciler.run_once(wait=True)
+    back = record(services, database_id)
+    assert back.status == Status.READY and back.attempts == 0 and back.next_attempt_at is None
+
+
+def test_an_unavailable_database_is_deleted_once_its_machine_is_back(services, reconciler, runtime):
+    database_id = ready_database(services, reconciler)
+    runtime.away.add(database_id)
+    reconciler.run_once(wait=True)
+    assert services.databases.delete(LOCAL_ADMIN, database_id).status == Status.DELETING
+    reconciler.run_once(wait=True)
+    waiting = record(services, database_id)
+    assert waiting.status == Status.DELETING and waiting.attempts == 1 and "is down" in waiting.last_error
+    # The server is gone already; its data goes with its machine's return.
+    assert database_id not in runtime.servers and database_id in runtime.data
+    runtime.away.clear()
+    due_now(services, database_id)
+    reconciler.run_once(wait=True)
+    assert record(services, database_id).status == Status.DELETED
+    assert runtime.data == {}
+
+
+def test_a_database_that_was_ready_waits_for_its_machine_without_spending_the_budget(
+    services, reconciler, runtime
+):
+    database_id = ready_database(services, reconciler)
+    services.databases.stop(LOCAL_ADMIN, database_id)
+    reconciler.run_once(wait=True)
+    runtime.away.add(database_id)
+    services.databases.start(LOCAL_ADMIN, database_id)
+    reconciler.run_once(wait=True)
+    assert record(services, database_id).attempts == 1
+    # Longer than DBPROV_RETRY_BUDGET (600 s) since the streak began: still waiting.
+    services.records.transition(database_id, set(Status), retrying_since=utcnow() - timedelta(seconds=601))
+    due_now(services, database_id)
+    reconciler.run_once(wait=True)
+    waiting = record(services, database_id)
+    assert waiting.status == Status.STARTING and waiting.attempts == 2
+    assert "is down" in waiting.last_error and waiting.retrying_since is None
+    runtime.away.clear()
+    due_now(services, database_id)
+    reconciler.run_once(wait=True)
+    assert record(services, database_id).status == Status.READY
+
+
+def test_a_new_database_whose_machine_is_away_keeps_the_budget(services, reconciler, runtime):
+    created = services.databases.create(LOCAL_ADMIN)
+    runtime.away.add(created.id)
+    reconciler.run_once(wait=True)
+    services.records.transition(created.id, set(Status), retrying_since=utcnow() - timedelta(seconds=601))
+    due_now(services, created.id)
+    reconciler.run_once(wait=True)
+    failed = record(services, created.id)
+    assert failed.status == Status.FAILED and failed.last_error.startswith("gave up after 2 attempts")
+    assert "is down" in failed.last_error
+
+
+def test_the_sweep_goes_on_past_an_orphan_it_cannot_remove(services, reconciler, runtime, monkeypatch, caplog):
+    purged = []
+    monkeypatch.setattr(services.records, "purge", lambda *retention: purged.append(retention) or (0, 0))
+    # Listed first: on a machine that is away.
+    runtime.data["000000000000"] = "on a lost node"
+    runtime.away.add("000000000000")
+    runtime.ensure_server(ServerSpec("ffffffffffff", "postgres:17", {}, port=1))
+    with caplog.at_level(logging.WARNING):
+        reconciler.run_once(wait=True)
+    assert "ffffffffffff" not in runtime.servers and "ffffffffffff" not in runtime.data
+    assert "000000000000" in runtime.data
+    assert purged and not any(r.exc_info for r in caplog.records)
+    assert any("left for a later pass" in r.getMessage() for r in caplog.records)
+    runtime.away.clear()
+    reconciler.run_once(wait=True)
+    assert runtime.data == {}

@@ -40,7 +40,7 @@ EXIT_REFUSED = 4
 EXIT_UNAVAILABLE = 5
 
 STATUSES = ["pending", "provisioning", "ready", "failed", "stopping", "stopped", "starting",
-            "deleting", "deleted"]
+            "deleting", "deleted", "unavailable"]
 
 
 def exit_code(problem: ProblemError) -> int:

@@ -30,6 +30,8 @@ PROBLEMS: dict[type[DbprovError], tuple[int, str, str]] = {
     errors.ImageMissing: (422, "image-missing", "Image missing"),
     errors.TransientError: (503, "unavailable", "Temporarily unavailable"),
     errors.RuntimeUnavailable: (503, "docker-unavailable", "Docker engine unavailable"),
+    # A dump or restore of a database whose node went down before the reconciler saw it.
+    errors.NodeUnavailable: (503, "node-unavailable", "Database node unavailable"),
     errors.MetadataUnavailable: (503, "metadata-unavailable", "Metadata store unavailable"),
     errors.PortRangeExhausted: (503, "port-range-exhausted", "No free host port"),
     errors.PortInUse: (503, "port-in-use", "Host port in use"),

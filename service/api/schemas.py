@@ -134,7 +134,8 @@ class DatabaseSchema(ma.Schema):
         validate=validate.OneOf(STATUSES),
         metadata={
             "description": "pending, provisioning, ready, failed, stopping, stopped, starting, "
-            "resetting, deleting or deleted"
+            "resetting, deleting, deleted, or unavailable (the machine holding it is away; "
+            "last_error says which, and it is ready again once that machine is back)"
         },
     )
     version = fields.String(required=True)

@@ -83,7 +83,7 @@ def _present(record: Database, credentials: Credentials | None = None) -> dict[s
         "status": record.status.value,
         "version": record.version,
         "image": record.image,
-        "host": _services().settings.public_host,
+        "host": _services().databases.host(record),
         "port": record.host_port,
         "database": record.database_name,
         "username": record.username,

@@ -332,7 +332,7 @@ def _detail_page(database_id: str, credentials=None, message: str | None = None)
         log_text=log_text,
         log_note=log_note,
         log_tail=LOG_TAIL,
-        host=services.settings.public_host,
+        host=services.databases.host(record),
         credentials=credentials,
         message=message,
         actions=_available(record),

@@ -17,8 +17,8 @@ import docker.errors
 import psycopg
 import pytest
 
-from service.errors import NotSupported, PortInUse, RuntimeUnavailable, TransientError
-from service.runtime import ABSENT, CRASHED, LABEL_INSTANCE, RUNNING, STOPPED, ServerSpec
+from service.errors import NodeUnavailable, NotSupported, PortInUse, TransientError
+from service.runtime import ABSENT, LABEL_INSTANCE, RUNNING, STOPPED, UNREACHABLE, ServerSpec
 from service.swarm_runtime import SwarmRuntime, network_name, placement_name
 
 from .conftest import INSTANCE, ServiceProcess, free_port, metric, wait_until
@@ -675,13 +675,14 @@ def test_a_lost_node_keeps_its_databases_until_it_is_back(runtime, second_node, 
     try:
         wait_until(lambda: second_node.state() == "down", timeout=60, what="the node to be down")
         info = runtime.inspect_server(database_id)
-        assert info.state == CRASHED and info.has_data and info.reason.endswith("is down"), info
+        assert info.state == UNREACHABLE and info.has_data, info
+        assert info.reason.endswith(f"({second_node.id}) is down"), info
         listed = {s.database_id: s for s in runtime.list_servers()}[database_id]
-        assert listed.state == CRASHED and "is down" in listed.reason
+        assert listed.state == UNREACHABLE and "is down" in listed.reason
         # Never made anew elsewhere: its data is on that node.
-        with pytest.raises(RuntimeUnavailable, match="is down"):
+        with pytest.raises(NodeUnavailable, match="is down"):
             runtime.ensure_server(spec)
-        with pytest.raises(RuntimeUnavailable, match="is down"):
+        with pytest.raises(NodeUnavailable, match="is down"):
             runtime.start_server(database_id)
         assert "unavailable" in runtime.server_logs(database_id)
     finally:
@@ -695,12 +696,6 @@ def test_a_lost_node_keeps_its_databases_until_it_is_back(runtime, second_node, 
         assert conn.execute("SELECT n FROM kept").fetchone() == ("survived",)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="the reconciler does not yet know a server whose node is down: it keeps the record "
-    "ready and tries start_server each pass, where it should show `unavailable` with the reason "
-    "and bring it back when the node returns (docs/scale-out.md, 'When a node fails')",
-)
 def test_the_service_shows_a_lost_nodes_database_unavailable(
     swarm, second_node, manager_excluded, docker_client, tmp_path
 ):
@@ -708,16 +703,29 @@ def test_the_service_shows_a_lost_nodes_database_unavailable(
     try:
         created = service.request("POST", "/databases", json={}).json()
         assert created["status"] == "ready", created
+        # Clients are sent to the node that holds it, not DBPROV_PUBLIC_HOST.
+        assert created["host"] == second_node.address, created
+        with psycopg.connect(created["connection_uri"], connect_timeout=10) as conn:
+            conn.execute("CREATE TABLE kept AS SELECT 'through the outage' AS n")
         second_node.container.stop(timeout=2)
         try:
             wait_until(lambda: second_node.state() == "down", timeout=60, what="the node to be down")
             time.sleep(3)  # a few reconcile passes
             body = service.request("GET", f"/databases/{created['id']}").json()
             assert body["status"] == "unavailable" and "is down" in (body.get("last_error") or ""), body
+            stop = service.request("POST", f"/databases/{created['id']}/stop")
+            assert stop.status_code == 409 and "is unavailable" in stop.json()["detail"], stop.text
         finally:
             second_node.container.start()
         wait_until(lambda: second_node.state() == "ready", timeout=90, what="the node to be back")
         service.wait_for_status(created["id"], "ready", timeout=90)
+        # Where the node is now: its address may have changed with its restart.
+        credentials = service.request("GET", f"/databases/{created['id']}/credentials").json()
+        assert credentials["host"] == second_node.address, credentials
+        with psycopg.connect(credentials["connection_uri"], connect_timeout=10) as conn:
+            assert conn.execute("SELECT n FROM kept").fetchone() == ("through the outage",)
+        events = service.request("GET", f"/databases/{created['id']}/events").json()["items"]
+        assert [e["kind"] for e in events][-2:] == ["unavailable", "available"], events
     finally:
         wait_until(lambda: second_node.state() == "ready", timeout=90, what="the node to be back")
         service.delete_all()

@@ -132,6 +132,9 @@ class FakeRuntime:
 
     def inspect_server(self, database_id: str) -> ServerInfo | None:
         self._check("inspect_server")
+        return self._info(database_id)
+
+    def _info(self, database_id: str) -> ServerInfo | None:
         server = self.servers.get(database_id)
         has_data = database_id in self.data
         if database_id in self.away and (server is not None or has_data):
@@ -147,7 +150,8 @@ class FakeRuntime:
     def list_servers(self) -> list[ServerInfo]:
         self._check("list_servers")
         ids = set(self.servers) | set(self.data)
-        return [info for info in map(self.inspect_server, sorted(ids)) if info is not None]
+        # One question, as an engine's listing is (the benchmark lists 10,000).
+        return [info for info in map(self._info, sorted(ids)) if info is not None]
 
     def server_logs(self, database_id: str, tail: int = 30) -> str:
         server = self.servers.get(database_id)

@@ -165,6 +165,8 @@ def _wait(services, principal: Principal, record: Database, headers: dict[str, s
     if asynchronous:
         headers["Preference-Applied"] = "respond-async"
         return record
+    if record.status not in COMING_UP:
+        return record  # settled already (a warm claim): nothing to read again
     timeout = services.settings.request_timeout
     return services.databases.wait_until_settled(
         principal, record.id, min(timeout, wait) if wait is not None else timeout

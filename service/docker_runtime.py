@@ -525,6 +525,10 @@ class DockerRuntime:
     ) -> Iterator[bytes]:
         with _translated():
             container = self._beside(database_id, command, environment)
+        yield from self._stream(container, command)
+
+    def _stream(self, container, command: list[str]) -> Iterator[bytes]:
+        """Start a created job container and yield its standard output; removed at the end."""
         output = None
         try:
             with _translated():

@@ -427,29 +427,7 @@ class SwarmRuntime:
                     "(see docs/scale-out.md)"
                 )
             container = self._local_container(database_id, image, command, environment)
-        output = None
-        try:
-            with _translated():
-                # Attached before it starts, for every byte as written: the
-                # engine's logs are kept as text and would mangle a binary stream.
-                output = self.client.api.attach(
-                    container.id, stdout=True, stderr=False, stream=True, logs=True
-                )
-                container.start()
-                for chunk in output:
-                    yield chunk
-                status = container.wait()
-                if status.get("StatusCode", -1) != 0:
-                    error = container.logs(stdout=False, stderr=True).decode("utf-8", errors="replace")
-                    raise EngineError(f"{command[0]} failed: {error.strip()}")
-        finally:
-            if output is not None:
-                # Both: closing the stream shuts its socket down, and the
-                # response still holds the file object that owns it.
-                output.close()
-                output._response.close()
-            with _translated():
-                self._engine._remove_container(container.id)
+        yield from self._engine._stream(container, command)
 
     def copy_data(self, source_id: str, target_id: str, image: str) -> int:
         with _translated():

@@ -322,10 +322,6 @@ class Databases:
         if plan not in self.settings.all_plans:
             raise _invalid("plan", f"no plan {plan!r}; plans: {', '.join(self.settings.all_plans)}",
                            f"Must be one of: {', '.join(self.settings.all_plans)}.")
-        allowed = self.tenants.plans(principal.tenant)
-        if allowed is not None and plan not in allowed:
-            raise Forbidden(f"tenant {principal.tenant!r} may use the plans {', '.join(allowed) or 'none'}, "
-                            f"not {plan!r}")
         _only("parameters", parameters, DATABASE_PARAMETERS, "not a database-level setting this service allows")
         _only(
             "extensions", extensions, TRUSTED_EXTENSIONS | set(self.settings.allowed_extensions),
@@ -371,7 +367,7 @@ class Databases:
             try:
                 with self.store.transaction() as session:
                     if tenant != POOL_TENANT:
-                        self.tenants.reserve(session, tenant)
+                        self.tenants.reserve(session, tenant, wanted.plan)
                     if wanted.name is not None:
                         self.ensure_name_free(session, tenant, wanted.name)
                     record = Database(

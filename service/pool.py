@@ -60,7 +60,7 @@ class WarmPool:
         plain = not (wanted.superuser or wanted.parameters or wanted.extensions)
         started = time.monotonic()
         with self.store.transaction() as session:
-            self._databases.tenants.reserve(session, principal.tenant)
+            self._databases.tenants.reserve(session, principal.tenant, wanted.plan)
             if wanted.name is not None:
                 self._databases.ensure_name_free(session, principal.tenant, wanted.name)
             member_id = self._pick(session, version, wanted.template_id)

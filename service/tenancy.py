@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from .errors import NotFound, QuotaExceeded, RateLimited, Unauthorized, ValidationError
+from .errors import Forbidden, NotFound, QuotaExceeded, RateLimited, Unauthorized, ValidationError
 from .models import Database, RateWindow, Status, Tenant, Token, utcnow
 from .settings import Settings
 from .store import Store
@@ -166,28 +166,31 @@ class Tenants:
     def quota(self, tenant: str) -> tuple[int, int]:
         """Live databases of ``tenant`` and its limit."""
         with self.store.read() as session:
-            return count_live(session, tenant), self._limit(session, tenant)
+            return count_live(session, tenant), self._limit(session.get(Tenant, tenant))
 
-    def _limit(self, session: Session, tenant: str) -> int:
-        record = session.get(Tenant, tenant)
+    def _limit(self, record: Tenant | None) -> int:
         if record is not None and record.database_limit is not None:
             return record.database_limit
         return self.settings.tenant_quota
 
-    def lock(self, session: Session, tenant: str) -> None:
+    def lock(self, session: Session, tenant: str) -> Tenant | None:
         """Inside a transaction: hold ``tenant``'s row, so that counts against its
         limits are made one after another (SQLite's BEGIN IMMEDIATE does it already)."""
-        session.execute(select(Tenant).where(Tenant.name == tenant).with_for_update())
+        return session.scalars(select(Tenant).where(Tenant.name == tenant).with_for_update()).first()
 
-    def reserve(self, session: Session, tenant: str) -> None:
-        """Inside a create's transaction: refuse it if ``tenant`` is at its limit.
+    def reserve(self, session: Session, tenant: str, plan: str) -> None:
+        """Inside a create's transaction: refuse it if ``tenant`` may not use
+        ``plan`` or is at its limit.
 
         On PostgreSQL the tenant's row is locked first, so parallel creates of
         one tenant count one after another; SQLite's BEGIN IMMEDIATE already
         serialises every writer.
         """
-        self.lock(session, tenant)
-        used, limit = count_live(session, tenant), self._limit(session, tenant)
+        record = self.lock(session, tenant)
+        allowed = None if record is None else record.plans
+        if allowed is not None and plan not in allowed:
+            raise Forbidden(f"tenant {tenant!r} may use the plans {', '.join(allowed) or 'none'}, not {plan!r}")
+        used, limit = count_live(session, tenant), self._limit(record)
         if used >= limit:
             raise QuotaExceeded(
                 f"tenant {tenant!r} has {used} of {limit} databases; delete one first",

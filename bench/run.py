@@ -184,7 +184,7 @@ def create_many(
         status, created = service.request("POST", "/databases", body or {})
         assert status == 201, created
         if connect:
-            wait_select1(created["connection_uri"])
+            wait_select1(created["connection_uri"], timeout=900)
         return created
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
@@ -206,7 +206,7 @@ def sweep(client: docker.DockerClient) -> None:
 # -- 1. time to ready ---------------------------------------------------------
 
 
-def floor_once(client: docker.DockerClient) -> float:
+def floor_once(client: docker.DockerClient, timeout: float = 120) -> float:
     port = free_port()
     started = time.perf_counter()
     container = client.containers.run(
@@ -214,7 +214,7 @@ def floor_once(client: docker.DockerClient) -> float:
         ports={"5432/tcp": ("127.0.0.1", port)}, labels={LABEL_INSTANCE: INSTANCE},
     )
     try:
-        wait_select1(f"postgresql://postgres:bench@127.0.0.1:{port}/postgres")
+        wait_select1(f"postgresql://postgres:bench@127.0.0.1:{port}/postgres", timeout)
         return time.perf_counter() - started
     finally:
         container.remove(force=True, v=True)
@@ -310,7 +310,8 @@ def bench_burst(client: docker.DockerClient, count: int, curve: list[int]) -> No
     at a time (DBPROV_MAX_PARALLEL), against ``count`` simultaneous docker runs."""
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=count) as pool:
-        list(pool.map(lambda _: floor_once(client), range(count)))
+        # 100 at once on 2 cores take minutes.
+        list(pool.map(lambda _: floor_once(client, timeout=900), range(count)))
     floor_wall = time.perf_counter() - started
     rows = [[f"{count} x docker run + polling connect (floor)", floor_wall, count / floor_wall, 1.0]]
     for parallel in curve:

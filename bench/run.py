@@ -206,8 +206,8 @@ def sweep(client: docker.DockerClient) -> None:
 # -- 1. time to ready ---------------------------------------------------------
 
 
-def floor_once(client: docker.DockerClient, timeout: float = 120) -> float:
-    port = free_port()
+def floor_once(client: docker.DockerClient, timeout: float = 120, port: int | None = None) -> float:
+    port = port or free_port()
     started = time.perf_counter()
     container = client.containers.run(
         IMAGE, detach=True, environment={"POSTGRES_PASSWORD": "bench"},
@@ -310,8 +310,12 @@ def bench_burst(client: docker.DockerClient, count: int, curve: list[int]) -> No
     at a time (DBPROV_MAX_PARALLEL), against ``count`` simultaneous docker runs."""
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=count) as pool:
+        # Ports picked up front: ports freed at once could be handed out twice.
+        ports: set[int] = set()
+        while len(ports) < count:
+            ports.add(free_port())
         # 100 at once on 2 cores take minutes.
-        list(pool.map(lambda _: floor_once(client, timeout=900), range(count)))
+        list(pool.map(lambda port: floor_once(client, timeout=900, port=port), ports))
     floor_wall = time.perf_counter() - started
     rows = [[f"{count} x docker run + polling connect (floor)", floor_wall, count / floor_wall, 1.0]]
     for parallel in curve:
@@ -380,7 +384,7 @@ def load(
 
 def bench_api(seconds: float, threads: int, rate: float, records: int) -> None:
     """The API alone under gunicorn on ``records`` records (no reconciler: they
-    stay pending), on SQLite and, with DBPROV_BENCH_POSTGRES_URL, on PostgreSQL."""
+    stay as seeded), on SQLite and, with DBPROV_BENCH_POSTGRES_URL, on PostgreSQL."""
     backends = {"SQLite": None}
     if os.environ.get("DBPROV_BENCH_POSTGRES_URL"):
         backends["PostgreSQL"] = os.environ["DBPROV_BENCH_POSTGRES_URL"]
@@ -403,6 +407,8 @@ def bench_api(seconds: float, threads: int, rate: float, records: int) -> None:
             for _ in range(20):
                 _, page = service.request("GET", "/databases?page_size=50" + (f"&cursor={cursor}" if cursor else ""))
                 cursor = page["next_cursor"]
+                if cursor is None:
+                    break
                 cursors.append(cursor)
             rows = []
             for name, paths in (
@@ -412,7 +418,9 @@ def bench_api(seconds: float, threads: int, rate: float, records: int) -> None:
                  [f"/databases?page={p}" for p in range(1, 21)]),
                 (f"GET /databases (page of 50 of {records:,}, by cursor)",
                  [f"/databases?cursor={c}" for c in cursors]),
-                ("GET /databases?status=ready (no match)", ["/databases?status=ready"]),
+                ("GET /databases?status=ready (90 % of them)", ["/databases?status=ready"]),
+                ("GET /databases?status=stopped (5 %)", ["/databases?status=stopped"]),
+                ("GET /databases?status=failed (2 %)", ["/databases?status=failed"]),
                 ("GET /metrics", ["/metrics"]),
             ):
                 steady, _ = load(service, paths, seconds, threads, rate)
@@ -431,15 +439,38 @@ def bench_api(seconds: float, threads: int, rate: float, records: int) -> None:
         )
 
 
+# An installation of ``argv[1]`` databases of one tenant, as a busy one has
+# them: most ready, one in 20 stopped, one in 50 failed. One is made the usual
+# way and the rest are copies of its record (each with its own id and port):
+# the API is what is measured, not how they came to be.
 SEED = """
 import sys
+from datetime import timedelta
+from sqlalchemy import insert, inspect, select
 from service.composition import Services
+from service.models import Database, Status, utcnow
 from service.tenancy import Principal
+count = int(sys.argv[1])
 services = Services.build()
-bench = Principal(tenant="bench")
-services.tenants.set_limit("bench", int(sys.argv[1]) + 1)
-for _ in range(int(sys.argv[1])):
-    services.databases.create(bench)
+services.tenants.set_limit("bench", count + 1)
+first = services.databases.create(Principal(tenant="bench"))
+with services.store.read() as session:
+    record = session.get(Database, first.id)
+    template = {c.key: getattr(record, c.key) for c in inspect(Database).column_attrs}
+start, end = services.settings.port_range
+ports = (port for port in range(start, end + 1) if port != first.host_port)
+now = utcnow()
+copies = []
+for n, port in zip(range(1, count), ports):
+    status = Status.FAILED if n % 50 == 0 else Status.STOPPED if n % 20 == 0 else Status.READY
+    copies.append({
+        **template, "id": f"{n:012x}", "name": f"db-{n}", "status": status,
+        "host_port": None if status == Status.FAILED else port,
+        "created_at": now - timedelta(seconds=count - n), "ready_at": now,
+        "phase_timings": {"server": 0.5, "ready": 0.1, "setup": 0.03, "total": 0.63},
+    })
+with services.store.transaction() as session:
+    session.execute(insert(Database), copies)
 """
 
 # Leaves the PostgreSQL metadata database as the next run wants it: empty.

@@ -28,11 +28,10 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 from sqlalchemy import func, select
 
-from .models import Database, Status
+from .models import PHASE_BUCKETS, Database, PhaseHistogram, Status
 from .store import Store
 from .tenancy import POOL_TENANT
 
-PHASE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60)
 
 
@@ -52,8 +51,9 @@ class StoreFigures(Collector):
             ports_in_use = session.scalar(
                 select(func.count()).select_from(Database).where(Database.host_port.is_not(None))
             )
-            timings = session.scalars(
-                select(Database.phase_timings).where(Database.ready_at.is_not(None))
+            histogram = session.execute(
+                select(PhaseHistogram.phase, PhaseHistogram.bucket, PhaseHistogram.count, PhaseHistogram.seconds)
+                .order_by(PhaseHistogram.phase, PhaseHistogram.bucket)
             ).all()
 
         statuses: dict[str, int] = defaultdict(int)
@@ -77,12 +77,14 @@ class StoreFigures(Collector):
             servers.add_metric([version, status], count)
         yield servers
 
-        observed: dict[str, list[float]] = defaultdict(list)
-        claims = 0
-        for record in timings:
-            claims += "claim" in (record or {})
-            for phase, seconds in (record or {}).items():
-                observed[phase].append(seconds)
+        counts: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        sums: dict[str, float] = {}
+        for phase, bucket, count, seconds in histogram:
+            bound = floatToGoString(PHASE_BUCKETS[bucket]) if bucket < len(PHASE_BUCKETS) else "+Inf"
+            counts[phase].append((bound, count))
+            sums[phase] = seconds  # the last, +Inf, row's: every observation
+        # Every plain claim, and every claim that set up more, has a claim phase.
+        claims = dict(counts.get("claim", [])).get("+Inf", 0)
         yield CounterMetricFamily(
             "dbprov_pool_claims", "Databases handed out from the warm pool.", value=claims
         )
@@ -90,9 +92,9 @@ class StoreFigures(Collector):
             "dbprov_provisioning_phase_seconds", "Time each provisioning phase took.",
             labels=["phase"],
         )
-        for phase, values in sorted(observed.items()):
-            buckets = [(floatToGoString(b), sum(v <= b for v in values)) for b in PHASE_BUCKETS]
-            phases.add_metric([phase], [*buckets, ("+Inf", len(values))], sum(values))
+        for phase, buckets in sorted(counts.items()):
+            if buckets[-1][1]:
+                phases.add_metric([phase], buckets, sums[phase])
         yield phases
 
         first, last = self.port_range

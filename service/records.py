@@ -8,6 +8,7 @@ the transaction has committed.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Callable, Collection
 from datetime import timedelta
@@ -16,7 +17,7 @@ from typing import TypeVar
 from sqlalchemy import ColumnElement, delete, event, select, update
 from sqlalchemy.orm import Session
 
-from .models import Database, Event, IdempotencyKey, Status, utcnow
+from .models import PHASE_BUCKETS, Database, Event, IdempotencyKey, PhaseHistogram, Status, utcnow
 from .notify import Notifier
 from .store import Store
 
@@ -116,6 +117,8 @@ class Records:
         )
         record = session.scalars(statement).one_or_none()
         if record is not None:
+            if values.get("phase_timings"):
+                _observe(session, values["phase_timings"])
             kind = event or _EVENT_OF.get(values.get("status"))
             if kind is not None:
                 self.event(session, record, kind, actor, details)
@@ -146,3 +149,15 @@ class Records:
     def _notify(self, _session: Session) -> None:
         self.wanted.notify()
         self.changed.notify()
+
+
+def _observe(session: Session, timings: dict[str, float]) -> None:
+    """Count a provisioning's phases into the histogram, in the caller's transaction."""
+    for phase, seconds in timings.items():
+        first = bisect.bisect_left(PHASE_BUCKETS, seconds)
+        # Every bucket whose bound it is within; +Inf (the last) always.
+        session.execute(
+            update(PhaseHistogram)
+            .where(PhaseHistogram.phase == phase, PhaseHistogram.bucket >= first)
+            .values(count=PhaseHistogram.count + 1, seconds=PhaseHistogram.seconds + seconds)
+        )

@@ -115,6 +115,22 @@ def test_list_is_paginated_and_filtered(client, services):
     assert all("password" not in item for item in page["items"])
 
 
+def test_a_listed_database_reads_as_it_does_alone(client, running, runtime):
+    # The list is serialised without the schema: item by item, it must say what
+    # the schema-dumped GET says, times, timings, nulls and all.
+    ready = client.post("/databases", json={"name": "kept", "ttl": 3600, "parameters": {"work_mem": "8MB"}})
+    runtime.crashing_images["postgres:15"] = "FATAL: data directory has wrong ownership"
+    failed = client.post("/databases", json={"version": "15"})
+    deleting = client.post("/databases", json={}, headers={"Prefer": "respond-async"}).get_json()
+    client.delete(f"/databases/{deleting['id']}")
+    running.wait_idle()
+    listed = client.get("/databases").get_json()["items"]
+    assert {item["status"] for item in listed} >= {"ready", "failed"}, listed
+    assert ready.status_code == 201 and failed.status_code == 502
+    for item in listed:
+        assert item == client.get(f"/databases/{item['id']}").get_json()
+
+
 def test_delete_is_accepted_and_repeatable(client, running):
     created = client.post("/databases", json={}).get_json()
     first = client.delete(f"/databases/{created['id']}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, select
 
 from service.models import Base
 from service.store import Store, alembic_config
@@ -32,3 +32,22 @@ def test_downgrade_and_upgrade_again(database_url):
     assert "databases" in inspect(store.engine).get_table_names()
     store.upgrade()  # a second run has nothing to do
     store.dispose()
+
+
+def test_the_phase_histogram_starts_from_the_records_phases(services, reconciler):
+    from service.models import PhaseHistogram
+    from service.tenancy import Principal
+
+    services.databases.create(Principal(tenant="default"))
+    reconciler.run_once(wait=True)
+    with services.store.read() as session:
+        before = session.execute(select(PhaseHistogram.phase, PhaseHistogram.bucket, PhaseHistogram.count)).all()
+    assert ("total", 12, 1) in before
+    with services.store.engine.begin() as connection:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0007")
+    services.store.upgrade()
+    with services.store.read() as session:
+        after = session.execute(select(PhaseHistogram.phase, PhaseHistogram.bucket, PhaseHistogram.count)).all()
+    assert sorted(after) == sorted(before)

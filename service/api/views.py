@@ -8,7 +8,7 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Response, current_app, g, request, url_for
+from flask import Response, current_app, g, jsonify, request, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import RAISE
@@ -103,6 +103,14 @@ def _present(record: Database, credentials: Credentials | None = None) -> dict[s
     if credentials is not None:
         body["password"] = credentials.password
         body["connection_uri"] = credentials.connection_uri
+    return body
+
+
+def _json_ready(body: dict[str, Any]) -> dict[str, Any]:
+    """``_present``'s body as DatabaseSchema dumps it: times as ISO 8601."""
+    for key in ("expires_at", "created_at", "ready_at", "deleted_at"):
+        if body[key] is not None:
+            body[key] = body[key].isoformat()
     return body
 
 
@@ -223,13 +231,15 @@ class DatabaseCollection(MethodView):
         page = _services().databases.list(
             _principal(), status, query["page"], query["page_size"], query.get("cursor")
         )
-        return {
-            "items": [_present(record) for record in page.items],
+        # Serialised here rather than by the schema, which it matches (a test
+        # checks): a page of 50 through marshmallow took half the request.
+        return jsonify({
+            "items": [_json_ready(_present(record)) for record in page.items],
             "page": page.page,
             "page_size": page.page_size,
             "total": page.total,
             "next_cursor": page.next_cursor,
-        }
+        })
 
     @databases.arguments(DatabaseCreateSchema, required=False)
     @_guarded(databases, write=True)

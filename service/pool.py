@@ -158,11 +158,15 @@ class WarmPool:
         trimmed on the next pass, so the pool settles at its size.
         """
         with self.store.transaction() as session:
-            # Failed members are of no use to anyone: have them removed.
-            failed = session.scalars(
-                select(Database.id).where(Database.tenant == POOL_TENANT, Database.status == Status.FAILED)
+            # Failed members are of no use to anyone, nor are those whose
+            # machine is away (they would hold their ports for as long): have
+            # them removed; another is stocked where it can run.
+            useless = session.scalars(
+                select(Database.id).where(
+                    Database.tenant == POOL_TENANT, Database.status.in_([Status.FAILED, Status.UNAVAILABLE])
+                )
             ).all()
-            self._remove(session, failed)
+            self._remove(session, useless)
             templates = session.execute(
                 select(Template, Snapshot)
                 .join(Snapshot, Snapshot.id == Template.snapshot_id)
@@ -205,7 +209,7 @@ class WarmPool:
     def _remove(self, session, member_ids) -> None:
         for member_id in member_ids:
             self.records.transition(
-                member_id, SETTLING | {Status.READY, Status.FAILED}, session=session,
+                member_id, SETTLING | {Status.READY, Status.FAILED, Status.UNAVAILABLE}, session=session,
                 # Not one a create claimed meanwhile.
                 only_if=Database.tenant == POOL_TENANT,
                 status=Status.DELETING,

@@ -274,7 +274,8 @@ class Settings:
         "DBPROV_BIND_ADDRESS", _address, "127.0.0.1", "host address the ports are published on"
     )
     public_host: str = setting(
-        "DBPROV_PUBLIC_HOST", str, "localhost", "host name put in returned connection info"
+        "DBPROV_PUBLIC_HOST", str, "localhost",
+        "host name put in returned connection info (on Swarm: the node's address or public-host label instead)",
     )
     images: Mapping[str, str] = setting(
         "DBPROV_IMAGES", _images, "15=postgres:15,16=postgres:16,17=postgres:17",

@@ -132,6 +132,22 @@ def test_a_warm_server_that_died_is_never_handed_out(pooled, runtime):
     assert {m.id for m in members(services)}.isdisjoint({created.id})
 
 
+def test_a_warm_server_whose_machine_is_away_is_replaced(pooled, runtime):
+    services, reconciler = pooled
+    reconciler.run_once(wait=True)
+    lost, kept = members(services, Status.READY)
+    runtime.away.add(lost.id)
+    reconciler.run_once(wait=True)  # drift: the lost one is unavailable
+    assert {m.id: m.status for m in members(services)}[lost.id] == Status.UNAVAILABLE
+    # The next pass retires it (a pool member is nobody's data, and it holds
+    # a port) and stocks another; its data goes once its machine answers.
+    reconciler.run_once(wait=True)
+    reconciler.run_once(wait=True)
+    assert {m.id: m.status for m in members(services)}[lost.id] == Status.DELETING
+    ready = members(services, Status.READY)
+    assert len(ready) == 2 and lost.id not in {m.id for m in ready}
+
+
 def test_parallel_creates_each_claim_a_different_server(pooled):
     services, reconciler = pooled
     reconciler.run_once(wait=True)

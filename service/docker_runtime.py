@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import re
 import secrets
 import tarfile
 import tempfile
@@ -28,7 +29,7 @@ import threading
 import time
 import weakref
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
@@ -379,7 +380,7 @@ class DockerRuntime:
             other = self._container(name)
             if other is None:
                 return None
-            if time.time() - _when(other["Created"]) > _GOLDEN_STALE:
+            if time.time() - _when(other["Created"]).timestamp() > _GOLDEN_STALE:
                 self._remove_container(other["Id"])
                 continue
             while self._container(name) is not None:
@@ -784,9 +785,16 @@ def _tar_of_empty(name: str) -> bytes:
     return buffer.getvalue()
 
 
-def _when(created: str) -> float:
-    """The engine's RFC 3339 time (nanoseconds, "Z") as seconds since the epoch."""
-    return datetime.fromisoformat(created[:26].rstrip("Z") + "+00:00").timestamp()
+def _when(text: str | None) -> datetime:
+    """The engine's RFC 3339 times, with their nanoseconds cut to what datetime holds."""
+    if not text:
+        return datetime.min.replace(tzinfo=timezone.utc)
+    match = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", text)
+    if not match:
+        return datetime.min.replace(tzinfo=timezone.utc)
+    fraction = (match[2] or "0")[:6].ljust(6, "0")
+    zone = "+00:00" if match[3] == "Z" else match[3]
+    return datetime.fromisoformat(f"{match[1]}.{fraction}{zone}")
 
 
 def _identifier(name: str) -> str:

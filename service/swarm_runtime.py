@@ -29,20 +29,17 @@ import json
 import logging
 import re
 import secrets
-import tarfile
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import Callable, Iterator
 
 import docker
 import docker.errors
 import requests.exceptions
 
-from .docker_runtime import LABEL_JOB, DockerRuntime, _translated
+from .docker_runtime import LABEL_JOB, DockerRuntime, _tar_of, _translated, _when
 from .errors import (
     DbprovError,
     EngineError,
@@ -1061,28 +1058,3 @@ def _bytes(size: str | None) -> int:
     if not match:
         raise ValueError(f"not a size: {size!r}")
     return int(match[1]) * {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}[match[2]]
-
-
-def _when(text: str | None) -> datetime:
-    """Swarm's RFC 3339 times, with their nanoseconds cut to what datetime holds."""
-    if not text:
-        return datetime.min.replace(tzinfo=timezone.utc)
-    match = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", text)
-    if not match:
-        return datetime.min.replace(tzinfo=timezone.utc)
-    fraction = (match[2] or "0")[:6].ljust(6, "0")
-    zone = "+00:00" if match[3] == "Z" else match[3]
-    return datetime.fromisoformat(f"{match[1]}.{fraction}{zone}")
-
-
-def _tar_of(path: Path, name: str) -> IO[bytes]:
-    """``path`` as a one-file tar archive named ``name``, spooled to disk, for put_archive."""
-    archive_bytes = tempfile.TemporaryFile()
-    with tarfile.open(fileobj=archive_bytes, mode="w") as archive:
-        info = archive.gettarinfo(str(path), arcname=name)
-        # Readable by whatever user the job runs as.
-        info.mode = 0o644
-        with open(path, "rb") as handle:
-            archive.addfile(info, handle)
-    archive_bytes.seek(0)
-    return archive_bytes

@@ -97,15 +97,21 @@ _GOLDEN_STALE = 180.0
 _GOLDEN_RETRY = 600.0
 # What the official entrypoint prints once initdb and the init scripts are done.
 _INIT_DONE = b"init process complete"
-# The entry of a server on a golden copy. Single-user mode runs as the data's
-# owner and listens nowhere; the image's own entrypoint then finds PG_VERSION
-# and starts the server without initdb. A crash in between repeats the step.
+# The entry of a server on a golden copy, at every start. On the first,
+# single-user mode (as the data's owner, listening nowhere) sets the
+# superuser's password; a crash in between repeats the step. A server killed
+# while it wrote its lock file leaves it empty, and PostgreSQL will not start
+# on that: only one server ever runs on this data, so it is stale. The image's
+# own entrypoint then finds PG_VERSION and starts the server without initdb.
 _FIRST_START = f"""set -e
 if [ -e "$PGDATA/{GOLDEN_MARK}" ]; then
     printf '%s\\n' "$DBPROV_FIRST_START" | postgres --single -D "$PGDATA" postgres > /dev/null
     rm "$PGDATA/{GOLDEN_MARK}"
 fi
 unset DBPROV_FIRST_START
+if [ -e "$PGDATA/postmaster.pid" ] && [ ! -s "$PGDATA/postmaster.pid" ]; then
+    rm "$PGDATA/postmaster.pid"
+fi
 exec "$@"
 """
 

@@ -264,7 +264,7 @@ def test_the_engine_events_tell_an_unbroken_server_from_one_that_died(runtime, d
     wait_until(lambda: runtime.runs_unbroken(database_id) is False, timeout=5, what="the death to be seen")
     # Started again (as drift repair would), it stays untrusted all the same.
     runtime.start_server(database_id)
-    wait_until(lambda: runtime.inspect_server(database_id).running, timeout=30, what="the restart")
+    connect_when_up(runtime.endpoint(database_id)).close()
     assert runtime.runs_unbroken(database_id) is False
     # A server made anew under the id is followed afresh.
     runtime.remove_server(database_id, keep_data=True)
@@ -272,3 +272,15 @@ def test_the_engine_events_tell_an_unbroken_server_from_one_that_died(runtime, d
     wait_until(lambda: runtime.runs_unbroken(database_id) is True, timeout=10, what="the new server to be seen")
     # Unknown ids are not guessed at.
     assert runtime.runs_unbroken("000000000000") is None
+
+
+@golden_only
+def test_a_lock_file_left_empty_by_a_kill_does_not_keep_the_server_down(runtime, docker_client):
+    spec, database_id = new_server(runtime)
+    connect_when_up(runtime.ensure_server(spec)).close()
+    # What a kill while PostgreSQL writes its lock file leaves behind.
+    emptied = runtime.run_job(database_id, ["sh", "-c", ': > "$PGDATA/postmaster.pid"'])
+    assert emptied.exit_code == 0, emptied.output
+    docker_client.containers.get(f"dbprov-{database_id}").kill()
+    runtime.start_server(database_id)
+    connect_when_up(runtime.endpoint(database_id)).close()

@@ -29,6 +29,9 @@ def create(service, **body) -> dict:
 
 def port_is_free(port: int) -> bool:
     with socket.socket() as sock:
+        # As a server binding it would (Go's listeners do): a connection of
+        # the test's that the proxy closed may leave the port in TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

@@ -63,8 +63,16 @@ class Store:
         # SQLite: reads get an engine of their own whose transactions start
         # deferred, so they neither take nor wait for the write lock (WAL
         # readers see a consistent snapshot). Elsewhere one engine does both.
-        self.read_engine = _make_engine(url, immediate=False) if not self.is_postgres else self.engine
+        self.read_engine = _make_engine(url, begin="BEGIN") if not self.is_postgres else self.engine
         self._read_sessions = sessionmaker(self.read_engine, expire_on_commit=False)
+        # Reads of one statement (a token, a record, a page of the list) need
+        # no transaction around them: on PostgreSQL its BEGIN and COMMIT are
+        # two of such a read's four round trips (the pool's ping, the query).
+        self.lookup_engine = (
+            self.engine.execution_options(isolation_level="AUTOCOMMIT") if self.is_postgres
+            else _make_engine(url, begin=None)
+        )
+        self._lookup_sessions = sessionmaker(self.lookup_engine, expire_on_commit=False)
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -76,6 +84,13 @@ class Store:
     def read(self) -> Iterator[Session]:
         """A session for reading only: never blocked by writers."""
         with _outages_translated(), self._read_sessions.begin() as session:
+            yield session
+
+    @contextmanager
+    def lookup(self) -> Iterator[Session]:
+        """A session for reads that are one statement each: every statement
+        sees what was committed when it began, without a transaction."""
+        with _outages_translated(), self._lookup_sessions.begin() as session:
             yield session
 
     @contextmanager
@@ -138,7 +153,10 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
-        self.read_engine.dispose()
+        # On PostgreSQL reads and lookups share the engine's pool.
+        if not self.is_postgres:
+            self.read_engine.dispose()
+            self.lookup_engine.dispose()
 
 
 def alembic_config() -> Config:
@@ -152,7 +170,7 @@ def head_revision() -> str:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
-def _make_engine(url: str, immediate: bool = True) -> Engine:
+def _make_engine(url: str, begin: str | None = "BEGIN IMMEDIATE") -> Engine:
     if not url.startswith("sqlite"):
         # pre_ping: connections that died with a restarted server are replaced
         # instead of failing the next request.
@@ -167,10 +185,11 @@ def _make_engine(url: str, immediate: bool = True) -> Engine:
         dbapi_connection.execute("PRAGMA journal_mode=WAL")
         dbapi_connection.execute("PRAGMA foreign_keys=ON")
 
-    @event.listens_for(engine, "begin")
-    def _begin(connection):  # noqa: ANN001
-        # BEGIN IMMEDIATE takes the write lock up front, so concurrent writers
-        # queue on the busy timeout instead of failing on a lock upgrade.
-        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    if begin is not None:
+        @event.listens_for(engine, "begin")
+        def _begin(connection):  # noqa: ANN001
+            # BEGIN IMMEDIATE takes the write lock up front, so concurrent writers
+            # queue on the busy timeout instead of failing on a lock upgrade.
+            connection.exec_driver_sql(begin)
 
     return engine

@@ -124,15 +124,18 @@ class Tenants:
         if scheme.lower() != "bearer" or not match:
             raise Unauthorized("the Authorization header does not hold a dbprov bearer token")
         token_id, secret = match.groups()
-        with self.store.read() as session:
-            token = session.get(Token, token_id)
+        with self.store.lookup() as session:
+            # Every request asks this: the four columns it needs, not a Token.
+            token = session.execute(
+                select(Token.tenant, Token.admin, Token.secret_hash, Token.revoked_at).where(Token.id == token_id)
+            ).first()
         if (
             token is None
             or not hmac.compare_digest(token.secret_hash, _hash(secret))
             or token.revoked_at is not None
         ):
             raise Unauthorized("the token is unknown or revoked")
-        return Principal(tenant=token.tenant, admin=token.admin, token_id=token.id)
+        return Principal(tenant=token.tenant, admin=token.admin, token_id=token_id)
 
     # -- quotas -------------------------------------------------------------
 

@@ -115,6 +115,14 @@ def test_list_is_paginated_and_filtered(client, services):
     assert all("password" not in item for item in page["items"])
 
 
+def test_a_page_past_the_end_is_empty_and_still_has_the_total(client):
+    # The total comes with the page's rows; a page without rows counts on its own.
+    for _ in range(3):
+        client.post("/databases", json={}, headers=ASYNC_HEADERS)
+    page = client.get("/databases?page=3&page_size=2").get_json()
+    assert page["items"] == [] and page["total"] == 3 and page["next_cursor"] is None
+
+
 def test_a_listed_database_reads_as_it_does_alone(client, running, runtime):
     # The list is serialised without the schema: item by item, it must say what
     # the schema-dumped GET says, times, timings, nulls and all.
@@ -291,7 +299,7 @@ def test_a_version_being_pulled_answers_503_with_retry_after(client, services, r
 
 
 def test_metadata_outage_is_a_503_problem(client, services):
-    for engine in {services.store.engine, services.store.read_engine}:
+    for engine in {services.store.engine, services.store.read_engine, services.store.lookup_engine}:
         engine.dispose()
 
         @event.listens_for(engine, "do_connect")

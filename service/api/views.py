@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Response, current_app, g, jsonify, request, url_for
+from flask import Response, current_app, g, request, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import RAISE
@@ -16,7 +17,7 @@ from werkzeug.exceptions import UnsupportedMediaType
 
 from ..errors import DbprovError, Forbidden, ProvisioningFailed, ValidationError
 from ..models import COMING_UP, Database, Status
-from ..databases import Credentials, Idempotency
+from ..databases import LISTED, Credentials, Idempotency
 from ..tenancy import LOCAL_ADMIN, Principal
 from .problems import problem_response
 from .schemas import (
@@ -76,29 +77,36 @@ def _principal() -> Principal:
 
 
 def _present(record: Database, credentials: Credentials | None = None) -> dict[str, Any]:
+    values = {column.key: getattr(record, column.key) for column in LISTED}
+    return _body(values, _services().databases.host(record), credentials)
+
+
+def _body(values: Mapping[str, Any], host: str, credentials: Credentials | None = None) -> dict[str, Any]:
+    """A database as the API shows it, from its LISTED columns (a mapping:
+    a listed row's reads several times faster than its attributes)."""
     body: dict[str, Any] = {
-        "id": record.id,
-        "tenant": record.tenant,
-        "name": record.name,
-        "status": record.status.value,
-        "version": record.version,
-        "image": record.image,
-        "host": _services().databases.host(record),
-        "port": record.host_port,
-        "database": record.database_name,
-        "username": record.username,
-        "superuser": record.superuser,
-        "expires_at": record.expires_at,
-        "protected": record.protected,
-        "plan": record.plan,
-        "parameters": record.parameters or {},
-        "extensions": record.extensions or [],
-        "source_snapshot_id": record.source_snapshot_id,
-        "last_error": record.last_error,
-        "phase_timings": record.phase_timings or {},
-        "created_at": record.created_at,
-        "ready_at": record.ready_at,
-        "deleted_at": record.deleted_at,
+        "id": values["id"],
+        "tenant": values["tenant"],
+        "name": values["name"],
+        "status": values["status"].value,
+        "version": values["version"],
+        "image": values["image"],
+        "host": host,
+        "port": values["host_port"],
+        "database": values["database_name"],
+        "username": values["username"],
+        "superuser": values["superuser"],
+        "expires_at": values["expires_at"],
+        "protected": values["protected"],
+        "plan": values["plan"],
+        "parameters": values["parameters"] or {},
+        "extensions": values["extensions"] or [],
+        "source_snapshot_id": values["source_snapshot_id"],
+        "last_error": values["last_error"],
+        "phase_timings": values["phase_timings"] or {},
+        "created_at": values["created_at"],
+        "ready_at": values["ready_at"],
+        "deleted_at": values["deleted_at"],
     }
     if credentials is not None:
         body["password"] = credentials.password
@@ -231,15 +239,17 @@ class DatabaseCollection(MethodView):
         page = _services().databases.list(
             _principal(), status, query["page"], query["page_size"], query.get("cursor")
         )
+        host = _services().databases.host
         # Serialised here rather than by the schema, which it matches (a test
         # checks): a page of 50 through marshmallow took half the request.
-        return jsonify({
-            "items": [_json_ready(_present(record)) for record in page.items],
+        # Plain json.dumps: Flask's would sort every item's keys.
+        return Response(json.dumps({
+            "items": [_json_ready(_body(row._mapping, host(row))) for row in page.items],
             "page": page.page,
             "page_size": page.page_size,
             "total": page.total,
             "next_cursor": page.next_cursor,
-        })
+        }), mimetype="application/json")
 
     @databases.arguments(DatabaseCreateSchema, required=False)
     @_guarded(databases, write=True)

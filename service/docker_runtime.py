@@ -8,12 +8,16 @@ published on the bind address, attached to the installation's network (no
 traffic between its containers), and labelled ``io.dbprov.*`` so that this
 installation finds, and sweeps, only its own.
 
-A new server skips ``initdb``: its volume starts as a copy of a data directory
+A new server skips ``initdb``: its data starts from a data directory
 initialised once per image and superuser, kept in a local "golden" image
-(``dbprov-golden:<key>``, made by ``docker commit``). The engine copies an
-image's files into an empty named volume mounted over them, so the copy costs
-no extra container. Before the server first listens, its superuser gets its
-own password in single-user mode; nobody ever knew the golden one.
+(``dbprov-golden:<key>``, made by ``docker commit``) and in a volume of the
+same name filled from it. A server's data volume is an overlay over that
+golden volume: its own changes go to a volume of its own (``-upper``), the
+golden files are shared and never copied, so making one costs no file at all.
+Where the engine cannot mount an overlay, the volume is a full copy instead,
+which the engine makes when an empty volume is mounted over the image's
+files. Before the server first listens, its superuser gets its own password
+in single-user mode; nobody ever knew the golden one.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import weakref
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import IO, Callable, Iterator, NamedTuple
 
 import docker
 import docker.errors
@@ -77,18 +81,28 @@ LABEL_JOB = "io.dbprov.job"
 # the phrasings of the engine's port allocator and of the kernel's bind().
 _PORT_TAKEN = ("port is already allocated", "address already in use")
 
-# Golden images: the repository they are tagged in, and the labels that say
-# what each was made from (the base image's name and id).
+# Golden images and volumes: the repository and volume prefix, and the labels
+# that say what each was made from (the base image's name and id, and how).
 GOLDEN_REPOSITORY = "dbprov-golden"
 LABEL_GOLDEN_OF = "io.dbprov.golden-of"
 LABEL_GOLDEN_BASE = "io.dbprov.golden-base"
+LABEL_GOLDEN_FORMAT = "io.dbprov.golden-format"
 # Where a golden image keeps its data directory: outside every volume the
-# postgres images declare, since a commit leaves volumes out.
-GOLDEN_PGDATA = "/var/lib/dbprov-initialized"
+# postgres images declare, since a commit leaves volumes out. Its parent is
+# what a golden volume and an overlay hold, so that the data directory (owned
+# by postgres, mode 0700) is a file of the golden copy, not the root of the
+# overlay, whose owner and mode the engine decides.
+GOLDEN_HOME = "/var/lib/dbprov-golden"
+GOLDEN_PGDATA = f"{GOLDEN_HOME}/data"
+# Where a server mounts, read-only, the golden volume its overlay stands on:
+# the engine then refuses to remove it, or prune it, while the server exists.
+_LOWER_AT = "/var/lib/dbprov-lower"
+# On an overlay data volume: the golden volume under it.
+LABEL_LOWER = "io.dbprov.lower"
 # In a golden copy until its first start has set the superuser's password.
 GOLDEN_MARK = "dbprov-golden"
 # Bumped when the way a golden image is made changes, so old ones are not used.
-_GOLDEN_FORMAT = "1"
+_GOLDEN_FORMAT = "2"
 # Seconds a subscription to the engine's events is trusted before it is made anew.
 _EVENTS_RESUBSCRIBE = 60.0
 # Seconds after which a golden build still under way was left by a crash.
@@ -170,6 +184,8 @@ class DockerRuntime:
         # _GOLDEN_RETRY has passed).
         self._golden_lock = threading.Lock()
         self._golden_failed: dict[str, float] = {}
+        # Each golden key's image and volume, once looked up.
+        self._golden_found: dict[str, _Golden] = {}
         self._liveness = _Liveness(self)
 
     @property
@@ -214,7 +230,6 @@ class DockerRuntime:
         name = container_name(spec.database_id)
         labels = labels_for(self.instance, spec.database_id)
         with _translated():
-            self._ensure_volume(volume_name(spec.database_id), labels)
             retried = False
             while True:
                 attrs = self._container(name)
@@ -251,13 +266,16 @@ class DockerRuntime:
             log.info("pulling image %s", spec.image)
             self.pull_image(spec.image)
             base = self.client.api.inspect_image(spec.image)
+        golden = self._golden_image(spec, base) if self.golden else None
+        layered = self._data_volume(spec.database_id, labels, golden)
         kwargs = dict(
             name=container_name(spec.database_id),
             command=list(spec.command),
             environment=spec.environment,
             labels=labels,
             ports={"5432/tcp": (self.bind_address, spec.port)},
-            volumes={volume_name(spec.database_id): {"bind": PGDATA, "mode": "rw"}},
+            # The image's own initdb fills a volume at its own $PGDATA.
+            volumes=self._mounts(spec.database_id, layered, GOLDEN_PGDATA if golden else PGDATA),
             restart_policy={"Name": "unless-stopped"},
             network=self._network(),
             mem_limit=spec.memory_limit,
@@ -266,7 +284,8 @@ class DockerRuntime:
             security_opt=["no-new-privileges:true"],
             detach=True,
         )
-        golden = self._golden_image(spec, base) if self.golden else None
+        if layered is not None:
+            kwargs["environment"] = {**spec.environment, "PGDATA": GOLDEN_PGDATA}
         if golden is None:
             return self.client.containers.create(spec.image, **kwargs).id
         user, password = spec.environment["POSTGRES_USER"], spec.environment["POSTGRES_PASSWORD"]
@@ -282,35 +301,79 @@ class DockerRuntime:
                 # A verifier, never the password: an error would print the statement.
                 "DBPROV_FIRST_START": f"ALTER ROLE {_identifier(user)} PASSWORD {_literal(scram_verifier(password))}",
             },
-            # Mounted over the golden data: the engine copies it into the empty volume.
-            volumes={volume_name(spec.database_id): {"bind": GOLDEN_PGDATA, "mode": "rw"}},
             # The volumes the image declares, unused now: a tmpfs rather than
             # an anonymous volume each.
             tmpfs={path: "size=1m" for path in (base["Config"].get("Volumes") or {})},
         )
-        return self.client.containers.create(golden, **kwargs).id
+        return self.client.containers.create(golden.image, **kwargs).id
 
-    def _golden_image(self, spec: ServerSpec, base: dict) -> str | None:
-        """The golden image for ``spec``'s image and superuser, made if need be; None
+    def _data_volume(self, database_id: str, labels: dict[str, str], golden: "_Golden | None") -> str | None:
+        """Make the server's data volume if it has none; the golden volume it is
+        an overlay on, or None for a volume of its own files."""
+        found = self._volume(volume_name(database_id))
+        if found is not None:
+            return (found.get("Labels") or {}).get(LABEL_LOWER)
+        if golden is None or golden.lower is None:
+            self.client.api.create_volume(name=volume_name(database_id), labels=labels)
+            return None
+        self._make_overlay(database_id, labels, golden.volume, golden.lower)
+        return golden.volume
+
+    def _make_overlay(self, database_id: str, labels: dict[str, str], lower: str, lower_path: str) -> None:
+        """The data volume of ``database_id`` as an overlay on the golden volume
+        ``lower`` (at ``lower_path`` on the engine's host): no file is copied."""
+        # Volumes of their own, so that the engine keeps and removes them. The
+        # engine answers a create of an existing one with it: what a crash
+        # left before the overlay was made (still empty) is used again.
+        upper, work = (self.client.api.create_volume(name=name, labels=labels) for name in _layers(database_id))
+        self.client.api.create_volume(
+            name=volume_name(database_id),
+            driver="local",
+            driver_opts={
+                "type": "overlay",
+                "device": "overlay",
+                "o": f"lowerdir={lower_path},upperdir={upper['Mountpoint']},workdir={work['Mountpoint']}",
+            },
+            labels={**labels, LABEL_LOWER: lower},
+        )
+
+    @staticmethod
+    def _mounts(database_id: str, lower: str | None, pgdata: str) -> dict:
+        """The volumes of a server: its own data at ``pgdata``, or an overlay
+        holding it (at GOLDEN_PGDATA) and the golden volume it stands on."""
+        if lower is None:
+            return {volume_name(database_id): {"bind": pgdata, "mode": "rw"}}
+        return {
+            # nocopy: an overlay is never filled from the image's files.
+            volume_name(database_id): {"bind": GOLDEN_HOME, "mode": "rw,nocopy"},
+            lower: {"bind": _LOWER_AT, "mode": "ro,nocopy"},
+        }
+
+    def _golden_image(self, spec: ServerSpec, base: dict) -> "_Golden | None":
+        """The golden copy for ``spec``'s image and superuser, made if need be; None
         if it cannot be made (its servers then run initdb, as without one)."""
         key = self._golden_key(spec, base)
         tag = f"{GOLDEN_REPOSITORY}:{key}"
         if time.monotonic() < self._golden_failed.get(base["Id"], 0.0):
             return None
         with self._golden_lock:
-            if self.has_image(tag):
-                return tag
-            try:
-                self._make_golden(spec, base, key)
-            except (docker.errors.APIError, GoldenFailed) as exc:
-                self._golden_failed[base["Id"]] = time.monotonic() + _GOLDEN_RETRY
-                log.warning(
-                    "no golden image for %s (servers on it run initdb, about 1 s more each): %s",
-                    spec.image, exc,
-                )
-                return None
-        self._prune_golden(spec.image, base["Id"])
-        return tag
+            if not self.has_image(tag):
+                self._golden_found.pop(key, None)
+                try:
+                    self._make_golden(spec, base, key)
+                except (docker.errors.APIError, GoldenFailed) as exc:
+                    self._golden_failed[base["Id"]] = time.monotonic() + _GOLDEN_RETRY
+                    log.warning(
+                        "no golden image for %s (servers on it run initdb, about 1 s more each): %s",
+                        spec.image, exc,
+                    )
+                    return None
+                self._prune_golden(spec.image, base["Id"])
+            if key not in self._golden_found:
+                # Without its volume (an engine that cannot mount an overlay), servers get copies.
+                volume = self._volume(f"{GOLDEN_REPOSITORY}-{key}") or {}
+                self._golden_found[key] = _Golden(tag, volume.get("Name"), volume.get("Mountpoint"))
+            return self._golden_found[key]
 
     @staticmethod
     def _golden_key(spec: ServerSpec, base: dict) -> str:
@@ -320,7 +383,8 @@ class DockerRuntime:
 
     def _make_golden(self, spec: ServerSpec, base: dict, key: str) -> None:
         """Initialise a data directory with the image's own entrypoint, stop it
-        cleanly, and commit it as ``dbprov-golden:<key>``."""
+        cleanly, commit it, fill the golden volume from it, and only then tag
+        it ``dbprov-golden:<key>``: the tag says both are whole."""
         name = f"{GOLDEN_REPOSITORY}-{key}"
         started = time.monotonic()
         container = self._golden_builder(spec, base, name)
@@ -329,6 +393,9 @@ class DockerRuntime:
             if not self.has_image(f"{GOLDEN_REPOSITORY}:{key}"):
                 raise GoldenFailed("another process could not make it")
             return
+        golden_labels = {
+            LABEL_GOLDEN_OF: spec.image, LABEL_GOLDEN_BASE: base["Id"], LABEL_GOLDEN_FORMAT: _GOLDEN_FORMAT,
+        }
         try:
             self.client.api.start(container)
             deadline = time.monotonic() + 120
@@ -343,17 +410,59 @@ class DockerRuntime:
             if self.client.api.inspect_container(container)["State"]["ExitCode"] != 0:
                 raise GoldenFailed(f"the server did not stop cleanly: {self._tail(container)}")
             self.client.api.put_archive(container, GOLDEN_PGDATA, _tar_of_empty(GOLDEN_MARK))
-            self.client.api.commit(
-                container, repository=GOLDEN_REPOSITORY, tag=key,
+            image = self.client.api.commit(
+                container,
                 # No password of any kind in the image; the base's name and id for pruning.
                 changes=[
                     "ENV POSTGRES_PASSWORD=",
-                    f'LABEL {LABEL_GOLDEN_OF}="{spec.image}" {LABEL_GOLDEN_BASE}="{base["Id"]}"',
+                    "LABEL " + " ".join(f'{label}="{value}"' for label, value in golden_labels.items()),
                 ],
-            )
+            )["Id"]
+            self._fill_golden_volume(image, name, golden_labels)
+            self.client.api.tag(image, GOLDEN_REPOSITORY, key)
         finally:
             self._remove_container(container)
         log.info("golden image for %s made in %.1f s", spec.image, time.monotonic() - started)
+
+    def _fill_golden_volume(self, image: str, name: str, labels: dict[str, str]) -> None:
+        """The golden volume ``name``, filled from ``image``, if an overlay on it
+        mounts on this engine; else none, and servers get copies."""
+        probe = f"{name}-probe"
+
+        def clear_probe() -> None:
+            self._remove_container(probe)
+            for volume in (volume_name(probe), *_layers(probe)):
+                self._remove_volume(volume)
+
+        # Whatever a crashed build left: it was never tagged, so no server stands on it.
+        clear_probe()
+        self._remove_volume(name)
+        lower = self.client.api.create_volume(name=name, labels=labels)
+        try:
+            self._make_overlay(probe, labels, name, lower["Mountpoint"])
+            # Created, the engine fills the empty golden volume from the image;
+            # started, it mounts an overlay on it and looks through.
+            self.client.api.create_container(
+                image,
+                name=probe,
+                entrypoint=["test", "-s", "/probe/data/PG_VERSION"],
+                labels=labels,
+                host_config=self.client.api.create_host_config(
+                    network_mode="none",
+                    binds=[f"{name}:{GOLDEN_HOME}:rw", f"{volume_name(probe)}:/probe:ro,nocopy"],
+                ),
+                volumes=[GOLDEN_HOME, "/probe"],
+            )
+            self.client.api.start(probe)
+            exit_code = self.client.api.wait(probe, timeout=60)["StatusCode"]
+            if exit_code != 0:
+                raise GoldenFailed(f"the golden data is not seen through an overlay (exit code {exit_code})")
+        except (docker.errors.APIError, GoldenFailed) as exc:
+            log.warning("servers get copies of the golden data: an overlay on it does not mount here: %s", exc)
+            clear_probe()
+            self._remove_volume(name)
+        finally:
+            clear_probe()
 
     def _golden_builder(self, spec: ServerSpec, base: dict, name: str) -> str | None:
         """The container that initialises a golden copy; None once another
@@ -394,17 +503,25 @@ class DockerRuntime:
             return None
 
     def _prune_golden(self, image: str, base_id: str) -> None:
-        """Drop the golden images of earlier versions of ``image``: it has changed."""
-        stale = [
-            found["Id"]
-            for found in self.client.api.images(filters={"label": f"{LABEL_GOLDEN_OF}={image}"})
-            if (found.get("Labels") or {}).get(LABEL_GOLDEN_BASE) != base_id
-        ]
-        for image_id in stale:
-            try:
-                self.client.api.remove_image(image_id)
-            except docker.errors.APIError:
-                pass  # still used by a server of that version: tried again next time
+        """Drop the golden images and volumes of earlier versions of ``image`` (it
+        has changed), or of an earlier way of making them, once no server uses them."""
+        def stale(labels: dict | None) -> bool:
+            labels = labels or {}
+            return (labels.get(LABEL_GOLDEN_BASE), labels.get(LABEL_GOLDEN_FORMAT)) != (base_id, _GOLDEN_FORMAT)
+
+        of_image = {"label": f"{LABEL_GOLDEN_OF}={image}"}
+        for found in self.client.api.images(filters=of_image):
+            if stale(found.get("Labels")):
+                try:
+                    self.client.api.remove_image(found["Id"])
+                except docker.errors.APIError:
+                    pass  # still used by a server of that version: tried again next time
+        for volume in self.client.api.volumes(filters=of_image).get("Volumes") or []:
+            # The engine would remove a golden volume that only a stopped
+            # server's data volume stands on: look for those first.
+            standing = self.client.api.volumes(filters={"label": f"{LABEL_LOWER}={volume['Name']}"})
+            if stale(volume.get("Labels")) and not standing.get("Volumes"):
+                self._remove_volume(volume["Name"])
 
     def _tail(self, container: str) -> str:
         return self.client.api.logs(container, tail=10).decode("utf-8", errors="replace").strip()
@@ -434,10 +551,9 @@ class DockerRuntime:
                 self._remove_container(job["Id"])
             self._remove_container(container_name(database_id))
             if not keep_data:
-                try:
-                    self.client.api.remove_volume(volume_name(database_id))
-                except docker.errors.NotFound:
-                    pass
+                # The overlay first: the volumes it is made of are in use until it goes.
+                for volume in (volume_name(database_id), *_layers(database_id)):
+                    self._remove_volume(volume)
 
     def inspect_server(self, database_id: str) -> ServerInfo | None:
         volume = volume_name(database_id)
@@ -572,15 +688,18 @@ class DockerRuntime:
 
     def copy_data(self, source_id: str, target_id: str, image: str) -> int:
         with _translated():
-            if not self._volume_exists(volume_name(source_id)):
+            source = self._volume(volume_name(source_id))
+            if source is None:
                 raise NotFound(f"{source_id} has no data to copy")
-            self._ensure_volume(volume_name(target_id), labels_for(self.instance, target_id))
+            # A copy is a volume of its own files: an overlay holds them in data/.
+            inside = "data/" if LABEL_LOWER in (source.get("Labels") or {}) else ""
+            self.client.api.create_volume(name=volume_name(target_id), labels=labels_for(self.instance, target_id))
             container = self._job_container(
                 target_id,
                 image,
                 # -a keeps owners and modes: the server runs as its own user on
                 # them. The size is the copy's, for the snapshot's record.
-                ["sh", "-c", "cp -a /source/. /target/ && du -sb /target | cut -f1"],
+                ["sh", "-c", f"cp -a /source/{inside}. /target/ && du -sb /target | cut -f1"],
                 {
                     volume_name(source_id): {"bind": "/source", "mode": "ro"},
                     volume_name(target_id): {"bind": "/target", "mode": "rw"},
@@ -648,16 +767,20 @@ class DockerRuntime:
             if exc.status_code != 409:
                 raise
 
-    def _volume_exists(self, name: str) -> bool:
+    def _volume(self, name: str) -> dict | None:
         try:
-            self.client.api.inspect_volume(name)
+            return self.client.api.inspect_volume(name)
         except docker.errors.NotFound:
-            return False
-        return True
+            return None
 
-    def _ensure_volume(self, name: str, labels: dict[str, str]) -> None:
-        if not self._volume_exists(name):
-            self.client.api.create_volume(name=name, labels=labels)
+    def _volume_exists(self, name: str) -> bool:
+        return self._volume(name) is not None
+
+    def _remove_volume(self, name: str) -> None:
+        try:
+            self.client.api.remove_volume(name)
+        except docker.errors.NotFound:
+            pass
 
     def _network(self) -> str:
         """The installation's bridge network, whose containers cannot reach each other."""
@@ -779,6 +902,21 @@ class _Liveness:
         finally:
             closer.cancel()
             stream.close()
+
+
+class _Golden(NamedTuple):
+    """A golden copy: its image, and its volume with where the engine keeps it
+    (None where servers get copies instead of overlays)."""
+
+    image: str
+    volume: str | None
+    lower: str | None
+
+
+def _layers(database_id: str) -> tuple[str, str]:
+    """The volumes an overlay data volume is made of: its changes, and the
+    overlay's own working directory."""
+    return f"dbprov-{database_id}-upper", f"dbprov-{database_id}-work"
 
 
 def _tar_of_empty(name: str) -> bytes:

@@ -348,8 +348,9 @@ class Settings:
     )
     golden_images: bool = setting(
         "DBPROV_GOLDEN_IMAGES", _bool, "true",
-        "whether a new server starts on a copy of a data directory initialised once per image "
-        "(a local `dbprov-golden` image) instead of running initdb; Docker runtime only",
+        "whether a new server starts from a data directory initialised once per image "
+        "(a local `dbprov-golden` image and volume, each server's data an overlay on it) "
+        "instead of running initdb; Docker runtime only",
     )
     default_ttl: float | None = setting(
         "DBPROV_DEFAULT_TTL", _optional_seconds, "",

@@ -8,6 +8,7 @@ import io
 import secrets
 import time
 
+import docker.errors
 import psycopg
 import pytest
 
@@ -23,15 +24,23 @@ pytestmark = pytest.mark.docker
 PASSWORD = "seam-test-password"
 
 
-# Each method on both ways a server's data begins: a golden copy, and the
-# image's own initdb (DBPROV_GOLDEN_IMAGES=false, or a golden image that
+# Each method on every way a server's data begins: an overlay on the golden
+# volume; a copy of the golden data (an engine that cannot mount an overlay);
+# the image's own initdb (DBPROV_GOLDEN_IMAGES=false, or a golden image that
 # could not be made).
-@pytest.fixture(params=[True, False], ids=["golden", "initdb"])
-def runtime(request, docker_client):
+@pytest.fixture(params=["overlay", "copy", "initdb"])
+def runtime(request, docker_client, monkeypatch):
     runtime = DockerRuntime(
         instance=INSTANCE, network=f"dbprov-{INSTANCE}", bind_address="127.0.0.1",
-        probe_host="127.0.0.1", pull=True, golden=request.param,
+        probe_host="127.0.0.1", pull=True, golden=request.param != "initdb",
     )
+    if request.param == "copy":
+        golden_image = runtime._golden_image
+        monkeypatch.setattr(
+            runtime, "_golden_image",
+            lambda spec, base: (golden := golden_image(spec, base)) and golden._replace(volume=None, lower=None),
+        )
+    runtime.way = request.param
     made: list[str] = []
     runtime.made = made
     yield runtime
@@ -146,11 +155,12 @@ def test_a_missing_image_is_reported_at_once(runtime):
     with pytest.raises(ImageMissing):
         runtime.ensure_server(spec)
     assert time.monotonic() - started < 30
-    # No server was made; the reconciler's failure handling removes the data.
-    assert runtime.inspect_server(database_id).state == ABSENT
+    # Nothing was made: neither a server nor its data.
+    assert runtime.inspect_server(database_id) is None
 
 
-golden_only = pytest.mark.parametrize("runtime", [True], ids=["golden"], indirect=True)
+golden_only = pytest.mark.parametrize("runtime", ["overlay", "copy"], indirect=True)
+overlay_only = pytest.mark.parametrize("runtime", ["overlay"], indirect=True)
 
 
 def golden_images(docker_client, image: str) -> list:
@@ -181,11 +191,85 @@ def test_servers_on_golden_copies_skip_initdb_and_each_has_its_own_password(runt
     runtime.stop_server(first_id)
     runtime.start_server(first_id)
     connect_when_up(runtime.endpoint(first_id), password=first.environment["POSTGRES_PASSWORD"]).close()
-    # No volume but the servers' own: the image's declared volume is a tmpfs.
+    # No volume but the servers' own (and the golden one an overlay stands
+    # on): the image's declared volume is a tmpfs.
     volumes = docker_client.volumes.list(filters={"label": f"io.dbprov.instance={INSTANCE}"})
     mounted = {m.get("Name") for c in (first_id, second_id)
                for m in docker_client.containers.get(f"dbprov-{c}").attrs["Mounts"] if m["Type"] == "volume"}
-    assert mounted == {f"dbprov-{first_id}-data", f"dbprov-{second_id}-data"} <= {v.name for v in volumes}
+    own = {f"dbprov-{first_id}-data", f"dbprov-{second_id}-data"}
+    assert own <= {v.name for v in volumes}
+    assert mounted - own == ({golden_volume(docker_client, first_id)} if runtime.way == "overlay" else set())
+
+
+def golden_volume(docker_client, database_id: str) -> str:
+    return docker_client.volumes.get(f"dbprov-{database_id}-data").attrs["Labels"]["io.dbprov.lower"]
+
+
+@overlay_only
+def test_an_overlay_shares_the_golden_files_which_stay_while_a_server_stands_on_them(runtime, docker_client):
+    spec, database_id = new_server(runtime)
+    with connect_when_up(runtime.ensure_server(spec)) as conn:
+        conn.execute("CREATE TABLE mine AS SELECT 1 AS n")
+    data = docker_client.volumes.get(f"dbprov-{database_id}-data")
+    lower = docker_client.volumes.get(golden_volume(docker_client, database_id))
+    assert data.attrs["Options"]["type"] == "overlay"
+    assert lower.attrs["Mountpoint"] in data.attrs["Options"]["o"]
+    assert lower.attrs["Labels"][LABEL_GOLDEN_BASE] == docker_client.images.get("postgres:17").id
+    # The golden files are never written: the server's changes are its own.
+    listed = runtime.run_job(database_id, ["sh", "-c", f"ls {docker_runtime._LOWER_AT}/data/base | wc -l"])
+    before = listed.output
+    with connect_when_up(runtime.endpoint(database_id)) as conn:
+        conn.execute("CREATE DATABASE another")
+    assert runtime.run_job(database_id, ["sh", "-c", f"ls {docker_runtime._LOWER_AT}/data/base | wc -l"]).output == before
+    # The engine will not remove (or prune) the golden volume under a server, even a stopped one.
+    runtime.stop_server(database_id)
+    with pytest.raises(docker.errors.APIError, match="in use"):
+        lower.remove()
+    runtime.remove_server(database_id)
+    left = docker_client.volumes.list(filters={"name": f"dbprov-{database_id}"})
+    assert not left, [v.name for v in left]
+    lower.reload()  # still there, for the servers to come
+
+
+def test_an_engine_without_overlays_gets_copies_of_the_golden_data(docker_client, monkeypatch):
+    runtime = DockerRuntime(
+        instance=INSTANCE, network=f"dbprov-{INSTANCE}", bind_address="127.0.0.1", probe_host="127.0.0.1",
+    )
+    make_overlay = runtime._make_overlay
+
+    def refused(database_id, *args):
+        if database_id.endswith("-probe"):
+            raise docker.errors.APIError("overlay: mount refused")
+        return make_overlay(database_id, *args)
+
+    monkeypatch.setattr(runtime, "_make_overlay", refused)
+    database_id = secrets.token_hex(6)
+    # A superuser of its own: a golden copy of its own, made here.
+    user = f"nooverlay_{INSTANCE[5:]}"
+    spec = ServerSpec(
+        database_id=database_id, image="postgres:17", port=free_port(),
+        environment={"POSTGRES_USER": user, "POSTGRES_PASSWORD": PASSWORD, "POSTGRES_DB": "postgres"},
+    )
+    key = runtime._golden_key(spec, docker_client.api.inspect_image("postgres:17"))
+    try:
+        endpoint = runtime.ensure_server(spec)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                psycopg.connect(
+                    host=endpoint.host, port=endpoint.port, user=user, password=PASSWORD, dbname="postgres",
+                    connect_timeout=2,
+                ).close()
+                break
+            except psycopg.OperationalError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.2)
+        assert "init process complete" not in runtime.server_logs(database_id, tail=200)
+        assert "io.dbprov.lower" not in docker_client.volumes.get(f"dbprov-{database_id}-data").attrs["Labels"]
+        assert not docker_client.volumes.list(filters={"name": f"{GOLDEN_REPOSITORY}-{key}"})
+    finally:
+        runtime.remove_server(database_id)
+        docker_client.images.remove(f"{GOLDEN_REPOSITORY}:{key}", force=True)
 
 
 @golden_only
@@ -209,10 +293,15 @@ def test_a_changed_image_gets_a_new_golden_image_and_the_old_one_goes(runtime, d
         connect_when_up(runtime.ensure_server(spec)).close()
         (new_golden,) = golden_images(docker_client, image)
         assert new_golden.labels[LABEL_GOLDEN_BASE] == new_id
+        if runtime.way == "overlay":
+            (volume,) = docker_client.volumes.list(filters={"label": f"{LABEL_GOLDEN_OF}={image}"})
+            assert volume.attrs["Labels"][LABEL_GOLDEN_BASE] == new_id
         runtime.remove_server(database_id)
     finally:
         for golden in golden_images(docker_client, image):
             docker_client.images.remove(golden.id, force=True)
+        for volume in docker_client.volumes.list(filters={"label": f"{LABEL_GOLDEN_OF}={image}"}):
+            volume.remove()
         for left in docker_client.images.list(filters={"reference": image.split(":")[0]}):
             docker_client.images.remove(left.id, force=True)
         docker_client.images.prune(filters={"dangling": True})
@@ -253,6 +342,8 @@ def test_a_golden_build_left_by_a_crash_is_cleared(runtime, docker_client, monke
     finally:
         for golden in golden_images(docker_client, image):
             docker_client.images.remove(golden.id, force=True)
+        for volume in docker_client.volumes.list(filters={"label": f"{LABEL_GOLDEN_OF}={image}"}):
+            volume.remove()
         docker_client.images.remove(image)
 
 

@@ -59,15 +59,17 @@ def new_server(runtime, image: str = "postgres:17", password: str = PASSWORD) ->
     return spec, database_id
 
 
-def uri(endpoint, password: str = PASSWORD) -> str:
-    return f"postgresql://admin:{password}@{endpoint.host}:{endpoint.port}/postgres"
+def uri(endpoint, password: str = PASSWORD, user: str = "admin") -> str:
+    return f"postgresql://{user}:{password}@{endpoint.host}:{endpoint.port}/postgres"
 
 
-def connect_when_up(endpoint, timeout: float = 60, password: str = PASSWORD) -> psycopg.Connection:
+def connect_when_up(
+    endpoint, timeout: float = 60, password: str = PASSWORD, user: str = "admin"
+) -> psycopg.Connection:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return psycopg.connect(uri(endpoint, password), connect_timeout=2, autocommit=True)
+            return psycopg.connect(uri(endpoint, password, user), connect_timeout=2, autocommit=True)
         except psycopg.OperationalError:
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.2)
@@ -252,18 +254,7 @@ def test_an_engine_without_overlays_gets_copies_of_the_golden_data(docker_client
     )
     key = runtime._golden_key(spec, docker_client.api.inspect_image("postgres:17"))
     try:
-        endpoint = runtime.ensure_server(spec)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                psycopg.connect(
-                    host=endpoint.host, port=endpoint.port, user=user, password=PASSWORD, dbname="postgres",
-                    connect_timeout=2,
-                ).close()
-                break
-            except psycopg.OperationalError:
-                assert time.monotonic() < deadline, "the server did not come up"
-                time.sleep(0.2)
+        connect_when_up(runtime.ensure_server(spec), user=user).close()
         assert "init process complete" not in runtime.server_logs(database_id, tail=200)
         assert "io.dbprov.lower" not in docker_client.volumes.get(f"dbprov-{database_id}-data").attrs["Labels"]
         assert not docker_client.volumes.list(filters={"name": f"{GOLDEN_REPOSITORY}-{key}"})
@@ -323,18 +314,7 @@ def test_a_golden_build_left_by_a_crash_is_cleared(runtime, docker_client, monke
             environment={"POSTGRES_PASSWORD": "x"}, labels={"io.dbprov.instance": INSTANCE},
         )
         monkeypatch.setattr(docker_runtime, "_GOLDEN_STALE", 0.0)
-        endpoint = runtime.ensure_server(spec)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                psycopg.connect(
-                    host=endpoint.host, port=endpoint.port, user=spec.environment["POSTGRES_USER"],
-                    password=PASSWORD, dbname="postgres", connect_timeout=2,
-                ).close()
-                break
-            except psycopg.OperationalError:
-                assert time.monotonic() < deadline, "the server did not come up"
-                time.sleep(0.2)
+        connect_when_up(runtime.ensure_server(spec), user=spec.environment["POSTGRES_USER"]).close()
         assert docker_client.containers.get(f"dbprov-{database_id}").image.tags[0] == f"{GOLDEN_REPOSITORY}:{key}"
         left = docker_client.containers.list(all=True, filters={"name": f"{GOLDEN_REPOSITORY}-{key}"})
         assert not left, [(c.name, c.status, c.attrs["Created"]) for c in left]

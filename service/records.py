@@ -160,4 +160,6 @@ def _observe(session: Session, timings: dict[str, float]) -> None:
             update(PhaseHistogram)
             .where(PhaseHistogram.phase == phase, PhaseHistogram.bucket >= first)
             .values(count=PhaseHistogram.count + 1, seconds=PhaseHistogram.seconds + seconds)
+            # No session holds these rows: nothing to bring up to date.
+            .execution_options(synchronize_session=False)
         )

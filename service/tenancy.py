@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import Row, bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -171,15 +171,16 @@ class Tenants:
         with self.store.read() as session:
             return count_live(session, tenant), self._limit(session.get(Tenant, tenant))
 
-    def _limit(self, record: Tenant | None) -> int:
+    def _limit(self, record: Tenant | Row | None) -> int:
         if record is not None and record.database_limit is not None:
             return record.database_limit
         return self.settings.tenant_quota
 
-    def lock(self, session: Session, tenant: str) -> Tenant | None:
+    def lock(self, session: Session, tenant: str) -> Row | None:
         """Inside a transaction: hold ``tenant``'s row, so that counts against its
-        limits are made one after another (SQLite's BEGIN IMMEDIATE does it already)."""
-        return session.scalars(select(Tenant).where(Tenant.name == tenant).with_for_update()).first()
+        limits are made one after another (SQLite's BEGIN IMMEDIATE does it
+        already); its plans and database_limit, or None if it has no row."""
+        return session.execute(_TENANT_LOCK, {"tenant": tenant}).first()
 
     def reserve(self, session: Session, tenant: str, plan: str) -> None:
         """Inside a create's transaction: refuse it if ``tenant`` may not use
@@ -264,9 +265,15 @@ class Tenants:
 
 
 def count_live(session: Session, tenant: str) -> int:
-    return session.scalar(
-        select(func.count()).select_from(Database).where(
-            Database.tenant == tenant, Database.status != Status.DELETED
-        )
-    ) or 0
+    return session.scalar(_LIVE_COUNT, {"tenant": tenant})
+
+
+# Built once: every create runs both in its transaction, where making them
+# cost more than running them.
+_TENANT_LOCK = (
+    select(Tenant.plans, Tenant.database_limit).where(Tenant.name == bindparam("tenant")).with_for_update()
+)
+_LIVE_COUNT = select(func.count()).select_from(Database).where(
+    Database.tenant == bindparam("tenant"), Database.status != Status.DELETED
+)
 

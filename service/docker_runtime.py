@@ -50,6 +50,7 @@ from .errors import (
     NotFound,
     PortInUse,
     RuntimeUnavailable,
+    ServerFailed,
 )
 from .runtime import (
     ABSENT,
@@ -94,15 +95,16 @@ LABEL_GOLDEN_FORMAT = "io.dbprov.golden-format"
 # overlay, whose owner and mode the engine decides.
 GOLDEN_HOME = "/var/lib/dbprov-golden"
 GOLDEN_PGDATA = f"{GOLDEN_HOME}/data"
-# Where a server mounts, read-only, the golden volume its overlay stands on:
-# the engine then refuses to remove it, or prune it, while the server exists.
-_LOWER_AT = "/var/lib/dbprov-lower"
-# On an overlay data volume: the golden volume under it.
+# Where a server on an overlay mounts, read-only, the volumes the overlay is
+# made of: the engine then refuses to remove or prune them while it exists.
+_LAYERS_AT = "/var/lib/dbprov-layers"
+# On an overlay data volume: the golden volume under it. On a golden image:
+# its golden volume.
 LABEL_LOWER = "io.dbprov.lower"
 # In a golden copy until its first start has set the superuser's password.
 GOLDEN_MARK = "dbprov-golden"
 # Bumped when the way a golden image is made changes, so old ones are not used.
-_GOLDEN_FORMAT = "2"
+_GOLDEN_FORMAT = "3"
 # Seconds a subscription to the engine's events is trusted before it is made anew.
 _EVENTS_RESUBSCRIBE = 60.0
 # Seconds after which a golden build still under way was left by a crash.
@@ -184,8 +186,8 @@ class DockerRuntime:
         # _GOLDEN_RETRY has passed).
         self._golden_lock = threading.Lock()
         self._golden_failed: dict[str, float] = {}
-        # Each golden key's image and volume, once looked up.
-        self._golden_found: dict[str, _Golden] = {}
+        # The golden keys whose servers get copies, said once in the log.
+        self._golden_without_volume: set[str] = set()
         self._liveness = _Liveness(self)
 
     @property
@@ -205,11 +207,7 @@ class DockerRuntime:
 
     def has_image(self, image: str) -> bool:
         with _translated():
-            try:
-                self.client.api.inspect_image(image)
-            except docker.errors.ImageNotFound:
-                return False
-        return True
+            return self._image(image) is not None
 
     def pull_image(self, image: str, progress: Callable[[str], None] | None = None) -> None:
         repository, tag = parse_repository_tag(image)
@@ -267,15 +265,17 @@ class DockerRuntime:
             self.pull_image(spec.image)
             base = self.client.api.inspect_image(spec.image)
         golden = self._golden_image(spec, base) if self.golden else None
-        layered = self._data_volume(spec.database_id, labels, golden)
+        lower = self._data_volume(spec.database_id, labels, golden)
+        # Data that begins initialised (a golden copy or an overlay) rather
+        # than by the image's own initdb, at its own $PGDATA.
+        initialised = golden is not None or lower is not None
         kwargs = dict(
             name=container_name(spec.database_id),
             command=list(spec.command),
             environment=spec.environment,
             labels=labels,
             ports={"5432/tcp": (self.bind_address, spec.port)},
-            # The image's own initdb fills a volume at its own $PGDATA.
-            volumes=self._mounts(spec.database_id, layered, GOLDEN_PGDATA if golden else PGDATA),
+            volumes=self._mounts(spec.database_id, lower, GOLDEN_PGDATA if initialised else PGDATA),
             restart_policy={"Name": "unless-stopped"},
             network=self._network(),
             mem_limit=spec.memory_limit,
@@ -284,9 +284,7 @@ class DockerRuntime:
             security_opt=["no-new-privileges:true"],
             detach=True,
         )
-        if layered is not None:
-            kwargs["environment"] = {**spec.environment, "PGDATA": GOLDEN_PGDATA}
-        if golden is None:
+        if not initialised:
             return self.client.containers.create(spec.image, **kwargs).id
         user, password = spec.environment["POSTGRES_USER"], spec.environment["POSTGRES_PASSWORD"]
         kwargs.update(
@@ -305,26 +303,34 @@ class DockerRuntime:
             # an anonymous volume each.
             tmpfs={path: "size=1m" for path in (base["Config"].get("Volumes") or {})},
         )
-        return self.client.containers.create(golden.image, **kwargs).id
+        # An overlay made while golden copies were on runs on the plain image if they are off now.
+        return self.client.containers.create(golden.image if golden else spec.image, **kwargs).id
 
     def _data_volume(self, database_id: str, labels: dict[str, str], golden: "_Golden | None") -> str | None:
         """Make the server's data volume if it has none; the golden volume it is
         an overlay on, or None for a volume of its own files."""
         found = self._volume(volume_name(database_id))
         if found is not None:
-            return (found.get("Labels") or {}).get(LABEL_LOWER)
-        if golden is None or golden.lower is None:
+            lower = (found.get("Labels") or {}).get(LABEL_LOWER)
+            if lower is not None and not _is_golden(self._volume(lower)):
+                # Mounting it by name would make an empty volume in its place.
+                raise ServerFailed(
+                    f"the golden volume {lower} that the data of {database_id} is an overlay on is gone"
+                )
+            return lower
+        if golden is None or golden.volume is None:
             self.client.api.create_volume(name=volume_name(database_id), labels=labels)
             return None
-        self._make_overlay(database_id, labels, golden.volume, golden.lower)
-        return golden.volume
+        self._make_overlay(database_id, labels, golden.volume["Name"], golden.volume["Mountpoint"])
+        return golden.volume["Name"]
 
     def _make_overlay(self, database_id: str, labels: dict[str, str], lower: str, lower_path: str) -> None:
         """The data volume of ``database_id`` as an overlay on the golden volume
         ``lower`` (at ``lower_path`` on the engine's host): no file is copied."""
-        # Volumes of their own, so that the engine keeps and removes them. The
-        # engine answers a create of an existing one with it: what a crash
-        # left before the overlay was made (still empty) is used again.
+        # Volumes of their own, so that the engine keeps and removes them (a
+        # server mounts them too: see _mounts). The engine answers a create
+        # of an existing one with it: what a crash left before the overlay
+        # was made (still empty) is used again.
         upper, work = (self.client.api.create_volume(name=name, labels=labels) for name in _layers(database_id))
         self.client.api.create_volume(
             name=volume_name(database_id),
@@ -340,13 +346,19 @@ class DockerRuntime:
     @staticmethod
     def _mounts(database_id: str, lower: str | None, pgdata: str) -> dict:
         """The volumes of a server: its own data at ``pgdata``, or an overlay
-        holding it (at GOLDEN_PGDATA) and the golden volume it stands on."""
+        holding it (at GOLDEN_PGDATA) and, read-only, every volume the overlay
+        is made of. The engine knows an overlay's volumes only by these
+        mounts: without them it would count them unused, and a `docker volume
+        prune` would remove the golden files, or a server's own changes."""
         if lower is None:
             return {volume_name(database_id): {"bind": pgdata, "mode": "rw"}}
+        upper, work = _layers(database_id)
         return {
             # nocopy: an overlay is never filled from the image's files.
             volume_name(database_id): {"bind": GOLDEN_HOME, "mode": "rw,nocopy"},
-            lower: {"bind": _LOWER_AT, "mode": "ro,nocopy"},
+            lower: {"bind": f"{_LAYERS_AT}/lower", "mode": "ro,nocopy"},
+            upper: {"bind": f"{_LAYERS_AT}/upper", "mode": "ro,nocopy"},
+            work: {"bind": f"{_LAYERS_AT}/work", "mode": "ro,nocopy"},
         }
 
     def _golden_image(self, spec: ServerSpec, base: dict) -> "_Golden | None":
@@ -357,11 +369,12 @@ class DockerRuntime:
         if time.monotonic() < self._golden_failed.get(base["Id"], 0.0):
             return None
         with self._golden_lock:
-            if not self.has_image(tag):
-                self._golden_found.pop(key, None)
+            image = self._image(tag)
+            if image is None:
                 try:
                     self._make_golden(spec, base, key)
-                except (docker.errors.APIError, GoldenFailed) as exc:
+                    image = self._image(tag) or {}
+                except (docker.errors.APIError, requests.exceptions.RequestException, GoldenFailed) as exc:
                     self._golden_failed[base["Id"]] = time.monotonic() + _GOLDEN_RETRY
                     log.warning(
                         "no golden image for %s (servers on it run initdb, about 1 s more each): %s",
@@ -369,11 +382,20 @@ class DockerRuntime:
                     )
                     return None
                 self._prune_golden(spec.image, base["Id"])
-            if key not in self._golden_found:
-                # Without its volume (an engine that cannot mount an overlay), servers get copies.
-                volume = self._volume(f"{GOLDEN_REPOSITORY}-{key}") or {}
-                self._golden_found[key] = _Golden(tag, volume.get("Name"), volume.get("Mountpoint"))
-            return self._golden_found[key]
+        # Asked at every use: a volume removed behind our back must not be
+        # mounted by name, which would make an empty one in its place.
+        name = (image.get("Config", {}).get("Labels") or {}).get(LABEL_LOWER)
+        volume = self._volume(name) if name else None
+        if not _is_golden(volume):
+            if key not in self._golden_without_volume:
+                self._golden_without_volume.add(key)
+                log.warning(
+                    "servers of %s get copies of the golden data: its volume %s is not there (an overlay "
+                    "did not mount when it was made, or it was removed; removing the image %s makes both anew)",
+                    spec.image, name, tag,
+                )
+            volume = None
+        return _Golden(tag, volume)
 
     @staticmethod
     def _golden_key(spec: ServerSpec, base: dict) -> str:
@@ -383,19 +405,26 @@ class DockerRuntime:
 
     def _make_golden(self, spec: ServerSpec, base: dict, key: str) -> None:
         """Initialise a data directory with the image's own entrypoint, stop it
-        cleanly, commit it, fill the golden volume from it, and only then tag
-        it ``dbprov-golden:<key>``: the tag says both are whole."""
+        cleanly, commit it, fill its golden volume from it, and only then tag it
+        ``dbprov-golden:<key>``: the tag says both are whole."""
         name = f"{GOLDEN_REPOSITORY}-{key}"
+        tag = f"{GOLDEN_REPOSITORY}:{key}"
         started = time.monotonic()
         container = self._golden_builder(spec, base, name)
-        if container is None:
-            # Another process made it meanwhile.
-            if not self.has_image(f"{GOLDEN_REPOSITORY}:{key}"):
+        if container is None or self.has_image(tag):
+            # Another process made it meanwhile (or is done trying).
+            if container is not None:
+                self._remove_container(container)
+            if not self.has_image(tag):
                 raise GoldenFailed("another process could not make it")
             return
+        # A volume of this build's own: a build never touches one that
+        # servers of an earlier build of the same key may stand on.
+        volume = f"{name}-{secrets.token_hex(4)}"
         golden_labels = {
             LABEL_GOLDEN_OF: spec.image, LABEL_GOLDEN_BASE: base["Id"], LABEL_GOLDEN_FORMAT: _GOLDEN_FORMAT,
         }
+        image = None
         try:
             self.client.api.start(container)
             deadline = time.monotonic() + 120
@@ -412,53 +441,63 @@ class DockerRuntime:
             self.client.api.put_archive(container, GOLDEN_PGDATA, _tar_of_empty(GOLDEN_MARK))
             image = self.client.api.commit(
                 container,
-                # No password of any kind in the image; the base's name and id for pruning.
+                # No password of any kind in the image; the base's name and id
+                # for pruning, and the golden volume it fills.
                 changes=[
                     "ENV POSTGRES_PASSWORD=",
-                    "LABEL " + " ".join(f'{label}="{value}"' for label, value in golden_labels.items()),
+                    "LABEL " + " ".join(
+                        f'{label}="{value}"' for label, value in {**golden_labels, LABEL_LOWER: volume}.items()
+                    ),
                 ],
             )["Id"]
-            self._fill_golden_volume(image, name, golden_labels)
+            self._fill_golden_volume(image, volume, f"{name}-probe", golden_labels)
             self.client.api.tag(image, GOLDEN_REPOSITORY, key)
+            image = None  # tagged: kept
         finally:
             self._remove_container(container)
+            if image is not None:
+                # Never tagged, so unknown to every server and every other build.
+                self._remove_volume(volume)
+                self.client.api.remove_image(image, force=True)
         log.info("golden image for %s made in %.1f s", spec.image, time.monotonic() - started)
 
-    def _fill_golden_volume(self, image: str, name: str, labels: dict[str, str]) -> None:
+    def _fill_golden_volume(self, image: str, name: str, probe: str, labels: dict[str, str]) -> None:
         """The golden volume ``name``, filled from ``image``, if an overlay on it
-        mounts on this engine; else none, and servers get copies."""
-        probe = f"{name}-probe"
+        works on this engine as a server uses it; else none, and servers get copies."""
 
         def clear_probe() -> None:
             self._remove_container(probe)
             for volume in (volume_name(probe), *_layers(probe)):
                 self._remove_volume(volume)
 
-        # Whatever a crashed build left: it was never tagged, so no server stands on it.
+        # Whatever a crashed build of this key left.
         clear_probe()
-        self._remove_volume(name)
-        lower = self.client.api.create_volume(name=name, labels=labels)
         try:
+            lower = self.client.api.create_volume(name=name, labels=labels)
             self._make_overlay(probe, labels, name, lower["Mountpoint"])
             # Created, the engine fills the empty golden volume from the image;
-            # started, it mounts an overlay on it and looks through.
+            # started, it mounts an overlay on it, where the server's own user
+            # reads the golden files and writes its own.
             self.client.api.create_container(
                 image,
                 name=probe,
-                entrypoint=["test", "-s", "/probe/data/PG_VERSION"],
+                user="postgres",
+                entrypoint=["sh", "-c"],
+                command=["test -s /probe/data/PG_VERSION && touch /probe/data/probe && rm /probe/data/probe "
+                         f"&& rm /probe/data/{GOLDEN_MARK} && test ! -e /probe/data/{GOLDEN_MARK}"],
                 labels=labels,
                 host_config=self.client.api.create_host_config(
                     network_mode="none",
-                    binds=[f"{name}:{GOLDEN_HOME}:rw", f"{volume_name(probe)}:/probe:ro,nocopy"],
+                    binds=[f"{name}:{GOLDEN_HOME}:rw", f"{volume_name(probe)}:/probe:rw,nocopy"],
                 ),
                 volumes=[GOLDEN_HOME, "/probe"],
             )
             self.client.api.start(probe)
             exit_code = self.client.api.wait(probe, timeout=60)["StatusCode"]
             if exit_code != 0:
-                raise GoldenFailed(f"the golden data is not seen through an overlay (exit code {exit_code})")
-        except (docker.errors.APIError, GoldenFailed) as exc:
-            log.warning("servers get copies of the golden data: an overlay on it does not mount here: %s", exc)
+                raise GoldenFailed(f"the golden data did not work through an overlay (exit code {exit_code})")
+        except (docker.errors.APIError, requests.exceptions.RequestException, GoldenFailed) as exc:
+            log.warning("servers get copies of the golden data: an overlay on it does not work here: %s", exc)
             clear_probe()
             self._remove_volume(name)
         finally:
@@ -503,25 +542,31 @@ class DockerRuntime:
             return None
 
     def _prune_golden(self, image: str, base_id: str) -> None:
-        """Drop the golden images and volumes of earlier versions of ``image`` (it
-        has changed), or of an earlier way of making them, once no server uses them."""
-        def stale(labels: dict | None) -> bool:
-            labels = labels or {}
-            return (labels.get(LABEL_GOLDEN_BASE), labels.get(LABEL_GOLDEN_FORMAT)) != (base_id, _GOLDEN_FORMAT)
-
+        """Drop the golden images of earlier versions of ``image`` (it has
+        changed) or of an earlier way of making them, once no server uses them;
+        and golden volumes that no golden image names and no server stands on."""
         of_image = {"label": f"{LABEL_GOLDEN_OF}={image}"}
+        named = set()
         for found in self.client.api.images(filters=of_image):
-            if stale(found.get("Labels")):
+            labels = found.get("Labels") or {}
+            if (labels.get(LABEL_GOLDEN_BASE), labels.get(LABEL_GOLDEN_FORMAT)) != (base_id, _GOLDEN_FORMAT):
                 try:
                     self.client.api.remove_image(found["Id"])
+                    continue
                 except docker.errors.APIError:
                     pass  # still used by a server of that version: tried again next time
+            named.add(labels.get(LABEL_LOWER))
         for volume in self.client.api.volumes(filters=of_image).get("Volumes") or []:
-            # The engine would remove a golden volume that only a stopped
-            # server's data volume stands on: look for those first.
+            if volume["Name"] in named:
+                continue
+            # A server mounts the golden volume it stands on, but data kept
+            # without its server (a failed database) does not: look for it.
             standing = self.client.api.volumes(filters={"label": f"{LABEL_LOWER}={volume['Name']}"})
-            if stale(volume.get("Labels")) and not standing.get("Volumes"):
-                self._remove_volume(volume["Name"])
+            if not standing.get("Volumes"):
+                try:
+                    self._remove_volume(volume["Name"])
+                except docker.errors.APIError:
+                    pass  # in use after all: tried again next time
 
     def _tail(self, container: str) -> str:
         return self.client.api.logs(container, tail=10).decode("utf-8", errors="replace").strip()
@@ -675,15 +720,26 @@ class DockerRuntime:
                 self._remove_container(container.id)
 
     def _beside(self, database_id: str, command: list[str], environment: dict[str, str] | None):
-        """A job container from the server's image, on its data and in its network namespace."""
-        image, data = self._server_image(database_id)
+        """A job container from the server's image, in its network namespace, with
+        its volumes where it has them and its $PGDATA."""
+        server = self._container(container_name(database_id))
+        if server is None:
+            raise NotFound(f"database {database_id} has no server")
+        pgdata = next(
+            (item.split("=", 1)[1] for item in server["Config"].get("Env") or [] if item.startswith("PGDATA=")),
+            PGDATA,
+        )
         return self._job_container(
             database_id,
-            image,
+            server["Config"]["Image"],
             command,
-            {volume_name(database_id): {"bind": data, "mode": "rw"}},
+            {
+                mount["Name"]: {"bind": mount["Destination"], "mode": "rw" if mount.get("RW") else "ro"}
+                for mount in server.get("Mounts") or []
+                if mount.get("Type") == "volume"
+            },
             network_mode=f"container:{container_name(database_id)}",
-            environment=environment,
+            environment={"PGDATA": pgdata, **(environment or {})},
         )
 
     def copy_data(self, source_id: str, target_id: str, image: str) -> int:
@@ -739,17 +795,6 @@ class DockerRuntime:
 
     # -- engine objects ------------------------------------------------------------
 
-    def _server_image(self, database_id: str) -> tuple[str, str]:
-        """The server's image, and where it has its data (a golden copy's is elsewhere)."""
-        attrs = self._container(container_name(database_id))
-        if attrs is None:
-            raise NotFound(f"database {database_id} has no server")
-        data = next(
-            (m["Destination"] for m in attrs.get("Mounts") or [] if m.get("Name") == volume_name(database_id)),
-            PGDATA,
-        )
-        return attrs["Config"]["Image"], data
-
     def _container(self, name_or_id: str) -> dict | None:
         try:
             return self.client.api.inspect_container(name_or_id)
@@ -766,6 +811,12 @@ class DockerRuntime:
             # 409: removal already in progress, which is what we want.
             if exc.status_code != 409:
                 raise
+
+    def _image(self, name: str) -> dict | None:
+        try:
+            return self.client.api.inspect_image(name)
+        except docker.errors.ImageNotFound:
+            return None
 
     def _volume(self, name: str) -> dict | None:
         try:
@@ -905,12 +956,16 @@ class _Liveness:
 
 
 class _Golden(NamedTuple):
-    """A golden copy: its image, and its volume with where the engine keeps it
+    """A golden copy: its image, and its volume as the engine describes it
     (None where servers get copies instead of overlays)."""
 
     image: str
-    volume: str | None
-    lower: str | None
+    volume: dict | None
+
+
+def _is_golden(volume: dict | None) -> bool:
+    """Whether ``volume`` is a golden volume, not an empty one of its name."""
+    return volume is not None and LABEL_GOLDEN_BASE in (volume.get("Labels") or {})
 
 
 def _layers(database_id: str) -> tuple[str, str]:

@@ -14,7 +14,7 @@ import pytest
 
 from service import docker_runtime
 from service.docker_runtime import GOLDEN_REPOSITORY, LABEL_GOLDEN_BASE, LABEL_GOLDEN_OF, DockerRuntime
-from service.errors import ImageMissing, PortInUse
+from service.errors import ImageMissing, PortInUse, ServerFailed
 from service.runtime import ABSENT, RUNNING, STOPPED, ServerSpec
 
 from .conftest import INSTANCE, free_port, wait_until
@@ -38,7 +38,7 @@ def runtime(request, docker_client, monkeypatch):
         golden_image = runtime._golden_image
         monkeypatch.setattr(
             runtime, "_golden_image",
-            lambda spec, base: (golden := golden_image(spec, base)) and golden._replace(volume=None, lower=None),
+            lambda spec, base: (golden := golden_image(spec, base)) and golden._replace(volume=None),
         )
     runtime.way = request.param
     made: list[str] = []
@@ -200,11 +200,28 @@ def test_servers_on_golden_copies_skip_initdb_and_each_has_its_own_password(runt
                for m in docker_client.containers.get(f"dbprov-{c}").attrs["Mounts"] if m["Type"] == "volume"}
     own = {f"dbprov-{first_id}-data", f"dbprov-{second_id}-data"}
     assert own <= {v.name for v in volumes}
-    assert mounted - own == ({golden_volume(docker_client, first_id)} if runtime.way == "overlay" else set())
+    layers = {f"dbprov-{c}-{layer}" for c in (first_id, second_id) for layer in ("upper", "work")}
+    expected = {golden_volume(docker_client, first_id)} | layers if runtime.way == "overlay" else set()
+    assert mounted - own == expected
 
 
 def golden_volume(docker_client, database_id: str) -> str:
     return docker_client.volumes.get(f"dbprov-{database_id}-data").attrs["Labels"]["io.dbprov.lower"]
+
+
+def own_superuser(runtime, docker_client, name: str) -> tuple[ServerSpec, str, str]:
+    """A server whose superuser is of its own, so its golden copy is made here; the key."""
+    spec, database_id = new_server(runtime)
+    spec = dataclasses.replace(
+        spec, environment={**spec.environment, "POSTGRES_USER": f"{name}_{INSTANCE[5:]}"}
+    )
+    return spec, database_id, runtime._golden_key(spec, docker_client.api.inspect_image(spec.image))
+
+
+def remove_golden(docker_client, key: str) -> None:
+    docker_client.images.remove(f"{GOLDEN_REPOSITORY}:{key}", force=True)
+    for volume in docker_client.volumes.list(filters={"name": f"{GOLDEN_REPOSITORY}-{key}"}):
+        volume.remove(force=True)
 
 
 @overlay_only
@@ -218,19 +235,69 @@ def test_an_overlay_shares_the_golden_files_which_stay_while_a_server_stands_on_
     assert lower.attrs["Mountpoint"] in data.attrs["Options"]["o"]
     assert lower.attrs["Labels"][LABEL_GOLDEN_BASE] == docker_client.images.get("postgres:17").id
     # The golden files are never written: the server's changes are its own.
-    listed = runtime.run_job(database_id, ["sh", "-c", f"ls {docker_runtime._LOWER_AT}/data/base | wc -l"])
-    before = listed.output
+    count = ["sh", "-c", f"ls {docker_runtime._LAYERS_AT}/lower/data/base | wc -l"]
+    before = int(runtime.run_job(database_id, count).output)
     with connect_when_up(runtime.endpoint(database_id)) as conn:
         conn.execute("CREATE DATABASE another")
-    assert runtime.run_job(database_id, ["sh", "-c", f"ls {docker_runtime._LOWER_AT}/data/base | wc -l"]).output == before
-    # The engine will not remove (or prune) the golden volume under a server, even a stopped one.
+        databases = conn.execute("SELECT count(*) FROM pg_database").fetchone()[0]
+    assert before == databases - 1
+    assert int(runtime.run_job(database_id, count).output) == before
+    # No volume of the server is unused in the engine's eyes, so none is pruned:
+    # not the golden one, not those the overlay is made of; even when stopped.
     runtime.stop_server(database_id)
+    dangling = {v.name for v in docker_client.volumes.list(filters={"dangling": True})}
+    assert not {f"dbprov-{database_id}-{name}" for name in ("data", "upper", "work")} & dangling
+    assert lower.name not in dangling
     with pytest.raises(docker.errors.APIError, match="in use"):
         lower.remove()
     runtime.remove_server(database_id)
     left = docker_client.volumes.list(filters={"name": f"dbprov-{database_id}"})
     assert not left, [v.name for v in left]
     lower.reload()  # still there, for the servers to come
+
+
+def test_a_golden_volume_removed_behind_its_back_fails_its_databases_clearly_and_new_ones_get_copies(
+    docker_client,
+):
+    runtime = DockerRuntime(
+        instance=INSTANCE, network=f"dbprov-{INSTANCE}", bind_address="127.0.0.1", probe_host="127.0.0.1",
+    )
+    runtime.made = []
+    spec, database_id, key = own_superuser(runtime, docker_client, "gone")
+    user = spec.environment["POSTGRES_USER"]
+    try:
+        connect_when_up(runtime.ensure_server(spec), user=user).close()
+        lower = golden_volume(docker_client, database_id)
+        # Its data kept without its server: then nothing holds the golden volume.
+        runtime.remove_server(database_id, keep_data=True)
+        docker_client.volumes.get(lower).remove()
+        with pytest.raises(ServerFailed, match=f"golden volume {lower} .* is gone"):
+            runtime.ensure_server(spec)
+        assert not docker_client.volumes.list(filters={"name": lower}), "no empty volume in its place"
+        other, other_id = new_server(runtime)
+        other = dataclasses.replace(other, environment=spec.environment)
+        connect_when_up(runtime.ensure_server(other), user=user).close()
+        assert "io.dbprov.lower" not in docker_client.volumes.get(f"dbprov-{other_id}-data").attrs["Labels"]
+    finally:
+        for made in runtime.made:
+            runtime.remove_server(made)
+        remove_golden(docker_client, key)
+
+
+@overlay_only
+def test_an_overlay_runs_on_when_golden_copies_are_turned_off(runtime, docker_client):
+    spec, database_id = new_server(runtime)
+    with connect_when_up(runtime.ensure_server(spec)) as conn:
+        conn.execute("CREATE TABLE kept AS SELECT 7 AS n")
+    runtime.remove_server(database_id, keep_data=True)
+    plain = DockerRuntime(
+        instance=INSTANCE, network=f"dbprov-{INSTANCE}", bind_address="127.0.0.1", probe_host="127.0.0.1",
+        golden=False,
+    )
+    with connect_when_up(plain.ensure_server(spec)) as conn:
+        assert conn.execute("SELECT n FROM kept").fetchone() == (7,)
+    # A job finds the data where the server has it.
+    assert plain.run_job(database_id, ["sh", "-c", 'cat "$PGDATA/PG_VERSION"']).output.strip() == "17"
 
 
 def test_an_engine_without_overlays_gets_copies_of_the_golden_data(docker_client, monkeypatch):
@@ -245,22 +312,16 @@ def test_an_engine_without_overlays_gets_copies_of_the_golden_data(docker_client
         return make_overlay(database_id, *args)
 
     monkeypatch.setattr(runtime, "_make_overlay", refused)
-    database_id = secrets.token_hex(6)
-    # A superuser of its own: a golden copy of its own, made here.
-    user = f"nooverlay_{INSTANCE[5:]}"
-    spec = ServerSpec(
-        database_id=database_id, image="postgres:17", port=free_port(),
-        environment={"POSTGRES_USER": user, "POSTGRES_PASSWORD": PASSWORD, "POSTGRES_DB": "postgres"},
-    )
-    key = runtime._golden_key(spec, docker_client.api.inspect_image("postgres:17"))
+    runtime.made = []
+    spec, database_id, key = own_superuser(runtime, docker_client, "nooverlay")
     try:
-        connect_when_up(runtime.ensure_server(spec), user=user).close()
+        connect_when_up(runtime.ensure_server(spec), user=spec.environment["POSTGRES_USER"]).close()
         assert "init process complete" not in runtime.server_logs(database_id, tail=200)
         assert "io.dbprov.lower" not in docker_client.volumes.get(f"dbprov-{database_id}-data").attrs["Labels"]
         assert not docker_client.volumes.list(filters={"name": f"{GOLDEN_REPOSITORY}-{key}"})
     finally:
         runtime.remove_server(database_id)
-        docker_client.images.remove(f"{GOLDEN_REPOSITORY}:{key}", force=True)
+        remove_golden(docker_client, key)
 
 
 @golden_only
@@ -313,6 +374,8 @@ def test_a_golden_build_left_by_a_crash_is_cleared(runtime, docker_client, monke
             image, name=f"{GOLDEN_REPOSITORY}-{key}", detach=True, network_mode="none",
             environment={"POSTGRES_PASSWORD": "x"}, labels={"io.dbprov.instance": INSTANCE},
         )
+        # ... and the container that tries an overlay on the golden volume.
+        docker_client.containers.create(image, name=f"{GOLDEN_REPOSITORY}-{key}-probe", command="true")
         monkeypatch.setattr(docker_runtime, "_GOLDEN_STALE", 0.0)
         connect_when_up(runtime.ensure_server(spec), user=spec.environment["POSTGRES_USER"]).close()
         assert docker_client.containers.get(f"dbprov-{database_id}").image.tags[0] == f"{GOLDEN_REPOSITORY}:{key}"

@@ -372,9 +372,10 @@ class Databases:
 
     def record(
         self, tenant: str, wanted: Wanted, password: str, actor: str,
-        idempotency: Idempotency | None = None,
+        idempotency: Idempotency | None = None, not_before: datetime | None = None,
     ) -> Database:
-        """A new pending record with a host port reserved for it."""
+        """A new pending record with a host port reserved for it, provisioned
+        from ``not_before`` on (at once without it)."""
         # A copy's server keeps the superuser its data already has.
         source = wanted.source
         admin_username = source.admin_username if source else ADMIN_USERNAME
@@ -399,6 +400,7 @@ class Databases:
                         admin_username=admin_username,
                         admin_password=admin_password,
                         phase_timings={},
+                        next_attempt_at=not_before,
                         **wanted.columns(),
                     )
                     self.records.add(session, record, actor)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import timedelta
 
 import psycopg
 from sqlalchemy import delete, select
@@ -26,6 +27,11 @@ log = logging.getLogger(__name__)
 
 # Members looked at per claim before it falls back to a cold start.
 _CANDIDATES = 3
+# Seconds a member that replaces a claimed one waits before its server is
+# made, while others are ready: the claimed server is being connected to and
+# used right now, and a new server's start (the engine's busiest half
+# second) would compete with it for the CPU.
+_REFILL_DELAY = 1.0
 
 
 class WarmPool:
@@ -187,23 +193,26 @@ class WarmPool:
     def _keep(self, size: int, member: Wanted) -> int:
         """``size`` members like ``member``: the surplus removed, the missing recorded."""
         with self.store.transaction() as session:
-            stocked = list(
-                session.scalars(
-                    select(Database.id)
-                    .where(
-                        Database.tenant == POOL_TENANT,
-                        Database.version == member.version,
-                        _of_template(member.template_id),
-                        Database.status.in_(SETTLING | {Status.READY}),
-                    )
-                    .order_by(Database.created_at)
+            stocked = session.execute(
+                select(Database.id, Database.status)
+                .where(
+                    Database.tenant == POOL_TENANT,
+                    Database.version == member.version,
+                    _of_template(member.template_id),
+                    Database.status.in_(SETTLING | {Status.READY}),
                 )
-            )
-            self._remove(session, stocked[size:])
+                .order_by(Database.created_at)
+            ).all()
+            self._remove(session, [member_id for member_id, _ in stocked[size:]])
         if not self._databases.images.available(member.version):
             return 0  # never stock a version that cannot run
+        # An empty pool is refilled at once: the next create would start cold.
+        ready = any(status == Status.READY for _, status in stocked)
+        not_before = utcnow() + timedelta(seconds=_REFILL_DELAY) if ready else None
         for _ in range(size - len(stocked)):
-            self._databases.record(POOL_TENANT, member, self.vault.encrypt(new_password()), SERVICE)
+            self._databases.record(
+                POOL_TENANT, member, self.vault.encrypt(new_password()), SERVICE, not_before=not_before
+            )
         return max(0, size - len(stocked))
 
     def _remove(self, session, member_ids) -> None:

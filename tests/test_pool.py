@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import pytest
 
+from service import pool
 from service.composition import Services
 from service.crypto import Vault
 from service.databases import Wanted
@@ -20,8 +21,9 @@ from .fakes import FakePostgres
 
 
 @pytest.fixture
-def pooled(settings, runtime):
-    """Services with two warm servers of version 17 kept ready."""
+def pooled(settings, runtime, monkeypatch):
+    """Services with two warm servers of version 17 kept ready, refilled at once."""
+    monkeypatch.setattr(pool, "_REFILL_DELAY", 0.0)
     settings = dataclasses.replace(settings, pool_sizes={"17": 2})
     services = Services(
         settings, Store(settings.database_url), runtime, Vault(settings.secret_keys),
@@ -73,6 +75,24 @@ def test_a_create_claims_a_warm_server_and_the_pool_refills(pooled, runtime):
     reconciler.run_once(wait=True)
     assert len(members(services, Status.READY)) == 2
     assert created.id not in {m.id for m in members(services)}
+    assert len(runtime.servers) == 3
+
+
+def test_a_claimed_member_is_replaced_a_moment_later_unless_the_pool_is_empty(pooled, runtime, monkeypatch):
+    services, reconciler = pooled
+    monkeypatch.setattr(pool, "_REFILL_DELAY", 60.0)
+    reconciler.run_once(wait=True)
+    services.databases.create(LOCAL_ADMIN, "first")
+    reconciler.run_once(wait=True)
+    # Another is ready: the replacement waits, so its server's start does not
+    # compete with the first use of the one just handed out.
+    (waiting,) = members(services, Status.PENDING)
+    assert waiting.next_attempt_at is not None
+    assert len(runtime.servers) == 2
+    # The pool emptied: the next replacement is made at once.
+    services.databases.create(LOCAL_ADMIN, "second")
+    reconciler.run_once(wait=True)
+    assert len(members(services, Status.READY)) == 1
     assert len(runtime.servers) == 3
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import sqlalchemy.exc
 from alembic import command
+import orjson
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event, text
@@ -174,8 +175,12 @@ def _make_engine(url: str, begin: str | None = "BEGIN IMMEDIATE") -> Engine:
     if not url.startswith("sqlite"):
         # pre_ping: connections that died with a restarted server are replaced
         # instead of failing the next request.
-        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
-    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        return create_engine(
+            url, pool_pre_ping=True, pool_size=10, max_overflow=20, json_deserializer=orjson.loads
+        )
+    engine = create_engine(
+        url, connect_args={"timeout": 30, "check_same_thread": False}, json_deserializer=orjson.loads
+    )
 
     @event.listens_for(engine, "connect")
     def _configure(dbapi_connection, _record):  # noqa: ANN001

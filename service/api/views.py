@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
 from flask import Response, current_app, g, request, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint
@@ -111,14 +112,6 @@ def _body(values: Mapping[str, Any], host: str, credentials: Credentials | None 
     if credentials is not None:
         body["password"] = credentials.password
         body["connection_uri"] = credentials.connection_uri
-    return body
-
-
-def _json_ready(body: dict[str, Any]) -> dict[str, Any]:
-    """``_present``'s body as DatabaseSchema dumps it: times as ISO 8601."""
-    for key in ("expires_at", "created_at", "ready_at", "deleted_at"):
-        if body[key] is not None:
-            body[key] = body[key].isoformat()
     return body
 
 
@@ -242,9 +235,9 @@ class DatabaseCollection(MethodView):
         host = _services().databases.host
         # Serialised here rather than by the schema, which it matches (a test
         # checks): a page of 50 through marshmallow took half the request.
-        # Plain json.dumps: Flask's would sort every item's keys.
-        return Response(json.dumps({
-            "items": [_json_ready(_body(row._mapping, host(row))) for row in page.items],
+        # orjson writes an aware time as isoformat() does, several times faster.
+        return Response(orjson.dumps({
+            "items": [_body(row._mapping, host(row)) for row in page.items],
             "page": page.page,
             "page_size": page.page_size,
             "total": page.total,

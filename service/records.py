@@ -104,7 +104,11 @@ class Records:
                     database_id, expected, session=own, only_if=only_if, actor=actor,
                     event=event, details=details, **values,
                 )
-        conditions = [Database.id == database_id, Database.status.in_(list(expected))]
+        # One status is the common case: "=" is rendered once and cached, where
+        # an IN list is rendered again at every execution.
+        (only, *more) = expected
+        status = Database.status.in_([only, *more]) if more else Database.status == only
+        conditions = [Database.id == database_id, status]
         if only_if is not None:
             conditions.append(only_if)
         statement = (

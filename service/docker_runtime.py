@@ -186,8 +186,8 @@ class DockerRuntime:
         # _GOLDEN_RETRY has passed).
         self._golden_lock = threading.Lock()
         self._golden_failed: dict[str, float] = {}
-        # The golden keys whose servers get copies, said once in the log.
-        self._golden_without_volume: set[str] = set()
+        # When each golden key's volume, if missing, may next be made again.
+        self._golden_refill: dict[str, float] = {}
         self._liveness = _Liveness(self)
 
     @property
@@ -382,19 +382,23 @@ class DockerRuntime:
                     )
                     return None
                 self._prune_golden(spec.image, base["Id"])
+                # Its volume was just tried: not again at once.
+                self._golden_refill[key] = time.monotonic() + _GOLDEN_RETRY
         # Asked at every use: a volume removed behind our back must not be
         # mounted by name, which would make an empty one in its place.
-        name = (image.get("Config", {}).get("Labels") or {}).get(LABEL_LOWER)
+        labels = image.get("Config", {}).get("Labels") or {}
+        name = labels.get(LABEL_LOWER)
         volume = self._volume(name) if name else None
+        if name and not _is_golden(volume) and time.monotonic() >= self._golden_refill.get(key, 0.0):
+            # Its files are the image's, so a volume made again from it is the
+            # same: tried again now and then (an overlay may have failed for a
+            # passing reason), not given up on for the image's life.
+            self._golden_refill[key] = time.monotonic() + _GOLDEN_RETRY
+            with self._golden_lock:
+                self._refill_golden_volume(spec, base, key, image["Id"], name, labels)
+            volume = self._volume(name)
         if not _is_golden(volume):
-            if key not in self._golden_without_volume:
-                self._golden_without_volume.add(key)
-                log.warning(
-                    "servers of %s get copies of the golden data: its volume %s is not there (an overlay "
-                    "did not mount when it was made, or it was removed; removing the image %s makes both anew)",
-                    spec.image, name, tag,
-                )
-            volume = None
+            return _Golden(tag, None)
         return _Golden(tag, volume)
 
     @staticmethod
@@ -460,6 +464,25 @@ class DockerRuntime:
                 self._remove_volume(volume)
                 self.client.api.remove_image(image, force=True)
         log.info("golden image for %s made in %.1f s", spec.image, time.monotonic() - started)
+
+    def _refill_golden_volume(
+        self, spec: ServerSpec, base: dict, key: str, image: str, name: str, labels: dict[str, str]
+    ) -> None:
+        """The golden volume ``name`` of ``image`` made again, one process at a
+        time (the builder's name is the lock), unless another just did."""
+        lock = self._golden_builder(spec, base, f"{GOLDEN_REPOSITORY}-{key}")
+        if lock is None:
+            return
+        try:
+            if not _is_golden(self._volume(name)):
+                golden_labels = {
+                    label: labels[label] for label in (LABEL_GOLDEN_OF, LABEL_GOLDEN_BASE, LABEL_GOLDEN_FORMAT)
+                }
+                self._fill_golden_volume(image, name, f"{GOLDEN_REPOSITORY}-{key}-probe", golden_labels)
+                if _is_golden(self._volume(name)):
+                    log.info("golden volume %s of %s made again", name, spec.image)
+        finally:
+            self._remove_container(lock)
 
     def _fill_golden_volume(self, image: str, name: str, probe: str, labels: dict[str, str]) -> None:
         """The golden volume ``name``, filled from ``image``, if an overlay on it

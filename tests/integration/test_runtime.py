@@ -256,9 +256,7 @@ def test_an_overlay_shares_the_golden_files_which_stay_while_a_server_stands_on_
     lower.reload()  # still there, for the servers to come
 
 
-def test_a_golden_volume_removed_behind_its_back_fails_its_databases_clearly_and_new_ones_get_copies(
-    docker_client,
-):
+def test_a_golden_volume_removed_behind_its_back_is_never_mounted_by_name_and_is_made_again(docker_client):
     runtime = DockerRuntime(
         instance=INSTANCE, network=f"dbprov-{INSTANCE}", bind_address="127.0.0.1", probe_host="127.0.0.1",
     )
@@ -266,11 +264,14 @@ def test_a_golden_volume_removed_behind_its_back_fails_its_databases_clearly_and
     spec, database_id, key = own_superuser(runtime, docker_client, "gone")
     user = spec.environment["POSTGRES_USER"]
     try:
-        connect_when_up(runtime.ensure_server(spec), user=user).close()
+        with connect_when_up(runtime.ensure_server(spec), user=user) as conn:
+            conn.execute("CREATE TABLE kept AS SELECT 7 AS n")
         lower = golden_volume(docker_client, database_id)
         # Its data kept without its server: then nothing holds the golden volume.
         runtime.remove_server(database_id, keep_data=True)
         docker_client.volumes.get(lower).remove()
+        # Until it may be made again, the database on it fails, saying why,
+        # and a new server gets a copy of the golden data instead.
         with pytest.raises(ServerFailed, match=f"golden volume {lower} .* is gone"):
             runtime.ensure_server(spec)
         assert not docker_client.volumes.list(filters={"name": lower}), "no empty volume in its place"
@@ -278,6 +279,15 @@ def test_a_golden_volume_removed_behind_its_back_fails_its_databases_clearly_and
         other = dataclasses.replace(other, environment=spec.environment)
         connect_when_up(runtime.ensure_server(other), user=user).close()
         assert "io.dbprov.lower" not in docker_client.volumes.get(f"dbprov-{other_id}-data").attrs["Labels"]
+        # Then it is made again from the image, the same files: the database
+        # comes back on it with its own changes, and new servers are overlays again.
+        runtime._golden_refill.clear()
+        with connect_when_up(runtime.ensure_server(spec), user=user) as conn:
+            assert conn.execute("SELECT n FROM kept").fetchone() == (7,)
+        third, third_id = new_server(runtime)
+        third = dataclasses.replace(third, environment=spec.environment)
+        connect_when_up(runtime.ensure_server(third), user=user).close()
+        assert golden_volume(docker_client, third_id) == lower
     finally:
         for made in runtime.made:
             runtime.remove_server(made)

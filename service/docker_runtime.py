@@ -10,10 +10,11 @@ installation finds, and sweeps, only its own.
 
 A new server skips ``initdb``: its data starts from a data directory
 initialised once per image and superuser, kept in a local "golden" image
-(``dbprov-golden:<key>``, made by ``docker commit``) and in a volume of the
-same name filled from it. A server's data volume is an overlay over that
-golden volume: its own changes go to a volume of its own (``-upper``), the
-golden files are shared and never copied, so making one costs no file at all.
+(``dbprov-golden:<key>``, made by ``docker commit``) and in a volume filled
+from it (``dbprov-golden-<key>-<build>``). A server's data volume is an
+overlay over that golden volume: its own changes go to a volume of its own
+(``-upper``), the golden files are shared and never copied, so making one
+costs no file at all.
 Where the engine cannot mount an overlay, the volume is a full copy instead,
 which the engine makes when an empty volume is mounted over the image's
 files. Before the server first listens, its superuser gets its own password

@@ -9,9 +9,9 @@ from contextlib import contextmanager
 from importlib import resources
 from typing import TYPE_CHECKING, Iterator
 
+import orjson
 import sqlalchemy.exc
 from alembic import command
-import orjson
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event, text

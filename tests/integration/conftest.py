@@ -17,7 +17,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.crypto import generate_key
-from service.runtime import LABEL_INSTANCE
+from service.runtime import ABSENT, LABEL_INSTANCE, STOPPED
 
 ROOT = Path(__file__).resolve().parents[2]
 # Away from the default range, so a dbprov of the user's own is never in the way.
@@ -69,6 +69,32 @@ def metric(service, name: str, **labels: str) -> float:
             if sample.name == name and sample.labels == labels:
                 return sample.value
     return 0.0
+
+
+def check_the_data_outlives_its_server(runtime, spec, endpoint, connect, while_stopped=lambda: None) -> None:
+    """What every runtime promises of a server whose data holds the table
+    ``kept`` (7): a stop keeps the data, a start serves it again, and a
+    removal that keeps it leaves it for a server made anew; then it all goes.
+    ``connect(endpoint)`` connects once the server answers."""
+    database_id = spec.database_id
+    runtime.stop_server(database_id)
+    stopped = runtime.inspect_server(database_id)
+    assert stopped.state == STOPPED and stopped.has_data
+    assert {s.database_id: s.state for s in runtime.list_servers()}[database_id] == STOPPED
+    while_stopped()
+    runtime.start_server(database_id)
+    with connect(endpoint) as conn:
+        assert conn.execute("SELECT n FROM kept").fetchone() == (7,)
+
+    runtime.remove_server(database_id, keep_data=True)
+    absent = runtime.inspect_server(database_id)
+    assert absent.state == ABSENT and absent.has_data
+    # Made anew on the data it left.
+    with connect(runtime.ensure_server(spec)) as conn:
+        assert conn.execute("SELECT n FROM kept").fetchone() == (7,)
+    runtime.remove_server(database_id)
+    assert runtime.inspect_server(database_id) is None
+    assert database_id not in {s.database_id for s in runtime.list_servers()}
 
 
 def managed(docker_client, kind: str = "containers") -> list:

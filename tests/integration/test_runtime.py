@@ -15,9 +15,11 @@ import pytest
 from service import docker_runtime
 from service.docker_runtime import GOLDEN_REPOSITORY, LABEL_GOLDEN_BASE, LABEL_GOLDEN_OF, DockerRuntime
 from service.errors import ImageMissing, PortInUse, ServerFailed
-from service.runtime import ABSENT, RUNNING, STOPPED, ServerSpec
+from service.runtime import ABSENT, RUNNING, ServerSpec
 
-from .conftest import INSTANCE, free_port, wait_until
+from .conftest import (
+    INSTANCE, check_the_data_outlives_its_server, free_port, wait_until,
+)
 
 pytestmark = pytest.mark.docker
 
@@ -86,22 +88,7 @@ def test_a_server_lives_stops_starts_and_goes_with_its_data(runtime):
     assert runtime.inspect_server(database_id).state == RUNNING
     assert "database system is ready" in runtime.server_logs(database_id)
 
-    runtime.stop_server(database_id)
-    stopped = runtime.inspect_server(database_id)
-    assert stopped.state == STOPPED and stopped.has_data
-    assert {s.database_id: s.state for s in runtime.list_servers()}[database_id] == STOPPED
-    runtime.start_server(database_id)
-    with connect_when_up(endpoint) as conn:
-        assert conn.execute("SELECT n FROM kept").fetchone() == (7,)
-
-    runtime.remove_server(database_id, keep_data=True)
-    assert runtime.inspect_server(database_id).state == ABSENT
-    # Made anew on the data it left.
-    with connect_when_up(runtime.ensure_server(spec)) as conn:
-        assert conn.execute("SELECT n FROM kept").fetchone() == (7,)
-    runtime.remove_server(database_id)
-    assert runtime.inspect_server(database_id) is None
-    assert database_id not in {s.database_id for s in runtime.list_servers()}
+    check_the_data_outlives_its_server(runtime, spec, endpoint, connect_when_up)
 
 
 def test_a_job_runs_beside_a_server_on_its_data(runtime):

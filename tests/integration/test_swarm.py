@@ -18,10 +18,12 @@ import psycopg
 import pytest
 
 from service.errors import NodeUnavailable, NotSupported, PortInUse, TransientError
-from service.runtime import ABSENT, LABEL_INSTANCE, RUNNING, STOPPED, UNREACHABLE, ServerSpec
+from service.runtime import ABSENT, LABEL_INSTANCE, RUNNING, UNREACHABLE, ServerSpec
 from service.swarm_runtime import SwarmRuntime, network_name, placement_name
 
-from .conftest import INSTANCE, ServiceProcess, free_port, metric, wait_until
+from .conftest import (
+    INSTANCE, ServiceProcess, check_the_data_outlives_its_server, free_port, metric, wait_until,
+)
 from .test_deployment import Deployment
 
 pytestmark = pytest.mark.docker
@@ -202,26 +204,13 @@ def test_a_server_lives_stops_starts_and_goes_with_all_it_made(runtime, docker_c
     assert runtime.inspect_server(database_id).state == RUNNING
     assert "database system is ready" in runtime.server_logs(database_id)
 
-    runtime.stop_server(database_id)
-    stopped = runtime.inspect_server(database_id)
-    assert stopped.state == STOPPED and stopped.has_data
-    assert {s.database_id: s.state for s in runtime.list_servers()}[database_id] == STOPPED
-    assert not docker_client.containers.list(
-        filters={"label": f"com.docker.swarm.service.name=dbprov-{database_id}"}
-    )
-    runtime.start_server(database_id)
-    with connect_when_up(endpoint) as conn:
-        assert conn.execute("SELECT n FROM kept").fetchone() == (7,)
+    def no_task_runs() -> None:
+        assert not docker_client.containers.list(
+            filters={"label": f"com.docker.swarm.service.name=dbprov-{database_id}"}
+        )
 
-    runtime.remove_server(database_id, keep_data=True)
-    absent = runtime.inspect_server(database_id)
-    assert absent.state == ABSENT and absent.has_data
-    # Made anew on the data it left, on the node its placement names.
-    with connect_when_up(runtime.ensure_server(spec)) as conn:
-        assert conn.execute("SELECT n FROM kept").fetchone() == (7,)
-    runtime.remove_server(database_id)
-    assert runtime.inspect_server(database_id) is None
-    assert database_id not in {s.database_id for s in runtime.list_servers()}
+    # Made anew, the server lands on the node its placement names.
+    check_the_data_outlives_its_server(runtime, spec, endpoint, connect_when_up, while_stopped=no_task_runs)
     assert_nothing_left(docker_client)
 
 

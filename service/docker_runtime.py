@@ -398,9 +398,7 @@ class DockerRuntime:
             with self._golden_lock:
                 self._refill_golden_volume(spec, base, key, image["Id"], name, labels)
             volume = self._volume(name)
-        if not _is_golden(volume):
-            return _Golden(tag, None)
-        return _Golden(tag, volume)
+        return _Golden(tag, volume if _is_golden(volume) else None)
 
     @staticmethod
     def _golden_key(spec: ServerSpec, base: dict) -> str:
@@ -522,10 +520,14 @@ class DockerRuntime:
                 raise GoldenFailed(f"the golden data did not work through an overlay (exit code {exit_code})")
         except (docker.errors.APIError, requests.exceptions.RequestException, GoldenFailed) as exc:
             log.warning("servers get copies of the golden data: an overlay on it does not work here: %s", exc)
-            clear_probe()
-            self._remove_volume(name)
+            failed = True
+        else:
+            failed = False
         finally:
             clear_probe()
+        if failed:
+            # After the probe, which mounts it.
+            self._remove_volume(name)
 
     def _golden_builder(self, spec: ServerSpec, base: dict, name: str) -> str | None:
         """The container that initialises a golden copy; None once another

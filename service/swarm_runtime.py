@@ -703,7 +703,11 @@ class SwarmRuntime:
         return self.client.api.containers(all=not running, filters=filters)
 
     def _tasks(self, name: str) -> list[dict]:
-        return self.client.api.tasks(filters={"service": name})
+        try:
+            return self.client.api.tasks(filters={"service": name})
+        except docker.errors.NotFound:
+            # Removed since it was looked up (by a sweep, a delete): no task is left.
+            return []
 
     def _nodes(self) -> dict[str, Node]:
         return {n["ID"]: _node(n) for n in self.client.api.nodes()}

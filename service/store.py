@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import select
 import threading
+import time
 from contextlib import contextmanager
 from importlib import resources
 from typing import TYPE_CHECKING, Iterator
@@ -31,6 +33,9 @@ CHANNEL = "dbprov_changes"
 _UNDEFINED_TABLE = "42P01"
 # Advisory lock key held while migrating ("dbpm").
 _MIGRATION_LOCK = 0x6462706D
+# Seconds a pooled PostgreSQL connection may have been idle and still be
+# handed out without a ping (see _check_on_checkout).
+_TRUSTED_IDLE = 10.0
 
 
 @contextmanager
@@ -173,11 +178,9 @@ def head_revision() -> str:
 
 def _make_engine(url: str, begin: str | None = "BEGIN IMMEDIATE") -> Engine:
     if not url.startswith("sqlite"):
-        # pre_ping: connections that died with a restarted server are replaced
-        # instead of failing the next request.
-        return create_engine(
-            url, pool_pre_ping=True, pool_size=10, max_overflow=20, json_deserializer=orjson.loads
-        )
+        engine = create_engine(url, pool_size=10, max_overflow=20, json_deserializer=orjson.loads)
+        _check_on_checkout(engine)
+        return engine
     engine = create_engine(
         url, connect_args={"timeout": 30, "check_same_thread": False}, json_deserializer=orjson.loads
     )
@@ -198,3 +201,37 @@ def _make_engine(url: str, begin: str | None = "BEGIN IMMEDIATE") -> Engine:
             connection.exec_driver_sql(begin)
 
     return engine
+
+
+def _check_on_checkout(engine: Engine) -> None:
+    """Replace a pooled connection that died (with a restarted or failed-over
+    server) instead of failing the request that gets it, as pool_pre_ping
+    does, but without its round trip on every checkout: that was one of a
+    lookup's two. A server that ends a connection tells it (an error, then
+    end of stream), so an idle connection with anything to read is suspect
+    and pinged; so is one idle for a while, which a firewall or NAT may have
+    dropped without a word. The rest, the busy pool's, go out as they are.
+    """
+
+    @event.listens_for(engine, "connect")
+    @event.listens_for(engine, "checkin")
+    def _idle_from(_dbapi_connection, record) -> None:  # noqa: ANN001
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_connection, record, _proxy) -> None:  # noqa: ANN001
+        idle = time.monotonic() - record.info.get("idle_since", 0.0)
+        try:
+            if idle < _TRUSTED_IDLE and not _has_input(dbapi_connection.fileno()):
+                return
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            # The pool closes this one and checks out another, up to three times.
+            raise sqlalchemy.exc.DisconnectionError(str(exc)) from exc
+
+
+def _has_input(fd: int) -> bool:
+    """Whether the server sent anything (or hung up) on an idle connection."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))

@@ -286,13 +286,13 @@ class Databases:
         wanted = dataclasses.replace(wanted, source=source, template_id=template_id)
         # Before anything is recorded: a version that cannot run holds no record and no port.
         self.images.require(wanted.version)
-        password = self.vault.encrypt(new_password())
         try:
             if self.pool is not None and wanted.plain:
-                claimed = self.pool.claim(principal, wanted, password, idempotency)
+                claimed = self.pool.claim(principal, wanted, idempotency)
                 if claimed is not None:
                     return claimed
-            return self.record(principal.tenant, wanted, password, principal.actor, idempotency)
+            return self.record(principal.tenant, wanted, self.vault.encrypt(new_password()), principal.actor,
+                               idempotency)
         except sqlalchemy.exc.IntegrityError:
             # Only the key can still collide here: a retry of the same create
             # committed first. Answer as it did.

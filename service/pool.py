@@ -8,12 +8,13 @@ tenant with a fresh role and password; a claimed server never returns.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from datetime import timedelta
 
 import psycopg
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 
 from .coordination import Claims
 from .databases import Databases, Idempotency, Wanted, new_password
@@ -47,9 +48,7 @@ class WarmPool:
         self._runtime = databases.runtime
         self._claims = claims
 
-    def claim(
-        self, principal: Principal, wanted: Wanted, password: str, idempotency: Idempotency | None
-    ) -> Database | None:
+    def claim(self, principal: Principal, wanted: Wanted, idempotency: Idempotency | None) -> Database | None:
         """A warm member made the tenant's: None when the pool is empty or the claim failed.
 
         A member was stocked with its tenant role and a password of its own
@@ -79,7 +78,8 @@ class WarmPool:
                 values.update(status=Status.READY, ready_at=utcnow(),
                               phase_timings={"claim": round(time.monotonic() - started, 3)})
             else:
-                values.update(status=Status.PROVISIONING, password=password, ready_at=None, phase_timings={})
+                values.update(status=Status.PROVISIONING, password=self.vault.encrypt(new_password()),
+                              ready_at=None, phase_timings={})
             member = self.records.transition(
                 member_id, {Status.READY}, session=session, actor=principal.actor, event="claimed", **values
             )
@@ -112,20 +112,9 @@ class WarmPool:
 
     def _pick(self, session, version: str, template_id: str | None) -> str | None:
         """The oldest ready member whose server runs; parallel claims each take another."""
-        query = (
-            select(Database.id)
-            .where(
-                Database.tenant == POOL_TENANT,
-                Database.status == Status.READY,
-                Database.version == version,
-                _of_template(template_id),
-            )
-            .order_by(Database.created_at)
-            .limit(_CANDIDATES)
-        )
-        if self.store.is_postgres:
-            query = query.with_for_update(skip_locked=True)
-        for member_id in session.scalars(query):
+        query = _members(template_id is not None, self.store.is_postgres)
+        params = {"version": version, "template_id": template_id}
+        for member_id in session.scalars(query, params):
             # A server that died in the pool is never handed out. What the
             # runtime follows of the engine's events says so without a round
             # trip; else one question to the engine, still cheaper than a
@@ -228,3 +217,23 @@ class WarmPool:
 def _of_template(template_id: str | None):
     """Members of a template's pool, or of the plain pool."""
     return Database.template_id == template_id if template_id else Database.template_id.is_(None)
+
+
+@functools.cache
+def _members(of_template: bool, skip_locked: bool):
+    """The oldest ready members of a version's pool (a template's, or the
+    plain one): built once, as every claim asks it."""
+    table = Database.__table__
+    query = (
+        select(table.c.id)
+        .where(
+            table.c.tenant == POOL_TENANT,
+            table.c.status == Status.READY,
+            table.c.version == bindparam("version"),
+            table.c.template_id == bindparam("template_id") if of_template else table.c.template_id.is_(None),
+        )
+        .order_by(table.c.created_at)
+        .limit(_CANDIDATES)
+    )
+    # Parallel claims each take another.
+    return query.with_for_update(skip_locked=True) if skip_locked else query

@@ -9,12 +9,13 @@ the transaction has committed.
 from __future__ import annotations
 
 import bisect
+import functools
 import time
 from collections.abc import Callable, Collection
 from datetime import timedelta
 from typing import TypeVar
 
-from sqlalchemy import ColumnElement, delete, event, select, update
+from sqlalchemy import ColumnElement, bindparam, delete, event, insert, select, update
 from sqlalchemy.orm import Session
 
 from .models import PHASE_BUCKETS, Database, Event, IdempotencyKey, PhaseHistogram, Status, utcnow
@@ -73,10 +74,10 @@ class Records:
         self, session: Session, record: Database, kind: str, actor: str = SERVICE, details: dict | None = None
     ) -> None:
         """Record that ``kind`` happened to ``record``, inside the caller's transaction."""
-        session.add(
-            Event(database_id=record.id, tenant=record.tenant, at=utcnow(), kind=kind, actor=actor,
-                  details=details or {})
-        )
+        session.execute(_INSERT_EVENT, {
+            "database_id": record.id, "tenant": record.tenant, "at": utcnow(), "kind": kind, "actor": actor,
+            "details": details or {},
+        })
 
     def transition(
         self,
@@ -104,22 +105,23 @@ class Records:
                     database_id, expected, session=own, only_if=only_if, actor=actor,
                     event=event, details=details, **values,
                 )
-        # One status is the common case: "=" is rendered once and cached, where
-        # an IN list is rendered again at every execution.
-        (only, *more) = expected
-        status = Database.status.in_([only, *more]) if more else Database.status == only
-        conditions = [Database.id == database_id, status]
-        if only_if is not None:
-            conditions.append(only_if)
-        statement = (
-            update(Database)
-            .where(*conditions)
-            .values(updated_at=utcnow(), **values)
-            .returning(Database)
-            # The ORM's copy of the row, if the session has one, takes the new values.
-            .execution_options(synchronize_session="fetch")
-        )
-        record = session.scalars(statement).one_or_none()
+        if only_if is None:
+            # The common case: a statement built once per set of columns.
+            statement = _update_statement(tuple(sorted(values)), len(expected))
+            record = session.scalars(statement, {
+                "_id": database_id, "_expected": next(iter(expected)) if len(expected) == 1 else list(expected),
+                "_updated_at": utcnow(), **{f"_{key}": value for key, value in values.items()},
+            }).one_or_none()
+        else:
+            statement = (
+                update(Database)
+                .where(Database.id == database_id, Database.status.in_(expected), only_if)
+                .values(updated_at=utcnow(), **values)
+                .returning(Database)
+                # The ORM's copy of the row, if the session has one, takes the new values.
+                .execution_options(synchronize_session="fetch")
+            )
+            record = session.scalars(statement).one_or_none()
         if record is not None:
             if values.get("phase_timings"):
                 _observe(session, values["phase_timings"])
@@ -158,12 +160,40 @@ class Records:
 def _observe(session: Session, timings: dict[str, float]) -> None:
     """Count a provisioning's phases into the histogram, in the caller's transaction."""
     for phase, seconds in timings.items():
-        first = bisect.bisect_left(PHASE_BUCKETS, seconds)
         # Every bucket whose bound it is within; +Inf (the last) always.
-        session.execute(
-            update(PhaseHistogram)
-            .where(PhaseHistogram.phase == phase, PhaseHistogram.bucket >= first)
-            .values(count=PhaseHistogram.count + 1, seconds=PhaseHistogram.seconds + seconds)
-            # No session holds these rows: nothing to bring up to date.
-            .execution_options(synchronize_session=False)
-        )
+        first = bisect.bisect_left(PHASE_BUCKETS, seconds)
+        session.execute(_OBSERVE, {"_phase": phase, "_first": first, "_seconds": seconds})
+
+
+@functools.cache
+def _update_statement(columns: tuple[str, ...], statuses: int):
+    """A compare-and-set of ``columns`` (and updated_at) on a record in one of
+    ``statuses`` expected statuses, returning it as the session's Database.
+
+    Built once per shape: making an UPDATE of twenty values and its RETURNING
+    anew, and the ORM's bulk-update bookkeeping, took about three times as
+    long as running it, at every claim and every step of the reconciler.
+    """
+    table = Database.__table__
+    expected = (
+        table.c.status == bindparam("_expected") if statuses == 1
+        else table.c.status.in_(bindparam("_expected", expanding=True))
+    )
+    core = (
+        update(table)
+        .where(table.c.id == bindparam("_id"), expected)
+        .values({"updated_at": bindparam("_updated_at"), **{key: bindparam(f"_{key}") for key in columns}})
+        .returning(*table.c)
+    )
+    # The session's copy of the row, if it has one, takes the new values.
+    return select(Database).from_statement(core).execution_options(populate_existing=True)
+
+
+# Statements every transition may run, built once.
+_INSERT_EVENT = insert(Event.__table__)
+_histogram = PhaseHistogram.__table__.c
+_OBSERVE = (
+    update(PhaseHistogram.__table__)
+    .where(_histogram.phase == bindparam("_phase"), _histogram.bucket >= bindparam("_first"))
+    .values(count=_histogram.count + 1, seconds=_histogram.seconds + bindparam("_seconds"))
+)

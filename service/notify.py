@@ -28,6 +28,12 @@ class Notifier:
             self._generation += 1
             self._condition.notify_all()
 
+    def notify_in(self, seconds: float) -> None:
+        """``notify()`` once ``seconds`` have passed."""
+        timer = threading.Timer(seconds, self.notify)
+        timer.daemon = True
+        timer.start()
+
     def wait(self, timeout: float, since: int | None = None) -> bool:
         """Block until the generation differs from ``since`` (default: now) or ``timeout``."""
         with self._condition:

@@ -152,8 +152,17 @@ class Records:
         if not event.contains(session, "after_commit", self._notify):
             event.listen(session, "after_commit", self._notify, once=True)
 
-    def _notify(self, _session: Session) -> None:
-        self.wanted.notify()
+    def wake_later(self, session: Session, seconds: float) -> None:
+        """Let this transaction's changes wait ``seconds`` for the reconciler
+        of this process, rather than wake it at the commit."""
+        session.info["wake_in"] = seconds
+
+    def _notify(self, session: Session) -> None:
+        later = session.info.pop("wake_in", None)
+        if later is None:
+            self.wanted.notify()
+        else:
+            self.wanted.notify_in(later)
         self.changed.notify()
 
 

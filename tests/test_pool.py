@@ -96,6 +96,23 @@ def test_a_claimed_member_is_replaced_a_moment_later_unless_the_pool_is_empty(po
     assert len(runtime.servers) == 3
 
 
+def test_a_claim_wakes_the_reconciler_when_its_replacement_is_due(pooled, monkeypatch):
+    services, reconciler = pooled
+    monkeypatch.setattr(pool, "_REFILL_DELAY", 0.3)
+    reconciler.run_once(wait=True)
+    wanted = services.records.wanted
+    seen = wanted.generation
+    services.databases.create(LOCAL_ADMIN, "first")
+    # Another is ready: no pass while the client makes its first connection...
+    assert wanted.generation == seen
+    # ...but one when the replacement is due.
+    assert wanted.wait(5.0, since=seen)
+    # The last one: the pool is refilled at once.
+    seen = wanted.generation
+    services.databases.create(LOCAL_ADMIN, "second")
+    assert wanted.generation > seen
+
+
 def test_a_claimed_server_never_returns_to_the_pool(pooled, runtime):
     services, reconciler = pooled
     reconciler.run_once(wait=True)

@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import psycopg
 import sqlalchemy.exc
-from sqlalchemy import Row, func, select, tuple_
+from sqlalchemy import Row, bindparam, func, select, tuple_
 from sqlalchemy.orm import Session
 
 from .crypto import Vault
@@ -141,6 +141,7 @@ LISTED = (
 
 # Built once: a select of 22 columns costs more to make than to run.
 _LISTING = select(*LISTED)
+_SHOWING = _LISTING.where(Database.id == bindparam("id"))
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,13 @@ def _check_id(database_id: str) -> None:
     # away from the metadata store's driver.
     if not re.fullmatch(ID_PATTERN, database_id):
         raise NotFound(f"no database with id {database_id!r}")
+
+
+def _visible(principal: Principal, database_id: str, record: "Database | Row | None") -> "Database | Row":
+    # Another tenant's database looks exactly like one that does not exist.
+    if record is None or not principal.sees(record) or record.tenant == POOL_TENANT:
+        raise NotFound(f"no database with id {database_id!r}")
+    return record
 
 
 class Databases:
@@ -460,12 +468,17 @@ class Databases:
 
     def get(self, principal: Principal, database_id: str) -> Database:
         _check_id(database_id)
-        with self.store.lookup() as session:
+        with self.store.lookup() as connection, Session(connection) as session:
             record = session.get(Database, database_id)
-        # Another tenant's database looks exactly like one that does not exist.
-        if record is None or not principal.sees(record) or record.tenant == POOL_TENANT:
-            raise NotFound(f"no database with id {database_id!r}")
-        return record
+        return _visible(principal, database_id, record)
+
+    def show(self, principal: Principal, database_id: str) -> Row:
+        """A database's LISTED columns, as a page of the list has them: what
+        ``GET /databases/{id}`` shows, read without loading a whole record."""
+        _check_id(database_id)
+        with self.store.lookup() as connection:
+            row = connection.execute(_SHOWING, {"id": database_id}).first()
+        return _visible(principal, database_id, row)
 
     def list(
         self,
@@ -496,10 +509,10 @@ class Databases:
             ordered = ordered.where(tuple_(Database.created_at, Database.id) < tuple_(created_at, last_id))
         else:
             ordered = ordered.offset((page - 1) * page_size)
-        with self.store.lookup() as session:
-            items = session.execute(ordered).all()
+        with self.store.lookup() as connection:
+            items = connection.execute(ordered).all()
             # Past the end there is no row to carry it.
-            total = items[0].total if items else session.scalar(count)
+            total = items[0].total if items else connection.scalar(count)
         next_cursor = _encode_cursor(items[-1]) if len(items) == page_size else None
         return Page(items=items, page=page, page_size=page_size, total=total, next_cursor=next_cursor)
 

@@ -124,11 +124,8 @@ class Tenants:
         if scheme.lower() != "bearer" or not match:
             raise Unauthorized("the Authorization header does not hold a dbprov bearer token")
         token_id, secret = match.groups()
-        with self.store.lookup() as session:
-            # Every request asks this: the four columns it needs, not a Token.
-            token = session.execute(
-                select(Token.tenant, Token.admin, Token.secret_hash, Token.revoked_at).where(Token.id == token_id)
-            ).first()
+        with self.store.lookup() as connection:
+            token = connection.execute(_TOKEN_CHECK, {"id": token_id}).first()
         if (
             token is None
             or not hmac.compare_digest(token.secret_hash, _hash(secret))
@@ -268,6 +265,10 @@ def count_live(session: Session, tenant: str) -> int:
     return session.scalar(_LIVE_COUNT, {"tenant": tenant})
 
 
+# Every request asks this: the four columns it needs, not a Token.
+_TOKEN_CHECK = select(Token.tenant, Token.admin, Token.secret_hash, Token.revoked_at).where(
+    Token.id == bindparam("id")
+)
 # Built once: every create runs both in its transaction, where making them
 # cost more than running them.
 _TENANT_LOCK = (

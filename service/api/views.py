@@ -310,7 +310,10 @@ class DatabaseItem(MethodView):
     @databases.alt_response(404, response="NOT_FOUND")
     def get(self, database_id):
         """Show a database (without its password)"""
-        return _present(_services().databases.get(_principal(), database_id))
+        domain = _services().databases
+        row = domain.show(_principal(), database_id)
+        # Written as a page of the list is (see there), which it matches.
+        return Response(orjson.dumps(_body(row._mapping, domain.host(row))), mimetype="application/json")
 
     @databases.arguments(DatabaseUpdateSchema)
     @_guarded(databases, write=True)

@@ -35,8 +35,8 @@ def pings(store, monkeypatch):
 
 
 def backend_pid(store: Store) -> int:
-    with store.lookup() as session:
-        return session.scalar(text("SELECT pg_backend_pid()"))
+    with store.lookup() as connection:
+        return connection.scalar(text("SELECT pg_backend_pid()"))
 
 
 def test_a_connection_the_server_ended_is_replaced_without_an_error(store, postgres_url, pings):

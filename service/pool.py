@@ -221,25 +221,24 @@ class WarmPool:
             )
 
 
-def _of_template(template_id: str | None):
+def _of_template(template_id):  # noqa: ANN001 - a template's id, its bound parameter, or None
     """Members of a template's pool, or of the plain pool."""
-    return Database.template_id == template_id if template_id else Database.template_id.is_(None)
+    return Database.template_id == template_id if template_id is not None else Database.template_id.is_(None)
 
 
 @functools.cache
 def _members(of_template: bool, skip_locked: bool):
     """The oldest ready members of a version's pool (a template's, or the
     plain one): built once, as every claim asks it."""
-    table = Database.__table__
     query = (
-        select(table.c.id)
+        select(Database.id)
         .where(
-            table.c.tenant == POOL_TENANT,
-            table.c.status == Status.READY,
-            table.c.version == bindparam("version"),
-            table.c.template_id == bindparam("template_id") if of_template else table.c.template_id.is_(None),
+            Database.tenant == POOL_TENANT,
+            Database.status == Status.READY,
+            Database.version == bindparam("version"),
+            _of_template(bindparam("template_id") if of_template else None),
         )
-        .order_by(table.c.created_at)
+        .order_by(Database.created_at)
         .limit(_CANDIDATES)
     )
     # Parallel claims each take another.

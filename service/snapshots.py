@@ -13,8 +13,10 @@ import logging
 import re
 import secrets
 from collections.abc import Collection
+from contextlib import nullcontext
 
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from .databases import Databases
 from .errors import Conflict, NotFound, QuotaExceeded
@@ -36,12 +38,18 @@ class Snapshots:
         self.records = records
         self.databases = databases
 
-    def take(self, principal: Principal, database_id: str, template_id: str | None = None) -> Snapshot:
-        """Ask for a snapshot of a ready (or stopped) database; the reconciler takes it."""
+    def take(
+        self, principal: Principal, database_id: str, template_id: str | None = None, session: Session | None = None
+    ) -> Snapshot:
+        """Ask for a snapshot of a ready (or stopped) database; the reconciler takes it.
+
+        Inside the caller's ``session`` when given: what the snapshot is for
+        must be committed with it, since the reconciler may take it at once.
+        """
         record = self.databases.get(principal, database_id)
         if record.status not in (Status.READY, Status.STOPPED):
             raise Conflict(f"database {database_id} is {record.status.value}; a snapshot needs it ready or stopped")
-        with self.store.transaction() as session:
+        with nullcontext(session) if session is not None else self.store.transaction() as session:
             if template_id is None:
                 # Counted under the tenant's row lock, like databases.
                 self.databases.tenants.lock(session, record.tenant)

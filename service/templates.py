@@ -15,6 +15,7 @@ import secrets
 
 import sqlalchemy.exc
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from .databases import Databases, Wanted, new_password
 from .errors import Conflict, Locked, NotFound, ValidationError
@@ -90,13 +91,16 @@ class Templates:
             raise Conflict(f"template {key!r} is {template.status.value}, not being built")
         if not 0 <= pool_size <= MAX_POOL:
             raise ValidationError(f"pool_size must be 0 to {MAX_POOL}")
-        snapshot = self.snapshots.take(principal, template.database_id, template_id=template.id)
-        template = self._set(
-            template.id, {TemplateStatus.BUILDING}, status=TemplateStatus.FINALIZING,
-            snapshot_id=snapshot.id, pool_size=pool_size,
-        )
-        if template is None:
-            raise Conflict(f"template {key!r} changed meanwhile")
+        # One transaction: the reconciler may take the snapshot and settle the
+        # template at once, which it can only do to a finalizing one.
+        with self.store.transaction() as session:
+            snapshot = self.snapshots.take(principal, template.database_id, template_id=template.id, session=session)
+            template = self._update(
+                session, template.id, {TemplateStatus.BUILDING}, status=TemplateStatus.FINALIZING,
+                snapshot_id=snapshot.id, pool_size=pool_size,
+            )
+            if template is None:
+                raise Conflict(f"template {key!r} changed meanwhile")
         return template
 
     def get(self, principal: Principal, key: str) -> Template:
@@ -168,15 +172,18 @@ class Templates:
     def _set(self, template_id: str, expected: set[TemplateStatus], **values) -> Template | None:
         """Compare-and-set on a template's status, announced so that waiters look again."""
         with self.store.transaction() as session:
-            template = session.scalars(
-                update(Template)
-                .where(Template.id == template_id, Template.status.in_(list(expected)))
-                .values(**values)
-                .returning(Template)
-                .execution_options(synchronize_session="fetch")
-            ).one_or_none()
-            if template is not None:
-                self.records.announce(session, template.database_id or template.id)
+            return self._update(session, template_id, expected, **values)
+
+    def _update(self, session: Session, template_id: str, expected: set[TemplateStatus], **values) -> Template | None:
+        template = session.scalars(
+            update(Template)
+            .where(Template.id == template_id, Template.status.in_(list(expected)))
+            .values(**values)
+            .returning(Template)
+            .execution_options(synchronize_session="fetch")
+        ).one_or_none()
+        if template is not None:
+            self.records.announce(session, template.database_id or template.id)
         return template
 
     def wait_until_settled(self, principal: Principal, key: str, timeout: float) -> Template:

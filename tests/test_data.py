@@ -4,6 +4,7 @@ whose "data" is a string that copies carry along."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 from concurrent.futures import ThreadPoolExecutor
 import pytest
 
@@ -193,6 +194,32 @@ def test_a_template_is_built_once_and_cloned_from_its_pool(client, services, run
             break
         running.records.changed.wait(0.05)
     assert record(services, body["database"]["id"]).status == Status.DELETED
+
+
+def test_a_template_settles_when_its_snapshot_is_taken_the_moment_it_is_asked_for(
+    client, services, reconciler, monkeypatch
+):
+    # A running reconciler may take the snapshot before finalize returns: the
+    # template must be finalizing by then, or nothing ever settles it.
+    client.post("/templates", json={"key": "quick"}, headers=ASYNC)
+    reconciler.run_once(wait=True)
+    take = services.snapshots.take
+
+    passes = []
+
+    def taken_at_once(*args, **kwargs):
+        snapshot = take(*args, **kwargs)
+        # A pass of its own thread, given time to take whatever it can see.
+        passes.append(threading.Thread(target=reconciler.run_once, kwargs={"wait": True}))
+        passes[0].start()
+        passes[0].join(0.5)
+        return snapshot
+
+    monkeypatch.setattr(services.snapshots, "take", taken_at_once)
+    assert client.post("/templates/quick/finalize", headers=ASYNC).get_json()["status"] == "finalizing"
+    passes[0].join()
+    reconciler.run_once(wait=True)
+    assert client.get("/templates/quick").get_json()["status"] == "ready"
 
 
 def test_concurrent_first_requests_build_one_template(client, services):

@@ -104,11 +104,15 @@ class Wanted:
     # The snapshot its data is copied from, and the template it is a clone of.
     source: "Snapshot | None" = None
     template_id: str | None = None
+    # Or a database of which a snapshot is taken along with the record.
+    copy_of: Database | None = None
 
     @property
     def plain(self) -> bool:
         """What a warm pool member is, or can be made into at its claim."""
-        return self.plan == "default" and (self.source is None or self.template_id is not None)
+        return self.plan == "default" and self.copy_of is None and (
+            self.source is None or self.template_id is not None
+        )
 
     def columns(self) -> dict[str, Any]:
         """The record's columns this request decides."""
@@ -316,11 +320,7 @@ class Databases:
             version = copied.version
         wanted = self._check(principal, name, version, superuser, ttl, expires_at, protected, plan,
                              parameters or {}, extensions or [])
-        if original is not None:
-            # Only once the request is known to be good: a consistent copy
-            # first, which the clone's provisioning waits for.
-            source = self.snapshots.take(principal, original.id)
-        wanted = dataclasses.replace(wanted, source=source, template_id=template_id)
+        wanted = dataclasses.replace(wanted, source=source, template_id=template_id, copy_of=original)
         # Before anything is recorded: a version that cannot run holds no record and no port.
         self.images.require(wanted.version)
         try:
@@ -353,7 +353,7 @@ class Databases:
         if from_snapshot is not None:
             return self.snapshots.get(principal, from_snapshot, usable=True), None, None
         if from_database is not None:
-            return None, None, self.get(principal, from_database)
+            return None, None, self.snapshots.of(principal, from_database)
         return None, None, None
 
     def _check(
@@ -414,9 +414,9 @@ class Databases:
         """A new pending record with a host port reserved for it, provisioned
         from ``not_before`` on (at once without it)."""
         # A copy's server keeps the superuser its data already has.
-        source = wanted.source
-        admin_username = source.admin_username if source else ADMIN_USERNAME
-        admin_password = source.admin_password if source else self.vault.encrypt(new_password())
+        copied = wanted.source or wanted.copy_of
+        admin_username = copied.admin_username if copied else ADMIN_USERNAME
+        admin_password = copied.admin_password if copied else self.vault.encrypt(new_password())
         for _ in range(_PORT_ATTEMPTS):
             try:
                 with self.store.transaction() as session:
@@ -424,6 +424,10 @@ class Databases:
                         self.tenants.reserve(session, tenant, wanted.plan)
                     if wanted.name is not None:
                         self.ensure_name_free(session, tenant, wanted.name)
+                    columns = wanted.columns()
+                    if wanted.copy_of is not None:
+                        # A consistent copy first, which the clone's provisioning waits for.
+                        columns["source_snapshot_id"] = self.snapshots.add(session, wanted.copy_of, actor).id
                     record = Database(
                         id=secrets.token_hex(6),  # matches ID_PATTERN
                         tenant=tenant,
@@ -438,7 +442,7 @@ class Databases:
                         admin_password=admin_password,
                         phase_timings={},
                         next_attempt_at=not_before,
-                        **wanted.columns(),
+                        **columns,
                     )
                     self.records.add(session, record, actor)
                     if idempotency is not None:

@@ -13,7 +13,6 @@ import logging
 import re
 import secrets
 from collections.abc import Collection
-from contextlib import nullcontext
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -38,50 +37,59 @@ class Snapshots:
         self.records = records
         self.databases = databases
 
-    def take(
-        self, principal: Principal, database_id: str, template_id: str | None = None, session: Session | None = None
-    ) -> Snapshot:
-        """Ask for a snapshot of a ready (or stopped) database; the reconciler takes it.
+    def take(self, principal: Principal, database_id: str) -> Snapshot:
+        """Ask for a snapshot of a ready (or stopped) database; the reconciler takes it."""
+        record = self.of(principal, database_id)
+        with self.store.transaction() as session:
+            snapshot = self.add(session, record, principal.actor)
+        log.info("snapshot %s of database %s requested", snapshot.id, record.id)
+        return snapshot
 
-        Inside the caller's ``session`` when given: what the snapshot is for
-        must be committed with it, since the reconciler may take it at once.
-        """
+    def of(self, principal: Principal, database_id: str) -> Database:
+        """The principal's database, if a snapshot of it can be taken now."""
         record = self.databases.get(principal, database_id)
         if record.status not in (Status.READY, Status.STOPPED):
             raise Conflict(f"database {database_id} is {record.status.value}; a snapshot needs it ready or stopped")
-        with nullcontext(session) if session is not None else self.store.transaction() as session:
-            if template_id is None:
-                # Counted under the tenant's row lock, like databases.
-                self.databases.tenants.lock(session, record.tenant)
-                kept = session.scalar(
-                    select(func.count()).select_from(Snapshot).where(
-                        Snapshot.tenant == record.tenant,
-                        Snapshot.template_id.is_(None),
-                        Snapshot.status.in_([SnapshotStatus.PENDING, SnapshotStatus.READY]),
-                    )
+        return record
+
+    def add(self, session: Session, record: Database, actor: str, template_id: str | None = None) -> Snapshot:
+        """A pending snapshot of ``record``, inside the caller's transaction.
+
+        Whatever the snapshot is for (a clone, a template) belongs in the same
+        transaction: the reconciler may take it the moment it is committed,
+        and a request refused after it must leave none behind.
+        """
+        if template_id is None:
+            # Counted under the tenant's row lock, like databases.
+            self.databases.tenants.lock(session, record.tenant)
+            kept = session.scalar(
+                select(func.count()).select_from(Snapshot).where(
+                    Snapshot.tenant == record.tenant,
+                    Snapshot.template_id.is_(None),
+                    Snapshot.status.in_([SnapshotStatus.PENDING, SnapshotStatus.READY]),
                 )
-                if kept >= self.settings.snapshot_quota:
-                    raise QuotaExceeded(
-                        f"tenant {record.tenant!r} keeps {kept} of {self.settings.snapshot_quota} "
-                        "snapshots; delete one first",
-                        used=kept, limit=self.settings.snapshot_quota,
-                    )
-            snapshot = Snapshot(
-                id=secrets.token_hex(6),
-                tenant=record.tenant,
-                database_id=record.id,
-                template_id=template_id,
-                status=SnapshotStatus.PENDING,
-                version=record.version,
-                image=record.image,
-                admin_username=record.admin_username,
-                admin_password=record.admin_password,
-                created_at=utcnow(),
             )
-            session.add(snapshot)
-            self.records.event(session, record, "snapshot-requested", principal.actor, {"snapshot": snapshot.id})
-            self.records.announce(session, record.id)
-        log.info("snapshot %s of database %s requested", snapshot.id, record.id)
+            if kept >= self.settings.snapshot_quota:
+                raise QuotaExceeded(
+                    f"tenant {record.tenant!r} keeps {kept} of {self.settings.snapshot_quota} "
+                    "snapshots; delete one first",
+                    used=kept, limit=self.settings.snapshot_quota,
+                )
+        snapshot = Snapshot(
+            id=secrets.token_hex(6),
+            tenant=record.tenant,
+            database_id=record.id,
+            template_id=template_id,
+            status=SnapshotStatus.PENDING,
+            version=record.version,
+            image=record.image,
+            admin_username=record.admin_username,
+            admin_password=record.admin_password,
+            created_at=utcnow(),
+        )
+        session.add(snapshot)
+        self.records.event(session, record, "snapshot-requested", actor, {"snapshot": snapshot.id})
+        self.records.announce(session, record.id)
         return snapshot
 
     def get(self, principal: Principal, snapshot_id: str, usable: bool = False) -> Snapshot:

@@ -91,10 +91,11 @@ class Templates:
             raise Conflict(f"template {key!r} is {template.status.value}, not being built")
         if not 0 <= pool_size <= MAX_POOL:
             raise ValidationError(f"pool_size must be 0 to {MAX_POOL}")
+        record = self.snapshots.of(principal, template.database_id)
         # One transaction: the reconciler may take the snapshot and settle the
         # template at once, which it can only do to a finalizing one.
         with self.store.transaction() as session:
-            snapshot = self.snapshots.take(principal, template.database_id, template_id=template.id, session=session)
+            snapshot = self.snapshots.add(session, record, principal.actor, template_id=template.id)
             template = self._update(
                 session, template.id, {TemplateStatus.BUILDING}, status=TemplateStatus.FINALIZING,
                 snapshot_id=snapshot.id, pool_size=pool_size,

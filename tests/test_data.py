@@ -8,7 +8,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 import pytest
 
-from service.models import Database, Snapshot, SnapshotStatus, Status
+from service.models import Database, Snapshot, SnapshotStatus, Status, TemplateStatus
 from service.runtime import RUNNING, JobResult
 
 from .test_api import assert_problem
@@ -74,6 +74,14 @@ def test_snapshots_are_the_tenants_and_count_against_a_quota(api, services, toke
     assert_problem(
         api.post("/databases", json={"from_snapshot": first["id"]}, headers=bob), 404, "not-found"
     )
+
+
+def test_a_clone_of_a_database_refused_leaves_no_snapshot(client, services, reconciler, ready):
+    services.tenants.set_limit("default", 1)
+    assert_problem(client.post("/databases", json={"from_database": ready["id"]}), 403, "quota-exceeded")
+    reconciler.run_once(wait=True)
+    assert client.get("/snapshots").get_json()["items"] == []
+    assert kinds(client, ready["id"])[-1] != "snapshot-taken"
 
 
 def test_a_clone_starts_with_the_copy_and_lives_apart(client, services, reconciler, runtime, ready):
@@ -203,19 +211,19 @@ def test_a_template_settles_when_its_snapshot_is_taken_the_moment_it_is_asked_fo
     # template must be finalizing by then, or nothing ever settles it.
     client.post("/templates", json={"key": "quick"}, headers=ASYNC)
     reconciler.run_once(wait=True)
-    take = services.snapshots.take
-
+    update = services.templates._update
     passes = []
 
-    def taken_at_once(*args, **kwargs):
-        snapshot = take(*args, **kwargs)
-        # A pass of its own thread, given time to take whatever it can see.
-        passes.append(threading.Thread(target=reconciler.run_once, kwargs={"wait": True}))
-        passes[0].start()
-        passes[0].join(0.5)
-        return snapshot
+    def pass_first(session, template_id, expected, **values):
+        if values.get("status") == TemplateStatus.FINALIZING:
+            # Between the snapshot's request and the template's new state, a
+            # pass of its own thread, given time to take whatever it can see.
+            passes.append(threading.Thread(target=reconciler.run_once, kwargs={"wait": True}))
+            passes[0].start()
+            passes[0].join(0.5)
+        return update(session, template_id, expected, **values)
 
-    monkeypatch.setattr(services.snapshots, "take", taken_at_once)
+    monkeypatch.setattr(services.templates, "_update", pass_first)
     assert client.post("/templates/quick/finalize", headers=ASYNC).get_json()["status"] == "finalizing"
     passes[0].join()
     reconciler.run_once(wait=True)

@@ -636,10 +636,10 @@ class Reconciler:
                 )
             )
             self.records.announce(session, snapshot.database_id)
+            if snapshot.template_id is not None and self._templates is not None:
+                self._templates.settle(session, snapshot.template_id, snapshot_ready=error is None)
         if error:
             log.warning("snapshot %s failed: %s", snapshot.id, error)
-        if snapshot.template_id is not None and self._templates is not None:
-            self._templates.settle(snapshot.template_id, snapshot_ready=error is None)
 
     def _drop_snapshot(self, snapshot_id: str, _key: str) -> None:
         self.runtime.remove_server(snapshot_id)

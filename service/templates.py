@@ -150,17 +150,21 @@ class Templates:
         log.info("template %s (%s) deleted with its pool of %d", template.id, key, len(owned))
         return template
 
-    def settle(self, template_id: str, snapshot_ready: bool) -> None:
-        """The reconciler's word on a finalizing template's snapshot."""
+    def settle(self, session: Session, template_id: str, snapshot_ready: bool) -> None:
+        """The reconciler's word on a finalizing template's snapshot, in the
+        snapshot's own transaction: a crash in between would leave the
+        template finalizing for good."""
         if snapshot_ready:
-            template = self._set(
-                template_id, {TemplateStatus.FINALIZING}, status=TemplateStatus.READY, ready_at=utcnow()
+            template = self._update(
+                session, template_id, {TemplateStatus.FINALIZING}, status=TemplateStatus.READY, ready_at=utcnow()
             )
             if template is not None and template.database_id:
                 # Filled and copied: the builder's database has done its job.
-                self.records.transition(template.database_id, set(Status) - GOING, status=Status.DELETING)
+                self.records.transition(
+                    template.database_id, set(Status) - GOING, session=session, status=Status.DELETING
+                )
         else:
-            self._set(template_id, {TemplateStatus.FINALIZING}, status=TemplateStatus.FAILED)
+            self._update(session, template_id, {TemplateStatus.FINALIZING}, status=TemplateStatus.FAILED)
 
     def _live(self, tenant: str, key: str) -> Template | None:
         with self.store.read() as session:

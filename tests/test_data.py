@@ -230,6 +230,28 @@ def test_a_template_settles_when_its_snapshot_is_taken_the_moment_it_is_asked_fo
     assert client.get("/templates/quick").get_json()["status"] == "ready"
 
 
+def test_a_template_and_its_snapshot_settle_together(client, services, reconciler, monkeypatch):
+    # Settling the template fails as a crash between two commits would:
+    # the snapshot stays pending, so the next pass takes it again.
+    client.post("/templates", json={"key": "whole"}, headers=ASYNC)
+    reconciler.run_once(wait=True)
+    snapshot_id = client.post("/templates/whole/finalize", headers=ASYNC).get_json()["snapshot_id"]
+    settle = services.templates.settle
+
+    def cut_off(*args, **kwargs):
+        settle(*args, **kwargs)
+        raise RuntimeError("the process ends here")
+
+    monkeypatch.setattr(services.templates, "settle", cut_off)
+    reconciler.run_once(wait=True)
+    assert snapshot_record(services, snapshot_id).status == SnapshotStatus.PENDING
+    assert client.get("/templates/whole").get_json()["status"] == "finalizing"
+    monkeypatch.undo()
+    reconciler.run_once(wait=True)
+    assert snapshot_record(services, snapshot_id).status == SnapshotStatus.READY
+    assert client.get("/templates/whole").get_json()["status"] == "ready"
+
+
 def test_concurrent_first_requests_build_one_template(client, services):
     with ThreadPoolExecutor(max_workers=5) as pool:
         answers = list(pool.map(

@@ -13,6 +13,7 @@ is removed before it exits.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import http.client
 import json
@@ -26,6 +27,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -172,7 +174,9 @@ class Service:
             time.sleep(0.3)
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=60)
         self.log.close()
@@ -268,34 +272,64 @@ def wait_for_warm(service: Service, wanted: int = 1, timeout: float = 120) -> No
     raise RuntimeError("the pool was not stocked")
 
 
+@contextlib.contextmanager
+def fresh_postgres_database(url: str) -> Iterator[str]:
+    """An empty database on the PostgreSQL server of ``url`` (an SQLAlchemy
+    URL), dropped afterwards."""
+    name = f"dbprov_bench_{uuid.uuid4().hex[:8]}"
+    admin = url.replace("+psycopg", "")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        yield url.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
 def bench_ready(client: docker.DockerClient, runs: int) -> None:
+    """With DBPROV_BENCH_POSTGRES_URL, the pool also on a PostgreSQL store,
+    where the change feed tells the reconciler of each claim."""
     # The paths take turns, run by run, so that the machine's drift (it is
     # shared and noisy) falls on all of them alike.
-    cold = Service().start()
-    warm = Service({"DBPROV_POOL_SIZE": "17=3"}).start()
-    times: dict[str, list[float]] = {"floor": [], "peer": [], "cold": [], "warm": []}
-    claims = 0
-    try:
-        wait_for_warm(warm, 3)
-        for _ in range(runs):
-            times["floor"].append(floor_once(client))
-            peer = testcontainers_once()
-            if peer is not None:
-                times["peer"].append(peer)
-            times["cold"].append(dbprov_once(cold)[0])
-            wait_for_warm(warm, 1)
-            elapsed, claimed = dbprov_once(warm)
-            times["warm"].append(elapsed)
-            claims += claimed
-    finally:
-        cold.stop()
-        warm.stop()
-        sweep(client)
+    with contextlib.ExitStack() as stack:
+        paths = {
+            "cold": Service(),
+            "warm": Service({"DBPROV_POOL_SIZE": "17=3"}),
+        }
+        if os.environ.get("DBPROV_BENCH_POSTGRES_URL"):
+            store = stack.enter_context(fresh_postgres_database(os.environ["DBPROV_BENCH_POSTGRES_URL"]))
+            paths["warm-pg"] = Service({"DBPROV_POOL_SIZE": "17=3", "DBPROV_DATABASE_URL": store})
+        times: dict[str, list[float]] = {"floor": [], "peer": [], **{path: [] for path in paths}}
+        claims = dict.fromkeys(paths, 0)
+        try:
+            for service in paths.values():
+                service.start()
+            for path, service in paths.items():
+                if path != "cold":
+                    wait_for_warm(service, 3)
+            for _ in range(runs):
+                times["floor"].append(floor_once(client))
+                peer = testcontainers_once()
+                if peer is not None:
+                    times["peer"].append(peer)
+                for path, service in paths.items():
+                    if path != "cold":
+                        wait_for_warm(service, 1)
+                    elapsed, claimed = dbprov_once(service)
+                    times[path].append(elapsed)
+                    claims[path] += claimed
+        finally:
+            for service in paths.values():
+                service.stop()
+            sweep(client)
     rows = [
         ["docker run + polling connect (floor)", times["floor"]],
         ["testcontainers PostgresContainer (peer)", times["peer"]],
         ["dbprov, pool off", times["cold"]],
-        [f"dbprov, pool on ({claims}/{runs} from the pool)", times["warm"]],
+        [f"dbprov, pool on ({claims['warm']}/{runs} from the pool)", times["warm"]],
+        [f"dbprov, pool on, PostgreSQL store ({claims.get('warm-pg', 0)}/{runs} from the pool)",
+         times.get("warm-pg", [])],
     ]
     base = pct(times["floor"], 50)
     table(

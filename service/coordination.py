@@ -120,10 +120,11 @@ def single_reconciler(store: Store, data_dir: Path) -> Iterator[None]:
 class ChangeListener:
     """LISTENs for the store's change notifications and nudges local waiters."""
 
-    def __init__(self, store: Store, notifiers: list[Notifier]) -> None:
+    def __init__(self, store: Store, wanted: Notifier, changed: Notifier) -> None:
         url = make_url(store.url).set(drivername="postgresql")
         self._conninfo = url.render_as_string(hide_password=False)
-        self._notifiers = notifiers
+        self._wanted = wanted
+        self._changed = changed
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dbprov-listener", daemon=True)
 
@@ -144,13 +145,18 @@ class ChangeListener:
                     # Something may have changed while we were not listening.
                     self._nudge()
                     while not self._stopping.is_set():
-                        for _ in conn.notifies(timeout=1.0):
-                            self._nudge()
+                        for notice in conn.notifies(timeout=1.0):
+                            self._nudge(notice.payload)
             except psycopg.Error as exc:
                 log.warning("change feed interrupted (%s); listening again in %.1f s", exc, delay)
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 10.0)
 
-    def _nudge(self) -> None:
-        for notifier in self._notifiers:
-            notifier.notify()
+    def _nudge(self, wake_in: str = "") -> None:
+        """Waiting requests look again at once; the reconciler now, or when
+        the notice says (``Store.announce``)."""
+        if wake_in:
+            self._wanted.notify_in(float(wake_in))
+        else:
+            self._wanted.notify()
+        self._changed.notify()

@@ -60,7 +60,7 @@ class Background:
         for version, state in services.images.check().items():
             log.info("version %s (%s): %s", version, services.settings.images[version], state)
         if store.is_postgres:
-            listener = ChangeListener(store, [services.wanted, services.changed])
+            listener = ChangeListener(store, services.wanted, services.changed)
             listener.start()
             self._resources.callback(listener.stop)
             services.records.poll_interval = _POLL_WITH_FEED

@@ -147,17 +147,25 @@ class Records:
 
     def announce(self, session: Session, database_id: str) -> None:
         """Tell every process, once the transaction commits, that ``database_id`` changed."""
-        self.store.announce(session, database_id)
+        if session.info.get("announced"):
+            return
+        session.info["announced"] = True
+        # One notice per transaction, sent as it commits: by then it is known
+        # whether the reconcilers may wait (``wake_later``).
+        event.listen(session, "before_commit", self._tell_others, once=True)
         # Local waiters are told after the commit, so that they read the change.
-        if not event.contains(session, "after_commit", self._notify):
-            event.listen(session, "after_commit", self._notify, once=True)
+        event.listen(session, "after_commit", self._notify, once=True)
 
     def wake_later(self, session: Session, seconds: float) -> None:
-        """Let this transaction's changes wait ``seconds`` for the reconciler
-        of this process, rather than wake it at the commit."""
+        """Let this transaction's changes wait ``seconds`` for the reconcilers,
+        rather than wake them at the commit."""
         session.info["wake_in"] = seconds
 
+    def _tell_others(self, session: Session) -> None:
+        self.store.announce(session, session.info.get("wake_in"))
+
     def _notify(self, session: Session) -> None:
+        session.info.pop("announced", None)
         later = session.info.pop("wake_in", None)
         if later is None:
             self.wanted.notify()

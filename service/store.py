@@ -105,11 +105,13 @@ class Store:
         with _outages_translated(), self.engine.connect() as connection:
             yield connection
 
-    def announce(self, session: Session, database_id: str) -> None:
-        """Tell other processes, once this transaction commits, that a record changed."""
+    def announce(self, session: Session, wake_in: float | None = None) -> None:
+        """Tell other processes, once this transaction commits, that records
+        changed: their reconcilers to look at once, or in ``wake_in`` seconds."""
         if self.is_postgres:
             session.execute(
-                text("SELECT pg_notify(:channel, :id)"), {"channel": CHANNEL, "id": database_id}
+                text("SELECT pg_notify(:channel, :wake_in)"),
+                {"channel": CHANNEL, "wake_in": "" if wake_in is None else repr(wake_in)},
             )
 
     def ping(self) -> None:

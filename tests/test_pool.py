@@ -10,9 +10,11 @@ import pytest
 
 from service import pool
 from service.composition import Services
+from service.coordination import ChangeListener
 from service.crypto import Vault
 from service.databases import Wanted
 from service.errors import QuotaExceeded
+from service.notify import Notifier
 from service.models import Database, Status
 from service.store import Store
 from service.tenancy import LOCAL_ADMIN, POOL_TENANT, Principal
@@ -111,6 +113,36 @@ def test_a_claim_wakes_the_reconciler_when_its_replacement_is_due(pooled, monkey
     seen = wanted.generation
     services.databases.create(LOCAL_ADMIN, "second")
     assert wanted.generation > seen
+
+
+# Processes share a PostgreSQL store only.
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_claim_wakes_other_processes_reconcilers_when_its_replacement_is_due(pooled, monkeypatch):
+    services, reconciler = pooled
+    monkeypatch.setattr(pool, "_REFILL_DELAY", 0.3)
+    reconciler.run_once(wait=True)
+    # Another process's (a worker's) ears on the change feed.
+    wanted, changed = Notifier(), Notifier()
+    listener = ChangeListener(services.store, wanted, changed)
+    listener.start()
+    try:
+        # Listening: it nudges both once it is.
+        assert changed.wait(10.0, since=0)
+
+        def told(create) -> tuple[int, int]:
+            """The generations of the worker's ``wanted`` before and as it hears of ``create``."""
+            before, heard = wanted.generation, changed.generation
+            create()
+            assert changed.wait(10.0, since=heard)
+            return before, wanted.generation
+
+        before, at_notice = told(lambda: services.databases.create(LOCAL_ADMIN, "first"))
+        assert at_notice == before
+        assert wanted.wait(5.0, since=before)
+        before, at_notice = told(lambda: services.databases.create(LOCAL_ADMIN, "second"))
+        assert at_notice > before
+    finally:
+        listener.stop()
 
 
 def test_a_claimed_server_never_returns_to_the_pool(pooled, runtime):

@@ -283,8 +283,8 @@ def keys_rotate() -> None:
     Put the new key first, keep the old ones after it, run this, then drop them.
     """
     services = _migrated_services()
-    count = _run(reencrypt_secrets, services.store, services.vault)
-    click.echo(f"re-encrypted the secrets of {count} databases with the first key")
+    databases, snapshots = _run(reencrypt_secrets, services.store, services.vault)
+    click.echo(f"re-encrypted the secrets of {databases} databases and {snapshots} snapshots with the first key")
 
 
 #: Every top-level server command; pyproject.toml registers each as an entry point.

@@ -5,15 +5,22 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from .crypto import Vault
-from .models import Database
+from .models import Database, Snapshot
 from .store import Store
 
 
-def reencrypt_secrets(store: Store, vault: Vault) -> int:
-    """Re-encrypt every stored password with the vault's first key; returns how many records."""
+def reencrypt_secrets(store: Store, vault: Vault) -> tuple[int, int]:
+    """Re-encrypt every stored password with the vault's first key; returns how
+    many databases and snapshots (a snapshot keeps its server's superuser,
+    which its clones and resets are given)."""
     with store.transaction() as session:
-        records = list(session.scalars(select(Database)))
+        # Locked, so that a rotation or a reset committed meanwhile is not
+        # overwritten with the old value.
+        records = list(session.scalars(select(Database).with_for_update()))
         for record in records:
             record.password = vault.rotate(record.password)
             record.admin_password = vault.rotate(record.admin_password)
-    return len(records)
+        snapshots = list(session.scalars(select(Snapshot).with_for_update()))
+        for snapshot in snapshots:
+            snapshot.admin_password = vault.rotate(snapshot.admin_password)
+    return len(records), len(snapshots)

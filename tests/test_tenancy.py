@@ -11,7 +11,7 @@ from sqlalchemy import text
 from service.app import create_app
 from service.crypto import Vault, generate_key
 from service.errors import QuotaExceeded
-from service.models import Database, Token
+from service.models import Database, Snapshot, Token
 from service.rekey import reencrypt_secrets
 from service.tenancy import Principal
 
@@ -204,12 +204,15 @@ def test_rotation_of_a_database_not_ready_is_409(client, services):
 
 def test_key_rotation_reencrypts_with_the_new_key(client, running, services):
     created = client.post("/databases", json={}).get_json()
+    assert client.post(f"/databases/{created['id']}/snapshots").status_code == 201
     old_key = services.settings.secret_keys[0]
     new_key = generate_key()
     services.vault = services.databases.vault = Vault([new_key, old_key])
-    assert reencrypt_secrets(services.store, services.vault) == 1
+    assert reencrypt_secrets(services.store, services.vault) == (1, 1)
     only_new = Vault([new_key])
     with services.store.transaction() as session:
         row = session.query(Database).one()
         assert only_new.decrypt(row.password) == created["password"]
-        only_new.decrypt(row.admin_password)
+        admin = only_new.decrypt(row.admin_password)
+        # Clones and resets of the snapshot are given its server's superuser.
+        assert only_new.decrypt(session.query(Snapshot).one().admin_password) == admin

@@ -19,7 +19,7 @@ from sqlalchemy import bindparam, delete, select
 from .coordination import Claims
 from .databases import Databases, Idempotency, Wanted, new_password
 from .errors import PortRangeExhausted
-from .models import SETTLING, Database, IdempotencyKey, Snapshot, Status, Template, TemplateStatus, utcnow
+from .models import GOING, SETTLING, Database, IdempotencyKey, Snapshot, Status, Template, TemplateStatus, utcnow
 from .postgres import set_up_tenant
 from .records import SERVICE
 from .tenancy import POOL_TENANT, Principal
@@ -105,8 +105,11 @@ class WarmPool:
                 log.warning(
                     "database %s: claim failed (%s); starting a cold one", member.id, type(exc).__name__
                 )
-                self._release(member)
-                return None
+                if self._release(member):
+                    return None
+                # A reconciler finished it (or failed it) meanwhile: the create's.
+                with self.store.read() as session:
+                    return session.get(Database, member.id)
         timings = {"claim": round(time.monotonic() - started, 3)}
         member = self.records.transition(
             member.id, {Status.PROVISIONING}, status=Status.READY, ready_at=utcnow(), phase_timings=timings
@@ -142,15 +145,18 @@ class WarmPool:
             log.warning("database %s: warm server is %s; not handed out, removed", member_id, reason)
         return None, False
 
-    def _release(self, member: Database) -> None:
+    def _release(self, member: Database) -> bool:
         """A claim that failed: back to the pool's name, to be removed; the
-        create's key goes with it, as the create goes on to a cold start."""
+        create's key goes with it, as the create goes on to a cold start.
+        False if the member had moved on, and stays the create's."""
         with self.store.transaction() as session:
-            self.records.transition(
+            released = self.records.transition(
                 member.id, {Status.PROVISIONING}, session=session, tenant=POOL_TENANT, name=None,
                 status=Status.DELETING,
             )
-            session.execute(delete(IdempotencyKey).where(IdempotencyKey.database_id == member.id))
+            if released is not None:
+                session.execute(delete(IdempotencyKey).where(IdempotencyKey.database_id == member.id))
+        return released is not None
 
     def stock(self) -> int:
         """Bring each version's pool, and each ready template's, to its size;
@@ -166,6 +172,16 @@ class WarmPool:
             useless = session.scalars(
                 select(Database.id).where(
                     Database.tenant == POOL_TENANT, Database.status.in_([Status.FAILED, Status.UNAVAILABLE])
+                )
+            ).all()
+            # Nor are members of a template no longer ready: one stocked as
+            # its template was deleted (by another process) outlived the drain.
+            useless += session.scalars(
+                select(Database.id)
+                .join(Template, Template.id == Database.template_id)
+                .where(
+                    Database.tenant == POOL_TENANT, Database.status.not_in(list(GOING)),
+                    Template.status != TemplateStatus.READY,
                 )
             ).all()
             self._remove(session, useless)

@@ -12,15 +12,16 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+from datetime import timedelta
 
 import sqlalchemy.exc
-from sqlalchemy import select, update
+from sqlalchemy import select, true, update
 from sqlalchemy.orm import Session
 
 from .databases import Databases, Wanted, new_password
 from .errors import Conflict, Locked, NotFound, ValidationError
 from .models import GOING, Database, Status, Template, TemplateStatus, utcnow
-from .records import Records
+from .records import SERVICE, Records
 from .snapshots import Snapshots
 from .store import Store
 from .tenancy import POOL_TENANT, Principal
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 KEY_PATTERN = r"[A-Za-z0-9._:-]{1,255}"
 # Warm clones a template may keep.
 MAX_POOL = 20
+# A new template gets its database a moment after it is recorded; one still
+# without it after this was begun by a process that ended in between.
+_UNFILLED_GRACE = timedelta(minutes=1)
 
 
 class Templates:
@@ -45,6 +49,10 @@ class Templates:
         _check_key(key)
         version = version or self.databases.settings.default_version
         existing = self._live(principal.tenant, key)
+        if existing is not None and self._abandoned(existing):
+            self._drop(existing.id, {TemplateStatus.BUILDING}, SERVICE)
+            log.warning("template %s (%s): its build was abandoned; the key is free again", existing.id, key)
+            existing = self._live(principal.tenant, key)
         if existing is not None:
             return self._answer(existing), None
         if version not in self.databases.settings.images:
@@ -73,8 +81,22 @@ class Templates:
             self._set(template.id, {TemplateStatus.BUILDING}, status=TemplateStatus.DELETED)
             raise
         template = self._set(template.id, {TemplateStatus.BUILDING}, database_id=database.id)
+        if template is None:
+            # Deleted meanwhile, its database with it (``_drop``).
+            raise Conflict(f"template {key!r} was deleted meanwhile")
         log.info("template %s (%s) for tenant %s: database %s to fill", template.id, key, principal.tenant, database.id)
         return template, database
+
+    def _abandoned(self, template: Template) -> bool:
+        """A build that nobody can finish: its database failed or went, or it
+        never got one (the process that began it ended in between)."""
+        if template.status != TemplateStatus.BUILDING:
+            return False
+        if template.database_id is None:
+            return utcnow() - template.created_at > _UNFILLED_GRACE
+        with self.store.read() as session:
+            status = session.scalar(select(Database.status).where(Database.id == template.database_id))
+        return status is None or status == Status.FAILED or status in GOING
 
     def _answer(self, template: Template) -> Template:
         if template.status in (TemplateStatus.BUILDING, TemplateStatus.FINALIZING):
@@ -87,7 +109,7 @@ class Templates:
     def finalize(self, principal: Principal, key: str, pool_size: int) -> Template:
         """Take the template's snapshot from its filled database; it is usable once ready."""
         template = self.get(principal, key)
-        if template.status != TemplateStatus.BUILDING:
+        if template.status != TemplateStatus.BUILDING or template.database_id is None:
             raise Conflict(f"template {key!r} is {template.status.value}, not being built")
         if not 0 <= pool_size <= MAX_POOL:
             raise ValidationError(f"pool_size must be 0 to {MAX_POOL}")
@@ -128,26 +150,41 @@ class Templates:
 
     def delete(self, principal: Principal, key: str) -> Template:
         """Remove the template with its snapshot, its database and its warm pool."""
-        template = self.get(principal, key)
+        template = self._drop(self.get(principal, key).id, set(TemplateStatus) - {TemplateStatus.DELETED},
+                              principal.actor)
+        if template is None:
+            raise NotFound(f"no template {key!r}")
+        return template
+
+    def _drop(self, template_id: str, expected: set[TemplateStatus], actor: str) -> Template | None:
+        """The template deleted if it is in one of ``expected``, with its
+        snapshot, its builder's database and its warm pool."""
         with self.store.transaction() as session:
-            session.execute(
-                update(Template).where(Template.id == template.id).values(status=TemplateStatus.DELETED)
-            )
+            # The row as it is now: a finalize may have given it a snapshot
+            # since the caller read it.
+            template = self._update(session, template_id, expected, status=TemplateStatus.DELETED)
+            if template is None:
+                return None
+            mine = Database.tenant == POOL_TENANT
+            if template.snapshot_id is None:
+                # No clone exists before the snapshot: every database of the
+                # template is its builder's, recorded or not on the template.
+                mine = true()
+            elif template.database_id is not None:
+                mine = mine | (Database.id == template.database_id)
             owned = session.scalars(
                 select(Database.id).where(
-                    Database.template_id == template.id, Database.status.not_in(list(GOING)),
                     # Clones handed to a tenant are the tenant's now; the pool and the builder go.
-                    (Database.tenant == POOL_TENANT) | (Database.id == template.database_id),
+                    Database.template_id == template.id, Database.status.not_in(list(GOING)), mine,
                 )
             ).all()
             for database_id in owned:
                 self.records.transition(
-                    database_id, set(Status) - GOING, session=session, actor=principal.actor,
-                    status=Status.DELETING,
+                    database_id, set(Status) - GOING, session=session, actor=actor, status=Status.DELETING,
                 )
             if template.snapshot_id:
                 self.snapshots.mark_unused(session, [template.snapshot_id])
-        log.info("template %s (%s) deleted with its pool of %d", template.id, key, len(owned))
+        log.info("template %s (%s) deleted with %d databases", template.id, template.key, len(owned))
         return template
 
     def settle(self, session: Session, template_id: str, snapshot_ready: bool) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from datetime import timedelta
 from concurrent.futures import ThreadPoolExecutor
 import pytest
 
-from service.models import Database, Snapshot, SnapshotStatus, Status, TemplateStatus
+from service.models import Database, Snapshot, SnapshotStatus, Status, Template, TemplateStatus, utcnow
 from service.runtime import RUNNING, JobResult
 
 from .test_api import assert_problem
@@ -282,6 +283,66 @@ def test_deleting_a_template_drains_its_pool(client, services, running, runtime)
         running.records.changed.wait(0.05)
     assert snapshot_record(services, finalized["snapshot_id"]).status == SnapshotStatus.DELETED
     assert finalized["snapshot_id"] not in runtime.data
+
+
+def test_a_template_whose_build_was_abandoned_frees_its_key(client, services, reconciler):
+    started = client.post("/templates", json={"key": "k3"}, headers=ASYNC).get_json()
+    reconciler.run_once(wait=True)
+    # The builder's database goes (its client deleted it, or it failed):
+    # nobody can finish the build, and the key must not stay locked.
+    assert client.delete(f"/databases/{started['database']['id']}").status_code == 202
+    again = client.post("/templates", json={"key": "k3"}, headers=ASYNC)
+    assert again.status_code == 202, again.get_json()
+    assert again.get_json()["id"] != started["id"] and again.get_json()["database"] is not None
+    assert [t["id"] for t in client.get("/templates").get_json()["items"]] == [again.get_json()["id"]]
+
+
+def test_a_template_left_without_its_database_frees_its_key_after_a_while(client, services):
+    # Recorded, then the process that began it ended before its database was.
+    def left(age: timedelta) -> None:
+        with services.store.transaction() as session:
+            session.query(Template).delete()
+            session.add(Template(id="abandoned000", tenant="default", key="k4", version="17",
+                                 status=TemplateStatus.BUILDING, created_at=utcnow() - age))
+
+    left(timedelta(seconds=1))
+    assert_problem(client.post("/templates", json={"key": "k4"}, headers=ASYNC), 423, "locked")
+    assert_problem(client.post("/templates/k4/finalize"), 409, "conflict")
+    left(timedelta(minutes=5))
+    assert client.post("/templates", json={"key": "k4"}, headers=ASYNC).status_code == 202
+
+
+def test_a_template_deleted_while_it_is_finalized_takes_its_snapshot_along(client, services, reconciler,
+                                                                           monkeypatch):
+    client.post("/templates", json={"key": "k5"}, headers=ASYNC)
+    reconciler.run_once(wait=True)
+    get = services.templates.get
+
+    def finalized_meanwhile(principal, key):
+        read = get(principal, key)  # as the delete read it: building, no snapshot
+        monkeypatch.setattr(services.templates, "get", get)
+        services.templates.finalize(principal, key, 0)
+        return read
+
+    monkeypatch.setattr(services.templates, "get", finalized_meanwhile)
+    assert client.delete("/templates/k5").get_json()["snapshot_id"] is not None
+    settle(services, reconciler)
+    assert all(r.status == Status.DELETED for r in _all(services))
+    with services.store.read() as session:
+        assert [s.status for s in session.query(Snapshot)] == [SnapshotStatus.DELETED]
+
+
+def test_pool_members_of_a_template_deleted_as_they_were_stocked_are_removed(client, services, reconciler):
+    client.post("/templates", json={"key": "k6"}, headers=ASYNC)
+    reconciler.run_once(wait=True)
+    client.post("/templates/k6/finalize", json={"pool_size": 1}, headers=ASYNC)
+    settle(services, reconciler)
+    # Deleted by another process as this one stocked a member: the drain did not see it.
+    with services.store.transaction() as session:
+        session.query(Template).update({Template.status: TemplateStatus.DELETED})
+    settle(services, reconciler)
+    pooled = [r for r in _all(services) if r.tenant == "_pool"]
+    assert pooled and all(r.status == Status.DELETED for r in pooled)
 
 
 def _all(services) -> list[Database]:

@@ -178,6 +178,26 @@ def test_a_failed_claim_falls_back_to_a_cold_start(pooled, runtime):
     assert services.databases.list(LOCAL_ADMIN).total == 1
 
 
+def test_a_failed_claim_of_a_member_finished_meanwhile_keeps_it(pooled):
+    services, reconciler = pooled
+    reconciler.run_once(wait=True)
+    admin = services.server_admin
+
+    def finished_meanwhile(*_args):
+        # A reconciler took the claimed member over and finished it first.
+        with services.store.read() as session:
+            claimed = session.query(Database).filter(Database.status == Status.PROVISIONING).one()
+        services.records.transition(claimed.id, {Status.PROVISIONING}, status=Status.READY)
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    admin.configure, original = finished_meanwhile, admin.configure
+    created = services.databases.create(LOCAL_ADMIN, parameters={"work_mem": "8MB"})
+    admin.configure = original
+    assert created.status == Status.READY and created.tenant == "default"
+    # No second database for the same create.
+    assert services.databases.list(LOCAL_ADMIN).total == 1
+
+
 def test_a_plain_claim_asks_the_server_nothing(pooled, runtime, monkeypatch):
     services, reconciler = pooled
     reconciler.run_once(wait=True)

@@ -635,7 +635,7 @@ class Reconciler:
                     size_bytes=size, last_error=error, ready_at=None if error else utcnow(),
                 )
             )
-            self.records.announce(session, snapshot.database_id)
+            self.records.announce(session)
             if snapshot.template_id is not None and self._templates is not None:
                 self._templates.settle(session, snapshot.template_id, snapshot_ready=error is None)
         if error:

@@ -68,7 +68,7 @@ class Records:
         """Insert a new record inside the caller's transaction."""
         session.add(record)
         self.event(session, record, "requested", actor, {"version": record.version})
-        self.announce(session, record.id)
+        self.announce(session)
 
     def event(
         self, session: Session, record: Database, kind: str, actor: str = SERVICE, details: dict | None = None
@@ -128,7 +128,7 @@ class Records:
             kind = event or _EVENT_OF.get(values.get("status"))
             if kind is not None:
                 self.event(session, record, kind, actor, details)
-            self.announce(session, database_id)
+            self.announce(session)
         return record
 
     def purge(self, event_retention: float, key_retention: float) -> tuple[int, int]:
@@ -145,8 +145,8 @@ class Records:
             ).rowcount
         return events, keys
 
-    def announce(self, session: Session, database_id: str) -> None:
-        """Tell every process, once the transaction commits, that ``database_id`` changed."""
+    def announce(self, session: Session) -> None:
+        """Tell every process, once the transaction commits, that records changed."""
         if session.info.get("announced"):
             return
         session.info["announced"] = True

@@ -89,7 +89,7 @@ class Snapshots:
         )
         session.add(snapshot)
         self.records.event(session, record, "snapshot-requested", actor, {"snapshot": snapshot.id})
-        self.records.announce(session, record.id)
+        self.records.announce(session)
         return snapshot
 
     def get(self, principal: Principal, snapshot_id: str, usable: bool = False) -> Snapshot:
@@ -140,7 +140,7 @@ class Snapshots:
                 .execution_options(synchronize_session="fetch")
             ).one_or_none()
             if snapshot is not None:
-                self.records.announce(session, snapshot.database_id)
+                self.records.announce(session)
         return snapshot
 
     def wait_until_settled(self, principal: Principal, snapshot_id: str, timeout: float) -> Snapshot:

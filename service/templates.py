@@ -109,8 +109,10 @@ class Templates:
     def finalize(self, principal: Principal, key: str, pool_size: int) -> Template:
         """Take the template's snapshot from its filled database; it is usable once ready."""
         template = self.get(principal, key)
-        if template.status != TemplateStatus.BUILDING or template.database_id is None:
+        if template.status != TemplateStatus.BUILDING:
             raise Conflict(f"template {key!r} is {template.status.value}, not being built")
+        if template.database_id is None:
+            raise Conflict(f"template {key!r} has no database to finalize yet")
         if not 0 <= pool_size <= MAX_POOL:
             raise ValidationError(f"pool_size must be 0 to {MAX_POOL}")
         record = self.snapshots.of(principal, template.database_id)
@@ -225,7 +227,7 @@ class Templates:
             .execution_options(synchronize_session="fetch")
         ).one_or_none()
         if template is not None:
-            self.records.announce(session, template.database_id or template.id)
+            self.records.announce(session)
         return template
 
     def wait_until_settled(self, principal: Principal, key: str, timeout: float) -> Template:

@@ -145,6 +145,23 @@ class Records:
             ).rowcount
         return events, keys
 
+    def compare_and_set(
+        self, session: Session, model: type[T], row_id: str, expected: Collection, **values
+    ) -> T | None:
+        """Write ``values`` to a snapshot's or template's row if its status is
+        one of ``expected``, announced so that waiters look again; the row as
+        written, or None if it had moved on."""
+        row = session.scalars(
+            update(model)
+            .where(model.id == row_id, model.status.in_(list(expected)))
+            .values(**values)
+            .returning(model)
+            .execution_options(synchronize_session="fetch")
+        ).one_or_none()
+        if row is not None:
+            self.announce(session)
+        return row
+
     def announce(self, session: Session) -> None:
         """Tell every process, once the transaction commits, that records changed."""
         if session.info.get("announced"):

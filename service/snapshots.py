@@ -132,16 +132,7 @@ class Snapshots:
     ) -> Snapshot | None:
         """Compare-and-set on a snapshot's status, announced like a record's change."""
         with self.store.transaction() as session:
-            snapshot = session.scalars(
-                update(Snapshot)
-                .where(Snapshot.id == snapshot_id, Snapshot.status.in_(list(expected)))
-                .values(**values)
-                .returning(Snapshot)
-                .execution_options(synchronize_session="fetch")
-            ).one_or_none()
-            if snapshot is not None:
-                self.records.announce(session)
-        return snapshot
+            return self.records.compare_and_set(session, Snapshot, snapshot_id, expected, **values)
 
     def wait_until_settled(self, principal: Principal, snapshot_id: str, timeout: float) -> Snapshot:
         """The snapshot once it is ready or failed, or as it is when ``timeout`` runs out."""

@@ -15,7 +15,7 @@ import secrets
 from datetime import timedelta
 
 import sqlalchemy.exc
-from sqlalchemy import select, true, update
+from sqlalchemy import select, true
 from sqlalchemy.orm import Session
 
 from .databases import Databases, Wanted, new_password
@@ -219,16 +219,7 @@ class Templates:
             return self._update(session, template_id, expected, **values)
 
     def _update(self, session: Session, template_id: str, expected: set[TemplateStatus], **values) -> Template | None:
-        template = session.scalars(
-            update(Template)
-            .where(Template.id == template_id, Template.status.in_(list(expected)))
-            .values(**values)
-            .returning(Template)
-            .execution_options(synchronize_session="fetch")
-        ).one_or_none()
-        if template is not None:
-            self.records.announce(session)
-        return template
+        return self.records.compare_and_set(session, Template, template_id, expected, **values)
 
     def wait_until_settled(self, principal: Principal, key: str, timeout: float) -> Template:
         """The template once it is no longer finalizing, or as it is when ``timeout`` runs out."""

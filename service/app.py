@@ -8,7 +8,7 @@ from flask import Flask, Response
 from flask_smorest import Api as _Api
 
 from . import ui
-from .api import problems, views
+from .api import docs, loopback, problems, views
 from .api.schemas import ProblemSchema
 from .composition import Services
 from .metrics import Metrics
@@ -48,7 +48,8 @@ def create_app(services: Services | None = None) -> Flask:
         OPENAPI_URL_PREFIX="/",
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH="docs",
-        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/",
+        OPENAPI_SWAGGER_UI_URL=docs.URL,
+        OPENAPI_SWAGGER_UI_CONFIG=docs.CONFIG,
         # A create body is a few dozen bytes; refuse anything absurd early.
         MAX_CONTENT_LENGTH=64 * 1024,
         API_SPEC_OPTIONS={
@@ -75,9 +76,14 @@ def create_app(services: Services | None = None) -> Flask:
     api.register_blueprint(views.data)
     api.register_blueprint(views.quota)
     api.register_blueprint(views.health)
+    api.register_blueprint(views.tls)
 
     Metrics(services.store, services.settings.port_range).init_app(app)
+    # After the metrics' timer, so that refusals are counted; before every
+    # blueprint's own checks, which run after the app's.
+    loopback.init_app(app)
     ui.init_app(app)
+    docs.init_app(app)
 
     @app.get("/openapi.yaml")
     def openapi_yaml() -> Response:

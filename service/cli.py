@@ -28,7 +28,7 @@ from .coordination import single_reconciler
 from .crypto import generate_key
 from .errors import DbprovError, MetadataUnavailable, SettingsError
 from .process import Background
-from .rekey import reencrypt_secrets
+from .rekey import reencrypt_authority, reencrypt_secrets
 
 log = logging.getLogger("dbprov")
 
@@ -75,7 +75,9 @@ def serve(host: str, port: int, threads: int, no_auth: bool) -> None:
         log.info("authentication is on: `dbprov tokens create --tenant NAME` makes a token")
     log.info("metadata store: %s", _redacted(services.store.url))
     options = web.settings(
-        bind=f"{host}:{port}", workers=1, threads=threads, migrate=True, reconcile=True,
+        # gunicorn reads an IPv6 address (::1) only in brackets.
+        bind=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        workers=1, threads=threads, migrate=True, reconcile=True,
         # One worker has nothing to sum, and prometheus_client is imported
         # already here (with the app), before a multiprocess folder could be set.
         multiprocess_metrics=False,
@@ -284,7 +286,10 @@ def keys_rotate() -> None:
     """
     services = _migrated_services()
     databases, snapshots = _run(reencrypt_secrets, services.store, services.vault)
-    click.echo(f"re-encrypted the secrets of {databases} databases and {snapshots} snapshots with the first key")
+    authority = " and the key of the servers' CA" if _run(reencrypt_authority, services.store, services.vault) else ""
+    click.echo(
+        f"re-encrypted the secrets of {databases} databases and {snapshots} snapshots{authority} with the first key"
+    )
 
 
 #: Every top-level server command; pyproject.toml registers each as an entry point.

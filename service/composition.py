@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .coordination import claims_for
+from .coordination import claims_for, slots_for
 from .crypto import Vault, load_vault
 from .databases import Databases
 from .docker_runtime import DockerRuntime
@@ -24,6 +24,7 @@ from .store import Store
 from .swarm_runtime import SwarmRuntime
 from .templates import Templates
 from .tenancy import Tenants
+from .tls import Authority
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Services:
 
     def __post_init__(self) -> None:
         self.records = Records(self.store, self.wanted, self.changed)
+        self.authority = Authority(self.store, self.vault, self.settings.public_host, self.settings.instance)
         self.tenants = Tenants(self.settings, self.store)
         self.images = Images(self.settings, self.runtime)
         # One set of claims for the API's warm-pool claims and the reconciler.
@@ -59,7 +61,10 @@ class Services:
         self.templates = Templates(self.store, self.records, self.databases, self.snapshots)
         self.databases.snapshots = self.snapshots
         self.databases.templates = self.templates
-        self.dumps = Dumps(self.databases, self.records, self.runtime, self.vault, self.server_admin)
+        self.dumps = Dumps(
+            self.databases, self.records, self.runtime, self.vault, self.server_admin,
+            slots_for(self.store, self.settings.data_dir),
+        )
 
     @classmethod
     def build(cls, settings: Settings | None = None, runtime: ServerRuntime | None = None):
@@ -72,7 +77,7 @@ class Services:
     def reconciler(self, **options) -> Reconciler:
         return Reconciler(
             self.settings, self.store, self.runtime, self.records, self.vault,
-            self.server_admin, self.claims, pool=self.pool, templates=self.templates, **options,
+            self.server_admin, self.claims, self.authority, pool=self.pool, templates=self.templates, **options,
         )
 
 

@@ -1,6 +1,7 @@
 """Coordination between processes sharing one metadata store.
 
-Claims: which reconciler works on a database right now. Change feed: telling
+Claims: which reconciler works on a database right now. Slots: how many of
+a kind of work (a tenant's dumps, say) run at once. Change feed: telling
 other processes that a record changed, so they need not poll.
 
 Why per-record PostgreSQL advisory locks for claims: a session-level advisory
@@ -98,6 +99,57 @@ class AdvisoryLockClaims:
 
 def claims_for(store: Store) -> LocalClaims | AdvisoryLockClaims:
     return AdvisoryLockClaims(store) if store.is_postgres else LocalClaims()
+
+
+class Slots(Protocol):
+    def hold(self, name: str, count: int) -> AbstractContextManager[bool]:
+        """Yields True while this process holds one of ``count`` slots called
+        ``name`` (say, a tenant's running dumps) across every process of the
+        store, else False: all are taken."""
+
+
+class AdvisoryLockSlots:
+    """Slots across processes and hosts: slot i of a name is a claim of "name#i",
+    held and freed as claims are (a crashed holder frees its slot)."""
+
+    def __init__(self, claims: AdvisoryLockClaims) -> None:
+        self._claims = claims
+
+    @contextmanager
+    def hold(self, name: str, count: int) -> Iterator[bool]:
+        for slot in range(count):
+            with self._claims.hold(f"{name}#{slot}") as mine:
+                if mine:
+                    yield True
+                    return
+        yield False
+
+
+class FileLockSlots:
+    """Slots among the processes of one machine, which is what SQLite serves:
+    a file lock per slot, freed by the kernel when its holder ends."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+
+    @contextmanager
+    def hold(self, name: str, count: int) -> Iterator[bool]:
+        self._directory.mkdir(parents=True, exist_ok=True)
+        for slot in range(count):
+            with open(self._directory / f"{name}.{slot}.lock", "w") as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                yield True
+                return
+        yield False
+
+
+def slots_for(store: Store, data_dir: Path) -> Slots:
+    if store.is_postgres:
+        return AdvisoryLockSlots(AdvisoryLockClaims(store))
+    return FileLockSlots(data_dir / "slots")
 
 
 @contextmanager

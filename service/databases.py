@@ -12,6 +12,7 @@ import base64
 import binascii
 import dataclasses
 import functools
+import ipaddress
 import logging
 import re
 import secrets
@@ -23,11 +24,12 @@ from urllib.parse import quote
 
 import psycopg
 import sqlalchemy.exc
-from sqlalchemy import Row, Select, bindparam, func, select, tuple_
+from sqlalchemy import Row, Select, bindparam, func, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from .crypto import Vault
 from .errors import (
+    Busy,
     Conflict,
     DatabaseServerError,
     Forbidden,
@@ -36,9 +38,13 @@ from .errors import (
     ValidationError,
 )
 from .images import Images
-from .models import COMING_UP, GOING, LIVE, OWNS_SERVER, Database, Event, IdempotencyKey, Status, utcnow
+from .models import (
+    COMING_UP, GOING, LIVE, OWNS_SERVER, Database, Event, IdempotencyKey, Snapshot, SnapshotStatus, Status, Template,
+    utcnow,
+)
 from .ports import pick_port
-from .postgres import ServerAdmin, admin_login
+from .parameters import check_values
+from .postgres import TRUSTED_EXTENSIONS, ServerAdmin, admin_login
 from .records import Records
 from .runtime import ServerRuntime
 from .settings import Settings
@@ -46,7 +52,6 @@ from .store import Store
 from .tenancy import POOL_TENANT, Principal, Tenants
 
 if TYPE_CHECKING:
-    from .models import Snapshot
     from .pool import WarmPool
     from .snapshots import Snapshots
     from .templates import Templates
@@ -74,14 +79,15 @@ DATABASE_PARAMETERS = frozenset({
     "random_page_cost", "seq_page_cost", "effective_cache_size", "effective_io_concurrency",
     "default_statistics_target", "jit", "synchronous_commit", "log_min_duration_statement",
 })
-# The contrib extensions PostgreSQL marks trusted: a database owner may create them.
-TRUSTED_EXTENSIONS = frozenset({
-    "btree_gin", "btree_gist", "citext", "cube", "dict_int", "fuzzystrmatch", "hstore",
-    "intarray", "isn", "lo", "ltree", "pgcrypto", "pg_trgm", "plpgsql", "seg", "tablefunc",
-    "tcn", "tsm_system_rows", "tsm_system_time", "unaccent", "uuid-ossp",
-})
 # Statuses a DELETE, or a change of expiry or protection, still applies to.
 _CHANGEABLE = LIVE - {Status.DELETING}
+
+
+def _snapshotting(database_id: str) -> Busy:
+    return Busy(
+        f"database {database_id} is being snapshotted (its server stops for a moment); "
+        "the password was not changed: try again shortly"
+    )
 
 
 def new_password() -> str:
@@ -215,6 +221,8 @@ class Credentials:
     database: str
     host: str
     port: int | None
+    # What the URI asks of TLS; None: libpq's default (prefer).
+    sslmode: str | None = None
 
     @property
     def connection_uri(self) -> str | None:
@@ -223,6 +231,7 @@ class Credentials:
         return (
             f"postgresql://{quote(self.username, safe='')}:{quote(self.password, safe='')}"
             f"@{self.host}:{self.port}/{quote(self.database, safe='')}"
+            + (f"?sslmode={self.sslmode}" if self.sslmode else "")
         )
 
     def __repr__(self) -> str:
@@ -329,7 +338,7 @@ class Databases:
                 if claimed is not None:
                     return claimed
             return self.record(principal.tenant, wanted, self.vault.encrypt(new_password()), principal.actor,
-                               idempotency)
+                               idempotency, admin=principal.admin)
         except sqlalchemy.exc.IntegrityError:
             # Only the key can still collide here: a retry of the same create
             # committed first. Answer as it did.
@@ -376,6 +385,7 @@ class Databases:
             raise _invalid("plan", f"no plan {plan!r}; plans: {', '.join(self.settings.all_plans)}",
                            f"Must be one of: {', '.join(self.settings.all_plans)}.")
         _only("parameters", parameters, DATABASE_PARAMETERS, "not a database-level setting this service allows")
+        check_values(version, dict(parameters))
         _only(
             "extensions", extensions, TRUSTED_EXTENSIONS | set(self.settings.allowed_extensions),
             "neither trusted nor allowed by DBPROV_ALLOWED_EXTENSIONS",
@@ -409,10 +419,12 @@ class Databases:
 
     def record(
         self, tenant: str, wanted: Wanted, password: str, actor: str,
-        idempotency: Idempotency | None = None, not_before: datetime | None = None,
+        idempotency: Idempotency | None = None, not_before: datetime | None = None, admin: bool = False,
     ) -> Database:
         """A new pending record with a host port reserved for it, provisioned
-        from ``not_before`` on (at once without it)."""
+        from ``not_before`` on (at once without it). It counts against its
+        tenant's limits (see ``Tenants.reserve``); a warm clone of a template
+        against the template's tenant's."""
         # A copy's server keeps the superuser its data already has.
         copied = wanted.source or wanted.copy_of
         admin_username = copied.admin_username if copied else ADMIN_USERNAME
@@ -420,16 +432,26 @@ class Databases:
         for _ in range(_PORT_ATTEMPTS):
             try:
                 with self.store.transaction() as session:
-                    if tenant != POOL_TENANT:
-                        self.tenants.reserve(session, tenant, wanted.plan)
+                    charged = tenant
+                    if tenant == POOL_TENANT:
+                        # The plain pool is nobody's; a template's clones wait for its tenant alone.
+                        charged = wanted.template_id and session.scalar(
+                            select(Template.tenant).where(Template.id == wanted.template_id)
+                        )
+                    if charged:
+                        self.tenants.reserve(session, charged, wanted.plan, admin=admin)
                     if wanted.name is not None:
                         self.ensure_name_free(session, tenant, wanted.name)
                     columns = wanted.columns()
+                    database_id = secrets.token_hex(6)  # matches ID_PATTERN
                     if wanted.copy_of is not None:
-                        # A consistent copy first, which the clone's provisioning waits for.
-                        columns["source_snapshot_id"] = self.snapshots.add(session, wanted.copy_of, actor).id
+                        # A consistent copy first, which the clone's provisioning
+                        # waits for; the clone's own, to reset to while it lives.
+                        columns["source_snapshot_id"] = self.snapshots.add(
+                            session, wanted.copy_of, actor, owner_id=database_id
+                        ).id
                     record = Database(
-                        id=secrets.token_hex(6),  # matches ID_PATTERN
+                        id=database_id,
                         tenant=tenant,
                         status=Status.PENDING,
                         version=wanted.version,
@@ -587,8 +609,30 @@ class Databases:
         return self._move(principal, database_id, Status.READY, Status.STOPPING, "stopped")
 
     def start(self, principal: Principal, database_id: str) -> Database:
-        """Start a stopped database again on the same port and password."""
-        return self._move(principal, database_id, Status.STOPPED, Status.STARTING, "started")
+        """Start a stopped database again on the same port and password; or a
+        failed one whose data was kept (it was ready once), on a port picked
+        anew (a failure gave its port back)."""
+        record = self.get(principal, database_id)
+        if record.status != Status.FAILED:
+            return self._move(principal, database_id, Status.STOPPED, Status.STARTING, "started")
+        if record.ready_at is None:
+            raise Conflict(f"database {database_id} failed before it held any data: delete it and create another")
+        for _ in range(_PORT_ATTEMPTS):
+            try:
+                with self.store.transaction() as session:
+                    changed = self.records.transition(
+                        database_id, {Status.FAILED}, session=session, actor=principal.actor,
+                        only_if=Database.ready_at.is_not(None), status=Status.STARTING,
+                        host_port=pick_port(session, self.settings.port_range),
+                        attempts=0, next_attempt_at=None, retrying_since=None,
+                    )
+            except sqlalchemy.exc.IntegrityError:
+                continue  # another create took the port first: pick again
+            if changed is None:
+                raise Conflict(f"database {database_id} changed meanwhile; ask again")
+            log.info("database %s: start of a failed database requested", database_id)
+            return changed
+        raise PortRangeExhausted("no free host port after several attempts; try again")
 
     def _move(
         self, principal: Principal, database_id: str, source: Status, target: Status, verb: str
@@ -611,8 +655,10 @@ class Databases:
         since: datetime | None = None,
         until: datetime | None = None,
         limit: int = 100,
+        latest: bool = False,
     ) -> list[Event]:
-        """A database's events in order; without ``database_id``, every tenant's (admins only)."""
+        """A database's events in order, the first ``limit`` of them or with
+        ``latest`` the last; without ``database_id``, every tenant's (admins only)."""
         query = select(Event)
         if database_id is not None:
             record = self.get(principal, database_id)
@@ -628,6 +674,8 @@ class Databases:
         if until is not None:
             query = query.where(Event.at < until)
         with self.store.read() as session:
+            if latest:
+                return list(reversed(session.scalars(query.order_by(Event.id.desc()).limit(limit)).all()))
             return list(session.scalars(query.order_by(Event.id).limit(limit)))
 
     def logs(self, principal: Principal, database_id: str, tail: int) -> str:
@@ -654,6 +702,14 @@ class Databases:
             return record.server_host
         return self.settings.public_host
 
+    def live_credentials(self, principal: Principal, database_id: str) -> Credentials:
+        """What a client needs to connect, while there is a server to connect to."""
+        record = self.get(principal, database_id)
+        if record.status == Status.DELETED:
+            # Its server and role are gone: a password for nothing, and still a secret.
+            raise NotFound(f"database {database_id} is deleted: it has no credentials any more")
+        return self.credentials(record)
+
     def credentials(self, record: Database) -> Credentials:
         return Credentials(
             username=record.username,
@@ -661,12 +717,36 @@ class Databases:
             database=record.database_name,
             host=self.host(record),
             port=record.host_port,
+            # Published beyond this machine, a client must not settle for
+            # plain text; but a server made before the service had a CA has
+            # no certificate, and would refuse such a client.
+            sslmode="require" if record.tls and self._published else None,
         )
 
+    @property
+    def _published(self) -> bool:
+        """Whether clients reach servers from other machines, as on Swarm or
+        with a DBPROV_PUBLIC_HOST that is not a loopback name."""
+        if self.settings.runtime == "swarm":
+            return True
+        host = self.settings.public_host.strip("[]")
+        try:
+            return not ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return host.lower() != "localhost"
+
     def rotate_password(self, principal: Principal, database_id: str) -> tuple[Database, Credentials]:
-        """A new password that works at once; the old one stops working."""
+        """A new password that works at once; the old one stops working.
+
+        In three steps, so that the store and the server agree whatever ends
+        when: the new password is kept as pending, set on the server (outside
+        any metadata transaction: a tenant's lock in its way holds up nobody
+        else), then made the password. If the process ends after the server
+        took it, the reconciler finishes the rotation (``Records.finish_rotation``).
+        """
         self.get(principal, database_id)
         password = new_password()
+        pending = self.vault.encrypt(password)
         with self.store.transaction() as session:
             # The row lock keeps a second rotation, or a delete, from interleaving.
             record = session.scalar(
@@ -674,22 +754,42 @@ class Databases:
             )
             if record.status != Status.READY:
                 raise Conflict(f"database {database_id} is {record.status.value}, not ready")
-            record.password = self.vault.encrypt(password)
-            self.records.event(session, record, "credentials-rotated", principal.actor)
-            # Changed on the server inside the metadata transaction: if the
-            # server refuses, the stored password stays the working one.
-            try:
-                self.server_admin.set_password(
-                    admin_login(record, self.vault), record.username, password
+            if self._snapshot_pending(session, database_id):
+                raise _snapshotting(database_id)
+            if record.pending_password is not None:
+                raise Busy(f"a rotation of database {database_id}'s password is under way; try again shortly")
+            record.pending_password, record.pending_since = pending, utcnow()
+            login, username = admin_login(record, self.vault), record.username
+        try:
+            self.server_admin.set_password(login, username, password)
+        except psycopg.Error as exc:
+            # Refused: the stored password is still the working one.
+            with self.store.transaction() as session:
+                session.execute(
+                    update(Database).where(Database.id == database_id, Database.pending_password == pending)
+                    .values(pending_password=None, pending_since=None)
                 )
-            except psycopg.Error as exc:
-                # Only the class: a server message might echo the statement.
-                raise DatabaseServerError(
-                    f"the database server did not take the new password ({type(exc).__name__}); "
-                    "the old one still works"
-                ) from None
+                # A snapshot asked for meanwhile stops the server for a moment:
+                # that is worth another try shortly, not a server error.
+                if self._snapshot_pending(session, database_id):
+                    raise _snapshotting(database_id) from None
+            # Only the class: a server message might echo the statement.
+            raise DatabaseServerError(
+                f"the database server did not take the new password ({type(exc).__name__}); "
+                "the old one still works"
+            ) from None
+        record = self.records.finish_rotation(database_id, pending, principal.actor)
+        if record is None:
+            raise Conflict(f"database {database_id} changed while its password was rotated; ask again")
         log.info("database %s: password rotated", database_id)
         return record, self.credentials(record)
+
+    @staticmethod
+    def _snapshot_pending(session: Session, database_id: str) -> bool:
+        return session.scalar(
+            select(Snapshot.id).where(Snapshot.database_id == database_id, Snapshot.status == SnapshotStatus.PENDING)
+            .limit(1)
+        ) is not None
 
     def wait_until_settled(self, principal: Principal, database_id: str, timeout: float) -> Database:
         """The record once it is ready or failed, or as it is when ``timeout`` runs out."""

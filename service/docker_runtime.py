@@ -19,6 +19,9 @@ Where the engine cannot mount an overlay, the volume is a full copy instead,
 which the engine makes when an empty volume is mounted over the image's
 files. Before the server first listens, its superuser gets its own password
 in single-user mode; nobody ever knew the golden one.
+
+A server's TLS certificate and key come in its environment, and an entry of
+its own writes them into its container's files at every start (``tls_entry``).
 """
 
 from __future__ import annotations
@@ -29,14 +32,13 @@ import logging
 import re
 import secrets
 import tarfile
-import tempfile
 import threading
 import time
 import weakref
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import docker
 import docker.errors
@@ -48,6 +50,7 @@ from .errors import (
     EngineError,
     EngineRefused,
     ImageMissing,
+    JobTimedOut,
     NotFound,
     PortInUse,
     RuntimeUnavailable,
@@ -64,6 +67,7 @@ from .runtime import (
     STOPPED,
     Endpoint,
     JobResult,
+    ServerCertificate,
     ServerInfo,
     ServerSpec,
     container_name,
@@ -131,6 +135,51 @@ if [ -e "$PGDATA/postmaster.pid" ] && [ ! -s "$PGDATA/postmaster.pid" ]; then
 fi
 exec "$@"
 """
+# Where a server's certificate and key are: in its container's own files,
+# outside every volume, so that a snapshot or a clone never carries another
+# server's key and a server made anew gets only its own. Under /tmp, which
+# every image lets any user write to: the entry may run as root or as the
+# image's postgres user (a golden copy's server), whose uid only the image knows.
+TLS_DIR = "/tmp/dbprov-tls"
+TLS_ARGS = (
+    "-c", "ssl=on", "-c", f"ssl_cert_file={TLS_DIR}/server.crt", "-c", f"ssl_key_file={TLS_DIR}/server.key",
+)
+# The variables that carry them to the container (as POSTGRES_PASSWORD does
+# the superuser's password): a Swarm service's container can be given no file
+# before it starts, and a container made anew needs them again.
+_TLS_CERTIFICATE, _TLS_KEY = "DBPROV_TLS_CERTIFICATE", "DBPROV_TLS_KEY"
+# The entry of a server with TLS, at every start: the certificate and key
+# into files its user owns, mode 0600 as PostgreSQL demands of a key,
+# whichever user it starts as (root hands them over by name), then the entry
+# that comes next, without them in its environment.
+_TLS_START = f"""set -e
+umask 077
+mkdir -p {TLS_DIR}
+printf '%s' "${_TLS_CERTIFICATE}" > {TLS_DIR}/server.crt
+printf '%s' "${_TLS_KEY}" > {TLS_DIR}/server.key
+if [ "$(id -u)" = 0 ]; then
+    chown -R postgres {TLS_DIR}
+fi
+unset {_TLS_CERTIFICATE} {_TLS_KEY}
+exec "$@"
+"""
+
+
+def tls_entry(
+    certificate: ServerCertificate, entrypoint: list[str], command: list[str], environment: dict[str, str]
+) -> tuple[list[str], list[str], dict[str, str]]:
+    """A server's entrypoint, command and environment with TLS: its own entry
+    behind one that writes the certificate and key the environment carries."""
+    return (
+        ["sh", "-c", _TLS_START, "sh", *entrypoint],
+        [*command, *TLS_ARGS],
+        {**environment, _TLS_CERTIFICATE: certificate.certificate, _TLS_KEY: certificate.key},
+    )
+
+
+def carries_tls(environment: list[str] | None) -> bool:
+    """Whether a container's environment (``NAME=value`` items) brings it a certificate."""
+    return any(item.startswith(f"{_TLS_CERTIFICATE}=") for item in environment or [])
 
 
 @contextmanager
@@ -234,13 +283,14 @@ class DockerRuntime:
                 attrs = self._container(name)
                 if attrs is None:
                     container_id = self._create(spec, labels)
+                    tls = spec.tls is not None
                 elif (attrs.get("State") or {}).get("Running"):
-                    return Endpoint(self.probe_host, spec.port)
+                    return Endpoint(self.probe_host, spec.port, _serves_tls(attrs))
                 else:
-                    container_id = attrs["Id"]
+                    container_id, tls = attrs["Id"], _serves_tls(attrs)
                 try:
                     self.client.api.start(container_id)
-                    return Endpoint(self.probe_host, spec.port)
+                    return Endpoint(self.probe_host, spec.port, tls)
                 except docker.errors.APIError as exc:
                     # Leave nothing behind: the data is on the volume.
                     self._remove_container(container_id)
@@ -285,25 +335,31 @@ class DockerRuntime:
             security_opt=["no-new-privileges:true"],
             detach=True,
         )
-        if not initialised:
-            return self.client.containers.create(spec.image, **kwargs).id
-        user, password = spec.environment["POSTGRES_USER"], spec.environment["POSTGRES_PASSWORD"]
-        kwargs.update(
-            # The data's owner from the start: single-user mode refuses root,
-            # and the entrypoint has nothing to change hands on a copy.
-            user="postgres",
-            entrypoint=["sh", "-c", _FIRST_START, "sh"],
-            command=[*(base["Config"].get("Entrypoint") or []), *spec.command],
-            environment={
-                **spec.environment,
-                "PGDATA": GOLDEN_PGDATA,
-                # A verifier, never the password: an error would print the statement.
-                "DBPROV_FIRST_START": f"ALTER ROLE {_identifier(user)} PASSWORD {_literal(scram_verifier(password))}",
-            },
-            # The volumes the image declares, unused now: a tmpfs rather than
-            # an anonymous volume each.
-            tmpfs={path: "size=1m" for path in (base["Config"].get("Volumes") or {})},
-        )
+        entrypoint = list(base["Config"].get("Entrypoint") or [])
+        if initialised:
+            user, password = spec.environment["POSTGRES_USER"], spec.environment["POSTGRES_PASSWORD"]
+            entrypoint = ["sh", "-c", _FIRST_START, "sh", *entrypoint]
+            kwargs.update(
+                # The data's owner from the start: single-user mode refuses root,
+                # and the entrypoint has nothing to change hands on a copy.
+                user="postgres",
+                environment={
+                    **spec.environment,
+                    "PGDATA": GOLDEN_PGDATA,
+                    # A verifier, never the password: an error would print the statement.
+                    "DBPROV_FIRST_START": f"ALTER ROLE {_identifier(user)} PASSWORD {_literal(scram_verifier(password))}",
+                },
+                # The volumes the image declares, unused now: a tmpfs rather than
+                # an anonymous volume each.
+                tmpfs={path: "size=1m" for path in (base["Config"].get("Volumes") or {})},
+            )
+        if spec.tls is not None:
+            entrypoint, kwargs["command"], kwargs["environment"] = tls_entry(
+                spec.tls(()), entrypoint, kwargs["command"], kwargs["environment"]
+            )
+        if initialised or spec.tls is not None:
+            # Else none is given: the engine keeps the image's own.
+            kwargs["entrypoint"] = entrypoint
         # An overlay made while golden copies were on runs on the plain image if they are off now.
         return self.client.containers.create(golden.image if golden else spec.image, **kwargs).id
 
@@ -687,7 +743,7 @@ class DockerRuntime:
         published = bindings.get("5432/tcp") or []
         if not published or not published[0].get("HostPort"):
             return None
-        return Endpoint(self.probe_host, int(published[0]["HostPort"]))
+        return Endpoint(self.probe_host, int(published[0]["HostPort"]), _serves_tls(attrs))
 
     # -- jobs -------------------------------------------------------------------
 
@@ -708,7 +764,7 @@ class DockerRuntime:
                 try:
                     status = container.wait(timeout=timeout)
                 except requests.exceptions.ReadTimeout:
-                    raise EngineError(f"job {command[0]} ran longer than {timeout:g} s") from None
+                    raise JobTimedOut(f"{command[0]} ran longer than {timeout:g} s and was stopped") from None
                 output = container.logs().decode("utf-8", errors="replace")
                 return JobResult(exit_code=status.get("StatusCode", -1), output=output)
             finally:
@@ -1010,6 +1066,11 @@ def _tar_of_empty(name: str) -> bytes:
     return buffer.getvalue()
 
 
+def _serves_tls(attrs: dict) -> bool:
+    """Whether a server's container was made with a certificate."""
+    return carries_tls((attrs.get("Config") or {}).get("Env"))
+
+
 def _when(text: str | None) -> datetime:
     """The engine's RFC 3339 times, with their nanoseconds cut to what datetime holds."""
     if not text:
@@ -1030,17 +1091,21 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _tar_of(path: Path, name: str) -> IO[bytes]:
-    """``path`` as a one-file tar archive named ``name``, spooled to disk, for put_archive."""
-    spool = tempfile.TemporaryFile()
-    with tarfile.open(fileobj=spool, mode="w") as archive:
-        info = archive.gettarinfo(str(path), arcname=name)
-        # Readable by whatever user the job runs as.
-        info.mode = 0o644
-        with open(path, "rb") as handle:
-            archive.addfile(info, handle)
-    spool.seek(0)
-    return spool
+def _tar_of(path: Path, name: str) -> Iterator[bytes]:
+    """``path`` as a one-file tar archive named ``name``, for put_archive, made
+    as it is sent: an upload (up to DBPROV_RESTORE_MAX_BYTES) is never copied
+    a second time on disk."""
+    info = tarfile.TarInfo(name)
+    info.size = path.stat().st_size
+    # Readable by whatever user the job runs as.
+    info.mode = 0o644
+    info.mtime = int(time.time())
+    yield info.tobuf()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            yield chunk
+    # The file's last block filled up, then the two empty blocks that end an archive.
+    yield tarfile.NUL * (-info.size % tarfile.BLOCKSIZE) + tarfile.NUL * (2 * tarfile.BLOCKSIZE)
 
 
 def _server_info(

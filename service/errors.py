@@ -55,6 +55,12 @@ class QuotaExceeded(Forbidden):
     """The tenant is at its limit of live databases."""
 
 
+class NotLocal(Forbidden):
+    """With authentication off, a request that does not come from this machine
+    by one of its loopback names: from another machine, or from a web page whose
+    own host name was made to lead here (DNS rebinding)."""
+
+
 class RateLimited(DbprovError):
     """The token used up its write requests for this minute."""
 
@@ -69,6 +75,13 @@ class NotFound(DbprovError):
 
 class Conflict(DbprovError):
     """The thing is not in a state that allows this."""
+
+
+class Busy(Conflict):
+    """The thing is in the middle of something of its own that ends shortly
+    (a snapshot's short stop); the same request will work then."""
+
+    retry_after = 5
 
 
 # -- transient: retrying later can help ------------------------------------------
@@ -110,6 +123,12 @@ class EngineError(TransientError):
     """The engine failed an operation on its side (a 5xx), not because of what was asked."""
 
 
+class InsufficientStorage(TransientError):
+    """The service's own disk has no room for this now (a restore's upload)."""
+
+    retry_after = 60
+
+
 class Locked(TransientError):
     """Someone else is building it right now (a template); ask again shortly."""
 
@@ -144,6 +163,11 @@ class EngineRefused(PermanentError):
 
 class ServerFailed(PermanentError):
     """A database server crashed or never became ready; the text carries its log."""
+
+
+class JobTimedOut(PermanentError):
+    """A job beside a server ran past its time and was stopped; a restore's
+    transaction is rolled back with it. The same job would only time out again."""
 
 
 class NotSupported(PermanentError):

@@ -125,15 +125,14 @@ class Token(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
-class RateWindow(Base):
-    """Write requests one token made in one minute (for rate limiting)."""
+class RateBucket(Base):
+    """One token's rate limit (GCRA): when its bucket is next full again."""
 
-    __tablename__ = "rate_windows"
+    __tablename__ = "rate_buckets"
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    # Minutes since the epoch.
-    window: Mapped[int] = mapped_column(Integer, primary_key=True)
-    count: Mapped[int] = mapped_column(Integer)
+    # Seconds since the epoch.
+    due: Mapped[float] = mapped_column(Float)
 
 
 class Database(Base):
@@ -159,6 +158,11 @@ class Database(Base):
     username: Mapped[str] = mapped_column(String(63))
     # Encrypted (crypto.Vault), as is admin_password.
     password: Mapped[str] = mapped_column(String(255))
+    # A rotation's new password, from before it is set on the server until
+    # it is the password: one whose process ended in between is finished by
+    # the reconciler once it is older than any rotation takes.
+    pending_password: Mapped[str | None] = mapped_column(String(255))
+    pending_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Whether the tenant's role is a superuser (asked for, and allowed by settings).
     superuser: Mapped[bool] = mapped_column(Boolean, default=False)
     # The container's own superuser, kept by the service for its maintenance.
@@ -172,6 +176,9 @@ class Database(Base):
     retrying_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Where the service reaches the server (the runtime's endpoint host).
     server_host: Mapped[str | None] = mapped_column(String(255))
+    # Whether its server was made with a certificate from the service's CA;
+    # one made before the service had a CA is not, until it is made anew.
+    tls: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
     # When the reconciler deletes it by itself; NULL: never.
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
     # Refuses DELETE and expiry while set.
@@ -267,6 +274,9 @@ class Snapshot(Base):
     database_id: Mapped[str] = mapped_column(String(32), index=True)
     # Set for a template's snapshot, which the template owns.
     template_id: Mapped[str | None] = mapped_column(String(32))
+    # Set for the snapshot a clone from_database was made from, which the
+    # clone owns: not counted against the snapshot quota, and removed with it.
+    owner_id: Mapped[str | None] = mapped_column(String(32), index=True)
     status: Mapped[SnapshotStatus] = mapped_column(
         Enum(SnapshotStatus, name="snapshot_status", native_enum=False, length=16,
              values_callable=lambda e: [m.value for m in e]),
@@ -322,6 +332,21 @@ class Template(Base):
             sqlite_where=text("status != 'deleted'"), postgresql_where=text("status != 'deleted'"),
         ),
     )
+
+
+class CertificateAuthority(Base):
+    """The CA that signs every database server's certificate. One per
+    installation, here so that every API and worker process finds the same:
+    the first process to need it makes it (see ``tls.Authority``)."""
+
+    __tablename__ = "certificate_authorities"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    # PEM; public (GET /ca.pem).
+    certificate: Mapped[str] = mapped_column(Text)
+    # PEM, encrypted (crypto.Vault) like every stored secret.
+    private_key: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 # Upper bounds (seconds) of the provisioning phase histogram's buckets, and

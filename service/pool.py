@@ -18,7 +18,7 @@ from sqlalchemy import bindparam, delete, select
 
 from .coordination import Claims
 from .databases import Databases, Idempotency, Wanted, new_password
-from .errors import PortRangeExhausted
+from .errors import Forbidden, PortRangeExhausted
 from .models import GOING, SETTLING, Database, IdempotencyKey, Snapshot, Status, Template, TemplateStatus, utcnow
 from .postgres import set_up_tenant
 from .records import SERVICE
@@ -65,7 +65,12 @@ class WarmPool:
         plain = not (wanted.superuser or wanted.parameters or wanted.extensions)
         started = time.monotonic()
         with self.store.transaction() as session:
-            self._databases.tenants.reserve(session, principal.tenant, wanted.plan)
+            # A template's warm clones count against its tenant already: a
+            # claim of one only makes it the tenant's own.
+            self._databases.tenants.reserve(
+                session, principal.tenant, wanted.plan, adding=0 if wanted.template_id else 1,
+                admin=principal.admin,
+            )
             if wanted.name is not None:
                 self._databases.ensure_name_free(session, principal.tenant, wanted.name)
             member_id, others = self._pick(session, version, wanted.template_id)
@@ -196,14 +201,18 @@ class WarmPool:
                 added += self._keep(size, Wanted(version))
             for template, snapshot in templates:
                 added += self._keep(
-                    template.pool_size, Wanted(template.version, source=snapshot, template_id=template.id)
+                    template.pool_size, Wanted(template.version, source=snapshot, template_id=template.id),
+                    template.tenant,
                 )
         except PortRangeExhausted:
             pass  # tenants come first; the pool waits for free ports
         return added
 
-    def _keep(self, size: int, member: Wanted) -> int:
-        """``size`` members like ``member``: the surplus removed, the missing recorded."""
+    def _keep(self, size: int, member: Wanted, tenant: str | None = None) -> int:
+        """``size`` members like ``member``: the surplus removed, the missing
+        recorded. A template's members count against its ``tenant``'s limit:
+        never more of them than fit in it."""
+        room = self._databases.tenants.room(tenant) if tenant is not None else None
         with self.store.transaction() as session:
             stocked = session.execute(
                 select(Database.id, Database.status)
@@ -215,17 +224,26 @@ class WarmPool:
                 )
                 .order_by(Database.created_at)
             ).all()
+            if room is not None:
+                # A tenant over its limit (lowered since they were stocked)
+                # loses warm clones first: no one has seen their data.
+                size = min(size, max(0, len(stocked) + room))
             self._remove(session, [member_id for member_id, _ in stocked[size:]])
         if not self._databases.images.available(member.version):
             return 0  # never stock a version that cannot run
         # An empty pool is refilled at once: the next create would start cold.
         ready = any(status == Status.READY for _, status in stocked)
         not_before = utcnow() + timedelta(seconds=_REFILL_DELAY) if ready else None
+        added = 0
         for _ in range(size - len(stocked)):
-            self._databases.record(
-                POOL_TENANT, member, self.vault.encrypt(new_password()), SERVICE, not_before=not_before
-            )
-        return max(0, size - len(stocked))
+            try:
+                self._databases.record(
+                    POOL_TENANT, member, self.vault.encrypt(new_password()), SERVICE, not_before=not_before
+                )
+            except Forbidden:
+                break  # the tenant's creates took the room meanwhile, or its plans changed
+            added += 1
+        return added
 
     def _remove(self, session, member_ids) -> None:
         for member_id in member_ids:

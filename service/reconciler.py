@@ -64,6 +64,7 @@ from .runtime import ABSENT, RUNNING, UNREACHABLE, ServerInfo, ServerRuntime, Se
 from .settings import Plan, Settings
 from .store import Store
 from .tenancy import POOL_TENANT
+from .tls import Authority
 
 if TYPE_CHECKING:
     from .templates import Templates
@@ -77,13 +78,21 @@ _BACKOFF_FIRST = 1.0
 _BACKOFF_CAP = 60.0
 # How often old events and idempotency keys are dropped.
 _PURGE_INTERVAL = 60.0
+# What changes or removes a database's data: held back while a snapshot of
+# it, asked for first, is pending.
+_AFTER_SNAPSHOTS = frozenset({Status.RESETTING, Status.DELETING})
 
 
 # The columns a pass reads of each live record.
 _PASS_COLUMNS = (
     Database.id, Database.status, Database.tenant, Database.protected, Database.expires_at,
     Database.next_attempt_at, Database.server_host, Database.ready_at.is_not(None).label("was_ready"),
+    Database.pending_since,
 )
+# Longer than any rotation takes (a connection, a lock and a statement timeout
+# in the tenant's server): a password still pending after it was left by a
+# process that ended, and the reconciler finishes the rotation.
+_ROTATION_GRACE = timedelta(seconds=60)
 
 
 class Superseded(Exception):
@@ -110,6 +119,7 @@ class Reconciler:
         vault: Vault,
         server_admin: ServerAdmin,
         claims: Claims,
+        authority: Authority,
         heartbeat: Path | None = None,
         pool: WarmPool | None = None,
         templates: "Templates | None" = None,
@@ -121,6 +131,7 @@ class Reconciler:
         self.vault = vault
         self._server_admin = server_admin
         self._claims = claims
+        self._authority = authority
         # Touched after every complete pass, for `dbprov worker --check`.
         self._heartbeat = heartbeat
         self._pool = pool
@@ -210,6 +221,9 @@ class Reconciler:
         now = utcnow()
         next_due = None
         idle_stop = self.settings.idle_stop is not None
+        # A snapshot asked for before a reset or a delete is of the data as
+        # it was: those wait for it (it is taken below, under the same claim).
+        snapshotting = {s.database_id for s in snapshots if s.status == SnapshotStatus.PENDING}
         for record in records:
             if record.expires_at is not None and record.status not in GOING:
                 if record.expires_at > now:
@@ -221,8 +235,14 @@ class Reconciler:
             if record.next_attempt_at is not None and record.next_attempt_at > now:
                 next_due = min(next_due or record.next_attempt_at, record.next_attempt_at)
                 continue  # postponed after a transient failure
+            if record.pending_since is not None and record.pending_since < now - _ROTATION_GRACE:
+                if record.status == Status.READY:
+                    self._submit(record.id, self._finish_rotation)
+                    continue
             task = self._TASKS.get(record.status)
             if task is not None:
+                if record.status in _AFTER_SNAPSHOTS and record.id in snapshotting:
+                    continue
                 self._submit(record.id, getattr(self, task))
             elif record.status in RUNS and servers is not None:
                 info = servers.get(record.id)
@@ -415,6 +435,7 @@ class Reconciler:
             {status},
             status=Status.READY,
             server_host=record.server_host,
+            tls=record.tls,
             ready_at=record.ready_at or utcnow(),
             active_at=utcnow(),
             phase_timings=timings,
@@ -458,7 +479,7 @@ class Reconciler:
                 record = self._transition(record.id, {status}, host_port=port)
                 continue
             # Written with the status it reaches next: a write fewer on the way to ready.
-            record.server_host = endpoint.host
+            record.server_host, record.tls = endpoint.host, endpoint.tls
             return record
         raise PortInUse(f"no usable host port after {_PORT_RETRIES} attempts")
 
@@ -487,6 +508,7 @@ class Reconciler:
             memory_limit=plan.memory,
             cpus=plan.cpus,
             pids_limit=self.settings.pids_limit,
+            tls=self._authority.issuer(record.id),
         )
 
     def _plan(self, record: Database) -> Plan:
@@ -563,11 +585,17 @@ class Reconciler:
         and DELETE is what discards it.
         """
         record = self._load(database_id)
+        kept = record.ready_at is not None
         try:
-            self.runtime.remove_server(database_id, keep_data=record.ready_at is not None)
+            self.runtime.remove_server(database_id, keep_data=kept)
         except TransientError as exc:
             # The orphan sweep removes it once the engine answers.
             log.warning("database %s: server left for the sweep: %s", database_id, exc.detail)
+        if kept:
+            error += (
+                "\nIts data is kept: POST /databases/{id}/start tries again (on a new port), "
+                "DELETE discards it.".format(id=database_id)
+            )
         self._transition(
             database_id,
             COMING_UP,
@@ -590,14 +618,17 @@ class Reconciler:
         record = self._load(database_id)
         if snapshot is None or snapshot.status != SnapshotStatus.PENDING:
             return
-        if record.status not in (Status.READY, Status.STOPPED):
+        # A reset or a delete asked for after the snapshot waits for it (see
+        # run_once): the data is still as it was, and needs no restart after.
+        after = record.status in _AFTER_SNAPSHOTS
+        if record.status not in (Status.READY, Status.STOPPED) and not after:
             if record.status in GOING | {Status.FAILED}:
                 self._settle_snapshot(snapshot, error=f"its database is {record.status.value}")
-            return  # stopping, starting, resetting: the next pass tries again
+            return  # stopping or starting: the next pass tries again
         started = time.monotonic()
         running = record.status == Status.READY
         try:
-            if running:
+            if running or after:
                 # A clean shutdown ends with a checkpoint: the copy needs no recovery.
                 self.runtime.stop_server(database_id)
             size = self.runtime.copy_data(database_id, snapshot_id, record.image)
@@ -650,6 +681,23 @@ class Reconciler:
                 .values(status=SnapshotStatus.DELETED, deleted_at=utcnow())
             )
         log.info("snapshot %s deleted", snapshot_id)
+
+    def _finish_rotation(self, database_id: str) -> None:
+        """A rotation whose process ended before it was done: its password set
+        on the server (again: it may or may not have been) and made the password."""
+        record = self._load(database_id)
+        if record.pending_password is None or record.status != Status.READY:
+            return
+        try:
+            self._server_admin.set_password(
+                admin_login(record, self.vault), record.username, self.vault.decrypt(record.pending_password)
+            )
+        except psycopg.Error as exc:
+            # Only the class: a server message might echo the statement.
+            log.warning("database %s: rotation not finished yet (%s)", database_id, type(exc).__name__)
+            return
+        if self.records.finish_rotation(database_id, record.pending_password) is not None:
+            log.info("database %s: a rotation left unfinished is done", database_id)
 
     # -- stop, expiry, idle -------------------------------------------------
 
@@ -723,16 +771,30 @@ class Reconciler:
 
     def _teardown(self, database_id: str) -> None:
         self.runtime.remove_server(database_id)
-        self._transition(
-            database_id,
-            {Status.DELETING},
-            status=Status.DELETED,
-            deleted_at=utcnow(),
-            host_port=None,
-            attempts=0,
-            next_attempt_at=None,
-            retrying_since=None,
-        )
+        with self.store.transaction() as session:
+            deleted = self.records.transition(
+                database_id,
+                {Status.DELETING},
+                session=session,
+                status=Status.DELETED,
+                deleted_at=utcnow(),
+                host_port=None,
+                attempts=0,
+                next_attempt_at=None,
+                retrying_since=None,
+            )
+            if deleted is None:
+                raise Superseded(database_id)
+            # The snapshot it was cloned from_database goes with it, in the
+            # same transaction: a crash between the two would keep it for good.
+            session.execute(
+                update(Snapshot)
+                .where(
+                    Snapshot.owner_id == database_id,
+                    Snapshot.status.in_([SnapshotStatus.PENDING, SnapshotStatus.READY, SnapshotStatus.FAILED]),
+                )
+                .values(status=SnapshotStatus.DELETING)
+            )
         log.info("database %s: deleted", database_id)
 
     # -- drift --------------------------------------------------------------

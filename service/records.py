@@ -18,7 +18,7 @@ from typing import TypeVar
 from sqlalchemy import ColumnElement, bindparam, delete, event, insert, select, update
 from sqlalchemy.orm import Session
 
-from .models import PHASE_BUCKETS, Database, Event, IdempotencyKey, PhaseHistogram, Status, utcnow
+from .models import LIVE, PHASE_BUCKETS, Database, Event, IdempotencyKey, PhaseHistogram, Status, utcnow
 from .notify import Notifier
 from .store import Store
 
@@ -130,6 +130,15 @@ class Records:
                 self.event(session, record, kind, actor, details)
             self.announce(session)
         return record
+
+    def finish_rotation(self, database_id: str, pending: str, actor: str = SERVICE) -> Database | None:
+        """Make ``pending`` (a rotation's encrypted password, now set on the
+        server) the password, if it is still the one pending; the record as
+        written, or None."""
+        return self.transition(
+            database_id, LIVE, only_if=Database.pending_password == pending, actor=actor,
+            event="credentials-rotated", password=pending, pending_password=None, pending_since=None,
+        )
 
     def purge(self, event_retention: float, key_retention: float) -> tuple[int, int]:
         """Drop the events of databases deleted longer ago than ``event_retention``

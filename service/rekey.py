@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from .crypto import Vault
-from .models import Database, Snapshot
+from .models import CertificateAuthority, Database, Snapshot
 from .store import Store
 
 
@@ -20,7 +20,19 @@ def reencrypt_secrets(store: Store, vault: Vault) -> tuple[int, int]:
         for record in records:
             record.password = vault.rotate(record.password)
             record.admin_password = vault.rotate(record.admin_password)
+            if record.pending_password is not None:
+                record.pending_password = vault.rotate(record.pending_password)
         snapshots = list(session.scalars(select(Snapshot).with_for_update()))
         for snapshot in snapshots:
             snapshot.admin_password = vault.rotate(snapshot.admin_password)
     return len(records), len(snapshots)
+
+
+def reencrypt_authority(store: Store, vault: Vault) -> bool:
+    """Re-encrypt the private key of the servers' CA with the vault's first
+    key; False if no process has made the CA yet."""
+    with store.transaction() as session:
+        authorities = list(session.scalars(select(CertificateAuthority).with_for_update()))
+        for authority in authorities:
+            authority.private_key = vault.rotate(authority.private_key)
+    return bool(authorities)

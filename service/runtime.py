@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol, Sequence
 
 LABEL_MANAGED = "io.dbprov.managed"
 LABEL_DATABASE_ID = "io.dbprov.database-id"
@@ -38,6 +38,20 @@ def labels_for(instance: str, database_id: str) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class ServerCertificate:
+    """A server's TLS certificate and its private key, both PEM."""
+
+    certificate: str
+    key: str = field(repr=False)
+
+
+# Issues a server's certificate, with a key of its own, for the names clients
+# reach every server by and ``hosts``, those only the runtime knows (the
+# Swarm node's host it is placed on).
+Issuer = Callable[[Sequence[str]], ServerCertificate]
+
+
+@dataclass(frozen=True)
 class ServerSpec:
     """What a database server is made of."""
 
@@ -53,6 +67,10 @@ class ServerSpec:
     # CPUs the engine lets it use; None: no limit.
     cpus: float | None = None
     pids_limit: int | None = None
+    # Called each time the server is made (not when one that exists is
+    # started): its certificate and key live with that server alone, outside
+    # its data, so a copy of the data never carries them. None: no TLS.
+    tls: Issuer | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -61,6 +79,9 @@ class Endpoint:
 
     host: str
     port: int
+    # Whether the server speaks TLS with a certificate ``ServerSpec.tls``
+    # issued: one made before dbprov issued them does not, until it is made anew.
+    tls: bool = False
 
 
 # A server's states as the domain needs them.

@@ -167,6 +167,16 @@ def _ratio(value: str) -> float:
     return number
 
 
+def _share(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"expected a fraction, got {value!r}") from None
+    if not 0 < number <= 1:
+        raise ValueError(f"must be greater than 0 and at most 1, got {value!r}")
+    return number
+
+
 def _optional_count(value: str) -> int | None:
     return _count(value) if value else None
 
@@ -315,10 +325,24 @@ class Settings:
     )
     tenant_quota: int = setting(
         "DBPROV_TENANT_QUOTA", _count, "10",
-        "live databases per tenant, unless the tenant has its own limit",
+        "live databases per tenant, unless the tenant has its own limit; its templates' warm "
+        "clones and builds count",
+    )
+    tenant_port_share: float = setting(
+        "DBPROV_TENANT_PORT_SHARE", _share, "0.5",
+        "the largest part of `DBPROV_PORT_RANGE` one tenant's databases may hold, whatever its "
+        "limit (admin tokens excepted)",
+    )
+    tenant_templates: int = setting(
+        "DBPROV_TENANT_TEMPLATES", _count, "10", "templates a tenant may keep (not deleted)"
     )
     rate_limit: int = setting(
-        "DBPROV_RATE_LIMIT", _count, "60", "write requests per token and minute"
+        "DBPROV_RATE_LIMIT", _count, "60",
+        "requests that cost the service work (creates, snapshots, resets, restores, dumps, rotations, "
+        "starts, stops) per token and minute, once its burst is spent; deletes and renewals are free",
+    )
+    rate_burst: int = setting(
+        "DBPROV_RATE_BURST", _count, "60", "such requests one token may make at once",
     )
     allow_superuser: bool = setting(
         "DBPROV_ALLOW_SUPERUSER", _bool, "false",
@@ -382,6 +406,17 @@ class Settings:
     restore_max_bytes: int = setting(
         "DBPROV_RESTORE_MAX_BYTES", _count, "1073741824", "the largest archive `POST /databases/{id}/restore` takes"
     )
+    restore_timeout: float = setting(
+        "DBPROV_RESTORE_TIMEOUT", _seconds, "900",
+        "seconds a restore's pg_restore may run before it is stopped and its transaction rolled back",
+    )
+    restores: int = setting(
+        "DBPROV_RESTORES", _count, "2",
+        "restores the service runs at once, each with its archive on the API host's disk",
+    )
+    tenant_transfers: int = setting(
+        "DBPROV_TENANT_TRANSFERS", _count, "2", "dumps and restores one tenant may run at once",
+    )
     idempotency_retention: float = setting(
         "DBPROV_IDEMPOTENCY_RETENTION", _seconds, "86400",
         "seconds an `Idempotency-Key` of a create is remembered",
@@ -415,7 +450,8 @@ class Settings:
     swarm_helper_image: str = setting(
         "DBPROV_SWARM_HELPER_IMAGE", str, "python:3.11-slim",
         "an image with `python3` that removes a deleted database's volume on a Swarm node other "
-        "than the manager dbprov uses",
+        "than the manager dbprov uses; run by the digest (or image ID) of that manager's copy, "
+        "pulled there if missing, never by tag",
     )
 
     @property

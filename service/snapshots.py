@@ -52,20 +52,31 @@ class Snapshots:
             raise Conflict(f"database {database_id} is {record.status.value}; a snapshot needs it ready or stopped")
         return record
 
-    def add(self, session: Session, record: Database, actor: str, template_id: str | None = None) -> Snapshot:
-        """A pending snapshot of ``record``, inside the caller's transaction.
+    def add(
+        self, session: Session, record: Database, actor: str, template_id: str | None = None,
+        owner_id: str | None = None,
+    ) -> Snapshot:
+        """A pending snapshot of ``record``, inside the caller's transaction;
+        a template's (``template_id``) or a clone's (``owner_id``) counts
+        against no quota and goes with its owner.
 
         Whatever the snapshot is for (a clone, a template) belongs in the same
         transaction: the reconciler may take it the moment it is committed,
         and a request refused after it must leave none behind.
         """
-        if template_id is None:
+        # Its database as it is now, locked: a reset or a delete committed
+        # since the caller read it must not find a snapshot it was not after.
+        status = session.scalar(select(Database.status).where(Database.id == record.id).with_for_update())
+        if status not in (Status.READY, Status.STOPPED):
+            raise Conflict(f"database {record.id} is {status.value if status else 'gone'}; a snapshot needs it ready or stopped")
+        if template_id is None and owner_id is None:
             # Counted under the tenant's row lock, like databases.
             self.databases.tenants.lock(session, record.tenant)
             kept = session.scalar(
                 select(func.count()).select_from(Snapshot).where(
                     Snapshot.tenant == record.tenant,
                     Snapshot.template_id.is_(None),
+                    Snapshot.owner_id.is_(None),
                     Snapshot.status.in_([SnapshotStatus.PENDING, SnapshotStatus.READY]),
                 )
             )
@@ -80,6 +91,7 @@ class Snapshots:
             tenant=record.tenant,
             database_id=record.id,
             template_id=template_id,
+            owner_id=owner_id,
             status=SnapshotStatus.PENDING,
             version=record.version,
             image=record.image,
@@ -150,7 +162,10 @@ class Snapshots:
         if snapshot_id is None:
             raise Conflict(f"database {database_id} was not made from a snapshot; name one to reset to")
         snapshot = self.get(principal, snapshot_id, usable=True)
-        if snapshot.tenant != record.tenant or snapshot.version != record.version:
+        if snapshot.tenant != record.tenant:
+            # An admin sees every tenant's snapshots; a database takes only its own tenant's data.
+            raise NotFound(f"tenant {record.tenant!r} has no snapshot with id {snapshot_id!r}")
+        if snapshot.version != record.version:
             raise Conflict(
                 f"snapshot {snapshot_id} is of version {snapshot.version}; database {database_id} "
                 f"runs {record.version}"

@@ -38,12 +38,16 @@ from typing import Callable, Iterator
 import docker
 import docker.errors
 import requests.exceptions
+from docker.utils import parse_repository_tag
 
-from .docker_runtime import LABEL_JOB, DockerRuntime, _tar_of, _translated, _when
+from .docker_runtime import (
+    LABEL_JOB, DockerRuntime, _tar_of, _translated, _when, carries_tls, tls_entry,
+)
 from .errors import (
     DbprovError,
     EngineError,
     ImageMissing,
+    JobTimedOut,
     NodeUnavailable,
     NotFound,
     NotSupported,
@@ -214,8 +218,8 @@ class SwarmRuntime:
                     self._create_service(spec, node, network)
             elif _replicas(service) != 1:
                 self._scale(service, 1)
-            self._await_running(spec, node)
-            return Endpoint(self._host(node), spec.port)
+            service = self._await_running(spec, node)
+            return Endpoint(self._host(node), spec.port, _serves_tls(service))
 
     def stop_server(self, database_id: str) -> None:
         name = container_name(database_id)
@@ -381,7 +385,7 @@ class SwarmRuntime:
             node = self._nodes().get(_constrained_node(service) or "")
         if not published or node is None:
             return None
-        return Endpoint(self._host(node), int(published[0]["PublishedPort"]))
+        return Endpoint(self._host(node), int(published[0]["PublishedPort"]), _serves_tls(service))
 
     # -- jobs -------------------------------------------------------------------
 
@@ -570,14 +574,26 @@ class SwarmRuntime:
             limits["MemoryBytes"] = _bytes(spec.memory_limit)
         if spec.cpus:
             limits["NanoCPUs"] = int(spec.cpus * _NANO)
+        container_spec: dict = {
+            # Args, not Command: the image's entrypoint stays (with TLS, behind an entry of its own).
+            "Args": list(spec.command),
+            "Mounts": [_volume_mount(spec.database_id, PGDATA, labels)],
+        }
+        environment = spec.environment
+        if spec.tls is not None:
+            # No file can be put into a service's container before it starts:
+            # the certificate and key come in its environment, and its entry
+            # writes them, as the Docker runtime's does. Its name for clients
+            # is the node's host, known only now.
+            container_spec["Command"], container_spec["Args"], environment = tls_entry(
+                spec.tls((self._host(node),)), self._entrypoint(spec.image), container_spec["Args"], environment
+            )
         task_template = {
             "ContainerSpec": {
+                **container_spec,
                 "Image": spec.image,
-                # Args, not Command: the image's entrypoint stays.
-                "Args": list(spec.command),
-                "Env": [f"{k}={v}" for k, v in spec.environment.items()],
+                "Env": [f"{k}={v}" for k, v in environment.items()],
                 "Labels": labels,
-                "Mounts": [_volume_mount(spec.database_id, PGDATA, labels)],
                 # A fast shutdown, whatever the image says; after 30 s the engine kills.
                 "StopSignal": "SIGINT",
                 "StopGracePeriod": 30 * _NANO,
@@ -612,6 +628,19 @@ class SwarmRuntime:
             return  # made by a concurrent ensure
         self._check_privileges(created["ID"])
 
+    def _entrypoint(self, image: str) -> list[str]:
+        """The image's entrypoint as the manager's engine has it: a service's
+        Command replaces it, so one that wraps it must name it."""
+        found = self._engine._image(image)
+        if found is None and self._engine.pull:
+            self._engine.pull_image(image)
+            found = self._engine._image(image)
+        if found is None:
+            raise ImageMissing(
+                f"the manager's engine has no image {image} and pulling is off (DBPROV_PULL_IMAGES)", image=image
+            )
+        return list(found["Config"].get("Entrypoint") or [])
+
     def _check_privileges(self, service_id: str) -> None:
         if self.no_new_privileges is not None:
             return
@@ -626,8 +655,9 @@ class SwarmRuntime:
                 self.client.api.api_version,
             )
 
-    def _await_running(self, spec: ServerSpec, node: Node) -> None:
-        """Wait until the server's task runs; a port taken for good or a missing image ends it."""
+    def _await_running(self, spec: ServerSpec, node: Node) -> dict:
+        """Wait until the server's task runs, and return its service; a port
+        taken for good or a missing image ends it."""
         name = container_name(spec.database_id)
         started = time.monotonic()
         while True:
@@ -638,7 +668,7 @@ class SwarmRuntime:
             tasks = self._tasks(name)
             current = [t for t in tasks if t.get("DesiredState") == "running"]
             if any(t["Status"]["State"] == "running" for t in current):
-                return
+                return service
             recent = [t for t in tasks if _when(t.get("CreatedAt")) >= since]
             for task in recent:
                 error = (task["Status"].get("Err") or "").lower()
@@ -657,7 +687,7 @@ class SwarmRuntime:
                     )
             if any(_crashed(t) for t in recent):
                 # It ran and crashed: the reconciler reads the restarts and the log.
-                return
+                return service
             if time.monotonic() - started > self.start_timeout:
                 states = ", ".join(
                     f"{t['Status']['State']}{': ' + t['Status']['Err'] if t['Status'].get('Err') else ''}"
@@ -814,7 +844,7 @@ class SwarmRuntime:
             return
         self._require_up(node_id, database_id)
         result = self._job_service(
-            database_id, node_id, self.helper_image, ["python3", "-c", _REMOVE_VOLUME, name],
+            database_id, node_id, self._pinned_helper(), ["python3", "-c", _REMOVE_VOLUME, name],
             mounts=[{"Type": "bind", "Source": "/var/run/docker.sock", "Target": "/var/run/docker.sock"}],
             timeout=120.0,
         )
@@ -822,6 +852,37 @@ class SwarmRuntime:
             raise EngineError(
                 f"removing volume {name} on node {node.hostname} failed: {result.output.strip()}"
             )
+
+    def _pinned_helper(self) -> str:
+        """The helper image as the manager's engine holds it now, named by its
+        content: the digest a registry gave it, or else (a local build) its ID.
+
+        Given a tag, a node's engine pulls it again whenever a task starts, to
+        follow it, and would run whatever the registry serves by then, with the
+        node's socket mounted. A node given a digest runs the image it has, or
+        pulls exactly that one; an ID is never pulled, so the node must hold
+        that very image (``docker save | docker load`` keeps the ID). Looked up
+        at each use: an operator's update of the image on the manager counts
+        from the next removal on.
+        """
+        image = self._engine._image(self.helper_image)
+        if image is None and self._engine.pull:
+            # Swarm pulls a service's image by digest, which may leave it
+            # untagged: dbprov's own (deploy/stack.yaml's helper) among them.
+            try:
+                self._engine.pull_image(self.helper_image)
+            except ImageMissing as exc:
+                # A missing helper must hold the deletion up, not fail it.
+                raise EngineError(f"{exc.detail} (DBPROV_SWARM_HELPER_IMAGE)") from None
+            image = self._engine._image(self.helper_image)
+        if image is None:
+            raise EngineError(
+                f"the manager's engine has no image {self.helper_image} (DBPROV_SWARM_HELPER_IMAGE) "
+                "to remove a volume on another node with: pull or load it there"
+            )
+        repository = parse_repository_tag(self.helper_image)[0]
+        by_digest = [d for d in image.get("RepoDigests") or [] if d.rpartition("@")[0] == repository]
+        return by_digest[0] if by_digest else image["Id"]
 
     # -- jobs ---------------------------------------------------------------------
 
@@ -868,7 +929,7 @@ class SwarmRuntime:
                     task = done[0]
                     break
                 if time.monotonic() > deadline:
-                    raise EngineError(f"job {command[0]} ran longer than {timeout:g} s")
+                    raise JobTimedOut(f"{command[0]} ran longer than {timeout:g} s and was stopped")
                 time.sleep(0.1)
             status = task["Status"]
             if status["State"] == "rejected":
@@ -898,13 +959,12 @@ class SwarmRuntime:
         container = self._local_container(database_id, image, command, environment)
         try:
             if input_file is not None:
-                with _tar_of(input_file, "input") as archive:
-                    container.put_archive("/tmp", archive)
+                container.put_archive("/tmp", _tar_of(input_file, "input"))
             container.start()
             try:
                 status = container.wait(timeout=timeout)
             except requests.exceptions.ReadTimeout:
-                raise EngineError(f"job {command[0]} ran longer than {timeout:g} s") from None
+                raise JobTimedOut(f"{command[0]} ran longer than {timeout:g} s and was stopped") from None
             output = container.logs().decode("utf-8", errors="replace")
             return JobResult(exit_code=status.get("StatusCode", -1), output=output)
         finally:
@@ -1013,6 +1073,11 @@ def _node_text(node: Node | None, node_id: str | None) -> str:
         return f"node {node_id} has left the swarm"
     # The id too: `docker node rm` takes it, and host names may repeat.
     return f"node {node.hostname} ({node.id}) is {node.state}"
+
+
+def _serves_tls(service: dict) -> bool:
+    """Whether a server's service was made with a certificate."""
+    return carries_tls(service["Spec"]["TaskTemplate"]["ContainerSpec"].get("Env"))
 
 
 def _replicas(service: dict) -> int:

@@ -49,9 +49,11 @@ class Templates:
         _check_key(key)
         version = version or self.databases.settings.default_version
         existing = self._live(principal.tenant, key)
-        if existing is not None and self._abandoned(existing):
-            self._drop(existing.id, {TemplateStatus.BUILDING}, SERVICE)
-            log.warning("template %s (%s): its build was abandoned; the key is free again", existing.id, key)
+        if existing is not None and (existing.status == TemplateStatus.FAILED or self._abandoned(existing)):
+            # Nobody will ever find it ready: the key gets a fresh build to fill.
+            self._drop(existing.id, {existing.status}, SERVICE)
+            log.warning("template %s (%s): its build failed or was abandoned; the key is free again",
+                        existing.id, key)
             existing = self._live(principal.tenant, key)
         if existing is not None:
             return self._answer(existing), None
@@ -67,6 +69,7 @@ class Templates:
         )
         try:
             with self.store.transaction() as session:
+                self.databases.tenants.reserve_template(session, principal.tenant)
                 session.add(template)
         except sqlalchemy.exc.IntegrityError:
             # Another client asked for the same key at the same moment and won.
@@ -74,7 +77,7 @@ class Templates:
         try:
             database = self.databases.record(
                 principal.tenant, Wanted(version, template_id=template.id),
-                self.databases.vault.encrypt(new_password()), principal.actor,
+                self.databases.vault.encrypt(new_password()), principal.actor, admin=principal.admin,
             )
         except Exception:
             # Nothing to fill: free the key for the next client.
@@ -119,6 +122,7 @@ class Templates:
         # One transaction: the reconciler may take the snapshot and settle the
         # template at once, which it can only do to a finalizing one.
         with self.store.transaction() as session:
+            self.databases.tenants.reserve_pool(session, principal.tenant, pool_size)
             snapshot = self.snapshots.add(session, record, principal.actor, template_id=template.id)
             template = self._update(
                 session, template.id, {TemplateStatus.BUILDING}, status=TemplateStatus.FINALIZING,

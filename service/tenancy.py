@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import logging
 import re
 import secrets
@@ -16,7 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from .errors import Forbidden, NotFound, QuotaExceeded, RateLimited, Unauthorized, ValidationError
-from .models import Database, RateWindow, Status, Tenant, Token, utcnow
+from .models import Database, RateBucket, Status, Template, TemplateStatus, Tenant, Token, utcnow
 from .settings import Settings
 from .store import Store
 
@@ -164,14 +165,35 @@ class Tenants:
             record.plans = plans
 
     def quota(self, tenant: str) -> tuple[int, int]:
-        """Live databases of ``tenant`` and its limit."""
+        """Live databases of ``tenant`` (see ``count_live``) and its limit."""
         with self.store.read() as session:
             return count_live(session, tenant), self._limit(session.get(Tenant, tenant))
+
+    def room(self, tenant: str) -> int:
+        """How many more databases ``tenant`` may hold, as the warm pool stocks
+        clones of its templates: below zero if it holds more than it may."""
+        with self.store.read() as session:
+            return self._cap(session.get(Tenant, tenant), admin=False)[0] - count_live(session, tenant)
 
     def _limit(self, record: Tenant | Row | None) -> int:
         if record is not None and record.database_limit is not None:
             return record.database_limit
         return self.settings.tenant_quota
+
+    def _cap(self, record: Tenant | Row | None, admin: bool) -> tuple[int, str]:
+        """The most databases the tenant may hold, and why, if not its limit:
+        each holds a host port, and however high its limit, other tenants
+        must still find free ones. Admins are the operator's: the share keeps
+        tenants from one another, not from them."""
+        limit = self._limit(record)
+        first, last = self.settings.port_range
+        share = max(1, int((last - first + 1) * self.settings.tenant_port_share))
+        if admin or limit <= share:
+            return limit, ""
+        return share, (
+            f", the most one tenant may hold: {self.settings.tenant_port_share:g} of the "
+            f"{last - first + 1} host ports (DBPROV_TENANT_PORT_SHARE)"
+        )
 
     def lock(self, session: Session, tenant: str) -> Row | None:
         """Inside a transaction: hold ``tenant``'s row, so that counts against its
@@ -179,9 +201,10 @@ class Tenants:
         already); its plans and database_limit, or None if it has no row."""
         return session.execute(_TENANT_LOCK, {"tenant": tenant}).first()
 
-    def reserve(self, session: Session, tenant: str, plan: str) -> None:
+    def reserve(self, session: Session, tenant: str, plan: str, adding: int = 1, admin: bool = False) -> None:
         """Inside a create's transaction: refuse it if ``tenant`` may not use
-        ``plan`` or is at its limit.
+        ``plan``, or if ``adding`` more databases would take it over its limit
+        (none for a claim of its own template's warm clone, counted already).
 
         On PostgreSQL the tenant's row is locked first, so parallel creates of
         one tenant count one after another; SQLite's BEGIN IMMEDIATE already
@@ -191,17 +214,45 @@ class Tenants:
         allowed = None if record is None else record.plans
         if allowed is not None and plan not in allowed:
             raise Forbidden(f"tenant {tenant!r} may use the plans {', '.join(allowed) or 'none'}, not {plan!r}")
-        used, limit = count_live(session, tenant), self._limit(record)
+        used, (limit, why) = count_live(session, tenant), self._cap(record, admin)
+        if used + adding > limit:
+            raise QuotaExceeded(
+                f"tenant {tenant!r} has {used} of {limit} databases{why}; delete one first",
+                used=used,
+                limit=limit,
+            )
+
+    def reserve_pool(self, session: Session, tenant: str, size: int) -> None:
+        """Inside a template's finalize: refuse a warm pool of ``size`` clones
+        that would take ``tenant`` over its limit. The template's own database
+        makes room for one: it goes once its snapshot is taken."""
+        limit, why = self._cap(self.lock(session, tenant), admin=False)
+        used = count_live(session, tenant)
+        if size and used - 1 + size > limit:
+            raise QuotaExceeded(
+                f"a warm pool of {size} would take tenant {tenant!r} over its limit: it has {used} of "
+                f"{limit} databases{why}, the template's own among them; "
+                f"ask for at most {max(0, limit - used + 1)}",
+                used=used,
+                limit=limit,
+            )
+
+    def reserve_template(self, session: Session, tenant: str) -> None:
+        """Inside a new template's transaction: refuse it if ``tenant`` has
+        DBPROV_TENANT_TEMPLATES live templates already."""
+        self.lock(session, tenant)
+        used, limit = session.scalar(_TEMPLATE_COUNT, {"tenant": tenant}), self.settings.tenant_templates
         if used >= limit:
             raise QuotaExceeded(
-                f"tenant {tenant!r} has {used} of {limit} databases; delete one first",
+                f"tenant {tenant!r} has {used} of {limit} templates; delete one first",
                 used=used,
                 limit=limit,
             )
 
     def summaries(self) -> list[TenantSummary]:
         """Every tenant (the warm pool's excepted), by name, with its live
-        databases, limit, plans and tokens that still work."""
+        databases (its templates' warm clones included), limit, plans and
+        tokens that still work."""
         with self.store.read() as session:
             tenants = list(session.scalars(
                 select(Tenant).where(Tenant.name != POOL_TENANT).order_by(Tenant.name)
@@ -211,6 +262,13 @@ class Tenants:
                 .where(Database.status != Status.DELETED)
                 .group_by(Database.tenant)
             ).all())
+            for tenant, count in session.execute(
+                select(Template.tenant, func.count())
+                .join(Database, Database.template_id == Template.id)
+                .where(Database.tenant == POOL_TENANT, Database.status != Status.DELETED)
+                .group_by(Template.tenant)
+            ):
+                live[tenant] = live.get(tenant, 0) + count
             tokens = session.execute(
                 select(Token.tenant, Token.admin, func.count())
                 .where(Token.revoked_at.is_(None))
@@ -235,33 +293,43 @@ class Tenants:
     # -- rate limits --------------------------------------------------------
 
     def check_rate(self, principal: Principal) -> None:
-        """Count a write request; refuse it once the token's minute is used up."""
+        """Count a request that costs the service work; refuse it past the token's bucket.
+
+        A bucket per token (GCRA): DBPROV_RATE_BURST requests at once, refilled
+        at DBPROV_RATE_LIMIT a minute. One statement: the token's theoretical
+        arrival time moves on by one interval unless that would take it past
+        the burst, in which case no row comes back.
+        """
+        interval = 60.0 / self.settings.rate_limit
+        tolerance = interval * (self.settings.rate_burst - 1)
         now = time.time()
-        window = int(now // 60)
-        insert = (postgresql if self.store.is_postgres else sqlite).insert(RateWindow)
+        dialect = postgresql if self.store.is_postgres else sqlite
+        # Two-argument max() is SQLite's scalar maximum; PostgreSQL calls it greatest().
+        later = (func.greatest if self.store.is_postgres else func.max)(RateBucket.due, now)
         statement = (
-            insert.values(key=principal.rate_key, window=window, count=1)
+            dialect.insert(RateBucket)
+            .values(key=principal.rate_key, due=now + interval)
             .on_conflict_do_update(
-                index_elements=["key", "window"], set_={"count": RateWindow.count + 1}
+                index_elements=["key"], set_={"due": later + interval}, where=later - now <= tolerance
             )
-            .returning(RateWindow.count)
+            .returning(RateBucket.due)
         )
         with self.store.transaction() as session:
-            count = session.scalar(statement)
-            # Old windows are worthless; drop them as we go.
-            session.execute(
-                RateWindow.__table__.delete().where(
-                    RateWindow.key == principal.rate_key, RateWindow.window < window
-                )
-            )
-        if count > self.settings.rate_limit:
+            taken = session.scalar(statement)
+            if taken is None:
+                due = session.scalar(select(RateBucket.due).where(RateBucket.key == principal.rate_key))
+        if taken is None:
             raise RateLimited(
-                f"more than {self.settings.rate_limit} write requests in a minute",
-                retry_after=int(60 - now % 60) + 1,
+                f"more than {self.settings.rate_burst} requests at once, or {self.settings.rate_limit} a "
+                "minute after them (creates, snapshots, resets, restores, dumps, rotations, starts and stops; "
+                "deletes and renewals are not counted)",
+                retry_after=math.ceil(due - now - tolerance),
             )
 
 
 def count_live(session: Session, tenant: str) -> int:
+    """The databases ``tenant`` holds: its own that are not deleted, and the
+    warm pool's clones of its templates. Each is a server and a port."""
     return session.scalar(_LIVE_COUNT, {"tenant": tenant})
 
 
@@ -269,12 +337,23 @@ def count_live(session: Session, tenant: str) -> int:
 _TOKEN_CHECK = select(Token.tenant, Token.admin, Token.secret_hash, Token.revoked_at).where(
     Token.id == bindparam("id")
 )
-# Built once: every create runs both in its transaction, where making them
-# cost more than running them.
+# Built once: every create runs the lock and the count in its transaction,
+# where making them cost more than running them.
 _TENANT_LOCK = (
     select(Tenant.plans, Tenant.database_limit).where(Tenant.name == bindparam("tenant")).with_for_update()
 )
-_LIVE_COUNT = select(func.count()).select_from(Database).where(
-    Database.tenant == bindparam("tenant"), Database.status != Status.DELETED
+# Two counts added rather than one with OR: each reads its own index.
+_LIVE_COUNT = select(
+    select(func.count()).select_from(Database).where(
+        Database.tenant == bindparam("tenant"), Database.status != Status.DELETED
+    ).scalar_subquery()
+    + select(func.count()).select_from(Database).join(Template, Template.id == Database.template_id).where(
+        # A deleted template's clones count until they are gone, as a deleting database does.
+        Database.tenant == POOL_TENANT, Template.tenant == bindparam("tenant"),
+        Database.status != Status.DELETED,
+    ).scalar_subquery()
+)
+_TEMPLATE_COUNT = select(func.count()).select_from(Template).where(
+    Template.tenant == bindparam("tenant"), Template.status != TemplateStatus.DELETED
 )
 

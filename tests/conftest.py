@@ -20,6 +20,10 @@ from service.tenancy import LOCAL_ADMIN
 
 from .fakes import FakePostgres, FakeRuntime
 
+# A Django project that tests/integration/test_compat.py hands to Django's own
+# test runner and to pytest-django: not tests of this suite.
+collect_ignore = ["compat"]
+
 # A PostgreSQL server the metadata tests may create databases on, e.g.
 # postgresql+psycopg://postgres:secret@127.0.0.1:5432/postgres (.ci/run starts one).
 POSTGRES_URL = os.environ.get("DBPROV_TEST_POSTGRES_URL")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import threading
+import dataclasses
 from dataclasses import dataclass, field
 
 import psycopg
 
 from service.errors import ImageMissing, NodeUnavailable, NotFound, PortInUse, RuntimeUnavailable
-from service.postgres import Login
+from service.postgres import Login, ServerDatabase
 from service.runtime import (
     ABSENT, CRASHED, RUNNING, STOPPED, UNREACHABLE, Endpoint, JobResult, ServerInfo, ServerSpec,
 )
@@ -49,7 +49,8 @@ class FakeRuntime:
     calls: list[str] = field(default_factory=list)
     # Jobs run: (database id, command, environment, input), and what the next ones answer.
     jobs: list[tuple] = field(default_factory=list)
-    job_results: list[JobResult] = field(default_factory=list)
+    # What the next jobs end with: a result, or an error they raise.
+    job_results: list[JobResult | Exception] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -91,12 +92,12 @@ class FakeRuntime:
                 server = self.servers[spec.database_id] = FakeServer(spec, generation=self._made)
                 self.calls.append("create")
         if server.state == RUNNING:
-            return Endpoint("127.0.0.1", server.spec.port)
+            return Endpoint("127.0.0.1", server.spec.port, server.spec.tls is not None)
         if spec.port in self.foreign_ports:
             self.servers.pop(spec.database_id, None)
             raise PortInUse(f"Bind for 127.0.0.1:{spec.port} failed: port is already allocated")
         self._start(server)
-        return Endpoint("127.0.0.1", spec.port)
+        return Endpoint("127.0.0.1", spec.port, server.spec.tls is not None)
 
     def _start(self, server: FakeServer) -> None:
         self.calls.append("start")
@@ -163,7 +164,10 @@ class FakeRuntime:
             raise NotFound(f"database {database_id} has no server")
         self.jobs.append((database_id, list(command), dict(environment or {}),
                           input_file.read_bytes() if input_file else None))
-        return self.job_results.pop(0) if self.job_results else JobResult(0, "")
+        result = self.job_results.pop(0) if self.job_results else JobResult(0, "")
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def stream_job(self, database_id, command, environment=None):
         self._check("stream_job")
@@ -184,7 +188,7 @@ class FakeRuntime:
     def endpoint(self, database_id: str) -> Endpoint | None:
         self._check("endpoint")
         server = self.servers.get(database_id)
-        return Endpoint("127.0.0.1", server.spec.port) if server else None
+        return Endpoint("127.0.0.1", server.spec.port, server.spec.tls is not None) if server else None
 
     # -- helpers for tests ----------------------------------------------
 
@@ -208,6 +212,10 @@ class FakePostgres:
     # port -> clients connected, and tables in the tenant's database.
     clients: dict[int, int] = field(default_factory=dict)
     relations: dict[int, int] = field(default_factory=dict)
+    # Ports whose emptiness check fails as a server error would.
+    failing_relations: set[int] = field(default_factory=set)
+    # port -> the databases the tenant made beside its first.
+    made: dict[int, set[str]] = field(default_factory=dict)
 
     def _server(self, port: int) -> dict[str, str]:
         for server in list(self.runtime.servers.values()):
@@ -235,14 +243,30 @@ class FakePostgres:
         assert username in self.roles.get(admin.port, {}), username
         self.roles[admin.port][username] = password
 
-    def configure(self, admin, database, parameters, extensions) -> None:
+    def configure(self, admin, tenant, parameters, extensions) -> None:
         self.check(admin)
+        self.check(tenant)
         self.settings.setdefault(admin.port, {}).update(parameters)
         self.extensions.setdefault(admin.port, []).extend(extensions)
 
-    def user_relations(self, login) -> int:
-        self.check(dataclasses.replace(login, dbname="template1"))
-        return self.relations.get(login.port, 0)
+    def user_relations(self, tenant) -> int:
+        self.check(tenant)
+        if tenant.port in self.failing_relations:
+            raise psycopg.errors.QueryCanceled("canceling statement due to statement timeout")
+        return self.relations.get(tenant.port, 0)
+
+    def databases(self, tenant) -> list[ServerDatabase]:
+        self.check(dataclasses.replace(tenant, dbname="app"))
+        names = {"app", *self.made.get(tenant.port, ())}
+        return [ServerDatabase(name, tenant.user, 7_000_000) for name in sorted(names)]
+
+    def create_database(self, tenant, name) -> None:
+        self.check(tenant)
+        self.made.setdefault(tenant.port, set()).add(name)
+
+    def drop_database(self, tenant, name) -> None:
+        self.check(tenant)
+        self.made.get(tenant.port, set()).discard(name)
 
     def client_connections(self, admin, database) -> int:
         self.check(admin)

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import event
 
 from service.api import views
+from service.app import create_app
 from service.api.schemas import DatabaseSchema
 from service.models import Database
 from service.tenancy import LOCAL_ADMIN
@@ -278,6 +279,47 @@ def test_readyz_lists_each_versions_image(client, runtime):
     assert body["images"]["15"] in ("pulling", "missing: cannot pull postgres:15: no registry answers")
 
 
+def test_readyz_tells_why_to_admins_only(services, runtime):
+    api = create_app(services).test_client()  # authentication on
+    admin = {"Authorization": f"Bearer {services.tenants.create_token('ops', True)[1]}"}
+    others = [{}, {"Authorization": f"Bearer {services.tenants.create_token('acme')[1]}"},
+              {"Authorization": "Bearer nonsense"}]
+    runtime.reachable = False
+    for headers in others:
+        body = assert_problem(api.get("/readyz", headers=headers), 503, "not-ready")
+        assert body["checks"] == {"metadata": "ok", "docker": "unavailable"}
+        assert body["detail"] == "unreachable: docker"
+    body = assert_problem(api.get("/readyz", headers=admin), 503, "not-ready")
+    assert body["checks"]["docker"] == "Docker engine unreachable: fake is down"
+
+    runtime.reachable = True
+    runtime.missing_images.add("postgres:15")
+    deadline = time.monotonic() + 5
+    while services.images.check()["15"] == "pulling" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for headers in others:
+        body = api.get("/readyz", headers=headers).get_json()
+        assert body == {"status": "degraded", "checks": {"metadata": "ok", "docker": "ok"},
+                        "images": {"15": "missing", "17": "available"}}
+    body = api.get("/readyz", headers=admin).get_json()
+    assert body["images"]["15"] == "missing: cannot pull postgres:15: no registry answers"
+
+
+def test_readyz_without_its_store_tells_no_one_why(services):
+    api = create_app(services).test_client()
+    admin = {"Authorization": f"Bearer {services.tenants.create_token('ops', True)[1]}"}
+    for engine in {services.store.engine, services.store.read_engine, services.store.lookup_engine}:
+        engine.dispose()
+
+        @event.listens_for(engine, "do_connect")
+        def refuse(*_args, engine=engine, **_kwargs):
+            raise engine.dialect.loaded_dbapi.OperationalError("connection refused")
+
+    # Nor an admin: the store that could tell the token is one is what is down.
+    body = assert_problem(api.get("/readyz", headers=admin), 503, "not-ready")
+    assert body["checks"] == {"metadata": "unavailable", "docker": "ok"}
+
+
 def test_a_version_whose_image_is_missing_is_refused_at_once(client, services, runtime):
     runtime.missing_images.add("postgres:15")
     deadline = time.monotonic() + 5
@@ -330,6 +372,72 @@ def test_without_authentication_a_browser_post_from_elsewhere_is_refused(client,
     assert same.status_code == 202
 
 
+# What a page's script sends once its own host name resolves to 127.0.0.1 (DNS rebinding).
+REBOUND = {"Host": "rebound.example:8080"}
+
+
+def test_without_authentication_a_rebinding_page_cannot_read_credentials(client, services):
+    created = client.post("/databases", json={}, headers=ASYNC_HEADERS).get_json()
+    path = f"/databases/{created['id']}/credentials"
+    refused = assert_problem(client.get(path, headers=REBOUND), 403, "loopback-only")
+    assert "rebound.example:8080" in refused["detail"] and "password" not in refused
+    for host in ("127.0.0.1:8080", "localhost", "[::1]:9", "LOCALHOST:8080", "127.0.0.1"):
+        answered = client.get(path, headers={"Host": host})
+        assert answered.status_code == 200, host
+        assert answered.get_json()["password"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/databases", "/quota", "/events", "/healthz", "/readyz", "/metrics", "/openapi.json",
+     "/openapi.yaml", "/docs", "/docs/static/swagger-ui-bundle.js", "/ui", "/ui/databases",
+     "/no-such-path"],
+)
+def test_without_authentication_nothing_answers_another_host_name(client, path):
+    assert_problem(client.get(path, headers=REBOUND), 403, "loopback-only")
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["localhost.rebound.example", "127.0.0.1.rebound.example:8080", "rebound.example:8080@localhost",
+     "[::1]rebound.example", "127.0.0.2:8080", "[::ffff:127.0.0.1]:8080", ""],
+)
+def test_without_authentication_only_the_loopback_names_count(client, host):
+    assert_problem(client.get("/databases", headers={"Host": host}), 403, "loopback-only")
+
+
+def test_without_authentication_a_rebinding_page_cannot_write_either(client, services):
+    # Its Origin matches its Host: it is the same origin as far as the browser knows.
+    headers = {**REBOUND, "Origin": "http://rebound.example:8080", **ASYNC_HEADERS}
+    assert_problem(client.post("/databases", json={}, headers=headers), 403, "loopback-only")
+    # Nor from another loopback origin, or one that claims a loopback name for another host.
+    for origin, host in (("http://localhost:3000", "localhost:8080"), ("http://localhost:8080", "127.0.0.1:8080")):
+        response = client.post("/databases", json={}, headers={"Origin": origin, "Host": host, **ASYNC_HEADERS})
+        assert_problem(response, 403, "forbidden")
+    assert count_records(services) == 0
+    same = client.post("/databases", json={}, headers={
+        "Origin": "http://127.0.0.1:8080", "Host": "127.0.0.1:8080", **ASYNC_HEADERS})
+    assert same.status_code == 202
+
+
+def test_without_authentication_another_machine_is_refused_whatever_host_it_names(client):
+    # Should the process listen on another address than loopback after all
+    # (a socket handed over by a service manager): any client can send any Host.
+    response = client.get("/databases", environ_base={"REMOTE_ADDR": "192.0.2.7"})
+    assert "192.0.2.7" in assert_problem(response, 403, "loopback-only")["detail"]
+    assert client.get("/databases", environ_base={"REMOTE_ADDR": "::1"}).status_code == 200
+    assert client.get("/databases", environ_base={"REMOTE_ADDR": "::ffff:127.0.0.1"}).status_code == 200
+
+
+def test_with_authentication_any_host_name_is_answered(services):
+    # Tokens are the boundary then, and a deployment has a name of its own.
+    api = create_app(services).test_client()
+    token = services.tenants.create_token("acme")[1]
+    response = api.get("/databases", headers={"Host": "dbprov.example", "Authorization": f"Bearer {token}"})
+    assert response.status_code == 200
+    assert api.get("/healthz", headers=REBOUND).status_code == 200
+
+
 def test_a_cursor_walks_the_list_newest_first_without_gaps(client, services):
     made = [client.post("/databases", json={}, headers=ASYNC_HEADERS).get_json()["id"] for _ in range(7)]
     seen, cursor = [], None
@@ -350,3 +458,24 @@ def test_a_cursor_walks_the_list_newest_first_without_gaps(client, services):
 def test_a_forged_cursor_is_refused(client):
     problem = assert_problem(client.get("/databases?cursor=bm90LWEtY3Vyc29y"), 422, "validation-error")
     assert "cursor" in problem["errors"]["query"]
+
+
+def test_what_the_openapi_document_allows_the_api_answers_as_documented(client, services, running):
+    created = client.post("/databases", json={}).get_json()
+    assert client.delete(f"/databases/{created['id']}").status_code == 202
+    for _ in range(100):
+        if client.get(f"/databases/{created['id']}").get_json()["status"] == "deleted":
+            break
+        running.records.changed.wait(0.05)
+    # A deleted database's password opens nothing and is no one's business.
+    gone = client.get(f"/databases/{created['id']}/credentials")
+    assert gone.status_code == 404 and "password" not in gone.get_json()
+    client.post("/templates", json={"key": "strict"})
+    for pool_size in (2.5e-42, 1.0, "1", True):
+        refused = client.post("/templates/strict/finalize", json={"pool_size": pool_size})
+        assert refused.status_code == 422, (pool_size, refused.get_json())
+    assert client.get("/databases", query_string={"cursor": "not a cursor!"}).status_code == 422
+    spec = client.get("/openapi.json").get_json()
+    create = spec["paths"]["/databases"]["post"]
+    assert "423" in create["responses"]
+    assert "ttl together with expires_at" in spec["components"]["schemas"]["DatabaseCreate"]["description"]

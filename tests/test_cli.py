@@ -51,6 +51,13 @@ def test_a_refusal_is_a_message(dbprov):
     assert result.stderr.splitlines()[-1] == "Error: no token with id 'nosuchtoken'"
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.7", "::", "example.com"])
+def test_serve_without_authentication_listens_on_loopback_only(dbprov, host):
+    result = dbprov("serve", "--no-auth", "--host", host)
+    assert result.returncode == 2
+    assert f"--no-auth is only for loopback addresses, not {host}" in result.stderr
+
+
 def test_reconcile_migrates_before_it_needs_the_engine(dbprov, tmp_path):
     result = dbprov("reconcile", "--once", DOCKER_HOST="unix:///nonexistent/docker.sock")
     assert "Traceback" not in result.stderr and "no such table" not in result.stderr

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from service.models import Database, Snapshot, SnapshotStatus, Status, Template, TemplateStatus, utcnow
+from service.errors import JobTimedOut
 from service.runtime import RUNNING, JobResult
 
 from .test_api import assert_problem
@@ -142,6 +143,73 @@ def test_reset_puts_the_data_back_and_keeps_the_password(client, services, recon
     assert client.post(f"/databases/{ready['id']}/reset", json={"snapshot": snapshot["id"]}, headers=ASYNC).status_code == 202
     settle(services, reconciler)
     assert runtime.data[ready["id"]] == "orders"
+
+
+def test_a_snapshot_asked_for_before_a_reset_or_a_delete_holds_the_data_as_it_was(
+    client, services, reconciler, runtime, ready
+):
+    first = client.post(f"/databases/{ready['id']}/snapshots", headers=ASYNC).get_json()
+    reconciler.run_once(wait=True)
+    runtime.data[ready["id"]] = "orders and refunds"
+    # Asked for in this order, with no pass in between: the snapshot first.
+    second = client.post(f"/databases/{ready['id']}/snapshots", headers=ASYNC).get_json()
+    assert client.post(f"/databases/{ready['id']}/reset", json={"snapshot": first["id"]},
+                       headers=ASYNC).status_code == 202
+    settle(services, reconciler)
+    assert snapshot_record(services, second["id"]).status == SnapshotStatus.READY
+    assert runtime.data[second["id"]] == "orders and refunds"
+    assert runtime.data[ready["id"]] == "orders" and record(services, ready["id"]).status == Status.READY
+
+    third = client.post(f"/databases/{ready['id']}/snapshots", headers=ASYNC).get_json()
+    assert client.delete(f"/databases/{ready['id']}").status_code == 202
+    settle(services, reconciler)
+    assert snapshot_record(services, third["id"]).status == SnapshotStatus.READY
+    assert runtime.data[third["id"]] == "orders" and record(services, ready["id"]).status == Status.DELETED
+
+
+def test_clones_from_a_database_and_their_snapshots_come_and_go_within_a_small_quota(
+    client, services, reconciler, runtime, ready
+):
+    services.snapshots.settings = dataclasses.replace(services.settings, snapshot_quota=2)
+    for cycle in range(20):
+        clone = client.post("/databases", json={"from_database": ready["id"]}, headers=ASYNC)
+        assert clone.status_code == 202, (cycle, clone.get_json())
+        settle(services, reconciler)
+        clone = client.get(f"/databases/{clone.get_json()['id']}").get_json()
+        assert clone["status"] == "ready" and runtime.data[clone["id"]] == "orders"
+        assert client.delete(f"/databases/{clone['id']}").status_code == 202
+        settle(services, reconciler)
+        # Its snapshot went with it.
+        assert snapshot_record(services, clone["source_snapshot_id"]).status == SnapshotStatus.DELETED
+    # The tenant's own snapshots still count, up to the quota.
+    for _ in range(2):
+        assert client.post(f"/databases/{ready['id']}/snapshots", headers=ASYNC).status_code == 202
+    assert_problem(client.post(f"/databases/{ready['id']}/snapshots", headers=ASYNC), 403, "quota-exceeded")
+
+
+def test_a_rotation_while_a_snapshot_is_pending_is_asked_again_later(client, services, reconciler, ready):
+    before = client.get(f"/databases/{ready['id']}/credentials").get_json()["password"]
+    assert client.post(f"/databases/{ready['id']}/snapshots", headers=ASYNC).status_code == 202
+    refused = client.post(f"/databases/{ready['id']}/credentials/rotate")
+    problem = assert_problem(refused, 409, "conflict")
+    assert "snapshotted" in problem["detail"] and refused.headers["Retry-After"] == "5"
+    assert client.get(f"/databases/{ready['id']}/credentials").get_json()["password"] == before
+    reconciler.run_once(wait=True)
+    assert client.post(f"/databases/{ready['id']}/credentials/rotate").status_code == 200
+
+
+def test_a_reset_to_another_tenants_snapshot_is_not_found(client, services, ready):
+    services.tenants.create_token("acme")
+    with services.store.transaction() as session:
+        session.add(Snapshot(
+            id="ac0000000001", tenant="acme", database_id="ac0000000000", status=SnapshotStatus.READY,
+            version="17", image="postgres:17", admin_username="dbprov_admin", admin_password="x",
+        ))
+    # The local admin sees every snapshot, but a database of tenant "default"
+    # cannot take acme's data.
+    refused = client.post(f"/databases/{ready['id']}/reset", json={"snapshot": "ac0000000001"})
+    problem = assert_problem(refused, 404, "not-found")
+    assert "version" not in problem["detail"]
 
 
 def test_reset_without_a_snapshot_to_go_back_to_is_refused(client, ready):
@@ -297,6 +365,20 @@ def test_a_template_whose_build_was_abandoned_frees_its_key(client, services, re
     assert [t["id"] for t in client.get("/templates").get_json()["items"]] == [again.get_json()["id"]]
 
 
+def test_a_failed_template_gets_a_fresh_build_for_the_next_client(client, services, reconciler):
+    started = client.post("/templates", json={"key": "k5"}, headers=ASYNC).get_json()
+    reconciler.run_once(wait=True)
+    assert client.post("/templates/k5/finalize", headers=ASYNC).status_code == 202
+    # Its snapshot failed (the reconciler's word on it).
+    with services.store.transaction() as session:
+        services.templates.settle(session, started["id"], snapshot_ready=False)
+    assert client.get("/templates/k5").get_json()["status"] == "failed"
+    again = client.post("/templates", json={"key": "k5"}, headers=ASYNC)
+    assert again.status_code == 202, again.get_json()
+    assert again.get_json()["id"] != started["id"] and again.get_json()["database"] is not None
+    assert [t["id"] for t in client.get("/templates").get_json()["items"]] == [again.get_json()["id"]]
+
+
 def test_a_template_left_without_its_database_frees_its_key_after_a_while(client, services):
     # Recorded, then the process that began it ended before its database was.
     def left(age: timedelta) -> None:
@@ -358,7 +440,9 @@ def test_a_dump_streams_the_jobs_output(client, services, reconciler, runtime, r
     assert response.status_code == 200 and response.mimetype == "application/octet-stream"
     assert response.get_data() == b"orders"
     command = runtime.jobs[-1][1]
-    assert command[:2] == ["pg_dump", "--format=custom"] and "PGPASSWORD" in runtime.jobs[-1][2]
+    assert command[:2] == ["pg_dump", "--format=custom"]
+    # As the tenant, never the server's superuser.
+    assert "--username=app" in command and runtime.jobs[-1][2]["PGPASSWORD"] == ready["password"]
 
 
 def test_a_restore_runs_pg_restore_on_the_uploaded_archive(client, services, runtime, ready):
@@ -368,8 +452,113 @@ def test_a_restore_runs_pg_restore_on_the_uploaded_archive(client, services, run
     assert response.status_code == 200, response.get_json()
     database_id, command, environment, given = runtime.jobs[-1]
     assert given == archive and command[0] == "pg_restore" and "--single-transaction" in command
-    assert "--role=app" in command and command[-1] == "/tmp/input"
+    # As the tenant's own login: an archive's RESET ROLE would undo a superuser's --role.
+    assert "--username=app" in command and not [a for a in command if a.startswith("--role")]
+    assert environment["PGPASSWORD"] == ready["password"] and command[-1] == "/tmp/input"
     assert kinds(client, ready["id"])[-1] == "restored"
+
+
+def _restore(client, database_id: str, archive: bytes = b"PGDMP" + b"\0" * 100):
+    return client.post(f"/databases/{database_id}/restore", data=archive,
+                       headers={"Content-Type": "application/octet-stream"})
+
+
+def test_a_restore_past_its_timeout_is_its_own_answer_and_not_retried(client, services, runtime, ready):
+    services.dumps.settings = dataclasses.replace(services.settings, restore_timeout=7.0)
+    runtime.job_results.append(JobTimedOut("pg_restore ran longer than 7 s and was stopped"))
+    response = _restore(client, ready["id"])
+    problem = assert_problem(response, 504, "job-timed-out")
+    # Not 503: the client retries that, and would upload the archive again.
+    assert "7 s" in problem["detail"] and "Retry-After" not in response.headers
+    assert "restored" not in kinds(client, ready["id"])
+
+
+def test_a_restore_whose_emptiness_check_fails_says_so(client, services, runtime, ready):
+    port = record(services, ready["id"]).host_port
+    services.server_admin.failing_relations.add(port)
+    problem = assert_problem(_restore(client, ready["id"]), 502, "database-server-error")
+    assert "nothing was changed" in problem["detail"] and runtime.jobs == []
+
+
+def test_a_restore_that_does_not_fit_on_the_disk_is_refused_before_a_byte_is_spooled(
+    client, services, runtime, ready, monkeypatch
+):
+    import service.dumps
+
+    monkeypatch.setattr(service.dumps, "_SPOOL_RESERVE", 1.0)
+    problem = assert_problem(_restore(client, ready["id"]), 507, "insufficient-storage")
+    assert "does not fit" in problem["detail"] and runtime.jobs == []
+
+
+def test_a_tenant_runs_at_most_its_transfers_at_once(client, services, runtime, ready):
+    services.dumps.settings = dataclasses.replace(services.settings, tenant_transfers=2)
+    runtime.data[ready["id"]] = "orders and more orders"
+    first = client.get(f"/databases/{ready['id']}/dump", buffered=False)
+    second = client.get(f"/databases/{ready['id']}/dump", buffered=False)
+    assert first.status_code == second.status_code == 200
+    third = client.get(f"/databases/{ready['id']}/dump")
+    assert_problem(third, 429, "rate-limited")
+    assert "DBPROV_TENANT_TRANSFERS" in third.get_json()["detail"]
+    assert_problem(_restore(client, ready["id"]), 429, "rate-limited")
+    # A dump read to its end, or one whose client went away, frees its slot.
+    assert first.get_data() == b"orders and more orders"
+    second.close()
+    assert client.get(f"/databases/{ready['id']}/dump").status_code == 200
+    assert _restore(client, ready["id"]).status_code == 200
+
+
+def test_the_service_runs_at_most_its_restores_at_once(client, services, runtime, ready):
+    services.dumps.settings = dataclasses.replace(services.settings, restores=1)
+    with services.dumps.slots.hold("restores", 1) as mine:
+        assert mine
+        response = _restore(client, ready["id"])
+    assert "DBPROV_RESTORES" in assert_problem(response, 429, "rate-limited")["detail"]
+    assert runtime.jobs == []
+    assert _restore(client, ready["id"]).status_code == 200
+
+
+def test_the_databases_inside_a_server_are_listed_dumped_and_restored_by_name(client, services, runtime, ready):
+    port = record(services, ready["id"]).host_port
+    path = f"/databases/{ready['id']}"
+    assert [d["name"] for d in client.get(path + "/contents").get_json()["items"]] == ["app"]
+
+    # Restoring into a database the server lacks makes it, as the tenant's.
+    response = client.post(path + "/restore?database=app_test", data=b"PGDMP",
+                           headers={"Content-Type": "application/octet-stream"})
+    assert response.status_code == 200, response.get_json()
+    assert "--dbname=app_test" in runtime.jobs[-1][1]
+    assert services.server_admin.made[port] == {"app_test"}
+    contents = client.get(path + "/contents").get_json()["items"]
+    assert [(d["name"], d["owner"]) for d in contents] == [("app", "app"), ("app_test", "app")]
+    events = client.get(path + "/events").get_json()["items"]
+    assert events[-1]["kind"] == "restored" and events[-1]["details"]["database"] == "app_test"
+    # A failed restore leaves no database made for it.
+    runtime.job_results.append(JobResult(1, "pg_restore: error: not an archive"))
+    failed = client.post(path + "/restore?database=scratch", data=b"x",
+                         headers={"Content-Type": "application/octet-stream"})
+    assert_problem(failed, 422, "validation-error")
+    assert services.server_admin.made[port] == {"app_test"}
+
+    dump = client.get(path + "/dump?database=app_test")
+    assert dump.status_code == 200 and "--dbname=app_test" in runtime.jobs[-1][1]
+    assert 'filename="' + ready["id"] + '-app_test.dump"' in dump.headers["Content-Disposition"]
+    assert_problem(client.get(path + "/dump?database=nowhere"), 404, "not-found")
+    roles = client.get(path + "/dump?globals=true")
+    assert roles.status_code == 200 and roles.mimetype == "application/sql"
+    assert runtime.jobs[-1][1][:3] == ["pg_dumpall", "--globals-only", "--no-role-passwords"]
+    for query in ("database=template1", "database=a%20b", "globals=true&database=app", "globals=maybe"):
+        assert_problem(client.get(path + "/dump?" + query), 422, "validation-error")
+    assert_problem(client.post(path + "/restore?database=template1", data=b"x",
+                               headers={"Content-Type": "application/octet-stream"}), 422, "validation-error")
+
+
+def test_a_dump_counts_against_the_rate_limit(api, services, token, reconciler):
+    services.tenants.settings = dataclasses.replace(services.settings, rate_limit=2, rate_burst=2)
+    acme = token("acme")
+    created = api.post("/databases", json={}, headers={**acme, **ASYNC}).get_json()
+    settle(services, reconciler)
+    assert api.get(f"/databases/{created['id']}/dump", headers=acme).status_code == 200
+    assert_problem(api.get(f"/databases/{created['id']}/dump", headers=acme), 429, "rate-limited")
 
 
 def test_a_bad_archive_is_refused_with_the_tools_message(client, runtime, ready):

@@ -148,6 +148,39 @@ def test_stop_keeps_data_and_port_and_start_brings_it_back(client, services, rec
     ]
 
 
+def test_a_failed_database_whose_data_is_kept_can_be_started(client, services, reconciler, runtime):
+    created = client.post("/databases", json={}, headers=ASYNC).get_json()
+    reconciler.run_once(wait=True)
+    runtime.data[created["id"]] = "orders"
+    client.post(f"/databases/{created['id']}/stop")
+    reconciler.run_once(wait=True)
+    # Its start misses the ready timeout (slow crash recovery, say).
+    services.server_admin.starting_up = True
+    client.post(f"/databases/{created['id']}/start", headers=ASYNC)
+    reconciler.run_once(wait=True)
+    failed = client.get(f"/databases/{created['id']}").get_json()
+    assert failed["status"] == "failed" and "Its data is kept" in failed["last_error"]
+    assert runtime.data[created["id"]] == "orders"
+
+    services.server_admin.starting_up = False
+    starting = client.post(f"/databases/{created['id']}/start", headers=ASYNC)
+    assert starting.status_code == 202 and starting.get_json()["status"] == "starting"
+    reconciler.run_once(wait=True)
+    ready = client.get(f"/databases/{created['id']}").get_json()
+    assert ready["status"] == "ready" and ready["port"] is not None and ready["last_error"] is None
+    assert runtime.data[created["id"]] == "orders"
+    assert client.get(f"/databases/{created['id']}/credentials").get_json()["password"] == created["password"]
+
+
+def test_a_failed_database_that_never_held_data_cannot_be_started(client, services, reconciler):
+    services.server_admin.starting_up = True
+    created = client.post("/databases", json={}, headers=ASYNC).get_json()
+    reconciler.run_once(wait=True)
+    assert client.get(f"/databases/{created['id']}").get_json()["status"] == "failed"
+    problem = assert_problem(client.post(f"/databases/{created['id']}/start"), 409, "conflict")
+    assert "before it held any data" in problem["detail"]
+
+
 def test_start_waits_until_ready_like_a_create(client, running):
     created = client.post("/databases", json={}).get_json()
     client.post(f"/databases/{created['id']}/stop")
@@ -377,6 +410,12 @@ def test_settings_and_extensions_are_applied_inside_the_server(client, services,
         ({"parameters": {"shared_buffers": "1GB"}}, "shared_buffers"),
         ({"extensions": ["plpython3u"]}, "plpython3u"),
         ({"extensions": ["Robert'); DROP"]}, None),
+        # Allowed settings, with values the server would refuse.
+        ({"parameters": {"work_mem": "lots"}}, "work_mem"),
+        ({"parameters": {"statement_timeout": "5 fortnights"}}, "statement_timeout"),
+        ({"parameters": {"jit": "maybe"}}, "jit"),
+        ({"parameters": {"timezone": "Mars/Olympus"}}, "timezone"),
+        ({"parameters": {"maintenance_work_mem": "100kB"}, "version": "15"}, "maintenance_work_mem"),
     ],
 )
 def test_anything_else_is_refused_before_anything_starts(client, services, runtime, body, named):

@@ -7,19 +7,21 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
+from sqlalchemy import select
 
-from service import pool
+from service import pool, templates
 from service.composition import Services
 from service.coordination import ChangeListener
 from service.crypto import Vault
 from service.databases import Wanted
-from service.errors import QuotaExceeded
+from service.errors import QuotaExceeded, ValidationError
 from service.notify import Notifier
-from service.models import Database, Status
+from service.models import Database, Status, Template, TemplateStatus
 from service.store import Store
 from service.tenancy import LOCAL_ADMIN, POOL_TENANT, Principal
 
 from .fakes import FakePostgres
+from .test_data import settle
 
 
 @pytest.fixture
@@ -270,3 +272,84 @@ def test_an_overstocked_pool_is_trimmed_to_its_size(pooled, runtime):
     reconciler.run_once(wait=True)
     assert len(members(services, Status.READY)) == 2
     assert len(runtime.servers) == 2
+
+
+# -- a template's warm clones are its tenant's ---------------------------------------
+
+
+def held(services, tenant: str) -> int:
+    """The servers ``tenant`` holds, counted apart from the code under test:
+    its records that are not deleted, and the pool's clones of its templates."""
+    with services.store.read() as session:
+        mine = set(session.scalars(select(Template.id).where(Template.tenant == tenant)))
+        return sum(
+            1 for r in session.query(Database).filter(Database.status != Status.DELETED)
+            if r.tenant == tenant or (r.tenant == POOL_TENANT and r.template_id in mine)
+        )
+
+
+def template_members(services, template_id: str) -> list[Database]:
+    with services.store.read() as session:
+        return session.query(Database).filter(
+            Database.tenant == POOL_TENANT, Database.template_id == template_id,
+            Database.status != Status.DELETED,
+        ).all()
+
+
+def test_a_tenant_at_its_quota_holds_no_more_servers_however_it_uses_templates(services, reconciler, runtime):
+    services.tenants.create_token("small")
+    services.tenants.set_limit("small", 1)
+    small = Principal(tenant="small")
+    template, _builder = services.templates.begin(small, "k", None)
+    settle(services, reconciler)
+    with pytest.raises(QuotaExceeded, match="ask for at most 1"):
+        services.templates.finalize(small, "k", templates.MAX_POOL)
+    unchanged = services.templates.get(small, "k")
+    assert unchanged.status == TemplateStatus.BUILDING and unchanged.snapshot_id is None
+    # One warm clone fits: the template's own database goes once its snapshot is taken.
+    services.templates.finalize(small, "k", 1)
+    for _ in range(4):
+        settle(services, reconciler, passes=1)
+        assert held(services, "small") <= 1
+    assert len(template_members(services, template.id)) == 1
+    # The clone it holds is the one database it may have: a create from the template claims it...
+    clone = services.databases.create(small, template="k")
+    assert clone.tenant == "small" and "claim" in clone.phase_timings
+    # ...and the pool waits for room that never comes.
+    settle(services, reconciler)
+    assert template_members(services, template.id) == []
+    for source in (None, "k"):
+        with pytest.raises(QuotaExceeded, match="1 of 1"):
+            services.databases.create(small, template=source)
+    assert held(services, "small") == 1 and len(runtime.servers) == 1
+
+
+def test_a_templates_pool_is_stocked_with_what_fits_in_its_tenants_limit(services, reconciler, runtime):
+    services.tenants.create_token("acme")
+    services.tenants.set_limit("acme", 3)
+    acme = Principal(tenant="acme")
+    template, _builder = services.templates.begin(acme, "k", None)
+    settle(services, reconciler)
+    services.templates.finalize(acme, "k", 2)
+    # Before the pool is stocked, the tenant's own creates take two of the three places.
+    services.databases.create(acme)
+    services.databases.create(acme)
+    settle(services, reconciler, passes=6)
+    assert len(template_members(services, template.id)) == 1
+    assert held(services, "acme") == 3 == services.tenants.quota("acme")[0]
+    (summary,) = [s for s in services.tenants.summaries() if s.name == "acme"]
+    assert summary.live == 3
+    # A lower limit: the warm clone goes, nobody's data yet; the tenant's own stay.
+    services.tenants.set_limit("acme", 2)
+    settle(services, reconciler)
+    assert template_members(services, template.id) == []
+    assert held(services, "acme") == 2 and len(runtime.servers) == 2
+
+
+def test_a_bad_setting_value_costs_no_warm_server(pooled, runtime):
+    services, reconciler = pooled
+    reconciler.run_once(wait=True)
+    warm = {m.id for m in members(services, Status.READY)}
+    with pytest.raises(ValidationError, match="work_mem"):
+        services.databases.create(LOCAL_ADMIN, parameters={"work_mem": "lots"})
+    assert {m.id for m in members(services, Status.READY)} == warm

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import text
@@ -13,7 +14,7 @@ from service.crypto import Vault, generate_key
 from service.errors import QuotaExceeded
 from service.models import Database, Snapshot, Token
 from service.rekey import reencrypt_secrets
-from service.tenancy import Principal
+from service.tenancy import LOCAL_ADMIN, Principal
 
 from .test_api import assert_problem
 
@@ -159,8 +160,55 @@ def test_parallel_creates_never_exceed_the_quota(services, token):
     assert services.tenants.quota("acme") == (3, 3)
 
 
+def test_no_tenant_takes_more_than_its_share_of_the_ports(api, services, token):
+    # 10 ports, a limit of 20, and the default DBPROV_TENANT_PORT_SHARE of a half.
+    acme, umbrella, ops = token("acme"), token("umbrella"), token("ops", admin=True)
+    for _ in range(5):
+        assert api.post("/databases", json={}, headers={**acme, **ASYNC}).status_code == 202
+    over = assert_problem(api.post("/databases", json={}, headers={**acme, **ASYNC}), 403, "quota-exceeded")
+    assert over["used"] == 5 and over["limit"] == 5 and "DBPROV_TENANT_PORT_SHARE" in over["detail"]
+    # The others still find ports.
+    for _ in range(3):
+        assert api.post("/databases", json={}, headers={**umbrella, **ASYNC}).status_code == 202
+    # An admin is the operator: past the share, up to the last port.
+    for _ in range(2):
+        assert api.post("/databases", json={}, headers={**ops, **ASYNC}).status_code == 202
+    assert_problem(api.post("/databases", json={}, headers={**ops, **ASYNC}), 503, "port-range-exhausted")
+
+
+def test_templates_are_limited_per_tenant(api, services, token, settings):
+    services.tenants.settings = dataclasses.replace(settings, tenant_templates=2)
+    acme, umbrella = token("acme"), token("umbrella")
+    for key in ("a", "b"):
+        assert api.post("/templates", json={"key": key}, headers={**acme, **ASYNC}).status_code == 202
+    refused = api.post("/templates", json={"key": "c"}, headers={**acme, **ASYNC})
+    over = assert_problem(refused, 403, "quota-exceeded")
+    assert over["used"] == 2 and over["limit"] == 2 and "2 of 2 templates" in over["detail"]
+    assert [t["key"] for t in api.get("/templates", headers=acme).get_json()["items"]] == ["a", "b"]
+    assert services.tenants.quota("acme")[0] == 2
+    # A key it has is no new template.
+    assert_problem(api.post("/templates", json={"key": "a"}, headers=acme), 423, "locked")
+    assert api.post("/templates", json={"key": "c"}, headers={**umbrella, **ASYNC}).status_code == 202
+    assert api.delete("/templates/a", headers=acme).status_code == 202
+    assert api.post("/templates", json={"key": "c"}, headers={**acme, **ASYNC}).status_code == 202
+
+
+def test_a_warm_pool_that_does_not_fit_the_quota_is_refused(api, services, token, reconciler):
+    acme = token("acme")
+    services.tenants.set_limit("acme", 3)
+    api.post("/templates", json={"key": "k"}, headers={**acme, **ASYNC})
+    reconciler.run_once(wait=True)
+    refused = api.post("/templates/k/finalize", json={"pool_size": 4}, headers={**acme, **ASYNC})
+    body = assert_problem(refused, 403, "quota-exceeded")
+    assert body["used"] == 1 and body["limit"] == 3 and "at most 3" in body["detail"]
+    unchanged = api.get("/templates/k", headers=acme).get_json()
+    assert unchanged["status"] == "building" and unchanged["snapshot_id"] is None
+    finalized = api.post("/templates/k/finalize", json={"pool_size": 3}, headers={**acme, **ASYNC})
+    assert finalized.status_code == 202 and finalized.get_json()["pool_size"] == 3
+
+
 def test_writes_are_rate_limited_per_token(api, services, token):
-    services.tenants.settings = dataclasses.replace(services.settings, rate_limit=3)
+    services.tenants.settings = dataclasses.replace(services.settings, rate_limit=3, rate_burst=3)
     acme, other = token("acme"), token("umbrella")
     codes = [api.post("/databases", json={}, headers={**acme, **ASYNC}).status_code for _ in range(4)]
     assert codes == [202, 202, 202, 429]
@@ -170,6 +218,32 @@ def test_writes_are_rate_limited_per_token(api, services, token):
     # Reads are not limited, and neither is another token.
     assert api.get("/databases", headers=acme).status_code == 200
     assert api.post("/databases", json={}, headers={**other, **ASYNC}).status_code == 202
+
+
+def test_a_burst_then_a_steady_rate_and_deletes_and_renewals_are_free(api, services, token, monkeypatch):
+    # Deleting databases hold their ports until reconciled: all ten for acme.
+    services.tenants.settings = dataclasses.replace(
+        services.settings, rate_limit=60, rate_burst=4, tenant_port_share=1.0
+    )
+    clock = [1_000_000.0]
+    monkeypatch.setattr("service.tenancy.time.time", lambda: clock[0])
+    acme = {**token("acme"), **ASYNC}
+    made = [api.post("/databases", json={}, headers=acme) for _ in range(4)]
+    assert [r.status_code for r in made] == [202] * 4
+    limited = api.post("/databases", json={}, headers=acme)
+    assert_problem(limited, 429, "rate-limited")
+    assert limited.headers["Retry-After"] == "1"
+    # A CI job's heartbeat and its teardown never wait for the bucket.
+    for response in made:
+        database_id = response.get_json()["id"]
+        assert api.patch(f"/databases/{database_id}", json={"ttl": 600}, headers=acme).status_code == 200
+        assert api.delete(f"/databases/{database_id}", headers=acme).status_code == 202
+    # One a second again, and a burst once the bucket has refilled.
+    clock[0] += 1.0
+    assert api.post("/databases", json={}, headers=acme).status_code == 202
+    assert api.post("/databases", json={}, headers=acme).status_code == 429
+    clock[0] += 4.0
+    assert [api.post("/databases", json={}, headers=acme).status_code for _ in range(5)] == [202] * 4 + [429]
 
 
 def test_superuser_role_only_when_allowed(api, token):
@@ -195,6 +269,36 @@ def test_rotation_gives_a_new_password_that_works_and_retires_the_old(client, ru
     assert body["connection_uri"] == created["connection_uri"].replace(created["password"], body["password"])
     assert services.server_admin.roles[created["port"]]["app"] == body["password"]
     assert client.get(f"/databases/{created['id']}/credentials").get_json()["password"] == body["password"]
+
+
+@pytest.mark.parametrize("cut_at", ["after the server took it", "before the server took it"])
+def test_a_rotation_cut_off_anywhere_leaves_the_store_and_the_server_agreeing(
+    client, services, reconciler, monkeypatch, cut_at
+):
+    created = client.post("/databases", json={}, headers=ASYNC).get_json()
+    reconciler.run_once(wait=True)
+    admin = services.server_admin
+    set_password = admin.set_password
+
+    def cut_off(*args):
+        if cut_at == "after the server took it":
+            set_password(*args)
+        raise SystemExit("the process ends here")
+
+    monkeypatch.setattr(admin, "set_password", cut_off)
+    with pytest.raises(SystemExit):
+        services.databases.rotate_password(LOCAL_ADMIN, created["id"])
+    monkeypatch.undo()
+    # While it may still be under way, a second rotation waits for it.
+    assert_problem(client.post(f"/databases/{created['id']}/credentials/rotate"), 409, "conflict")
+    # Once older than any rotation takes, the reconciler finishes it.
+    with services.store.transaction() as session:
+        session.get(Database, created["id"]).pending_since -= timedelta(minutes=5)
+    reconciler.run_once(wait=True)
+    stored = client.get(f"/databases/{created['id']}/credentials").get_json()["password"]
+    assert stored != created["password"]
+    assert admin.roles[created["port"]]["app"] == stored
+    assert client.post(f"/databases/{created['id']}/credentials/rotate").status_code == 200
 
 
 def test_rotation_of_a_database_not_ready_is_409(client, services):

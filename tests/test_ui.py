@@ -139,6 +139,24 @@ def test_without_authentication_there_is_nothing_to_sign_in_to(local_page):
     assert "authentication off" in body and "Sign out" not in body
 
 
+def test_without_authentication_a_rebinding_page_gets_nothing_of_the_page(local_page, services):
+    database_id = create(local_page, csrf_of(local_page.get("/ui/databases")))
+    # A page whose own host name was made to resolve to 127.0.0.1.
+    rebound = "http://rebound.example:8080"
+    for path in ("/ui", "/ui/signin", "/ui/databases", "/ui/databases/rows", f"/ui/databases/{database_id}",
+                 f"/ui/databases/{database_id}/uri", f"/ui/databases/{database_id}/delete", "/ui/admin",
+                 "/ui/static/ui.js"):
+        response = local_page.get(path, base_url=rebound)
+        assert response.status_code == 403, path
+        assert response.get_json(force=True)["type"] == "urn:dbprov:problem:loopback-only"
+    csrf = csrf_of(local_page.get("/ui/databases", base_url="http://127.0.0.1:8080"))
+    for action in ("reveal", "delete"):
+        response = local_page.post(f"/ui/databases/{database_id}/{action}", data={"csrf_token": csrf},
+                                   base_url=rebound)
+        assert response.status_code == 403 and "password" not in response.get_data(as_text=True)
+    assert record(services, database_id).status != Status.DELETING
+
+
 # -- CSRF, cookies and headers ----------------------------------------------------
 
 
@@ -371,3 +389,20 @@ def test_the_log_tail_of_a_database(local_page, services, running, runtime):
     runtime.servers[database_id].logs = "LOG:  database system is ready to accept connections\n"
     detail = local_page.get(f"/ui/databases/{database_id}").get_data(as_text=True)
     assert "ready to accept connections" in detail
+
+
+def test_the_page_shows_the_latest_events_and_the_databases_in_the_server(local_page, services, running):
+    csrf = csrf_of(local_page.get("/ui/databases"))
+    database_id = create(local_page, csrf)
+    wait_for(local_page, database_id, "ready")
+    # A CI heartbeat: far more renewals than the page shows, the last one newest.
+    with services.store.transaction() as session:
+        held = session.get(Database, database_id)
+        for n in range(1, 1101):
+            services.records.event(session, held, "renewed", "local", {"beat": n})
+    port = record(services, database_id).host_port
+    services.server_admin.made[port] = {"app_reports"}
+    detail = local_page.get(f"/ui/databases/{database_id}").get_data(as_text=True)
+    assert "<code>beat: 1100</code>" in detail and "<code>beat: 1001</code>" in detail
+    assert "<code>beat: 1000</code>" not in detail
+    assert "Databases in its server" in detail and "<code>app_reports</code>" in detail

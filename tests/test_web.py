@@ -184,3 +184,38 @@ def test_serve_migrates_a_fresh_store_and_reconciles_in_its_one_worker(server):
     log = api.log.read_text()
     assert "metadata store is up to date" in log and "reconciler started" in log
     assert log.count("Booting worker") == 1
+
+
+def _serve_without_authentication(api: Server, *options: str) -> Server:
+    api.start([sys.executable, "-m", "service", "serve", "--port", str(api.port), "--no-auth", *options])
+    deadline = time.monotonic() + 20
+    while requests.get(f"{api.url}/databases", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, api.log.read_text()
+        time.sleep(0.2)
+    return api
+
+
+def test_serve_without_authentication_answers_loopback_host_names_only(server):
+    api = _serve_without_authentication(server())
+    path = f"{api.url}/databases/0123456789ab/credentials"
+    # A page whose own host name was made to resolve to 127.0.0.1 (DNS rebinding).
+    refused = requests.get(path, headers={"Host": "rebound.example:8080"}, timeout=5)
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["type"] == "urn:dbprov:problem:loopback-only"
+    for host in (f"127.0.0.1:{api.port}", "localhost", "[::1]:9"):
+        # Answered: no such database.
+        assert requests.get(path, headers={"Host": host}, timeout=5).status_code == 404, host
+    assert api.stop() == 0
+
+
+def test_serve_without_authentication_on_the_ipv6_loopback(server):
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    api = server()
+    api.url = f"http://[::1]:{api.port}"
+    _serve_without_authentication(api, "--host", "::1")
+    assert requests.get(f"{api.url}/healthz", timeout=5).status_code == 200
+    assert api.stop() == 0

@@ -24,6 +24,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from importlib.metadata import EntryPoint, entry_points
+from urllib.parse import urlsplit, urlunsplit
 
 import click
 
@@ -361,6 +362,12 @@ def rm(database_ids, wait, timeout) -> None:
         click.echo(f"{database.id} {database.status}")
 
 
+def _without_password(uri: str) -> str:
+    parts = urlsplit(uri)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=userinfo.partition(":")[0] + at + host))
+
+
 @click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @_ID
 @click.argument("psql_args", nargs=-1, type=click.UNPROCESSED)
@@ -371,8 +378,11 @@ def psql(database_id, psql_args) -> None:
     if not credentials.connection_uri:
         raise Refused(409, "Conflict", f"database {database_id} holds no port now")
     sys.stdout.flush()
+    # In the environment, which only the user and root can read, not in the
+    # command line, which `ps` shows every user of the machine.
+    environment = {**os.environ, "PGPASSWORD": credentials.password}
     try:
-        os.execvp("psql", ["psql", credentials.connection_uri, *psql_args])
+        os.execvpe("psql", ["psql", _without_password(credentials.connection_uri), *psql_args], environment)
     except FileNotFoundError:
         raise click.ClickException("psql is not installed (or not on PATH)") from None
 
@@ -605,8 +615,19 @@ def templates(as_json) -> None:
     )
 
 
+@click.command()
+@_handled
+def ca() -> None:
+    """Print the certificate of the CA that signs the database servers'.
+
+    With it, sslmode=verify-full makes sure a client reaches the server dbprov
+    made: `dbprov ca > ~/.postgresql/root.crt`, or sslrootcert=FILE.
+    """
+    click.echo(_client().ca(), nl=False)
+
+
 _CLIENT = (new, ls, show, url, rm, psql, stop, start, renew, rotate, events, logs, snapshot, snapshots,
-           reset, dump, restore, templates, login)
+           reset, dump, restore, templates, ca, login)
 CLIENT_COMMANDS = frozenset(command.name for command in _CLIENT)
 
 #: The ``dbprov`` console script.

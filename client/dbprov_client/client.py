@@ -555,6 +555,12 @@ class Client:
     def quota(self) -> Quota:
         return Quota.from_dict(self._request("GET", "/quota").json())
 
+    def ca(self) -> str:
+        """The certificate (PEM) of the CA that signs every database server's
+        certificate: with it as ``sslrootcert``, ``sslmode=verify-full``
+        makes sure a connection reaches the server dbprov made."""
+        return self._request("GET", "/ca.pem").text
+
     def healthz(self) -> Health:
         return Health.from_dict(self._request("GET", "/healthz", retry=False).json())
 

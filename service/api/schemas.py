@@ -20,6 +20,13 @@ class StrictBoolean(fields.Boolean):
         return value
 
 
+class StrictQueryBoolean(fields.Boolean):
+    """A query flag: true or false (or 1 and 0), nothing guessed from other words."""
+
+    truthy = {"true", "1"}
+    falsy = {"false", "0"}
+
+
 _VERSION = dict(
     validate=validate.Regexp(r"^[0-9]{1,3}$", error="Must be a PostgreSQL major version."),
     metadata={
@@ -55,7 +62,15 @@ _PROTECTED = dict(
 
 
 class DatabaseCreateSchema(ma.Schema):
-    """What a create may ask for; a clone names one source (from_snapshot, from_database, template)."""
+    """What a create may ask for."""
+
+    class Meta:
+        # In the document: rules across fields that JSON Schema would say only clumsily.
+        description = (
+            "Beyond each property's own rules, refused with 422: ttl together with expires_at; more "
+            "than one source (from_snapshot, from_database, template); a version the service does "
+            "not offer (GET /readyz lists them)."
+        )
 
     name = fields.String(
         validate=validate.Regexp(NAME_PATTERN, error="Must match {regex}."),
@@ -105,7 +120,8 @@ class DatabaseCreateSchema(ma.Schema):
     from_database = fields.String(
         metadata={
             "description": "One of the tenant's databases: a snapshot of it is taken first (listed "
-            "under /snapshots) and the new database starts with its data"
+            "under /snapshots; the clone's own, counted against no quota and deleted with the clone) "
+            "and the new database starts with its data"
         },
         **_SOURCE_ID,
     )
@@ -117,6 +133,9 @@ class DatabaseCreateSchema(ma.Schema):
 
 class DatabaseUpdateSchema(ma.Schema):
     """What PATCH may change: the expiry (renew it, or remove it with expires_at null) and protection."""
+
+    class Meta:
+        description = "ttl together with expires_at is refused with 422."
 
     ttl = fields.Integer(strict=True, **_TTL)
     expires_at = AwareDateTime(allow_none=True, **_EXPIRES_AT)
@@ -192,7 +211,7 @@ class DatabaseListQuerySchema(ma.Schema):
     page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=1_000_000))
     page_size = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
     cursor = fields.String(
-        validate=validate.Length(min=1, max=200),
+        validate=validate.Regexp(r"^[A-Za-z0-9_-]{1,200}$", error="Must be a next_cursor."),
         metadata={"description": "A page's next_cursor: the page after it (faster than page numbers deep in a long list)"},
     )
 
@@ -240,6 +259,46 @@ class LogQuerySchema(ma.Schema):
     tail = fields.Integer(load_default=100, validate=validate.Range(min=1, max=10_000))
 
 
+_INNER_DATABASE = dict(
+    validate=validate.Regexp(r"^[A-Za-z0-9_][A-Za-z0-9_$.-]{0,62}$", error="Must be a database name."),
+    metadata={"description": "A database inside the server, other than its first (the tenant may make "
+                             "more: CREATEDB); the templates are the server's", "example": "app_test"},
+)
+
+
+class DumpQuerySchema(ma.Schema):
+    database = fields.String(**_INNER_DATABASE)
+    globals = StrictQueryBoolean(
+        load_default=False,
+        metadata={"description": "The server's roles and their settings as SQL (pg_dumpall "
+                                 "--globals-only, without passwords) instead of a database's archive"},
+    )
+
+    @ma.validates_schema
+    def _one_of(self, data, **kwargs):
+        if data.get("globals") and data.get("database"):
+            raise ma.ValidationError("Name a database or ask for the globals, not both.", "globals")
+
+
+class RestoreQuerySchema(ma.Schema):
+    database = fields.String(**{
+        **_INNER_DATABASE,
+        "metadata": {**_INNER_DATABASE["metadata"], "description":
+                     "The database to restore into: the server's first by default; made, as the "
+                     "tenant's, if the server has none of that name (and gone again if the restore fails)"},
+    })
+
+
+class ServerDatabaseSchema(ma.Schema):
+    name = fields.String(required=True, metadata={"example": "app"})
+    owner = fields.String(required=True, metadata={"example": "app"})
+    bytes = fields.Integer(required=True, metadata={"description": "Its size on disk"})
+
+
+class ServerDatabaseListSchema(ma.Schema):
+    items = fields.List(fields.Nested(ServerDatabaseSchema), required=True)
+
+
 class PlanSchema(ma.Schema):
     name = fields.String(required=True)
     memory = fields.String(required=True, metadata={"example": "256m"})
@@ -277,6 +336,9 @@ class ResetSchema(ma.Schema):
 
 
 class TemplateCreateSchema(ma.Schema):
+    class Meta:
+        description = "A version the service does not offer (GET /readyz lists them) is refused with 422."
+
     key = fields.String(
         required=True,
         validate=validate.Regexp(r"^[A-Za-z0-9._:-]{1,255}$", error="Must be 1 to 255 of A-Z a-z 0-9 . _ : -"),
@@ -287,7 +349,7 @@ class TemplateCreateSchema(ma.Schema):
 
 class TemplateFinalizeSchema(ma.Schema):
     pool_size = fields.Integer(
-        load_default=0, validate=validate.Range(min=0, max=20),
+        load_default=0, strict=True, validate=validate.Range(min=0, max=20),
         metadata={"description": "Warm clones kept ready for creates that name this template"},
     )
 
@@ -325,12 +387,21 @@ class HealthSchema(ma.Schema):
         required=True,
         metadata={"example": "ok", "description": "ok, or degraded when a version's image is missing"},
     )
-    checks = fields.Dict(keys=fields.String(), values=fields.String())
+    checks = fields.Dict(
+        keys=fields.String(),
+        values=fields.String(),
+        metadata={
+            "description": "ok, or why not: the store's or the engine's words for an admin, "
+            "unavailable for anyone else",
+            "example": {"metadata": "ok", "docker": "ok"},
+        },
+    )
     images = fields.Dict(
         keys=fields.String(),
         values=fields.String(),
         metadata={
-            "description": "Each version's image: available, pulling, or missing: <why>",
+            "description": "Each version's image: available, pulling, or missing "
+            "(an admin sees why: missing: <why>)",
             "example": {"17": "available", "16": "missing: cannot pull postgres:16: ..."},
         },
     )

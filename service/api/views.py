@@ -20,6 +20,7 @@ from ..errors import DbprovError, Forbidden, ProvisioningFailed, ValidationError
 from ..models import COMING_UP, Database, Status
 from ..databases import LISTED, Credentials, Idempotency
 from ..tenancy import LOCAL_ADMIN, Principal
+from .loopback import is_loopback_host
 from .problems import problem_response
 from .schemas import (
     CredentialsSchema,
@@ -30,12 +31,15 @@ from .schemas import (
     DatabaseUpdateSchema,
     DatabaseWithCredentialsSchema,
     EventListSchema,
+    DumpQuerySchema,
     EventQuerySchema,
     HealthSchema,
     LogQuerySchema,
     PlanListSchema,
     QuotaSchema,
     ResetSchema,
+    RestoreQuerySchema,
+    ServerDatabaseListSchema,
     SnapshotListSchema,
     SnapshotSchema,
     TemplateCreateSchema,
@@ -48,25 +52,36 @@ databases = Blueprint("databases", __name__, description="PostgreSQL databases o
 data = Blueprint("data", __name__, description="Snapshots, clones, resets, templates, dumps and restores")
 quota = Blueprint("quota", __name__, description="The tenant's share of the service: quota and plans")
 health = Blueprint("health", __name__, description="Liveness and readiness of the service")
+tls = Blueprint("tls", __name__, description="The certificate authority that signs every database server's certificate")
 
 _LOCATION = {"Location": {"schema": {"type": "string"}, "description": "The database's URL"}}
 
 
-def _guarded(blueprint: Blueprint, write: bool = False):
-    """Documents what authentication, and for writes rate limiting, adds to an operation."""
+def _guarded(blueprint: Blueprint, costly: bool = False):
+    """Documents what authentication adds to an operation, and marks (and
+    documents) one that costs the service work: only those count against the
+    token's rate limit (``_authenticate``)."""
 
     def decorate(view):
         view = blueprint.alt_response(
             401, response="UNAUTHORIZED", description="No token, or an unknown or revoked one"
         )(view)
-        if write:
+        if costly:
             view = blueprint.alt_response(
                 429, response="TOO_MANY_REQUESTS",
-                description="Over the token's write requests per minute; see Retry-After",
+                description="Over the token's rate limit (DBPROV_RATE_BURST at once, then "
+                "DBPROV_RATE_LIMIT a minute); see Retry-After",
             )(view)
+            view.costly = True
         return view
 
     return decorate
+
+
+def _costly() -> bool:
+    """Whether the request's operation is marked costly by ``_guarded``."""
+    view_class = getattr(current_app.view_functions.get(request.endpoint), "view_class", None)
+    return getattr(getattr(view_class, request.method.lower(), None), "costly", False)
 
 
 def _services():
@@ -195,7 +210,9 @@ def _authenticate() -> None:
         g.principal = LOCAL_ADMIN
         return
     g.principal = services.tenants.authenticate(request.headers.get("Authorization"))
-    if request.method in ("POST", "PUT", "PATCH", "DELETE"):
+    # Deletes free what the rate limit protects, and renewals cost a row:
+    # neither paces a test suite's teardown or a CI job's heartbeat.
+    if _costly():
         services.tenants.check_rate(g.principal)
 
 
@@ -203,7 +220,11 @@ def _from_another_site() -> bool:
     if request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site"):
         return True
     origin = request.headers.get("Origin")
-    return origin is not None and urlsplit(origin).netloc != request.host
+    if origin is None:
+        return False
+    # Not the Host alone: a rebinding page names its own host in both.
+    origin_host = urlsplit(origin).netloc.lower()
+    return not (is_loopback_host(origin_host) and origin_host == request.host.lower())
 
 
 @databases.before_request
@@ -245,7 +266,7 @@ class DatabaseCollection(MethodView):
         }), mimetype="application/json")
 
     @databases.arguments(DatabaseCreateSchema, required=False)
-    @_guarded(databases, write=True)
+    @_guarded(databases, costly=True)
     @databases.response(201, DatabaseWithCredentialsSchema, headers=_LOCATION)
     @databases.alt_response(
         202,
@@ -257,8 +278,8 @@ class DatabaseCollection(MethodView):
     )
     @databases.alt_response(
         403, response="FORBIDDEN",
-        description="Over the tenant's quota (type ...:quota-exceeded), or a superuser role "
-        "that the service does not allow",
+        description="Over the tenant's quota or its share of the host ports (type ...:quota-exceeded), "
+        "or a superuser role that the service does not allow",
     )
     @databases.alt_response(
         409, response="CONFLICT",
@@ -267,9 +288,11 @@ class DatabaseCollection(MethodView):
     @databases.alt_response(415, response="UNSUPPORTED_MEDIA_TYPE")
     @databases.alt_response(
         422, response="UNPROCESSABLE_ENTITY",
-        description="Invalid body, or the version's image is missing and cannot be pulled "
-        "(type ...:image-missing, naming the image)",
+        description="Invalid body (the schema's rules, and those its description states), or the "
+        "version's image is missing and cannot be pulled (type ...:image-missing, naming the image)",
     )
+    @databases.alt_response(423, response="DEFAULT_ERROR",
+                            description="The template named is being built by another client; ask again")
     @databases.alt_response(502, response="BAD_GATEWAY", description="The server never became ready")
     @databases.alt_response(
         503,
@@ -316,7 +339,7 @@ class DatabaseItem(MethodView):
         return Response(orjson.dumps(_body(row._mapping, domain.host(row))), mimetype="application/json")
 
     @databases.arguments(DatabaseUpdateSchema)
-    @_guarded(databases, write=True)
+    @_guarded(databases)
     @databases.response(200, DatabaseSchema)
     @databases.alt_response(403, response="FORBIDDEN", description="Removing the expiry, where DBPROV_MAX_TTL forbids it")
     @databases.alt_response(404, response="NOT_FOUND")
@@ -327,7 +350,7 @@ class DatabaseItem(MethodView):
         """Renew or remove a database's expiry, or set its protection"""
         return _present(_services().databases.update(_principal(), database_id, body))
 
-    @_guarded(databases, write=True)
+    @_guarded(databases)
     @databases.response(202, DatabaseSchema)
     @databases.alt_response(404, response="NOT_FOUND")
     @databases.alt_response(409, response="CONFLICT", description="The database is protected")
@@ -338,7 +361,7 @@ class DatabaseItem(MethodView):
 
 @databases.route("/databases/<string:database_id>/stop")
 class DatabaseStop(MethodView):
-    @_guarded(databases, write=True)
+    @_guarded(databases, costly=True)
     @databases.response(202, DatabaseSchema)
     @databases.alt_response(404, response="NOT_FOUND")
     @databases.alt_response(409, response="CONFLICT", description="The database is not ready")
@@ -349,17 +372,21 @@ class DatabaseStop(MethodView):
 
 @databases.route("/databases/<string:database_id>/start")
 class DatabaseStart(MethodView):
-    @_guarded(databases, write=True)
+    @_guarded(databases, costly=True)
     @databases.response(200, DatabaseSchema)
     @databases.alt_response(
         202, schema=DatabaseSchema, success=True,
         description="Accepted: still starting (asked with Prefer: respond-async, or the wait ran out)",
     )
     @databases.alt_response(404, response="NOT_FOUND")
-    @databases.alt_response(409, response="CONFLICT", description="The database is not stopped")
+    @databases.alt_response(409, response="CONFLICT",
+                            description="The database is neither stopped nor failed with its data kept")
     @databases.alt_response(502, response="BAD_GATEWAY", description="The server did not come back")
+    @databases.alt_response(503, response="SERVICE_UNAVAILABLE",
+                            description="A failed database's new port: none is free; see Retry-After")
     def post(self, database_id):
-        """Start a stopped database and, unless asked not to, wait until it accepts connections"""
+        """Start a stopped database, or a failed one whose data is kept (on a new port), and unless
+        asked not to, wait until it accepts connections"""
         services = _services()
         principal = _principal()
         record = services.databases.start(principal, database_id)
@@ -409,16 +436,15 @@ class DatabaseLogs(MethodView):
 class DatabaseCredentials(MethodView):
     @_guarded(databases)
     @databases.response(200, CredentialsSchema)
-    @databases.alt_response(404, response="NOT_FOUND")
+    @databases.alt_response(404, response="NOT_FOUND", description="No such database, or a deleted one")
     def get(self, database_id):
         """Show a database's user, password and connection URI"""
-        domain = _services().databases
-        return _credentials_body(domain.credentials(domain.get(_principal(), database_id)))
+        return _credentials_body(_services().databases.live_credentials(_principal(), database_id))
 
 
 @databases.route("/databases/<string:database_id>/credentials/rotate")
 class CredentialsRotation(MethodView):
-    @_guarded(databases, write=True)
+    @_guarded(databases, costly=True)
     @databases.response(200, CredentialsSchema)
     @databases.alt_response(404, response="NOT_FOUND")
     @databases.alt_response(409, response="CONFLICT", description="The database is not ready")
@@ -462,7 +488,7 @@ def _template_body(template, database: Database | None = None) -> dict[str, Any]
 
 @data.route("/databases/<string:database_id>/snapshots")
 class DatabaseSnapshots(MethodView):
-    @_guarded(data, write=True)
+    @_guarded(data, costly=True)
     @data.response(201, SnapshotSchema)
     @data.alt_response(202, schema=SnapshotSchema, success=True,
                        description="Accepted: still being taken (respond-async, or the wait ran out)")
@@ -504,7 +530,7 @@ class SnapshotItem(MethodView):
         """A snapshot: its status, size and time"""
         return _snapshot_body(_services().snapshots.get(_principal(), snapshot_id))
 
-    @_guarded(data, write=True)
+    @_guarded(data)
     @data.response(202, SnapshotSchema)
     @data.alt_response(404, response="NOT_FOUND")
     @data.alt_response(409, response="CONFLICT", description="It belongs to a template")
@@ -516,7 +542,7 @@ class SnapshotItem(MethodView):
 @data.route("/databases/<string:database_id>/reset")
 class DatabaseReset(MethodView):
     @data.arguments(ResetSchema, required=False)
-    @_guarded(data, write=True)
+    @_guarded(data, costly=True)
     @data.response(200, DatabaseSchema)
     @data.alt_response(202, schema=DatabaseSchema, success=True,
                        description="Accepted: still resetting (respond-async, or the wait ran out)")
@@ -536,26 +562,49 @@ class DatabaseReset(MethodView):
 
 @data.route("/databases/<string:database_id>/dump")
 class DatabaseDump(MethodView):
-    @_guarded(data)
+    @data.arguments(DumpQuerySchema, location="query", unknown=RAISE)
+    # A read that costs like a write (a job, and the server's work), and one
+    # of the tenant's DBPROV_TENANT_TRANSFERS.
+    @_guarded(data, costly=True)
     @data.response(200, {"type": "string", "format": "binary"}, content_type="application/octet-stream",
-                   description="A pg_dump custom-format archive")
-    @data.alt_response(404, response="NOT_FOUND")
+                   description="A pg_dump custom-format archive; with globals=true, SQL (application/sql)")
+    @data.alt_response(404, response="NOT_FOUND", description="No such database, or none of that name inside it")
     @data.alt_response(409, response="CONFLICT", description="The database is not ready")
-    def get(self, database_id):
-        """Stream a pg_dump archive (custom format) of the database, made beside its server"""
-        chunks = _services().dumps.dump(_principal(), database_id)
+    @data.alt_response(422, response="UNPROCESSABLE_ENTITY")
+    @data.alt_response(429, response="TOO_MANY_REQUESTS",
+                       description="The tenant already runs DBPROV_TENANT_TRANSFERS dumps and restores")
+    @data.alt_response(502, response="BAD_GATEWAY", description="The server did not list its databases")
+    def get(self, query, database_id):
+        """Stream a pg_dump archive (custom format) of a database of the server, made beside it"""
+        chunks = _services().dumps.dump(_principal(), database_id, query.get("database"), query["globals"])
+        if query["globals"]:
+            return Response(chunks, mimetype="application/sql")
+        name = query.get("database")
         return Response(
             chunks, mimetype="application/octet-stream",
-            headers={"Content-Disposition": f'attachment; filename="{database_id}.dump"'},
+            headers={"Content-Disposition": f'attachment; filename="{database_id}{"-" + name if name else ""}.dump"'},
         )
+
+
+@data.route("/databases/<string:database_id>/contents")
+class DatabaseContents(MethodView):
+    @_guarded(data)
+    @data.response(200, ServerDatabaseListSchema)
+    @data.alt_response(404, response="NOT_FOUND")
+    @data.alt_response(409, response="CONFLICT", description="The database is not ready")
+    @data.alt_response(502, response="BAD_GATEWAY", description="The server did not list its databases")
+    def get(self, database_id):
+        """The databases inside the server that the tenant may connect to, with their sizes"""
+        return {"items": _services().dumps.contents(_principal(), database_id)}
 
 
 @data.route("/databases/<string:database_id>/restore")
 class DatabaseRestore(MethodView):
-    @_guarded(data, write=True)
+    @data.arguments(RestoreQuerySchema, location="query", unknown=RAISE)
+    @_guarded(data, costly=True)
     @data.doc(requestBody={
         "required": True,
-        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary", "minLength": 1}}},
         "description": "A pg_dump custom-format archive, at most DBPROV_RESTORE_MAX_BYTES",
     })
     @data.response(200, DatabaseSchema)
@@ -565,13 +614,25 @@ class DatabaseRestore(MethodView):
     @data.alt_response(415, response="UNSUPPORTED_MEDIA_TYPE")
     @data.alt_response(422, response="UNPROCESSABLE_ENTITY",
                        description="Not an archive pg_restore takes; the database is left as it was")
-    def post(self, database_id):
-        """Restore a pg_dump archive into an empty database, in one transaction"""
+    @data.alt_response(429, response="TOO_MANY_REQUESTS",
+                       description="Over the write requests per minute, or the tenant already runs "
+                       "DBPROV_TENANT_TRANSFERS dumps and restores, or the service DBPROV_RESTORES restores")
+    @data.alt_response(502, response="BAD_GATEWAY",
+                       description="The server did not say whether the database is empty; nothing was restored")
+    @data.alt_response(504, response="GATEWAY_TIMEOUT",
+                       description="pg_restore ran past DBPROV_RESTORE_TIMEOUT and was rolled back: "
+                       "the database is as it was, and the same archive would time out again")
+    @data.alt_response(507, response="INSUFFICIENT_STORAGE",
+                       description="The service's disk has no room for the archive now; nothing was restored")
+    def post(self, query, database_id):
+        """Restore a pg_dump archive into an empty database of the server, in one transaction"""
         services = _services()
         if request.mimetype != "application/octet-stream":
             raise UnsupportedMediaType("the body must be application/octet-stream: a pg_dump archive")
         request.max_content_length = services.settings.restore_max_bytes
-        record = services.dumps.restore(_principal(), database_id, request.stream)
+        record = services.dumps.restore(
+            _principal(), database_id, request.stream, request.content_length, query.get("database")
+        )
         return _present(record)
 
 
@@ -584,16 +645,22 @@ class TemplateCollection(MethodView):
         return {"items": [_template_body(t) for t in _services().templates.list(_principal())]}
 
     @data.arguments(TemplateCreateSchema)
-    @_guarded(data, write=True)
+    @_guarded(data, costly=True)
     @data.response(201, TemplateSchema)
     @data.alt_response(200, schema=TemplateSchema, success=True,
                        description="The template is ready: create databases with it")
     @data.alt_response(202, schema=TemplateSchema, success=True,
                        description="Its database is still being provisioned (respond-async, or the wait ran out)")
     @data.alt_response(423, response="DEFAULT_ERROR", description="Another client is building it; ask again")
+    @data.alt_response(
+        403, response="FORBIDDEN",
+        description="A new key past DBPROV_TENANT_TEMPLATES, or its database over the tenant's quota "
+        "(type ...:quota-exceeded)",
+    )
     @data.alt_response(422, response="UNPROCESSABLE_ENTITY")
     def post(self, body):
-        """Start a template for a key (a database to fill, 201), or find it ready (200)"""
+        """Start a template for a key (a database to fill, 201), or find it ready (200); a key
+        whose build failed or was abandoned gets a fresh build to fill"""
         services = _services()
         principal = _principal()
         template, database = services.templates.begin(principal, body["key"], body.get("version"))
@@ -613,7 +680,7 @@ class TemplateItem(MethodView):
         """A template and its state"""
         return _template_body(_services().templates.get(_principal(), key))
 
-    @_guarded(data, write=True)
+    @_guarded(data)
     @data.response(202, TemplateSchema)
     @data.alt_response(404, response="NOT_FOUND")
     def delete(self, key):
@@ -624,12 +691,16 @@ class TemplateItem(MethodView):
 @data.route("/templates/<string:key>/finalize")
 class TemplateFinalize(MethodView):
     @data.arguments(TemplateFinalizeSchema, required=False)
-    @_guarded(data, write=True)
+    @_guarded(data, costly=True)
     @data.response(200, TemplateSchema)
     @data.alt_response(202, schema=TemplateSchema, success=True,
                        description="Accepted: its snapshot is still being taken")
     @data.alt_response(404, response="NOT_FOUND")
     @data.alt_response(409, response="CONFLICT", description="Not being built, or its database is not ready")
+    @data.alt_response(
+        403, response="FORBIDDEN",
+        description="A warm pool that does not fit in the tenant's quota (type ...:quota-exceeded)",
+    )
     def post(self, body, key):
         """Finish a template: a snapshot of its database, from which every clone is made"""
         services = _services()
@@ -669,7 +740,8 @@ class Liveness(MethodView):
 
 @health.route("/readyz")
 class Readiness(MethodView):
-    @health.doc(security=[])
+    # A token is not needed; an admin's shows why a check fails.
+    @health.doc(security=[{}, {"bearerAuth": []}])
     @health.response(200, HealthSchema)
     @health.alt_response(503, response="SERVICE_UNAVAILABLE", description="Names what is unreachable")
     def get(self):
@@ -682,7 +754,12 @@ class Readiness(MethodView):
                 checks[name] = "ok"
             except DbprovError as exc:
                 checks[name] = exc.detail
+        # The engine's and the store's own words name hosts, users, paths and
+        # registries: for admins only. Others learn what fails, not why.
+        details = _sees_readiness_details(services, checks["metadata"] == "ok")
         failing = [name for name, result in checks.items() if result != "ok"]
+        if not details:
+            checks = {name: "unavailable" if name in failing else "ok" for name in checks}
         if failing:
             return problem_response(
                 503,
@@ -693,7 +770,34 @@ class Readiness(MethodView):
                 checks=checks,
             )
         images = services.images.check()
+        if not details:
+            images = {version: state.partition(":")[0] for version, state in images.items()}
         # A missing image takes only its version out of service, not the API:
         # "degraded" says so without failing a load balancer's check.
         status = "ok" if all(state == "available" for state in images.values()) else "degraded"
         return {"status": status, "checks": checks, "images": images}
+
+
+@tls.route("/ca.pem")
+class CertificateAuthority(MethodView):
+    # Public, as a CA's certificate is: clients check servers with it.
+    @tls.doc(security=[])
+    @tls.response(200, {"type": "string"}, content_type="application/x-pem-file",
+                  description="The CA's certificate (PEM), for sslmode=verify-full with sslrootcert")
+    @tls.alt_response(503, response="SERVICE_UNAVAILABLE", description="The metadata store is unreachable")
+    def get(self):
+        """The certificate of the CA that signs every database server's certificate"""
+        return Response(_services().authority.certificate_pem(), mimetype="application/x-pem-file")
+
+
+def _sees_readiness_details(services, store_up: bool) -> bool:
+    """Whether the caller is an admin: with --no-auth everyone is; otherwise a
+    caller whose admin token the store can check (no token is asked for)."""
+    if not services.auth_required:
+        return True
+    if not store_up or not request.headers.get("Authorization"):
+        return False
+    try:
+        return services.tenants.authenticate(request.headers["Authorization"]).admin
+    except DbprovError:
+        return False

@@ -125,8 +125,10 @@ def _guard() -> Response | None:
         return redirect(url_for("ui.signin"))
     services = _services()
     if request.method == "POST" and principal is not None and services.auth_required:
-        if request.endpoint != "ui.signout":
-            # A change through the page counts against the token like one through the API.
+        deleting = request.endpoint == "ui.act" and (request.view_args or {}).get("action") == "delete"
+        if request.endpoint != "ui.signout" and not deleting:
+            # A change through the page counts against the token like one
+            # through the API, where deletes are free too.
             services.tenants.check_rate(principal)
     return None
 
@@ -316,7 +318,15 @@ def _detail_page(database_id: str, credentials=None, message: str | None = None)
     services = _services()
     principal = _principal()
     record = services.databases.get(principal, database_id)
-    events = services.databases.events(principal, database_id, limit=1000)[-EVENTS_SHOWN:]
+    # The latest: a database renewed every minute as a CI heartbeat has
+    # hours of events, and its first ones say little now.
+    events = services.databases.events(principal, database_id, limit=EVENTS_SHOWN, latest=True)
+    contents, contents_note = [], None
+    if record.status == Status.READY:
+        try:
+            contents = services.dumps.contents(principal, database_id)
+        except DbprovError as error:
+            contents_note = f"Its databases cannot be listed now: {error.detail}"
     log_text, log_note = None, None
     try:
         log_text = services.databases.logs(principal, database_id, LOG_TAIL)
@@ -329,6 +339,8 @@ def _detail_page(database_id: str, credentials=None, message: str | None = None)
         active="databases",
         record=record,
         events=list(reversed(events)),
+        contents=contents,
+        contents_note=contents_note,
         log_text=log_text,
         log_note=log_note,
         log_tail=LOG_TAIL,

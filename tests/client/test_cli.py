@@ -19,6 +19,8 @@ from click.testing import CliRunner
 from dbprov_client import cli as cli_module
 from dbprov_client.cli import make_cli
 
+from .fake import CA_PEM
+
 EXIT_NOT_FOUND, EXIT_REFUSED, EXIT_UNAVAILABLE = 3, 4, 5
 DBPROV = [sys.executable, "-m", "dbprov_client"]
 
@@ -126,6 +128,13 @@ def test_the_other_commands(dbprov, fake):
     assert dbprov("logs", database_id, "--tail", "2").stdout == "log line 0\nlog line 1\n"
 
 
+def test_ca_prints_the_certificate_authoritys_certificate_as_served(dbprov, fake):
+    fake.token = "dbp_secret"
+    result = dbprov("ca")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == CA_PEM
+
+
 def test_login_stores_url_and_token_readable_by_the_user_alone(fake, isolated):
     fake.token = "dbp_secret"
     runner = CliRunner()
@@ -184,19 +193,23 @@ def test_on_a_terminal_a_progress_line_goes_to_standard_error_only(fake, isolate
     assert f"database {database.id} ready in" in shown and database.password not in shown
 
 
-def test_psql_runs_psql_with_the_uri(fake, isolated, tmp_path):
+def test_psql_runs_psql_with_the_uri_and_the_password_in_its_environment(fake, isolated, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "psql").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    # Its arguments on standard output, the password it was given on standard error.
+    (bin_dir / "psql").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\nprintf "%s" "$PGPASSWORD" >&2\n')
     (bin_dir / "psql").chmod(0o755)
     env = subprocess_env(fake, isolated)
-    uri = subprocess.run([*DBPROV, "new"], env=env, capture_output=True, text=True).stdout.strip()
-    database_id = next(iter(fake.databases))
+    subprocess.run([*DBPROV, "new"], env=env, capture_output=True, text=True, check=True)
+    database = next(iter(fake.databases.values()))
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
-    result = subprocess.run([*DBPROV, "psql", database_id, "-c", "select 1"], env=env,
+    result = subprocess.run([*DBPROV, "psql", database.id, "-c", "select 1"], env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [uri, "-c", "select 1"]
+    # Any user of the machine can read a command line, not the environment.
+    assert result.stdout.splitlines() == [f"postgresql://app@localhost:{database.port}/app", "-c", "select 1"]
+    assert database.password not in result.stdout
+    assert result.stderr == database.password
 
 
 def test_the_server_commands_come_from_entry_points():

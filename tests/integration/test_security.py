@@ -50,16 +50,23 @@ def test_tenant_role_owns_its_database_but_is_not_a_superuser(secured):
     service, tokens = secured
     created = service.request("POST", "/databases", token=tokens["acme"], json={}).json()
     with psycopg.connect(created["connection_uri"]) as conn:
+        # Databases and (bounded, on 16 and later) roles of its own, as test
+        # runners need; never a superuser (tests/integration/test_hostile.py).
         assert conn.execute("SELECT rolsuper, rolcreaterole, rolcreatedb FROM pg_roles "
-                            "WHERE rolname = current_user").fetchone() == (False, False, False)
+                            "WHERE rolname = current_user").fetchone() == (False, True, True)
         assert conn.execute("SELECT pg_get_userbyid(datdba) FROM pg_database "
                             "WHERE datname = current_database()").fetchone() == ("app",)
         conn.execute("CREATE TABLE mine (id int)")
         conn.execute("CREATE SCHEMA extra")
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            conn.execute("CREATE ROLE intruder")
+    server = created["connection_uri"].rsplit("/", 1)[0]
+    # template1 is where the service works as superuser: closed to the tenant.
     with pytest.raises(psycopg.OperationalError):
-        psycopg.connect(created["connection_uri"].rsplit("/", 1)[0] + "/postgres", connect_timeout=5)
+        psycopg.connect(server + "/template1", connect_timeout=5)
+    # "postgres" is open, as on any server (test runners connect there), and
+    # the tenant makes nothing in it.
+    with psycopg.connect(server + "/postgres", connect_timeout=5) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("CREATE TABLE public.planted (id int)")
 
 
 def test_rotation_works_at_once_and_retires_the_old_password(secured):

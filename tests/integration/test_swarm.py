@@ -387,6 +387,23 @@ def test_stop_and_start_keep_the_data(swarm_service, docker_client):
         assert conn.execute("SELECT n FROM kept").fetchone() == (3,)
 
 
+def test_a_server_verifies_with_the_services_ca_at_its_nodes_host(swarm_service, docker_client, swarm, tmp_path):
+    # A name for the node that no server's certificate has otherwise: 127.0.0.2
+    # reaches the host-mode port too.
+    label_node(docker_client, swarm, {PUBLIC_HOST: "127.0.0.2"})
+    try:
+        created = swarm_service.request("POST", "/databases", json={}).json()
+    finally:
+        label_node(docker_client, swarm, {PUBLIC_HOST: None})
+    assert created["host"] == "127.0.0.2" and created["connection_uri"].endswith("?sslmode=require"), created
+    root = tmp_path / "ca.pem"
+    root.write_text(swarm_service.request("GET", "/ca.pem").text)
+    with psycopg.connect(
+        created["connection_uri"], sslmode="verify-full", sslrootcert=str(root), connect_timeout=10
+    ) as conn:
+        assert conn.pgconn.ssl_in_use
+
+
 def test_snapshots_clones_dumps_and_restores(swarm_service, docker_client):
     source = swarm_service.request("POST", "/databases", json={}).json()
     with psycopg.connect(source["connection_uri"], connect_timeout=10) as conn:

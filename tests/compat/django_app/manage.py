@@ -1,0 +1,10 @@
+"""Django's own manage.py, for the compatibility suite: a project as a user has one."""
+
+import os
+import sys
+
+if __name__ == "__main__":
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "compatsite.settings")
+    from django.core.management import execute_from_command_line
+
+    execute_from_command_line(sys.argv)

@@ -243,6 +243,15 @@ def images(context: click.Context) -> None:
         click.echo(f"{version}  {services.settings.images[version]}  {state}")
 
 
+@images.command("prune")
+def images_prune() -> None:
+    """Remove the golden copies (images and volumes) that no server on the
+    engine stands on: every installation on it shares them, and the next
+    server makes them again (a few seconds, once)."""
+    for name in _run(_services().runtime.prune_caches):
+        click.echo(f"removed {name}")
+
+
 @images.command("pull")
 def images_pull() -> None:
     """Pull every configured version's image, showing the engine's progress.

@@ -55,6 +55,7 @@ from .errors import (
     PortInUse,
     RuntimeUnavailable,
     ServerFailed,
+    TransientError,
 )
 from .runtime import (
     ABSENT,
@@ -120,11 +121,17 @@ _GOLDEN_RETRY = 600.0
 _INIT_DONE = b"init process complete"
 # The entry of a server on a golden copy, at every start. On the first,
 # single-user mode (as the data's owner, listening nowhere) sets the
-# superuser's password; a crash in between repeats the step. A server killed
+# superuser's password; a crash in between repeats the step. Data that is not
+# there (an overlay on a golden volume that went) is never made anew by
+# initdb: a server on it would pass an empty cluster off as the tenant's. A server killed
 # while it wrote its lock file leaves it empty, and PostgreSQL will not start
 # on that: only one server ever runs on this data, so it is stale. The image's
 # own entrypoint then finds PG_VERSION and starts the server without initdb.
 _FIRST_START = f"""set -e
+if [ ! -s "$PGDATA/PG_VERSION" ]; then
+    echo "dbprov: no data directory under this server: its golden volume is gone or was empty" >&2
+    exit 64
+fi
 if [ -e "$PGDATA/{GOLDEN_MARK}" ]; then
     printf '%s\\n' "$DBPROV_FIRST_START" | postgres --single -D "$PGDATA" postgres > /dev/null
     rm "$PGDATA/{GOLDEN_MARK}"
@@ -316,7 +323,7 @@ class DockerRuntime:
             self.pull_image(spec.image)
             base = self.client.api.inspect_image(spec.image)
         golden = self._golden_image(spec, base) if self.golden else None
-        lower = self._data_volume(spec.database_id, labels, golden)
+        lower, made = self._data_volume(spec.database_id, labels, golden)
         # Data that begins initialised (a golden copy or an overlay) rather
         # than by the image's own initdb, at its own $PGDATA.
         initialised = golden is not None or lower is not None
@@ -361,11 +368,26 @@ class DockerRuntime:
             # Else none is given: the engine keeps the image's own.
             kwargs["entrypoint"] = entrypoint
         # An overlay made while golden copies were on runs on the plain image if they are off now.
-        return self.client.containers.create(golden.image if golden else spec.image, **kwargs).id
+        container_id = self.client.containers.create(golden.image if golden else spec.image, **kwargs).id
+        if lower is not None and not _is_golden(self._volume(lower)):
+            # The golden volume went between the look and the create: the
+            # engine made an empty one of its name for the mount. A server on
+            # it has no data; what a new database stands on is made again.
+            self._remove_container(container_id)
+            if made:
+                for volume in (volume_name(spec.database_id), *_layers(spec.database_id)):
+                    self._remove_volume(volume)
+            if not _is_golden(self._volume(lower)):
+                self._remove_volume(lower)
+            raise TransientError(f"the golden volume {lower} went while the server of {spec.database_id} was made")
+        return container_id
 
-    def _data_volume(self, database_id: str, labels: dict[str, str], golden: "_Golden | None") -> str | None:
+    def _data_volume(
+        self, database_id: str, labels: dict[str, str], golden: "_Golden | None"
+    ) -> tuple[str | None, bool]:
         """Make the server's data volume if it has none; the golden volume it is
-        an overlay on, or None for a volume of its own files."""
+        an overlay on (or None for a volume of its own files), and whether it
+        was made now (so holds nothing of the tenant's yet)."""
         found = self._volume(volume_name(database_id))
         if found is not None:
             lower = (found.get("Labels") or {}).get(LABEL_LOWER)
@@ -374,12 +396,12 @@ class DockerRuntime:
                 raise ServerFailed(
                     f"the golden volume {lower} that the data of {database_id} is an overlay on is gone"
                 )
-            return lower
+            return lower, False
         if golden is None or golden.volume is None:
             self.client.api.create_volume(name=volume_name(database_id), labels=labels)
-            return None
+            return None, True
         self._make_overlay(database_id, labels, golden.volume["Name"], golden.volume["Mountpoint"])
-        return golden.volume["Name"]
+        return golden.volume["Name"], True
 
     def _make_overlay(self, database_id: str, labels: dict[str, str], lower: str, lower_path: str) -> None:
         """The data volume of ``database_id`` as an overlay on the golden volume
@@ -454,6 +476,10 @@ class DockerRuntime:
             with self._golden_lock:
                 self._refill_golden_volume(spec, base, key, image["Id"], name, labels)
             volume = self._volume(name)
+        if _is_golden(volume) and self._container(f"{GOLDEN_REPOSITORY}-{key}") is not None:
+            # Being made again by another process (its builder is the lock):
+            # labelled, but perhaps not filled yet. Not to stand on now.
+            volume = None
         return _Golden(tag, volume if _is_golden(volume) else None)
 
     @staticmethod
@@ -649,6 +675,28 @@ class DockerRuntime:
                     self._remove_volume(volume["Name"])
                 except docker.errors.APIError:
                     pass  # in use after all: tried again next time
+
+    def prune_caches(self) -> list[str]:
+        removed = []
+        of_golden = {"label": LABEL_GOLDEN_OF}
+        with _translated():
+            for image in self.client.api.images(filters=of_golden):
+                try:
+                    self.client.api.remove_image(image["Id"])
+                except docker.errors.APIError:
+                    continue  # a server's container still uses it
+                removed.extend(image.get("RepoTags") or [image["Id"]])
+            for volume in self.client.api.volumes(filters=of_golden).get("Volumes") or []:
+                # A server's container holds the golden volume it stands on;
+                # data kept without its server (a failed database) is looked for.
+                if self.client.api.volumes(filters={"label": f"{LABEL_LOWER}={volume['Name']}"}).get("Volumes"):
+                    continue
+                try:
+                    self.client.api.remove_volume(volume["Name"])
+                except docker.errors.APIError:
+                    continue  # in use after all
+                removed.append(volume["Name"])
+        return removed
 
     def _tail(self, container: str) -> str:
         return self.client.api.logs(container, tail=10).decode("utf-8", errors="replace").strip()

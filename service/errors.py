@@ -165,6 +165,11 @@ class ServerFailed(PermanentError):
     """A database server crashed or never became ready; the text carries its log."""
 
 
+class DataLost(PermanentError):
+    """A database's data is gone from the engine: a server made now would be
+    an empty one, never the tenant's."""
+
+
 class JobTimedOut(PermanentError):
     """A job beside a server ran past its time and was stopped; a restore's
     transaction is rolled back with it. The same job would only time out again."""

@@ -40,6 +40,10 @@ class Status(str, enum.Enum):
     # Was ready, but the machine holding its server and data cannot be reached
     # (a Swarm node down or removed): it comes back by itself with that machine.
     UNAVAILABLE = "unavailable"
+    # Its data is gone, removed behind the service's back (a `docker system
+    # prune --volumes`): never passed off as an empty ready database. A reset
+    # to a snapshot brings it back; DELETE lets it go.
+    LOST = "lost"
 
 
 # Named sets of statuses, so that a decision reads as what it means.
@@ -50,7 +54,9 @@ SETTLING = frozenset({Status.PENDING, Status.PROVISIONING})
 RESTING = frozenset({Status.STOPPING, Status.STOPPED, Status.STARTING, Status.RESETTING})
 # Still holding (or possibly holding) a server, its data, a port or a name.
 # An unavailable one holds all of them, on a machine that is away.
-LIVE = frozenset({*SETTLING, Status.READY, Status.UNAVAILABLE, *RESTING, Status.FAILED, Status.DELETING})
+LIVE = frozenset({
+    *SETTLING, Status.READY, Status.UNAVAILABLE, *RESTING, Status.FAILED, Status.LOST, Status.DELETING,
+})
 # Whose server may exist and is wanted; a failed one had its server removed.
 # An unavailable one's server and data exist where they were: the orphan
 # sweep must leave them alone.

@@ -35,6 +35,7 @@ from sqlalchemy import select, update
 from .coordination import Claims
 from .crypto import Vault
 from .errors import (
+    DataLost,
     DbprovError,
     NodeUnavailable,
     PermanentError,
@@ -333,6 +334,8 @@ class Reconciler:
                 task(database_id)
             except TransientError as exc:
                 self._retry_later(database_id, exc.detail, node_away=isinstance(exc, NodeUnavailable))
+            except DataLost as exc:
+                self._lose(database_id, exc.detail)
             except PermanentError as exc:
                 self._fail(database_id, exc.detail)
             except DbprovError as exc:
@@ -420,6 +423,15 @@ class Reconciler:
         if record.source_snapshot_id is not None and record.seeded_at is None:
             record = self._seed(record)
             timings["copy"] = round(time.monotonic() - started, 3)
+        elif record.ready_at is not None:
+            # Its data was there once: a server made without it would be a new,
+            # empty one, started as if nothing had happened.
+            info = self.runtime.inspect_server(record.id)
+            if info is None or not info.has_data:
+                raise DataLost(
+                    f"the data of database {record.id} is gone: its server and volume were removed "
+                    "outside dbprov (a `docker system prune --volumes`, say)"
+                )
         phase = time.monotonic()
         record = self._ensure_server(record)
         timings["server"] = round(time.monotonic() - phase, 3)
@@ -608,6 +620,22 @@ class Reconciler:
             retrying_since=None,
         )
         log.warning("database %s: failed: %s", database_id, error.splitlines()[0])
+
+    def _lose(self, database_id: str, reason: str) -> None:
+        """Say out loud that the data is gone, and the ways back."""
+        self._transition(
+            database_id,
+            COMING_UP | RUNS,
+            status=Status.LOST,
+            details={"reason": reason},
+            last_error=f"{reason}.\nWays back: POST /databases/{database_id}/reset with a snapshot of it "
+                       "(GET /snapshots); or DELETE it.",
+            host_port=None,
+            attempts=0,
+            next_attempt_at=None,
+            retrying_since=None,
+        )
+        log.warning("database %s: lost: %s", database_id, reason)
 
     # -- snapshots ----------------------------------------------------------
 
@@ -805,7 +833,10 @@ class Reconciler:
             # made anew (it would start empty) until that machine is back.
             if record.status == Status.READY:
                 self._mark_unavailable(record, info.reason)
-        elif info is None or info.state == ABSENT:
+        elif info is None:
+            # Neither its server nor its data: made anew, it would be empty.
+            self._submit(record.id, self._lose_vanished)
+        elif info.state == ABSENT:
             log.warning("database %s: server vanished; making it anew on its data", record.id)
             if self.records.transition(record.id, RUNS, status=Status.PROVISIONING):
                 self._submit(record.id, self._provision)
@@ -820,6 +851,13 @@ class Reconciler:
             endpoint = self.runtime.endpoint(record.id)
             if endpoint is not None:
                 self.records.transition(record.id, {Status.READY}, server_host=endpoint.host)
+
+    def _lose_vanished(self, database_id: str) -> None:
+        """A running database whose server and data both vanished, asked again
+        under its claim: a snapshot or a start may have been between them."""
+        record = self._load(database_id)
+        if record.status in RUNS and self.runtime.inspect_server(database_id) is None:
+            raise DataLost(f"the server and the data of database {database_id} vanished outside dbprov")
 
     def _mark_unavailable(self, record: Database, reason: str) -> None:
         if self.records.transition(

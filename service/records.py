@@ -34,6 +34,7 @@ _EVENT_OF = {
     Status.PROVISIONING: "provisioning",
     Status.READY: "ready",
     Status.FAILED: "failed",
+    Status.LOST: "lost",
     Status.STOPPING: "stopping",
     Status.STOPPED: "stopped",
     Status.STARTING: "starting",

@@ -188,3 +188,8 @@ class ServerRuntime(Protocol):
 
     def endpoint(self, database_id: str) -> Endpoint | None:
         """Where the server answers now, or None if it publishes no port."""
+
+    def prune_caches(self) -> list[str]:
+        """Remove what the runtime keeps to make servers faster (golden copies)
+        that no server stands on now, for every installation on the engine
+        (they share it); returns what went. The next server makes it again."""

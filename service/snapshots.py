@@ -14,12 +14,14 @@ import re
 import secrets
 from collections.abc import Collection
 
+import sqlalchemy.exc
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from .databases import Databases
-from .errors import Conflict, NotFound, QuotaExceeded
+from .errors import Conflict, NotFound, PortRangeExhausted, QuotaExceeded
 from .models import Database, Snapshot, SnapshotStatus, Status, utcnow
+from .ports import pick_port
 from .records import Records
 from .settings import Settings
 from .store import Store
@@ -170,16 +172,29 @@ class Snapshots:
                 f"snapshot {snapshot_id} is of version {snapshot.version}; database {database_id} "
                 f"runs {record.version}"
             )
-        changed = self.records.transition(
-            database_id, {Status.READY, Status.STOPPED}, actor=principal.actor, event="resetting",
-            details={"snapshot": snapshot.id}, status=Status.RESETTING,
-            source_snapshot_id=snapshot.id, seeded_at=None,
+        values = dict(
+            actor=principal.actor, event="resetting", details={"snapshot": snapshot.id}, status=Status.RESETTING,
+            source_snapshot_id=snapshot.id, seeded_at=None, last_error=None,
             # The server's superuser is the one inside the snapshot's data.
             admin_username=snapshot.admin_username, admin_password=snapshot.admin_password,
         )
+        if record.status == Status.LOST:
+            # Its port went with its data: one picked anew, as for a create.
+            try:
+                with self.store.transaction() as session:
+                    changed = self.records.transition(
+                        database_id, {Status.LOST}, session=session,
+                        host_port=pick_port(session, self.settings.port_range), **values,
+                    )
+            except sqlalchemy.exc.IntegrityError:
+                raise PortRangeExhausted("another create took the port picked; try again") from None
+        else:
+            changed = self.records.transition(database_id, {Status.READY, Status.STOPPED}, **values)
         if changed is None:
             current = self.databases.get(principal, database_id)
-            raise Conflict(f"database {database_id} is {current.status.value}; only a ready or stopped one can be reset")
+            raise Conflict(
+                f"database {database_id} is {current.status.value}; only a ready, stopped or lost one can be reset"
+            )
         log.info("database %s: reset to snapshot %s requested", database_id, snapshot.id)
         return changed
 

@@ -375,6 +375,11 @@ class SwarmRuntime:
             return "(logs unavailable)"
         return raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
 
+    def prune_caches(self) -> list[str]:
+        # The manager's engine: each node keeps golden copies of its own, and
+        # `dbprov images prune` against a node's engine (DOCKER_HOST) prunes there.
+        return self._engine.prune_caches()
+
     def endpoint(self, database_id: str) -> Endpoint | None:
         with _translated():
             service = self._service(container_name(database_id))

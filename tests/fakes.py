@@ -185,6 +185,10 @@ class FakeRuntime:
         self.data[target_id] = self.data[source_id]
         return len(self.data[target_id])
 
+    def prune_caches(self) -> list[str]:
+        self._check("prune_caches")
+        return []
+
     def endpoint(self, database_id: str) -> Endpoint | None:
         self._check("endpoint")
         server = self.servers.get(database_id)

@@ -239,7 +239,7 @@ def test_credentials_of_unknown_id_are_404(client):
 
 
 def test_bad_query_is_422(client):
-    problem = assert_problem(client.get("/databases?page=0&status=lost"), 422, "validation-error")
+    problem = assert_problem(client.get("/databases?page=0&status=vanished"), 422, "validation-error")
     assert set(problem["errors"]["query"]) == {"page", "status"}
 
 

@@ -181,6 +181,52 @@ def test_a_failed_database_that_never_held_data_cannot_be_started(client, servic
     assert "before it held any data" in problem["detail"]
 
 
+def test_data_removed_behind_the_services_back_is_lost_never_an_empty_ready_database(
+    client, services, reconciler, runtime
+):
+    created = client.post("/databases", json={}, headers=ASYNC).get_json()
+    reconciler.run_once(wait=True)
+    runtime.data[created["id"]] = "orders"
+    snapshot = client.post(f"/databases/{created['id']}/snapshots", headers=ASYNC).get_json()
+    reconciler.run_once(wait=True)
+    client.post(f"/databases/{created['id']}/stop")
+    reconciler.run_once(wait=True)
+    # `docker system prune --volumes`: a stopped container and its volume go.
+    del runtime.servers[created["id"]], runtime.data[created["id"]]
+    client.post(f"/databases/{created['id']}/start", headers=ASYNC)
+    reconciler.run_once(wait=True)
+    lost = client.get(f"/databases/{created['id']}").get_json()
+    assert lost["status"] == "lost" and "is gone" in lost["last_error"] and "reset" in lost["last_error"]
+    assert created["id"] not in runtime.servers and created["id"] not in runtime.data
+    assert kinds(client, created["id"])[-2:] == ["starting", "lost"]
+    # The way back: a reset to its snapshot.
+    back = client.post(f"/databases/{created['id']}/reset", json={"snapshot": snapshot["id"]}, headers=ASYNC)
+    assert back.status_code == 202, back.get_json()
+    reconciler.run_once(wait=True)
+    assert client.get(f"/databases/{created['id']}").get_json()["status"] == "ready"
+    assert runtime.data[created["id"]] == "orders"
+
+
+def test_a_running_database_whose_server_and_data_vanish_is_lost(client, services, reconciler, runtime):
+    created = client.post("/databases", json={}, headers=ASYNC).get_json()
+    reconciler.run_once(wait=True)
+    del runtime.servers[created["id"]], runtime.data[created["id"]]
+    reconciler.run_once(wait=True)
+    reconciler.run_once(wait=True)
+    assert client.get(f"/databases/{created['id']}").get_json()["status"] == "lost"
+    assert created["id"] not in runtime.servers
+    # Only its server gone, its data kept: made anew on that data.
+    other = client.post("/databases", json={}, headers=ASYNC).get_json()
+    reconciler.run_once(wait=True)
+    runtime.data[other["id"]] = "kept"
+    del runtime.servers[other["id"]]
+    for _ in range(3):
+        reconciler.run_once(wait=True)
+    assert client.get(f"/databases/{other['id']}").get_json()["status"] == "ready"
+    assert runtime.data[other["id"]] == "kept"
+    assert client.delete(f"/databases/{created['id']}").status_code == 202
+
+
 def test_start_waits_until_ready_like_a_create(client, running):
     created = client.post("/databases", json={}).get_json()
     client.post(f"/databases/{created['id']}/stop")

@@ -44,6 +44,7 @@ PROBLEMS: dict[type[DbprovError], tuple[int, str, str]] = {
     errors.EngineRefused: (502, "docker-refused", "Docker engine refused"),
     errors.ServerFailed: (502, "server-failed", "Database server failed"),
     errors.JobTimedOut: (504, "job-timed-out", "Timed out"),
+    errors.DataLost: (410, "data-lost", "Data lost"),
     errors.NotSupported: (501, "not-supported", "Not supported by this runtime"),
     errors.ProvisioningFailed: (502, "provisioning-failed", "Provisioning failed"),
     errors.DatabaseServerError: (502, "database-server-error", "Database server error"),

@@ -16,7 +16,7 @@ from flask_smorest import Blueprint
 from marshmallow import RAISE
 from werkzeug.exceptions import UnsupportedMediaType
 
-from ..errors import DbprovError, Forbidden, ProvisioningFailed, ValidationError
+from ..errors import DataLost, DbprovError, Forbidden, ProvisioningFailed, ValidationError
 from ..models import COMING_UP, Database, Status
 from ..databases import LISTED, Credentials, Idempotency
 from ..tenancy import LOCAL_ADMIN, Principal
@@ -180,6 +180,8 @@ def _settled_answer(record: Database, success: int):
             f"database {record.id} did not become ready: {record.last_error}",
             database_id=record.id,
         )
+    if record.status == Status.LOST:
+        raise DataLost(f"database {record.id} is lost: {record.last_error}", database_id=record.id)
     return 202 if record.status in COMING_UP else success
 
 
@@ -381,6 +383,8 @@ class DatabaseStart(MethodView):
     @databases.alt_response(404, response="NOT_FOUND")
     @databases.alt_response(409, response="CONFLICT",
                             description="The database is neither stopped nor failed with its data kept")
+    @databases.alt_response(410, response="GONE",
+                            description="Its data was removed outside dbprov: the database is lost (type ...:data-lost)")
     @databases.alt_response(502, response="BAD_GATEWAY", description="The server did not come back")
     @databases.alt_response(503, response="SERVICE_UNAVAILABLE",
                             description="A failed database's new port: none is free; see Retry-After")

@@ -17,6 +17,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.crypto import generate_key
+from service.docker_runtime import DockerRuntime
 from service.runtime import ABSENT, LABEL_INSTANCE, STOPPED
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +46,13 @@ def docker_client():
     # The tenant network outlives its databases by design; the test run's goes now.
     for network in client.networks.list(filters={"label": f"{LABEL_INSTANCE}={INSTANCE}"}):
         network.remove()
+    # Golden copies belong to no installation: what no server stands on goes,
+    # as `dbprov images prune` does it; not while other xdist workers make servers.
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        DockerRuntime(
+            instance=INSTANCE, network=f"dbprov-{INSTANCE}", bind_address="127.0.0.1", probe_host="127.0.0.1",
+            client=client,
+        ).prune_caches()
     client.close()
 
 

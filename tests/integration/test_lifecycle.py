@@ -219,6 +219,23 @@ def test_protected_database_refuses_delete_and_expiry_until_unprotected(service,
 # -- stop and start -----------------------------------------------------------
 
 
+def test_a_stopped_database_pruned_behind_the_services_back_is_lost_not_empty(service, docker_client):
+    created = service.request("POST", "/databases", json={}).json()
+    with psycopg.connect(created["connection_uri"]) as conn:
+        conn.execute("CREATE TABLE kept AS SELECT 7 AS n")
+    service.request("POST", f"/databases/{created['id']}/stop")
+    service.wait_for_status(created["id"], "stopped")
+    # What `docker system prune --volumes` does to a stopped container and its volumes.
+    docker_client.containers.get(f"dbprov-{created['id']}").remove()
+    for volume in docker_client.volumes.list(filters={"name": f"dbprov-{created['id']}-"}):
+        volume.remove()
+    started = service.request("POST", f"/databases/{created['id']}/start")
+    assert started.status_code == 410 and started.json()["type"] == "urn:dbprov:problem:data-lost", started.text
+    lost = service.request("GET", f"/databases/{created['id']}").json()
+    assert "is gone" in lost["last_error"] and lost["port"] is None
+    assert not docker_client.containers.list(all=True, filters={"name": f"dbprov-{created['id']}"})
+
+
 def test_stopped_database_frees_its_server_and_starts_again_with_its_data(service, docker_client):
     created = create(service)
     uri = connection_uri(service, created["id"])

@@ -14,7 +14,7 @@ import pytest
 
 from service import docker_runtime
 from service.docker_runtime import GOLDEN_REPOSITORY, LABEL_GOLDEN_BASE, LABEL_GOLDEN_OF, DockerRuntime
-from service.errors import ImageMissing, PortInUse, ServerFailed
+from service.errors import ImageMissing, PortInUse, ServerFailed, TransientError
 from service.runtime import ABSENT, RUNNING, ServerSpec
 
 from .conftest import (
@@ -206,7 +206,10 @@ def own_superuser(runtime, docker_client, name: str) -> tuple[ServerSpec, str, s
 
 
 def remove_golden(docker_client, key: str) -> None:
-    docker_client.images.remove(f"{GOLDEN_REPOSITORY}:{key}", force=True)
+    try:
+        docker_client.images.remove(f"{GOLDEN_REPOSITORY}:{key}", force=True)
+    except docker.errors.ImageNotFound:
+        pass  # pruned by the test
     for volume in docker_client.volumes.list(filters={"name": f"{GOLDEN_REPOSITORY}-{key}"}):
         volume.remove(force=True)
 
@@ -275,6 +278,105 @@ def test_a_golden_volume_removed_behind_its_back_is_never_mounted_by_name_and_is
         third = dataclasses.replace(third, environment=spec.environment)
         connect_when_up(runtime.ensure_server(third), user=user).close()
         assert golden_volume(docker_client, third_id) == lower
+    finally:
+        for made in runtime.made:
+            runtime.remove_server(made)
+        remove_golden(docker_client, key)
+
+
+def test_a_golden_volume_that_goes_while_a_server_is_made_costs_a_retry_not_the_create(
+    docker_client, monkeypatch
+):
+    """Removed between the look and the container's create, the engine makes an
+    empty volume of its name for the mount: that server would have no data."""
+    runtime = DockerRuntime(
+        instance=INSTANCE, network=f"dbprov-{INSTANCE}", bind_address="127.0.0.1", probe_host="127.0.0.1",
+    )
+    runtime.made = []
+    spec, database_id, key = own_superuser(runtime, docker_client, "racing")
+    user = spec.environment["POSTGRES_USER"]
+    make_overlay = runtime._make_overlay
+
+    def and_gone(name, labels, lower, lower_path):
+        make_overlay(name, labels, lower, lower_path)
+        docker_client.volumes.get(lower).remove()
+
+    try:
+        first, first_id = new_server(runtime)
+        first = dataclasses.replace(first, environment=spec.environment)
+        connect_when_up(runtime.ensure_server(first), user=user).close()  # the golden copy is made
+        lower = golden_volume(docker_client, first_id)
+        runtime.remove_server(first_id)
+        monkeypatch.setattr(runtime, "_make_overlay", and_gone)
+        with pytest.raises(TransientError, match=f"golden volume {lower} went"):
+            runtime.ensure_server(spec)
+        # Nothing half-made is left: no server, no data, no empty volume of the golden name.
+        assert runtime.inspect_server(database_id) is None
+        assert not docker_client.volumes.list(filters={"name": lower})
+        monkeypatch.undo()
+        # Tried again (the reconciler's retry), it stands on a golden volume made anew.
+        runtime._golden_refill.clear()
+        with connect_when_up(runtime.ensure_server(spec), user=user) as conn:
+            assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone() == (0,)
+        assert golden_volume(docker_client, database_id) == lower
+    finally:
+        for made in runtime.made:
+            runtime.remove_server(made)
+        remove_golden(docker_client, key)
+
+
+def test_golden_copies_are_shared_and_pruned_once_no_server_stands_on_them(docker_client):
+    runtime = DockerRuntime(
+        instance=INSTANCE, network=f"dbprov-{INSTANCE}", bind_address="127.0.0.1", probe_host="127.0.0.1",
+        client=docker_client,
+    )
+    other = DockerRuntime(
+        instance=f"{INSTANCE}-other", network=f"dbprov-{INSTANCE}", bind_address="127.0.0.1",
+        probe_host="127.0.0.1", client=docker_client,
+    )
+    runtime.made, other.made = [], []
+    spec, database_id, key = own_superuser(runtime, docker_client, "shared")
+    try:
+        runtime.ensure_server(spec)
+        mine = golden_volume(docker_client, database_id)
+        theirs, theirs_id = new_server(other)
+        other.ensure_server(dataclasses.replace(theirs, environment=spec.environment))
+        # Another installation on the engine stands on the same golden copy.
+        assert golden_volume(docker_client, theirs_id) == mine
+        assert f"{GOLDEN_REPOSITORY}:{key}" not in " ".join(runtime.prune_caches())
+        assert docker_client.volumes.get(mine)
+        for made, owner in ((database_id, runtime), (theirs_id, other)):
+            owner.remove_server(made)
+        removed = runtime.prune_caches()
+        assert f"{GOLDEN_REPOSITORY}:{key}" in removed and mine in removed
+        assert not docker_client.images.list(name=f"{GOLDEN_REPOSITORY}:{key}")
+    finally:
+        for owner in (runtime, other):
+            for made in owner.made:
+                owner.remove_server(made)
+        remove_golden(docker_client, key)
+
+
+def test_a_server_never_runs_initdb_on_a_golden_volume_with_no_data(docker_client):
+    runtime = DockerRuntime(
+        instance=INSTANCE, network=f"dbprov-{INSTANCE}", bind_address="127.0.0.1", probe_host="127.0.0.1",
+    )
+    runtime.made = []
+    spec, database_id, key = own_superuser(runtime, docker_client, "emptied")
+    try:
+        runtime.ensure_server(spec)
+        runtime.stop_server(database_id)
+        # The golden files gone from under the overlay (as an emptied volume would be).
+        lower = golden_volume(docker_client, database_id)
+        docker_client.containers.run(
+            "postgres:17", ["sh", "-c", "rm -rf /lower/data"], remove=True, user="root",
+            volumes={lower: {"bind": "/lower", "mode": "rw"}},
+        )
+        docker_client.api.start(f"dbprov-{database_id}")
+        wait_until(lambda: runtime.inspect_server(database_id).state != RUNNING, timeout=30,
+                   what="the server to refuse")
+        logs = runtime.server_logs(database_id)
+        assert "no data directory under this server" in logs and "initdb" not in logs
     finally:
         for made in runtime.made:
             runtime.remove_server(made)

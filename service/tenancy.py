@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 import logging
+import math
 import re
 import secrets
 import time

@@ -478,4 +478,6 @@ def test_what_the_openapi_document_allows_the_api_answers_as_documented(client, 
     spec = client.get("/openapi.json").get_json()
     create = spec["paths"]["/databases"]["post"]
     assert "423" in create["responses"]
-    assert "ttl together with expires_at" in spec["components"]["schemas"]["DatabaseCreate"]["description"]
+    create_body = spec["components"]["schemas"]["DatabaseCreate"]
+    assert "Not together with expires_at" in create_body["properties"]["ttl"]["description"]
+    assert create_body["additionalProperties"] is False

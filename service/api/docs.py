@@ -16,6 +16,8 @@ import re
 from flask import Flask, Response, abort, request, send_from_directory
 from swagger_ui_bundle import swagger_ui_path
 
+from ..ui.security import content_security_policy
+
 URL = "/docs/static/"
 # What flask-smorest's page loads. Not the rest of the bundle: its example
 # page fetches a document from another host.
@@ -26,17 +28,6 @@ FILES = frozenset({"swagger-ui.css", "swagger-ui-bundle.js", "swagger-ui-standal
 CONFIG = {"validatorUrl": None}
 _PAGE = "api-docs.openapi_swagger_ui"
 _INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
-_POLICY = "; ".join([
-    "default-src 'self'",
-    "script-src 'self' {scripts}",
-    "style-src 'self'",
-    "img-src 'self' data:",
-    "connect-src 'self'",
-    "form-action 'self'",
-    "frame-ancestors 'none'",
-    "base-uri 'none'",
-    "object-src 'none'",
-])
 
 
 def init_app(app: Flask) -> None:
@@ -53,6 +44,6 @@ def init_app(app: Flask) -> None:
                 f"'sha256-{base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()}'"
                 for script in _INLINE_SCRIPT.findall(response.get_data(as_text=True))
             )
-            response.headers["Content-Security-Policy"] = _POLICY.format(scripts=scripts)
+            response.headers["Content-Security-Policy"] = content_security_policy(scripts)
             response.headers["X-Content-Type-Options"] = "nosniff"
         return response

@@ -31,7 +31,8 @@ _VERSION = dict(
     validate=validate.Regexp(r"^[0-9]{1,3}$", error="Must be a PostgreSQL major version."),
     metadata={
         "description": "PostgreSQL major version; the default is the service's "
-        "DBPROV_DEFAULT_VERSION. Unsupported versions are rejected with the supported list.",
+        "DBPROV_DEFAULT_VERSION. One the service does not offer (GET /readyz lists them) is "
+        "refused with 422 naming the supported ones.",
         "example": "17",
     },
 )
@@ -49,12 +50,14 @@ _TTL = dict(
     validate=validate.Range(min=1, max=10 * 365 * 86400),
     metadata={
         "description": "Seconds from now until the database is deleted by itself; renew it "
-        "with PATCH. At most DBPROV_MAX_TTL when the service sets one.",
+        "with PATCH. At most DBPROV_MAX_TTL when the service sets one. Not together with "
+        "expires_at (422).",
         "example": 3600,
     },
 )
 _EXPIRES_AT = dict(
-    metadata={"description": "When the database is deleted by itself (RFC 3339, with offset)"},
+    metadata={"description": "When the database is deleted by itself (RFC 3339, with offset). "
+                             "Not together with ttl (422)."},
 )
 _PROTECTED = dict(
     metadata={"description": "Refuse DELETE and expiry (409) while true"},
@@ -62,15 +65,9 @@ _PROTECTED = dict(
 
 
 class DatabaseCreateSchema(ma.Schema):
-    """What a create may ask for."""
-
-    class Meta:
-        # In the document: rules across fields that JSON Schema would say only clumsily.
-        description = (
-            "Beyond each property's own rules, refused with 422: ttl together with expires_at; more "
-            "than one source (from_snapshot, from_database, template); a version the service does "
-            "not offer (GET /readyz lists them)."
-        )
+    """What a create may ask for. Rules across fields are said in the fields'
+    descriptions: a Meta description would drop the document's
+    ``additionalProperties: false`` (apispec writes one or the other)."""
 
     name = fields.String(
         validate=validate.Regexp(NAME_PATTERN, error="Must match {regex}."),
@@ -114,28 +111,28 @@ class DatabaseCreateSchema(ma.Schema):
         },
     )
     from_snapshot = fields.String(
-        metadata={"description": "A ready snapshot of the tenant's whose data the new database starts with"},
+        metadata={"description": "A ready snapshot of the tenant's whose data the new database starts "
+                                 "with. One source at most: with from_database or template, 422."},
         **_SOURCE_ID,
     )
     from_database = fields.String(
         metadata={
             "description": "One of the tenant's databases: a snapshot of it is taken first (listed "
             "under /snapshots; the clone's own, counted against no quota and deleted with the clone) "
-            "and the new database starts with its data"
+            "and the new database starts with its data. One source at most: with from_snapshot or "
+            "template, 422."
         },
         **_SOURCE_ID,
     )
     template = fields.String(
         validate=validate.Regexp(r"^[A-Za-z0-9._:-]{1,255}$", error="Must be a template key."),
-        metadata={"description": "The key of a ready template: a clone of it, from its warm pool if it has one"},
+        metadata={"description": "The key of a ready template: a clone of it, from its warm pool if it has "
+                                 "one. One source at most: with from_snapshot or from_database, 422."},
     )
 
 
 class DatabaseUpdateSchema(ma.Schema):
     """What PATCH may change: the expiry (renew it, or remove it with expires_at null) and protection."""
-
-    class Meta:
-        description = "ttl together with expires_at is refused with 422."
 
     ttl = fields.Integer(strict=True, **_TTL)
     expires_at = AwareDateTime(allow_none=True, **_EXPIRES_AT)
@@ -336,9 +333,6 @@ class ResetSchema(ma.Schema):
 
 
 class TemplateCreateSchema(ma.Schema):
-    class Meta:
-        description = "A version the service does not offer (GET /readyz lists them) is refused with 422."
-
     key = fields.String(
         required=True,
         validate=validate.Regexp(r"^[A-Za-z0-9._:-]{1,255}$", error="Must be 1 to 255 of A-Z a-z 0-9 . _ : -"),

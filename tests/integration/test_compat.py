@@ -4,6 +4,7 @@ the README's "Works with" table."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -24,18 +25,23 @@ TOOLS_IMAGE = "postgres:17"
 
 
 @pytest.fixture
-def new(service, tmp_path):
-    """`dbprov new --wait` as a shell user runs it: the URI it prints."""
+def dbprov(service, tmp_path):
+    """The `dbprov` command as a shell user runs it against the service: its output."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DBPROV_")}
     env.update(DBPROV_URL=service.url, XDG_CONFIG_HOME=str(tmp_path / "config"))
 
-    def make(*args: str) -> str:
-        made = subprocess.run([DBPROV, "new", "--wait", *args], env=env, capture_output=True,
-                              text=True, timeout=180)
-        assert made.returncode == 0, made.stderr
-        return made.stdout.splitlines()[-1]
+    def command(*args: str) -> str:
+        done = subprocess.run([DBPROV, *args], env=env, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
 
-    return make
+    return command
+
+
+@pytest.fixture
+def new(dbprov):
+    """`dbprov new --wait`: the URI it prints."""
+    return lambda *args: dbprov("new", "--wait", *args).splitlines()[-1]
 
 
 def run(command: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
@@ -123,19 +129,30 @@ def test_psql_lists_databases_and_roles(new):
     assert "app" in roles and "Create DB" in roles
 
 
-@pytest.mark.skipif(not shutil.which("npm"), reason="Node.js and npm are not on this machine")
-def test_nodes_pg_connects_with_the_uri_as_printed(new, tmp_path):
+@pytest.mark.skipif(not shutil.which("npm") and not os.environ.get("CI"), reason="no Node.js here")
+def test_nodes_pg_connects_with_the_uri_as_printed(new, dbprov, tmp_path):
     uri = new()
     package = tmp_path / "node"
     package.mkdir()
+    ca = tmp_path / "ca.pem"
+    ca.write_text(dbprov("ca"))
     run(["npm", "install", "--no-audit", "--no-fund", "--silent", "pg@8"], cwd=package, timeout=300)
     (package / "check.js").write_text(
         "const { Client } = require('pg');\n"
-        "const client = new Client({ connectionString: process.argv[2] });\n"
-        "client.connect()\n"
-        "  .then(() => client.query('SELECT current_user AS who, 40 + 2 AS answer'))\n"
-        "  .then((result) => { console.log(JSON.stringify(result.rows[0])); return client.end(); })\n"
-        "  .catch((error) => { console.error(error.message); process.exit(1); });\n"
+        "(async () => {\n"
+        "  for (const connectionString of process.argv.slice(2)) {\n"
+        "    const client = new Client({ connectionString });\n"
+        "    await client.connect();\n"
+        "    const { rows } = await client.query(\n"
+        "      'SELECT current_user AS who, ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()');\n"
+        "    console.log(JSON.stringify(rows[0]));\n"
+        "    await client.end();\n"
+        "  }\n"
+        "})().catch((error) => { console.error(error.message); process.exit(1); });\n"
     )
-    result = run(["node", "check.js", uri], cwd=package)
-    assert result.stdout.strip() == '{"who":"app","answer":42}'
+    verified = f"{uri}?sslmode=verify-full&sslrootcert={ca}"
+    result = run(["node", "check.js", uri, verified], cwd=package)
+    plain, checked = result.stdout.strip().splitlines()
+    assert json.loads(plain)["who"] == "app"
+    # verify-full: the server's certificate, for the host the URI names, signed by the service's CA.
+    assert json.loads(checked) == {"who": "app", "ssl": True}

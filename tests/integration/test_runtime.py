@@ -196,6 +196,16 @@ def golden_volume(docker_client, database_id: str) -> str:
     return docker_client.volumes.get(f"dbprov-{database_id}-data").attrs["Labels"]["io.dbprov.lower"]
 
 
+def own_runtime(instance: str = INSTANCE, **options) -> DockerRuntime:
+    """A runtime of the test's own, for tests that watch its golden copies."""
+    runtime = DockerRuntime(
+        instance=instance, network=f"dbprov-{INSTANCE}", bind_address="127.0.0.1", probe_host="127.0.0.1",
+        **options,
+    )
+    runtime.made = []
+    return runtime
+
+
 def own_superuser(runtime, docker_client, name: str) -> tuple[ServerSpec, str, str]:
     """A server whose superuser is of its own, so its golden copy is made here; the key."""
     spec, database_id = new_server(runtime)
@@ -247,10 +257,7 @@ def test_an_overlay_shares_the_golden_files_which_stay_while_a_server_stands_on_
 
 
 def test_a_golden_volume_removed_behind_its_back_is_never_mounted_by_name_and_is_made_again(docker_client):
-    runtime = DockerRuntime(
-        instance=INSTANCE, network=f"dbprov-{INSTANCE}", bind_address="127.0.0.1", probe_host="127.0.0.1",
-    )
-    runtime.made = []
+    runtime = own_runtime()
     spec, database_id, key = own_superuser(runtime, docker_client, "gone")
     user = spec.environment["POSTGRES_USER"]
     try:
@@ -289,10 +296,7 @@ def test_a_golden_volume_that_goes_while_a_server_is_made_costs_a_retry_not_the_
 ):
     """Removed between the look and the container's create, the engine makes an
     empty volume of its name for the mount: that server would have no data."""
-    runtime = DockerRuntime(
-        instance=INSTANCE, network=f"dbprov-{INSTANCE}", bind_address="127.0.0.1", probe_host="127.0.0.1",
-    )
-    runtime.made = []
+    runtime = own_runtime()
     spec, database_id, key = own_superuser(runtime, docker_client, "racing")
     user = spec.environment["POSTGRES_USER"]
     make_overlay = runtime._make_overlay
@@ -326,15 +330,8 @@ def test_a_golden_volume_that_goes_while_a_server_is_made_costs_a_retry_not_the_
 
 
 def test_golden_copies_are_shared_and_pruned_once_no_server_stands_on_them(docker_client):
-    runtime = DockerRuntime(
-        instance=INSTANCE, network=f"dbprov-{INSTANCE}", bind_address="127.0.0.1", probe_host="127.0.0.1",
-        client=docker_client,
-    )
-    other = DockerRuntime(
-        instance=f"{INSTANCE}-other", network=f"dbprov-{INSTANCE}", bind_address="127.0.0.1",
-        probe_host="127.0.0.1", client=docker_client,
-    )
-    runtime.made, other.made = [], []
+    runtime = own_runtime(client=docker_client)
+    other = own_runtime(f"{INSTANCE}-other", client=docker_client)
     spec, database_id, key = own_superuser(runtime, docker_client, "shared")
     try:
         runtime.ensure_server(spec)
@@ -358,10 +355,7 @@ def test_golden_copies_are_shared_and_pruned_once_no_server_stands_on_them(docke
 
 
 def test_a_server_never_runs_initdb_on_a_golden_volume_with_no_data(docker_client):
-    runtime = DockerRuntime(
-        instance=INSTANCE, network=f"dbprov-{INSTANCE}", bind_address="127.0.0.1", probe_host="127.0.0.1",
-    )
-    runtime.made = []
+    runtime = own_runtime()
     spec, database_id, key = own_superuser(runtime, docker_client, "emptied")
     try:
         runtime.ensure_server(spec)

@@ -20,13 +20,6 @@ class StrictBoolean(fields.Boolean):
         return value
 
 
-class StrictQueryBoolean(fields.Boolean):
-    """A query flag: true or false (or 1 and 0), nothing guessed from other words."""
-
-    truthy = {"true", "1"}
-    falsy = {"false", "0"}
-
-
 _VERSION = dict(
     validate=validate.Regexp(r"^[0-9]{1,3}$", error="Must be a PostgreSQL major version."),
     metadata={
@@ -265,16 +258,6 @@ _INNER_DATABASE = dict(
 
 class DumpQuerySchema(ma.Schema):
     database = fields.String(**_INNER_DATABASE)
-    globals = StrictQueryBoolean(
-        load_default=False,
-        metadata={"description": "The server's roles and their settings as SQL (pg_dumpall "
-                                 "--globals-only, without passwords) instead of a database's archive"},
-    )
-
-    @ma.validates_schema
-    def _one_of(self, data, **kwargs):
-        if data.get("globals") and data.get("database"):
-            raise ma.ValidationError("Name a database or ask for the globals, not both.", "globals")
 
 
 class RestoreQuerySchema(ma.Schema):

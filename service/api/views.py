@@ -571,7 +571,7 @@ class DatabaseDump(MethodView):
     # of the tenant's DBPROV_TENANT_TRANSFERS.
     @_guarded(data, costly=True)
     @data.response(200, {"type": "string", "format": "binary"}, content_type="application/octet-stream",
-                   description="A pg_dump custom-format archive; with globals=true, SQL (application/sql)")
+                   description="A pg_dump custom-format archive")
     @data.alt_response(404, response="NOT_FOUND", description="No such database, or none of that name inside it")
     @data.alt_response(409, response="CONFLICT", description="The database is not ready")
     @data.alt_response(422, response="UNPROCESSABLE_ENTITY")
@@ -580,14 +580,27 @@ class DatabaseDump(MethodView):
     @data.alt_response(502, response="BAD_GATEWAY", description="The server did not list its databases")
     def get(self, query, database_id):
         """Stream a pg_dump archive (custom format) of a database of the server, made beside it"""
-        chunks = _services().dumps.dump(_principal(), database_id, query.get("database"), query["globals"])
-        if query["globals"]:
-            return Response(chunks, mimetype="application/sql")
         name = query.get("database")
+        chunks = _services().dumps.dump(_principal(), database_id, name)
         return Response(
             chunks, mimetype="application/octet-stream",
             headers={"Content-Disposition": f'attachment; filename="{database_id}{"-" + name if name else ""}.dump"'},
         )
+
+
+@data.route("/databases/<string:database_id>/globals")
+class DatabaseGlobals(MethodView):
+    # Like a dump: a job beside the server, one of the tenant's DBPROV_TENANT_TRANSFERS.
+    @_guarded(data, costly=True)
+    @data.response(200, {"type": "string"}, content_type="application/sql",
+                   description="pg_dumpall --globals-only --no-role-passwords, as the tenant")
+    @data.alt_response(404, response="NOT_FOUND")
+    @data.alt_response(409, response="CONFLICT", description="The database is not ready")
+    @data.alt_response(429, response="TOO_MANY_REQUESTS",
+                       description="The tenant already runs DBPROV_TENANT_TRANSFERS dumps and restores")
+    def get(self, database_id):
+        """The server's roles and their settings as SQL, without passwords (the tenant cannot read them)"""
+        return Response(_services().dumps.dump(_principal(), database_id, globals_only=True), mimetype="application/sql")
 
 
 @data.route("/databases/<string:database_id>/contents")

@@ -362,10 +362,13 @@ def test_a_server_never_runs_initdb_on_a_golden_volume_with_no_data(docker_clien
         runtime.stop_server(database_id)
         # The golden files gone from under the overlay (as an emptied volume would be).
         lower = golden_volume(docker_client, database_id)
-        docker_client.containers.run(
-            "postgres:17", ["sh", "-c", "rm -rf /lower/data"], remove=True, user="root",
+        emptier = docker_client.containers.run(
+            "postgres:17", ["sh", "-c", "rm -rf /lower/data"], detach=True, user="root",
             volumes={lower: {"bind": "/lower", "mode": "rw"}},
         )
+        assert emptier.wait()["StatusCode"] == 0
+        # With the anonymous volume the image declares: remove=True would leave it behind.
+        emptier.remove(v=True)
         docker_client.api.start(f"dbprov-{database_id}")
         wait_until(lambda: runtime.inspect_server(database_id).state != RUNNING, timeout=30,
                    what="the server to refuse")

@@ -7,12 +7,15 @@
 """
 
 from .client import Client
+from .clones import Clone, Clones
 from .durations import parse_duration
 from .errors import Locked, NotFound, ProblemError, Refused, Unavailable, WaitTimeout
 from .models import Credentials, Database, DatabasePage, Event, Health, Plan, Quota, Snapshot, Template
 
 __all__ = [
     "Client",
+    "Clone",
+    "Clones",
     "Credentials",
     "Database",
     "DatabasePage",

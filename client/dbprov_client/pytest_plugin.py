@@ -5,13 +5,18 @@ the whole setup.
 
 - ``dbprov_database``: a fresh database for each test, deleted after it.
 - ``dbprov_database_session``: one database for the whole session (per xdist worker).
+- ``dbprov_db``: a database of its own for each test inside one server for
+  the session (per xdist worker): a clone of the server's migrated database,
+  taken from a queue that a background thread keeps filled; given back, it
+  is handed out again if nothing was written to it, dropped otherwise.
 - ``dbprov_client``: the session's :class:`dbprov_client.Client`.
 - ``dbprov_create_options``: what each create asks for (``{"version": "17"}``,
   a plan, extensions ...); override it in a conftest.py.
 - ``dbprov_template``: with ``--dbprov-migrations DIR`` (or the ini option
   ``dbprov_migrations``), the server template whose key is a hash of the
   folder's files, built once (by ``dbprov_template_build``) whichever process
-  asks first; every ``dbprov_database`` is then a clone of it.
+  asks first; every ``dbprov_database``, and ``dbprov_db``'s server, is then a
+  clone of it.
 - ``dbprov_template_build``: a callable given the template's connection URI;
   by default it runs the folder's ``*.sql`` files in name order with psycopg.
 
@@ -21,7 +26,9 @@ DBPROV_TOKEN, then what ``dbprov login`` stored) and ``--dbprov-ttl`` (default
 renews the leases of the databases the session holds every third of it: a test
 run that is killed leaves databases that the server deletes once their lease
 runs out. Under pytest-xdist each worker has its own databases, named
-``pytest-<run>-<worker>-<n>``.
+``pytest-<run>-<worker>-<n>``. ``--dbprov-db-ahead`` (default 4) and
+``--dbprov-db-backlog`` (default 128) tune ``dbprov_db``: the clones kept
+ready, and the written-to ones that may wait to be dropped.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import pytest
 
 if TYPE_CHECKING:
     from .client import Client
+    from .clones import Clone, Clones
     from .models import Database, Template
 
 log = logging.getLogger("dbprov_client.pytest")
@@ -60,11 +68,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--dbprov-template-pool", default=None, type=int, metavar="N",
                     help="warm clones the server keeps for the template (default 0; "
                          "ini: dbprov_template_pool)")
+    group.addoption("--dbprov-db-ahead", default=None, type=int, metavar="N",
+                    help="dbprov_db: clones kept ready in the session's server (default 4; ini: dbprov_db_ahead)")
+    group.addoption("--dbprov-db-backlog", default=None, type=int, metavar="N",
+                    help="dbprov_db: written-to clones that may wait to be dropped while clones are made "
+                         "(default 128; ini: dbprov_db_backlog)")
     parser.addini("dbprov_migrations", type="paths", default=[],
                   help="dbprov: a migrations folder whose hash names the template each test's database "
                        "is a clone of (relative to the ini file)")
     parser.addini("dbprov_template_pool", default="0",
                   help="dbprov: warm clones the server keeps for the template")
+    parser.addini("dbprov_db_ahead", default="4", help="dbprov_db: clones kept ready in the session's server")
+    parser.addini("dbprov_db_backlog", default="128",
+                  help="dbprov_db: written-to clones that may wait to be dropped while clones are made")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -111,6 +127,11 @@ def template_key(folder: Path, version: str | None = None) -> str:
     if version:
         digest.update(b"version:" + str(version).encode())
     return "sha256:" + digest.hexdigest()
+
+
+def _setting(config: pytest.Config, name: str) -> int:
+    given = config.getoption(name)
+    return int(config.getini(name) or 0) if given is None else given
 
 
 def run_sql_files(folder: Path, uri: str) -> None:
@@ -307,9 +328,7 @@ def dbprov_template(
     clones it at once."""
     if dbprov_migrations is None:
         return None
-    pool = pytestconfig.getoption("dbprov_template_pool")
-    if pool is None:
-        pool = int(pytestconfig.getini("dbprov_template_pool") or 0)
+    pool = _setting(pytestconfig, "dbprov_template_pool")
     version = dbprov_create_options.get("version")
     key = template_key(dbprov_migrations, version)
     return dbprov_client.template(key, version, build=dbprov_template_build, pool_size=pool)
@@ -338,3 +357,40 @@ def dbprov_database_session(
     database = dbprov_leases.create(_options(dbprov_create_options, dbprov_template))
     yield database
     dbprov_leases.release(database)
+
+
+@pytest.fixture(scope="session")
+def dbprov_db_clones(
+    dbprov_leases: Leases, dbprov_create_options: dict[str, Any], dbprov_template: "Template | None",
+    pytestconfig: pytest.Config,
+) -> Iterator["Clones"]:
+    """The session's server for ``dbprov_db`` (each xdist worker has its own),
+    a clone of the template when there is a migrations folder, and the clones
+    of its database made in it (``.server`` is its record). Nobody may connect
+    to the server's own database: it is the template of every clone."""
+    from .clones import Clones
+
+    server = dbprov_leases.create(_options(dbprov_create_options, dbprov_template))
+    try:
+        clones = Clones(server.connection_uri, ahead=_setting(pytestconfig, "dbprov_db_ahead"),
+                        backlog=_setting(pytestconfig, "dbprov_db_backlog"),
+                        prefix=dbprov_leases.prefix.replace("-", "_"), server=server)
+    except BaseException:
+        dbprov_leases.release(server)
+        raise
+    yield clones
+    clones.close()
+    dbprov_leases.release(server)
+
+
+@pytest.fixture
+def dbprov_db(dbprov_db_clones: "Clones") -> Iterator["Clone"]:
+    """A database of its own for this test (``.connection_uri``, ``.database``,
+    ``.host``, ``.port``, ``.username``, ``.password``, ``.server``) in the
+    session's server: a clone of the migrated database, ready before it is
+    asked for. Handed out again after the test if nothing was written to it,
+    dropped otherwise; the server, and whatever is left in it, is deleted at
+    the end of the session."""
+    clone = dbprov_db_clones.take()
+    yield clone
+    dbprov_db_clones.give_back(clone)

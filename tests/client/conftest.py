@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from dbprov_client import Client
@@ -33,3 +35,17 @@ def client(fake, isolated):
     client.sleep = client.waits.append
     yield client
     client.close()
+
+
+@pytest.fixture
+def backed(fake):
+    """The fake, each of whose databases is a real one on the PostgreSQL test
+    server (DBPROV_TEST_POSTGRES_URL): for what connects to them."""
+    from ..conftest import POSTGRES_URL
+
+    if not POSTGRES_URL:
+        if os.environ.get("CI"):
+            pytest.fail("DBPROV_TEST_POSTGRES_URL is not set: CI must test against PostgreSQL")
+        pytest.skip("DBPROV_TEST_POSTGRES_URL is not set")
+    fake.postgres = POSTGRES_URL.replace("postgresql+psycopg://", "postgresql://", 1)
+    return fake

@@ -11,7 +11,10 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+import psycopg
+from psycopg import sql
 
 
 @dataclass
@@ -49,6 +52,8 @@ class Record:
     data: bytes = b""
     source_snapshot_id: str | None = None
     template: str | None = None
+    #: Its real database, when the fake has a PostgreSQL server to make them on.
+    real_uri: str | None = None
 
     def settle(self) -> None:
         if self.status == "pending" and time.monotonic() >= self.ready_at:
@@ -71,7 +76,7 @@ class Record:
         return body
 
     def uri(self) -> str:
-        return f"postgresql://app:{self.password}@localhost:{self.port}/app"
+        return self.real_uri or f"postgresql://app:{self.password}@localhost:{self.port}/app"
 
 
 @dataclass
@@ -106,12 +111,16 @@ class FakeTemplate:
                 "created_at": self.created_at.isoformat(), "ready_at": None, "database": database}
 
 
-def problem(status: int, title: str, detail: str, slug: str = "error", **extra) -> dict:
-    return {"type": f"urn:dbprov:problem:{slug}", "title": title, "status": status, "detail": detail, **extra}
-
-
 # What GET /ca.pem answers: public, like /healthz.
 CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n"
+
+
+def real_name(record: Record) -> str:
+    return urlsplit(record.real_uri).path.lstrip("/")
+
+
+def problem(status: int, title: str, detail: str, slug: str = "error", **extra) -> dict:
+    return {"type": f"urn:dbprov:problem:{slug}", "title": title, "status": status, "detail": detail, **extra}
 
 
 class FakeDbprov:
@@ -125,6 +134,11 @@ class FakeDbprov:
         #: Seconds a database takes to become ready.
         self.provision_seconds = 0.0
         self.token: str | None = None
+        #: A PostgreSQL server (a superuser's URI) on which each database made
+        #: gets a real one, owned by one tenant role with CREATEDB, as dbprov's.
+        self.postgres: str | None = None
+        self._role: str | None = None
+        self._password = ""
         self.lock = threading.RLock()
         self._ports = iter(range(40000, 50000))
         fake = self
@@ -150,6 +164,13 @@ class FakeDbprov:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+        if self._role is not None:
+            with self._admin() as conn:
+                owned = conn.execute("SELECT datname FROM pg_database WHERE datdba = %s::regrole",
+                                     (self._role,)).fetchall()
+                for (name,) in owned:
+                    conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+                conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(self._role)))
 
     def fail(self, method: str, path: str, status: int, body: dict | None = None,
              headers: dict[str, str] | None = None, times: int = 1) -> None:
@@ -235,6 +256,10 @@ class FakeDbprov:
             return 200, record.body(), None
         if rest == "" and method == "DELETE":
             record.status = "deleted"
+            if record.real_uri and not any(s.database_id == record.id for s in self.snapshots.values()):
+                with self._admin() as conn:
+                    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                        sql.Identifier(real_name(record))))
             return 202, record.body(), None
         if rest == "/credentials":
             return 200, self.credentials(record), None
@@ -304,6 +329,7 @@ class FakeDbprov:
                 if template is None:
                     record = Record(secrets.token_hex(6), None, seen.body.get("version", "17"), next(self._ports),
                                     secrets.token_hex(8), time.monotonic(), status="ready")
+                    self.materialize(record)
                     self.databases[record.id] = record
                     template = FakeTemplate(secrets.token_hex(6), key, record.version, record.id)
                     self.templates[key] = template
@@ -330,6 +356,28 @@ class FakeDbprov:
             del self.templates[template.key]
             return 202, template.body(), None
         return 200, template.body(), None
+
+    def materialize(self, record: Record, source: FakeSnapshot | None = None) -> None:
+        """With ``postgres`` set, a real database for ``record``: a copy of its source's, if it has one."""
+        if self.postgres is None:
+            return
+        with self._admin() as conn:
+            if self._role is None:
+                self._role, self._password = f"fake_{secrets.token_hex(4)}", secrets.token_hex(8)
+                conn.execute(sql.SQL("CREATE ROLE {} LOGIN CREATEDB PASSWORD {}").format(
+                    sql.Identifier(self._role), sql.Literal(self._password)))
+            name = f"fake_{record.id}"
+            template = sql.SQL("")
+            if source is not None:
+                template = sql.SQL(" TEMPLATE {}").format(sql.Identifier(real_name(self.databases[source.database_id])))
+            conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}{}").format(
+                sql.Identifier(name), sql.Identifier(self._role), template))
+        parts = urlsplit(self.postgres)
+        record.real_uri = urlunsplit(("postgresql", f"{self._role}:{self._password}@{parts.hostname}:{parts.port}",
+                                      f"/{name}", "", ""))
+
+    def _admin(self):
+        return psycopg.connect(self.postgres, autocommit=True)
 
     def live(self) -> int:
         return sum(1 for r in self.databases.values() if r.status != "deleted")
@@ -377,6 +425,7 @@ class FakeDbprov:
                     self.snapshots[source.id] = source
                 if source is not None:
                     record.data, record.source_snapshot_id = source.data, source.id
+                self.materialize(record, source)
                 self.databases[record.id] = record
                 if key:
                     self.keys[key] = (canonical, record.id)

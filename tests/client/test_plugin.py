@@ -250,3 +250,80 @@ def test_the_default_build_runs_the_sql_files_in_name_order(tmp_path, monkeypatc
     monkeypatch.setitem(__import__("sys").modules, "psycopg", None)
     with pytest.raises(RuntimeError, match="psycopg, which is not installed"):
         pytest_plugin.run_sql_files(tmp_path, "postgresql://x")
+
+
+DB_SUITE = """
+    import time
+
+    import psycopg
+    import pytest
+
+    def handed(clone):
+        with open({names!r}, "a") as file:
+            file.write(clone.database + "\\n")
+
+    def labels(clone):
+        with psycopg.connect(clone.connection_uri) as conn:
+            return [row[0] for row in conn.execute("SELECT label FROM item ORDER BY id")]
+
+    def test_writes(dbprov_db):
+        handed(dbprov_db)
+        assert labels(dbprov_db) == ["a", "b"]
+        with psycopg.connect(dbprov_db.connection_uri) as conn:
+            conn.execute("INSERT INTO item (label) VALUES ('mine')")
+        assert labels(dbprov_db) == ["a", "b", "mine"]
+
+    @pytest.mark.parametrize("n", range(5))
+    def test_reads(dbprov_db, n):
+        handed(dbprov_db)
+        assert labels(dbprov_db) == ["a", "b"]  # not the other test's row
+
+    def test_the_written_one_is_dropped(dbprov_db):
+        written = open({names!r}).readline().strip()
+        deadline = time.monotonic() + 30
+        with psycopg.connect(dbprov_db.connection_uri, autocommit=True) as conn:
+            while conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (written,)).fetchone():
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    """
+
+
+def test_dbprov_db_hands_each_test_a_clone_of_the_migrated_database_in_one_server(run, backed, pytester):
+    from dbprov_client.pytest_plugin import template_key
+
+    migrations = pytester.mkdir("migrations")
+    (migrations / "001_item.sql").write_text("CREATE TABLE item (id serial PRIMARY KEY, label text);")
+    (migrations / "002_seed.sql").write_text("INSERT INTO item (label) VALUES ('a'), ('b');")
+    names = pytester.path / "names.txt"
+    result = run(DB_SUITE.format(names=str(names)), "--dbprov-migrations", "migrations", "--dbprov-db-ahead", "1")
+    result.assert_outcomes(passed=7)
+
+    handed = names.read_text().split()
+    written, reads = handed[0], handed[1:]
+    assert re.fullmatch(r"pytest_[0-9a-f]{6}_main_\d+", written)
+    assert written not in reads  # written to: dropped, never handed out again
+    assert len(set(reads)) < len(reads)  # read only: handed out again
+    (create,) = backed.requests_to("POST", "/databases")  # one server for the session
+    assert create.body["template"] == template_key(migrations)
+    assert [record.status for record in backed.databases.values() if record.name] == ["deleted"]
+
+
+def test_under_xdist_each_worker_has_a_server_for_dbprov_db(run, backed, pytester):
+    pytester.makeini("[pytest]\ndbprov_db_ahead = 2\ndbprov_db_backlog = 1\n")
+    result = run(
+        """
+        import psycopg
+        import pytest
+
+        @pytest.mark.parametrize("n", range(6))
+        def test_it(dbprov_db, n):
+            with psycopg.connect(dbprov_db.connection_uri) as conn:
+                assert conn.execute("SELECT to_regclass('t')").fetchone() == (None,)
+                conn.execute("CREATE TABLE t (id int)")
+        """,
+        "-p", "xdist", "-n", "2",
+    )
+    result.assert_outcomes(passed=6)
+    names = [c.body["name"] for c in backed.requests_to("POST", "/databases")]
+    assert sorted(re.fullmatch(r"pytest-[0-9a-f]{6}-(gw\d)-1", name)[1] for name in names) == ["gw0", "gw1"]
+    assert all(record.status == "deleted" for record in backed.databases.values())

@@ -264,6 +264,60 @@ def test_the_plugin_clones_a_template_of_the_migrations_folder(service, pytester
     assert template.key.startswith("sha256:") and template.status == "ready"
 
 
+def test_dbprov_db_clones_the_migrated_database_per_test_inside_one_server(service, pytester, monkeypatch):
+    migrations = pytester.mkdir("migrations")
+    (migrations / "001_item.sql").write_text("CREATE TABLE item (id serial PRIMARY KEY, label text);")
+    (migrations / "002_seed.sql").write_text("INSERT INTO item (label) VALUES ('a'), ('b');")
+    handed = pytester.path / "handed.txt"
+    pytester.makepyfile(test_suite=f"""
+        import time
+
+        import psycopg
+        import pytest
+
+        def labels(clone):
+            with open({str(handed)!r}, "a") as file:
+                file.write(f"{{clone.server.id}} {{clone.database}}\\n")
+            with psycopg.connect(clone.connection_uri, connect_timeout=5) as conn:
+                return [row[0] for row in conn.execute("SELECT label FROM item ORDER BY id")]
+
+        def test_writes(dbprov_db):
+            assert labels(dbprov_db) == ["a", "b"]
+            with psycopg.connect(dbprov_db.connection_uri, connect_timeout=5) as conn:
+                conn.execute("INSERT INTO item (label) VALUES ('mine')")
+                # The tenant's own: it made the clone.
+                assert conn.execute("SELECT pg_get_userbyid(datdba) = current_user FROM pg_database "
+                                    "WHERE datname = current_database()").fetchone() == (True,)
+
+        @pytest.mark.parametrize("n", range(4))
+        def test_reads(dbprov_db, n):
+            assert labels(dbprov_db) == ["a", "b"]  # the migrated schema, not the other test's row
+
+        def test_the_written_one_is_dropped(dbprov_db):
+            written = open({str(handed)!r}).readline().split()[1]
+            deadline = time.monotonic() + 30
+            with psycopg.connect(dbprov_db.connection_uri, autocommit=True, connect_timeout=5) as conn:
+                while conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (written,)).fetchone():
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+        """)
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.delenv("DBPROV_URL", raising=False)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-p", "dbprov_client.pytest_plugin", f"--dbprov-url={service.url}",
+        "--dbprov-migrations", "migrations", "--dbprov-db-ahead", "1", timeout=300,
+    )
+    result.assert_outcomes(passed=6)
+    lines = [line.split() for line in handed.read_text().splitlines()]
+    (server_id,) = {server for server, _ in lines}  # one server for the session
+    databases = [database for _, database in lines[:-1]]  # the last test's own is not counted
+    assert databases[0] not in databases[1:]  # written to: dropped
+    assert len(set(databases[1:])) < len(databases[1:])  # only read: handed out again
+    listing = service.request("GET", "/databases", params={"page_size": 500}).json()["items"]
+    assert [item["id"] for item in listing if (item["name"] or "").startswith("pytest-")] == [server_id]
+    service.wait_for_status(server_id, "deleted")  # and every database in it with it
+
+
 def test_a_dump_restored_into_a_new_database(service, shell, tmp_path):
     client = Client(service.url)
     source = client.create(ttl=600)

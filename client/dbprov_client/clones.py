@@ -1,0 +1,291 @@
+"""Databases for tests inside one PostgreSQL server, each a clone of a template
+database (``CREATE DATABASE ... TEMPLATE``), made ahead by a background thread
+so that handing one out is taking it from a queue, as IntegreSQL does.
+
+A database given back is checked by another thread: one nothing was written
+to is handed out again, one that was written to is dropped. Written to means,
+once every session of the database has ended (each ends by flushing its
+statistics: PostgreSQL 15 and later), that one of these changed since the
+database was handed out:
+
+- the rows inserted, updated and deleted in it, system catalogs included
+  (``pg_stat_database``): data, and every DDL statement; rolled back writes
+  count too;
+- its ``pg_database`` row, its settings (``ALTER DATABASE ... SET``) and its
+  comment, which live in the server's shared catalogs;
+- the blocks of its sequences read (``pg_statio_all_sequences``): a
+  ``nextval`` changes no row.
+
+Before PostgreSQL 15 statistics arrive late, so every database given back is
+dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+if TYPE_CHECKING:
+    from .models import Database
+
+log = logging.getLogger("dbprov_client.clones")
+
+# The database's own counters and the shared catalogs' rows about it.
+_STATE = """
+SELECT s.tup_inserted + s.tup_updated + s.tup_deleted, d.xmin::text,
+       (SELECT pg_catalog.array_agg(r.setconfig::text ORDER BY r.setrole)
+          FROM pg_catalog.pg_db_role_setting r WHERE r.setdatabase = d.oid),
+       pg_catalog.shobj_description(d.oid, 'pg_database')
+FROM pg_catalog.pg_database d JOIN pg_catalog.pg_stat_database s ON s.datid = d.oid
+WHERE d.datname = %s
+"""
+# Read inside the database itself: sequences' statistics are per database.
+_SEQUENCES = "SELECT coalesce(sum(blks_read + blks_hit), 0) FROM pg_catalog.pg_statio_all_sequences"
+# The tenant may end only its own sessions; autovacuum's end with a drop.
+_END_SESSIONS = """
+SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity
+WHERE datname = %s AND backend_type = 'client backend' AND pid <> pg_catalog.pg_backend_pid()
+"""
+
+
+def psycopg_module() -> Any:
+    try:
+        import psycopg
+        import psycopg.sql
+    except ImportError:
+        raise RuntimeError(
+            "dbprov: this needs psycopg, which is not installed: `pip install psycopg[binary]`"
+        ) from None
+    return psycopg
+
+
+@dataclass(frozen=True)
+class Clone:
+    """A database of its own for one test, inside the server ``server``."""
+
+    database: str
+    connection_uri: str = field(repr=False)
+    host: str | None
+    port: int | None
+    username: str | None
+    password: str | None = field(repr=False)
+    server: "Database | None" = field(default=None, repr=False)
+
+
+@dataclass
+class _Entry:
+    name: str
+    #: Its row of _STATE when it was made.
+    state: tuple
+
+
+class Clones:
+    """Clones of the database that ``uri`` names, ``ahead`` of them kept ready.
+
+    ``take()`` hands one out, ``give_back()`` returns it; ``close()`` stops
+    the threads and leaves the databases to the server's deletion.
+
+    One thread makes and drops databases, from a session in the template,
+    where nobody else may be: a clone is made only of a database no other
+    session is in. One, because the server's disk is what a copy and a drop
+    wait on: two at once only wait on each other. Another checks the
+    databases given back, each from a session of its own in it, so that a
+    clean one is back in the queue while a copy is being made.
+    """
+
+    def __init__(self, uri: str, *, ahead: int = 4, prefix: str = "pytest",
+                 server: "Database | None" = None, backlog: int = 128, timeout: float = 300) -> None:
+        self._psycopg = psycopg_module()
+        self.uri = uri
+        self.template = unquote(urlsplit(uri).path.lstrip("/"))
+        self.ahead = max(1, ahead)
+        self.prefix = prefix
+        self.server = server
+        #: Dirty databases that may wait to be dropped while clones are made.
+        #: Each drop is a checkpoint of its own, waiting on the server's disk:
+        #: dropping each at once more than doubled the time of a suite whose
+        #: tests all write. So drops wait until the queue is full, or until
+        #: this many hold their disk; whatever waits at the end goes with the
+        #: server.
+        self.backlog = backlog
+        self.timeout = timeout
+        self.made = self.recycled = self.dropped = 0
+        self._count = self._checking = 0
+        self._ready: collections.deque[_Entry] = collections.deque()
+        self._returned: collections.deque[_Entry] = collections.deque()
+        self._dirty: collections.deque[str] = collections.deque()
+        self._out: dict[str, _Entry] = {}
+        self._error: BaseException | None = None
+        self._closed = False
+        self._changed = threading.Condition()
+        self._conn = self._psycopg.connect(uri, autocommit=True, connect_timeout=10)
+        version = self._conn.info.server_version
+        self.recycling = version >= 150000
+        # A copy of the files with a checkpoint before and after, rather than
+        # 15's default of writing every page of the copy to the WAL: on
+        # dbprov's servers (containers with a memory limit) a suite whose
+        # tests all write ran in about two thirds of the time, and steadily
+        # (docs/performance.md). Before 15 it is the only way.
+        self._strategy = " STRATEGY FILE_COPY" if version >= 150000 else ""
+        self._sequences = self._conn.execute(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_class WHERE relkind = 'S')").fetchone()[0]
+        self._threads = [threading.Thread(target=self._guarded, args=(work,), name=f"dbprov-clones-{name}",
+                                          daemon=True)
+                         for name, work in (("maker", self._make_and_drop), ("checker", self._check_returned))]
+        for thread in self._threads:
+            thread.start()
+
+    # -- the tests' side ---------------------------------------------------
+
+    def take(self) -> Clone:
+        """A database no test has written to: at once when one is ready."""
+        deadline = time.monotonic() + self.timeout
+        with self._changed:
+            while not self._ready:
+                if self._error is not None:
+                    raise RuntimeError(f"dbprov: could not make test databases: {self._error}") from self._error
+                if self._closed:
+                    raise RuntimeError("dbprov: the test databases are closed")
+                if not self._changed.wait(deadline - time.monotonic()):
+                    raise TimeoutError(f"dbprov: no test database ready after {self.timeout:.0f} s")
+            entry = self._ready.popleft()
+            self._out[entry.name] = entry
+            self._changed.notify_all()
+        return self._clone(entry.name)
+
+    def give_back(self, clone: Clone) -> None:
+        """Returns ``clone``: it is checked, then handed out again or dropped, in the background."""
+        with self._changed:
+            self._returned.append(self._out.pop(clone.database))
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        self._conn.close()
+        log.info("dbprov: %d test databases made, %d handed out again, %d dropped",
+                 self.made, self.recycled, self.dropped)
+
+    def _clone(self, name: str) -> Clone:
+        parts = urlsplit(self.uri)
+        return Clone(
+            database=name,
+            connection_uri=parts._replace(path="/" + name).geturl(),
+            host=parts.hostname, port=parts.port,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            server=self.server,
+        )
+
+    def _sql(self, statement: str, *names: str) -> Any:
+        sql = self._psycopg.sql
+        return sql.SQL(statement).format(*(sql.Identifier(name) for name in names))
+
+    # -- the threads -------------------------------------------------------
+
+    def _guarded(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - handed to the tests waiting for a database
+            log.exception("dbprov: %s failed", threading.current_thread().name)
+            with self._changed:
+                self._error = exc
+                self._changed.notify_all()
+
+    def _make_and_drop(self) -> None:
+        while True:
+            with self._changed:
+                while not self._closed and (job := self._next_job()) is None:
+                    self._changed.wait()
+                if self._closed:
+                    return
+                name = self._dirty.popleft() if job == "drop" else None
+            if name is not None:
+                self._drop(name)
+            else:
+                self._make()
+
+    def _next_job(self) -> str | None:
+        """Dirty databases are dropped while the queue is full, or once too many
+        wait. Databases given back count as ready until checked: a copy stalls
+        the server's disk for the tests meanwhile, and in a suite that mostly
+        reads most come back clean, a few milliseconds later."""
+        if self._dirty and len(self._dirty) >= self.backlog:
+            return "drop"
+        if len(self._ready) + len(self._returned) + self._checking < self.ahead:
+            return "make"
+        return "drop" if self._dirty else None
+
+    def _check_returned(self) -> None:
+        while True:
+            with self._changed:
+                while not self._closed and not self._returned:
+                    self._changed.wait()
+                if self._closed:
+                    return
+                entry = self._returned.popleft()
+                self._checking += 1
+            self._check(entry)
+
+    def _make(self) -> None:
+        self._count += 1
+        name = f"{self.prefix}_{self._count}"
+        self._conn.execute(self._sql("CREATE DATABASE {} TEMPLATE {}" + self._strategy, name, self.template))
+        entry = _Entry(name, self._state(self._conn, name))
+        with self._changed:
+            self.made += 1
+            self._ready.append(entry)
+            self._changed.notify_all()
+
+    def _check(self, entry: _Entry) -> None:
+        clean = False
+        if self.recycling:
+            try:
+                with self._psycopg.connect(self._clone(entry.name).connection_uri, autocommit=True,
+                                           connect_timeout=10) as conn:
+                    clean = (self._sessions_ended(conn, entry.name)
+                             and self._state(conn, entry.name) == entry.state
+                             # A new database's statistics start at zero, and a clean one's stay there.
+                             and (not self._sequences or conn.execute(_SEQUENCES).fetchone()[0] == 0))
+            except self._psycopg.Error as exc:
+                log.warning("dbprov: could not check test database %s, dropping it: %s", entry.name, exc)
+        with self._changed:
+            self._checking -= 1
+            if clean:
+                self.recycled += 1
+                # First out again: the fewer databases in use, the more of them the server's cache holds.
+                self._ready.appendleft(entry)
+            else:
+                self._dirty.append(entry.name)
+            self._changed.notify_all()
+
+    @staticmethod
+    def _sessions_ended(conn: Any, name: str, timeout: float = 10) -> bool:
+        deadline = time.monotonic() + timeout
+        while conn.execute(_END_SESSIONS, (name,)).fetchall():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.002)
+        return True
+
+    @staticmethod
+    def _state(conn: Any, name: str) -> tuple:
+        return tuple(conn.execute(_STATE, (name,)).fetchone() or ())
+
+    def _drop(self, name: str) -> None:
+        try:
+            self._conn.execute(self._sql("DROP DATABASE IF EXISTS {} WITH (FORCE)", name))
+        except self._psycopg.Error as exc:
+            log.warning("dbprov: could not drop test database %s: %s", name, exc)
+            return
+        with self._changed:
+            self.dropped += 1

@@ -37,8 +37,8 @@ import psycopg
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.crypto import generate_key  # noqa: E402
-from service.runtime import LABEL_INSTANCE  # noqa: E402
+from service.runtime.protocol import LABEL_INSTANCE  # noqa: E402
+from service.store.crypto import generate_key  # noqa: E402
 
 IMAGE = "postgres:17"
 INSTANCE = f"bench-{os.getpid()}"
@@ -503,8 +503,8 @@ import sys
 from datetime import timedelta
 from sqlalchemy import insert, inspect, select
 from service.composition import Services
-from service.models import Database, Status, utcnow
-from service.tenancy import Principal
+from service.domain.models import Database, Status, utcnow
+from service.domain.tenancy import Principal
 count = int(sys.argv[1])
 services = Services.build()
 services.tenants.set_limit("bench", count + 1)
@@ -635,12 +635,12 @@ def bench_reconcile(client: docker.DockerClient, real: int, records: int) -> Non
     from sqlalchemy import insert, inspect, select
 
     from service.composition import Services
-    from service.crypto import Vault
-    from service.models import Database
-    from service.runtime import ServerSpec
+    from service.domain.models import Database
+    from service.domain.tenancy import Principal
+    from service.runtime.protocol import ServerSpec
     from service.settings import Settings
-    from service.store import Store
-    from service.tenancy import Principal
+    from service.store.crypto import Vault
+    from service.store.engine import Store
     from tests.fakes import FakePostgres, FakeRuntime
 
     rows = []

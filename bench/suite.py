@@ -52,8 +52,8 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.crypto import generate_key  # noqa: E402
-from service.runtime import LABEL_INSTANCE  # noqa: E402
+from service.runtime.protocol import LABEL_INSTANCE  # noqa: E402
+from service.store.crypto import generate_key  # noqa: E402
 
 IMAGE = "postgres:17"
 INSTANCE = f"bench-suite-{os.getpid()}"

@@ -4,7 +4,7 @@ or, from the ``alembic`` command line, the store named by ``DBPROV_DATABASE_URL`
 from alembic import context
 from sqlalchemy import create_engine
 
-from service.models import Base
+from service.domain.models import Base
 from service.settings import Settings
 
 config = context.config

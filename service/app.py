@@ -9,9 +9,9 @@ from flask_smorest import Api as _Api
 
 from . import ui
 from .api import docs, loopback, problems, views
+from .api.metrics import Metrics
 from .api.schemas import ProblemSchema
 from .composition import Services
-from .metrics import Metrics
 
 
 class Api(_Api):

@@ -24,11 +24,11 @@ from sqlalchemy.engine import make_url
 from . import web
 from .app import create_app, openapi_document
 from .composition import Services
-from .coordination import single_reconciler
-from .crypto import generate_key
 from .errors import DbprovError, MetadataUnavailable, SettingsError
 from .process import Background
-from .rekey import reencrypt_authority, reencrypt_secrets
+from .store.coordination import single_reconciler
+from .store.crypto import generate_key
+from .store.rekey import reencrypt_authority, reencrypt_secrets
 
 log = logging.getLogger("dbprov")
 

@@ -6,25 +6,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .coordination import claims_for, slots_for
-from .crypto import Vault, load_vault
-from .databases import Databases
-from .docker_runtime import DockerRuntime
-from .dumps import Dumps
-from .images import Images
-from .notify import Notifier
-from .pool import WarmPool
-from .postgres import PostgresAdmin, ServerAdmin
-from .reconciler import Reconciler
-from .records import Records
-from .runtime import ServerRuntime
+from .domain.databases import Databases
+from .domain.dumps import Dumps
+from .domain.images import Images
+from .domain.pool import WarmPool
+from .domain.records import Records
+from .domain.snapshots import Snapshots
+from .domain.templates import Templates
+from .domain.tenancy import Tenants
+from .postgres.admin import PostgresAdmin, ServerAdmin
+from .postgres.tls import Authority
+from .reconciler.loop import Reconciler
+from .runtime.docker import DockerRuntime
+from .runtime.protocol import ServerRuntime
+from .runtime.swarm import SwarmRuntime
 from .settings import Settings
-from .snapshots import Snapshots
-from .store import Store
-from .swarm_runtime import SwarmRuntime
-from .templates import Templates
-from .tenancy import Tenants
-from .tls import Authority
+from .store.coordination import claims_for, slots_for
+from .store.crypto import Vault, load_vault
+from .store.engine import Store
+from .store.notify import Notifier
 
 
 @dataclass

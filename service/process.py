@@ -10,7 +10,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from .composition import Services
-from .coordination import ChangeListener, single_reconciler
+from .store.coordination import ChangeListener, single_reconciler
 
 log = logging.getLogger(__name__)
 

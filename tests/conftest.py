@@ -12,11 +12,11 @@ from sqlalchemy.engine import make_url
 
 from service.app import create_app
 from service.composition import Services
-from service.crypto import Vault, generate_key
-from service.reconciler import Reconciler
+from service.domain.tenancy import LOCAL_ADMIN
+from service.reconciler.loop import Reconciler
 from service.settings import Settings
-from service.store import Store
-from service.tenancy import LOCAL_ADMIN
+from service.store.crypto import Vault, generate_key
+from service.store.engine import Store
 
 from .fakes import FakePostgres, FakeRuntime
 

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-import threading
 import dataclasses
+import threading
 from dataclasses import dataclass, field
 
 import psycopg
 
 from service.errors import ImageMissing, NodeUnavailable, NotFound, PortInUse, RuntimeUnavailable
-from service.postgres import Login, ServerDatabase
-from service.runtime import (
-    ABSENT, CRASHED, RUNNING, STOPPED, UNREACHABLE, Endpoint, JobResult, ServerInfo, ServerSpec,
+from service.postgres.admin import Login, ServerDatabase
+from service.runtime.protocol import (
+    ABSENT,
+    CRASHED,
+    RUNNING,
+    STOPPED,
+    UNREACHABLE,
+    Endpoint,
+    JobResult,
+    ServerInfo,
+    ServerSpec,
 )
-
 
 # Why a server whose machine is away cannot be reached, as the Swarm runtime words it.
 AWAY = "node fake-2 (f2) is down"

@@ -10,10 +10,10 @@ import pytest
 from sqlalchemy import event
 
 from service.api import views
-from service.app import create_app
 from service.api.schemas import DatabaseSchema
-from service.models import Database
-from service.tenancy import LOCAL_ADMIN
+from service.app import create_app
+from service.domain.models import Database
+from service.domain.tenancy import LOCAL_ADMIN
 
 PROBLEM = "application/problem+json"
 ASYNC_HEADERS = {"Prefer": "respond-async"}

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from service.crypto import generate_key
+from service.store.crypto import generate_key
 
 
 @pytest.fixture

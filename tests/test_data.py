@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from datetime import timedelta
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
 import pytest
 
-from service.models import Database, Snapshot, SnapshotStatus, Status, Template, TemplateStatus, utcnow
+from service.domain.models import Database, Snapshot, SnapshotStatus, Status, Template, TemplateStatus, utcnow
 from service.errors import JobTimedOut
-from service.runtime import RUNNING, JobResult
+from service.runtime.protocol import RUNNING, JobResult
 
 from .test_api import assert_problem
 from .test_lifecycle import kinds
@@ -483,9 +484,9 @@ def test_a_restore_whose_emptiness_check_fails_says_so(client, services, runtime
 def test_a_restore_that_does_not_fit_on_the_disk_is_refused_before_a_byte_is_spooled(
     client, services, runtime, ready, monkeypatch
 ):
-    import service.dumps
+    import service.domain.dumps
 
-    monkeypatch.setattr(service.dumps, "_SPOOL_RESERVE", 1.0)
+    monkeypatch.setattr(service.domain.dumps, "_SPOOL_RESERVE", 1.0)
     problem = assert_problem(_restore(client, ready["id"]), 507, "insufficient-storage")
     assert "does not fit" in problem["detail"] and runtime.jobs == []
 

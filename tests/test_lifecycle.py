@@ -11,10 +11,10 @@ from datetime import timedelta
 import pytest
 
 from service.app import create_app
-from service.models import Database, Status, utcnow
-from service.runtime import RUNNING, STOPPED
+from service.domain.models import Database, Status, utcnow
+from service.domain.tenancy import LOCAL_ADMIN
+from service.runtime.protocol import RUNNING, STOPPED
 from service.settings import Plan
-from service.tenancy import LOCAL_ADMIN
 
 from .fakes import AWAY
 from .test_api import assert_problem, count_records

@@ -9,9 +9,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.composition import Services
-from service.crypto import Vault
-from service.models import Status
-from service.store import Store
+from service.domain.models import Status
+from service.store.crypto import Vault
+from service.store.engine import Store
 
 from .fakes import FakePostgres
 

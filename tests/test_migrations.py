@@ -7,8 +7,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, select
 
-from service.models import Base
-from service.store import Store, alembic_config
+from service.domain.models import Base
+from service.store.engine import Store, alembic_config
 
 
 def test_migrations_match_the_models(database_url):
@@ -35,8 +35,8 @@ def test_downgrade_and_upgrade_again(database_url):
 
 
 def test_the_phase_histogram_starts_from_the_records_phases(services, reconciler):
-    from service.models import PhaseHistogram
-    from service.tenancy import Principal
+    from service.domain.models import PhaseHistogram
+    from service.domain.tenancy import Principal
 
     services.databases.create(Principal(tenant="default"))
     reconciler.run_once(wait=True)

@@ -9,16 +9,16 @@ import psycopg
 import pytest
 from sqlalchemy import select
 
-from service import pool, templates
 from service.composition import Services
-from service.coordination import ChangeListener
-from service.crypto import Vault
-from service.databases import Wanted
+from service.domain import pool, templates
+from service.domain.databases import Wanted
+from service.domain.models import Database, Status, Template, TemplateStatus
+from service.domain.tenancy import LOCAL_ADMIN, POOL_TENANT, Principal
 from service.errors import QuotaExceeded, ValidationError
-from service.notify import Notifier
-from service.models import Database, Status, Template, TemplateStatus
-from service.store import Store
-from service.tenancy import LOCAL_ADMIN, POOL_TENANT, Principal
+from service.store.coordination import ChangeListener
+from service.store.crypto import Vault
+from service.store.engine import Store
+from service.store.notify import Notifier
 
 from .fakes import FakePostgres
 from .test_data import settle

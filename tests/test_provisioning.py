@@ -8,9 +8,9 @@ import pytest
 import sqlalchemy.exc
 from sqlalchemy import update
 
+from service.domain.models import Database
+from service.domain.tenancy import LOCAL_ADMIN
 from service.errors import Conflict, PortRangeExhausted
-from service.tenancy import LOCAL_ADMIN
-from service.models import Database
 
 
 def create_many(services, count: int, name=None):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
+from service.domain.models import Database, Status, utcnow
+from service.domain.tenancy import LOCAL_ADMIN
 from service.errors import EngineRefused
-from service.models import Database, Status, utcnow
-from service.reconciler import backoff
-from service.runtime import CRASHED, RUNNING, STOPPED, ServerSpec
-from service.tenancy import LOCAL_ADMIN
+from service.reconciler.loop import backoff
+from service.runtime.protocol import CRASHED, RUNNING, STOPPED, ServerSpec
 
 from .fakes import AWAY
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from service.models import PHASE_BUCKETS, Database, Event, PhaseHistogram, Status
-from service.tenancy import LOCAL_ADMIN
+from service.domain.models import PHASE_BUCKETS, Database, Event, PhaseHistogram, Status
+from service.domain.tenancy import LOCAL_ADMIN
 
 
 def test_a_transition_updates_the_sessions_copy_and_records_its_event(services):

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from service.crypto import generate_key, load_vault
 from service.errors import SettingsError
 from service.settings import DECLARATIONS, Settings, settings_table_markdown
+from service.store.crypto import generate_key, load_vault
 
 ROOT = Path(__file__).parent.parent
 
@@ -169,7 +169,7 @@ def test_a_key_file_that_holds_no_key_is_refused(tmp_path):
 
 def test_settings_do_not_import_the_crypto_module():
     # crypto's load_vault takes Settings; the other direction would close a circle.
-    code = "import sys, service.settings; print('service.crypto' in sys.modules)"
+    code = "import sys, service.settings; print('service.store.crypto' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.stdout.strip() == "False", result.stderr
 

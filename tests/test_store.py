@@ -9,8 +9,8 @@ import time
 import pytest
 from sqlalchemy import create_engine, text
 
-from service import store as store_module
-from service.store import Store
+from service.store import engine as store_module
+from service.store.engine import Store
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import docker.errors
 import pytest
 
 from service.errors import EngineError
-from service.swarm_runtime import SwarmRuntime
+from service.runtime.swarm import SwarmRuntime
 
 LOCAL_BUILD = "sha256:" + "1" * 64
 DIGEST = "sha256:" + "2" * 64

@@ -10,11 +10,11 @@ import pytest
 from sqlalchemy import text
 
 from service.app import create_app
-from service.crypto import Vault, generate_key
+from service.domain.models import Database, Snapshot, Token
+from service.domain.tenancy import LOCAL_ADMIN, Principal
 from service.errors import QuotaExceeded
-from service.models import Database, Snapshot, Token
-from service.rekey import reencrypt_secrets
-from service.tenancy import LOCAL_ADMIN, Principal
+from service.store.crypto import Vault, generate_key
+from service.store.rekey import reencrypt_secrets
 
 from .test_api import assert_problem
 
@@ -226,7 +226,7 @@ def test_a_burst_then_a_steady_rate_and_deletes_and_renewals_are_free(api, servi
         services.settings, rate_limit=60, rate_burst=4, tenant_port_share=1.0
     )
     clock = [1_000_000.0]
-    monkeypatch.setattr("service.tenancy.time.time", lambda: clock[0])
+    monkeypatch.setattr("service.domain.tenancy.time.time", lambda: clock[0])
     acme = {**token("acme"), **ASYNC}
     made = [api.post("/databases", json={}, headers=acme) for _ in range(4)]
     assert [r.status_code for r in made] == [202] * 4

@@ -15,13 +15,13 @@ from sqlalchemy import func, select
 
 from service.app import create_app
 from service.composition import Services
-from service.crypto import Vault, generate_key
+from service.domain.models import CertificateAuthority, Database
+from service.domain.tenancy import Principal
 from service.errors import DbprovError
-from service.models import CertificateAuthority, Database
-from service.rekey import reencrypt_authority
-from service.store import Store
-from service.tenancy import Principal
-from service.tls import Authority
+from service.postgres.tls import Authority
+from service.store.crypto import Vault, generate_key
+from service.store.engine import Store
+from service.store.rekey import reencrypt_authority
 
 from .fakes import FakePostgres
 

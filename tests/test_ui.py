@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from service.app import create_app
-from service.models import Database, Status
+from service.domain.models import Database, Status
 from service.ui import security
 
 from .test_api import count_records

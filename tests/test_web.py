@@ -20,8 +20,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import make_url
 
-from service.crypto import generate_key
-from service.store import CHANNEL
+from service.store.crypto import generate_key
+from service.store.engine import CHANNEL
 
 ROOT = Path(__file__).resolve().parents[1]
 GUNICORN = str(Path(sys.executable).parent / "gunicorn")

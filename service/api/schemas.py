@@ -5,8 +5,8 @@ from __future__ import annotations
 import marshmallow as ma
 from marshmallow import fields, validate
 
-from ..models import Status
-from ..databases import NAME_PATTERN
+from ..domain.databases import NAME_PATTERN
+from ..domain.models import Status
 
 STATUSES = [s.value for s in Status]
 

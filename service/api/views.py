@@ -16,10 +16,10 @@ from flask_smorest import Blueprint
 from marshmallow import RAISE
 from werkzeug.exceptions import UnsupportedMediaType
 
+from ..domain.databases import LISTED, Credentials, Idempotency
+from ..domain.models import COMING_UP, Database, Status
+from ..domain.tenancy import LOCAL_ADMIN, Principal
 from ..errors import DataLost, DbprovError, Forbidden, ProvisioningFailed, ValidationError
-from ..models import COMING_UP, Database, Status
-from ..databases import LISTED, Credentials, Idempotency
-from ..tenancy import LOCAL_ADMIN, Principal
 from .loopback import is_loopback_host
 from .problems import problem_response
 from .schemas import (
@@ -30,8 +30,8 @@ from .schemas import (
     DatabaseSchema,
     DatabaseUpdateSchema,
     DatabaseWithCredentialsSchema,
-    EventListSchema,
     DumpQuerySchema,
+    EventListSchema,
     EventQuerySchema,
     HealthSchema,
     LogQuerySchema,

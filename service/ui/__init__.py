@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from ..overview import Overview
+from ..domain.overview import Overview
 from . import security
 from .views import ui
 

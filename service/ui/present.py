@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from ..models import COMING_UP, Status, utcnow
+from ..domain.models import COMING_UP, Status, utcnow
 from ..settings import Settings
 
 # On the way from one state to another: the page polls quickly while any is shown.

@@ -25,10 +25,10 @@ from flask import (
 from werkzeug.exceptions import HTTPException
 
 from ..api.problems import PROBLEMS
-from ..databases import NAME_PATTERN
+from ..domain.databases import NAME_PATTERN
+from ..domain.models import Database, Status, utcnow
+from ..domain.tenancy import LOCAL_ADMIN, POOL_TENANT, Principal
 from ..errors import DbprovError, NotFound, Unauthorized, ValidationError
-from ..models import Database, Status, utcnow
-from ..tenancy import LOCAL_ADMIN, POOL_TENANT, Principal
 from . import present
 from .security import CSRF_FIELD, PREFIX, CsrfError, check_csrf, csrf_token
 

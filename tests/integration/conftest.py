@@ -16,9 +16,9 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.crypto import generate_key
-from service.docker_runtime import DockerRuntime
-from service.runtime import ABSENT, LABEL_INSTANCE, STOPPED
+from service.runtime.docker import DockerRuntime
+from service.runtime.protocol import ABSENT, LABEL_INSTANCE, STOPPED
+from service.store.crypto import generate_key
 
 ROOT = Path(__file__).resolve().parents[2]
 # Away from the default range, so a dbprov of the user's own is never in the way.

@@ -12,7 +12,7 @@ import docker.errors
 import psycopg
 import pytest
 
-from service.runtime import labels_for
+from service.runtime.protocol import labels_for
 
 from .conftest import INSTANCE, ServiceProcess, managed, metric, wait_until
 

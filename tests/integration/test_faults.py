@@ -13,7 +13,7 @@ import time
 import psycopg
 import pytest
 
-from service.docker_runtime import LABEL_GOLDEN_OF
+from service.runtime.docker import LABEL_GOLDEN_OF
 
 from .conftest import ROOT, ServiceProcess, free_port, managed, metric, wait_until
 

@@ -10,9 +10,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from service.databases import DATABASE_PARAMETERS
+from service.domain.databases import DATABASE_PARAMETERS
+from service.domain.parameters import KNOWN, check_values
 from service.errors import ValidationError
-from service.parameters import KNOWN, check_values
 
 from .conftest import INSTANCE, free_port
 

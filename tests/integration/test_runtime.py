@@ -12,13 +12,16 @@ import docker.errors
 import psycopg
 import pytest
 
-from service import docker_runtime
-from service.docker_runtime import GOLDEN_REPOSITORY, LABEL_GOLDEN_BASE, LABEL_GOLDEN_OF, DockerRuntime
 from service.errors import ImageMissing, PortInUse, ServerFailed, TransientError
-from service.runtime import ABSENT, RUNNING, ServerSpec
+from service.runtime import docker as docker_runtime
+from service.runtime.docker import GOLDEN_REPOSITORY, LABEL_GOLDEN_BASE, LABEL_GOLDEN_OF, DockerRuntime
+from service.runtime.protocol import ABSENT, RUNNING, ServerSpec
 
 from .conftest import (
-    INSTANCE, check_the_data_outlives_its_server, free_port, wait_until,
+    INSTANCE,
+    check_the_data_outlives_its_server,
+    free_port,
+    wait_until,
 )
 
 pytestmark = pytest.mark.docker

@@ -16,7 +16,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from service.postgres import TRUSTED_EXTENSIONS
+from service.postgres.admin import TRUSTED_EXTENSIONS
 
 from .conftest import ServiceProcess
 

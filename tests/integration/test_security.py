@@ -11,7 +11,7 @@ import pytest
 
 from service.app import create_app
 from service.composition import Services
-from service.models import Database
+from service.domain.models import Database
 from service.settings import Settings
 
 from .conftest import INSTANCE, SECRET_KEY, ServiceProcess

@@ -18,11 +18,16 @@ import psycopg
 import pytest
 
 from service.errors import NodeUnavailable, NotSupported, PortInUse, TransientError
-from service.runtime import ABSENT, LABEL_INSTANCE, RUNNING, UNREACHABLE, ServerSpec
-from service.swarm_runtime import SwarmRuntime, network_name, placement_name
+from service.runtime.protocol import ABSENT, LABEL_INSTANCE, RUNNING, UNREACHABLE, ServerSpec
+from service.runtime.swarm import SwarmRuntime, network_name, placement_name
 
 from .conftest import (
-    INSTANCE, ServiceProcess, check_the_data_outlives_its_server, free_port, metric, wait_until,
+    INSTANCE,
+    ServiceProcess,
+    check_the_data_outlives_its_server,
+    free_port,
+    metric,
+    wait_until,
 )
 from .test_deployment import Deployment
 

@@ -45,8 +45,7 @@ import docker.errors
 import requests.exceptions
 from docker.utils import parse_repository_tag
 
-from .crypto import scram_verifier
-from .errors import (
+from ..errors import (
     EngineError,
     EngineRefused,
     ImageMissing,
@@ -57,7 +56,8 @@ from .errors import (
     ServerFailed,
     TransientError,
 )
-from .runtime import (
+from ..store.crypto import scram_verifier
+from .protocol import (
     ABSENT,
     CRASHED,
     LABEL_DATABASE_ID,

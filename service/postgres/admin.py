@@ -26,10 +26,9 @@ from typing import Protocol
 import psycopg
 from psycopg import sql
 
-from .crypto import Vault, scram_verifier
-from .errors import TransientError
-from .models import Database
-
+from ..domain.models import Database
+from ..errors import TransientError
+from ..store.crypto import Vault, scram_verifier
 
 # How long the service waits for a lock in a tenant's server, and for a
 # statement. Its own statements are catalog changes that take milliseconds;

@@ -16,11 +16,21 @@ from datetime import timedelta
 import psycopg
 from sqlalchemy import bindparam, delete, select
 
-from .coordination import Claims
+from ..errors import Forbidden, PortRangeExhausted
+from ..postgres.admin import set_up_tenant
+from ..store.coordination import Claims
 from .databases import Databases, Idempotency, Wanted, new_password
-from .errors import Forbidden, PortRangeExhausted
-from .models import GOING, SETTLING, Database, IdempotencyKey, Snapshot, Status, Template, TemplateStatus, utcnow
-from .postgres import set_up_tenant
+from .models import (
+    GOING,
+    SETTLING,
+    Database,
+    IdempotencyKey,
+    Snapshot,
+    Status,
+    Template,
+    TemplateStatus,
+    utcnow,
+)
 from .records import SERVICE
 from .tenancy import POOL_TENANT, Principal
 

@@ -32,18 +32,7 @@ from typing import TYPE_CHECKING, Callable
 import psycopg
 from sqlalchemy import select, update
 
-from .coordination import Claims
-from .crypto import Vault
-from .errors import (
-    DataLost,
-    DbprovError,
-    NodeUnavailable,
-    PermanentError,
-    PortInUse,
-    ServerFailed,
-    TransientError,
-)
-from .models import (
+from ..domain.models import (
     COMING_UP,
     GOING,
     LIVE,
@@ -57,18 +46,29 @@ from .models import (
     Status,
     utcnow,
 )
-from .pool import WarmPool
-from .ports import pick_port
-from .postgres import Login, ServerAdmin, admin_login, set_up_tenant
-from .records import SERVICE, Records
-from .runtime import ABSENT, RUNNING, UNREACHABLE, ServerInfo, ServerRuntime, ServerSpec
-from .settings import Plan, Settings
-from .store import Store
-from .tenancy import POOL_TENANT
-from .tls import Authority
+from ..domain.pool import WarmPool
+from ..domain.ports import pick_port
+from ..domain.records import SERVICE, Records
+from ..domain.tenancy import POOL_TENANT
+from ..errors import (
+    DataLost,
+    DbprovError,
+    NodeUnavailable,
+    PermanentError,
+    PortInUse,
+    ServerFailed,
+    TransientError,
+)
+from ..postgres.admin import Login, ServerAdmin, admin_login, set_up_tenant
+from ..postgres.tls import Authority
+from ..runtime.protocol import ABSENT, RUNNING, UNREACHABLE, ServerInfo, ServerRuntime, ServerSpec
+from ..settings import Plan, Settings
+from ..store.coordination import Claims
+from ..store.crypto import Vault
+from ..store.engine import Store
 
 if TYPE_CHECKING:
-    from .templates import Templates
+    from ..domain.templates import Templates
 
 log = logging.getLogger(__name__)
 

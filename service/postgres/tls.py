@@ -25,10 +25,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .crypto import Vault
-from .models import CertificateAuthority, utcnow
-from .runtime import Issuer, ServerCertificate
-from .store import Store
+from ..domain.models import CertificateAuthority, utcnow
+from ..runtime.protocol import Issuer, ServerCertificate
+from ..store.crypto import Vault
+from ..store.engine import Store
 
 # The row of the CA that signs the servers' certificates.
 _NAME = "servers"

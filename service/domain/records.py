@@ -18,10 +18,9 @@ from typing import TypeVar
 from sqlalchemy import ColumnElement, bindparam, delete, event, insert, select, update
 from sqlalchemy.orm import Session
 
+from ..store.engine import Store
+from ..store.notify import Notifier
 from .models import LIVE, PHASE_BUCKETS, Database, Event, IdempotencyKey, PhaseHistogram, Status, utcnow
-from .notify import Notifier
-from .store import Store
-
 
 T = TypeVar("T")
 

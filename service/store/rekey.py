@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
+from ..domain.models import CertificateAuthority, Database, Snapshot
 from .crypto import Vault
-from .models import CertificateAuthority, Database, Snapshot
-from .store import Store
+from .engine import Store
 
 
 def reencrypt_secrets(store: Store, vault: Vault) -> tuple[int, int]:

@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from .errors import MetadataUnavailable
+from ..errors import MetadataUnavailable
 
 if TYPE_CHECKING:
     from .crypto import Vault

@@ -7,9 +7,9 @@ import logging
 import threading
 import time
 
-from .errors import DbprovError, ImageMissing, ImagePulling, RuntimeUnavailable
-from .runtime import ServerRuntime
-from .settings import Settings
+from ..errors import DbprovError, ImageMissing, ImagePulling, RuntimeUnavailable
+from ..runtime.protocol import ServerRuntime
+from ..settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from sqlalchemy import Row, bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from .errors import Forbidden, NotFound, QuotaExceeded, RateLimited, Unauthorized, ValidationError
+from ..errors import Forbidden, NotFound, QuotaExceeded, RateLimited, Unauthorized, ValidationError
+from ..settings import Settings
+from ..store.engine import Store
 from .models import Database, RateBucket, Status, Template, TemplateStatus, Tenant, Token, utcnow
-from .settings import Settings
-from .store import Store
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,7 @@ import sqlalchemy.exc
 from sqlalchemy import Row, Select, bindparam, func, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from .crypto import Vault
-from .errors import (
+from ..errors import (
     Busy,
     Conflict,
     DatabaseServerError,
@@ -37,18 +36,29 @@ from .errors import (
     PortRangeExhausted,
     ValidationError,
 )
+from ..postgres.admin import TRUSTED_EXTENSIONS, ServerAdmin, admin_login
+from ..runtime.protocol import ServerRuntime
+from ..settings import Settings
+from ..store.crypto import Vault
+from ..store.engine import Store
 from .images import Images
 from .models import (
-    COMING_UP, GOING, LIVE, OWNS_SERVER, Database, Event, IdempotencyKey, Snapshot, SnapshotStatus, Status, Template,
+    COMING_UP,
+    GOING,
+    LIVE,
+    OWNS_SERVER,
+    Database,
+    Event,
+    IdempotencyKey,
+    Snapshot,
+    SnapshotStatus,
+    Status,
+    Template,
     utcnow,
 )
-from .ports import pick_port
 from .parameters import check_values
-from .postgres import TRUSTED_EXTENSIONS, ServerAdmin, admin_login
+from .ports import pick_port
 from .records import Records
-from .runtime import ServerRuntime
-from .settings import Settings
-from .store import Store
 from .tenancy import POOL_TENANT, Principal, Tenants
 
 if TYPE_CHECKING:

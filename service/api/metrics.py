@@ -28,9 +28,9 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 from sqlalchemy import func, select
 
-from .models import PHASE_BUCKETS, Database, PhaseHistogram, Status
-from .store import Store
-from .tenancy import POOL_TENANT
+from ..domain.models import PHASE_BUCKETS, Database, PhaseHistogram, Status
+from ..domain.tenancy import POOL_TENANT
+from ..store.engine import Store
 
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60)
 

@@ -40,10 +40,7 @@ import docker.errors
 import requests.exceptions
 from docker.utils import parse_repository_tag
 
-from .docker_runtime import (
-    LABEL_JOB, DockerRuntime, _tar_of, _translated, _when, carries_tls, tls_entry,
-)
-from .errors import (
+from ..errors import (
     DbprovError,
     EngineError,
     ImageMissing,
@@ -55,7 +52,8 @@ from .errors import (
     RuntimeUnavailable,
     TransientError,
 )
-from .runtime import (
+from .docker import LABEL_JOB, DockerRuntime, _tar_of, _translated, _when, carries_tls, tls_entry
+from .protocol import (
     ABSENT,
     CRASHED,
     LABEL_DATABASE_ID,

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-from .errors import DbprovError, SettingsError
+from ..errors import DbprovError, SettingsError
 
 if TYPE_CHECKING:
     # One way only: settings checks its keys without this module.
-    from .settings import Settings
+    from ..settings import Settings
 
 
 class Vault:

@@ -30,9 +30,9 @@ import psycopg
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from .errors import DbprovError
+from ..errors import DbprovError
+from .engine import CHANNEL, Store
 from .notify import Notifier
-from .store import CHANNEL, Store
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,10 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
-    false as sa_false,
     text,
+)
+from sqlalchemy import (
+    false as sa_false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator

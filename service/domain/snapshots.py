@@ -18,13 +18,13 @@ import sqlalchemy.exc
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from ..errors import Conflict, NotFound, PortRangeExhausted, QuotaExceeded
+from ..settings import Settings
+from ..store.engine import Store
 from .databases import Databases
-from .errors import Conflict, NotFound, PortRangeExhausted, QuotaExceeded
 from .models import Database, Snapshot, SnapshotStatus, Status, utcnow
 from .ports import pick_port
 from .records import Records
-from .settings import Settings
-from .store import Store
 from .tenancy import Principal
 
 log = logging.getLogger(__name__)

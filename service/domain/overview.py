@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import func, select
 
+from ..settings import Settings
+from ..store.engine import Store
 from .models import SETTLING, Database, Status
-from .settings import Settings
-from .store import Store
 from .tenancy import POOL_TENANT
 
 

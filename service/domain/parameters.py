@@ -18,7 +18,7 @@ import re
 import zoneinfo
 from dataclasses import dataclass
 
-from .errors import ValidationError
+from ..errors import ValidationError
 
 _INT_MAX = 2147483647
 

@@ -19,14 +19,21 @@ from typing import IO, Iterator
 
 import psycopg
 
-from .coordination import Slots
-from .crypto import Vault
+from ..errors import (
+    Conflict,
+    DatabaseServerError,
+    InsufficientStorage,
+    NotFound,
+    RateLimited,
+    ValidationError,
+)
+from ..postgres.admin import LOCK_TIMEOUT_MS, Login, ServerAdmin, ServerDatabase, tenant_login
+from ..runtime.protocol import ServerRuntime
+from ..store.coordination import Slots
+from ..store.crypto import Vault
 from .databases import Databases
-from .errors import Conflict, DatabaseServerError, InsufficientStorage, NotFound, RateLimited, ValidationError
 from .models import Database, Status
-from .postgres import LOCK_TIMEOUT_MS, Login, ServerAdmin, ServerDatabase, tenant_login
 from .records import Records
-from .runtime import ServerRuntime
 from .tenancy import Principal
 
 log = logging.getLogger(__name__)

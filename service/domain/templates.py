@@ -18,12 +18,12 @@ import sqlalchemy.exc
 from sqlalchemy import select, true
 from sqlalchemy.orm import Session
 
+from ..errors import Conflict, Locked, NotFound, ValidationError
+from ..store.engine import Store
 from .databases import Databases, Wanted, new_password
-from .errors import Conflict, Locked, NotFound, ValidationError
 from .models import GOING, Database, Status, Template, TemplateStatus, utcnow
 from .records import SERVICE, Records
 from .snapshots import Snapshots
-from .store import Store
 from .tenancy import POOL_TENANT, Principal
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import random
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from .errors import PortRangeExhausted
+from ..errors import PortRangeExhausted
 from .models import Database
 
 

@@ -11,6 +11,7 @@ from .domain.dumps import Dumps
 from .domain.images import Images
 from .domain.pool import WarmPool
 from .domain.records import Records
+from .domain.registry import Registry
 from .domain.snapshots import Snapshots
 from .domain.templates import Templates
 from .domain.tenancy import Tenants
@@ -50,19 +51,22 @@ class Services:
         self.images = Images(self.settings, self.runtime)
         # One set of claims for the API's warm-pool claims and the reconciler.
         self.claims = claims_for(self.store)
-        self.databases = Databases(
-            self.settings, self.store, self.records, self.vault, self.tenants,
-            self.server_admin, self.images, self.runtime,
-        )
+        self.registry = Registry(self.settings, self.store, self.records, self.vault, self.tenants)
         # Always there: templates keep warm pools of their own.
-        self.pool = WarmPool(self.databases, self.claims)
-        self.databases.pool = self.pool
-        self.snapshots = Snapshots(self.settings, self.store, self.records, self.databases)
-        self.templates = Templates(self.store, self.records, self.databases, self.snapshots)
-        self.databases.snapshots = self.snapshots
-        self.databases.templates = self.templates
+        self.pool = WarmPool(
+            self.settings, self.store, self.records, self.vault, self.registry, self.images,
+            self.server_admin, self.runtime, self.claims,
+        )
+        self.snapshots = Snapshots(self.settings, self.store, self.records, self.registry)
+        self.templates = Templates(
+            self.settings, self.store, self.records, self.registry, self.images, self.snapshots
+        )
+        self.databases = Databases(
+            self.settings, self.store, self.records, self.vault, self.registry, self.server_admin,
+            self.images, self.runtime, self.snapshots, self.templates, self.pool,
+        )
         self.dumps = Dumps(
-            self.databases, self.records, self.runtime, self.vault, self.server_admin,
+            self.registry, self.records, self.runtime, self.vault, self.server_admin,
             slots_for(self.store, self.settings.data_dir),
         )
 

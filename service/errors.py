@@ -189,3 +189,8 @@ class ProvisioningFailed(DbprovError):
 
 class DatabaseServerError(DbprovError):
     """A tenant's PostgreSQL server refused or could not be reached."""
+
+
+class IllegalMove(DbprovError):
+    """A bug, not a request's fault: a status change that the table of allowed
+    moves (``domain.models``) does not have. Nothing was written."""

@@ -11,8 +11,8 @@ from sqlalchemy import select
 
 from service.composition import Services
 from service.domain import pool, templates
-from service.domain.databases import Wanted
 from service.domain.models import Database, Status, Template, TemplateStatus
+from service.domain.requests import CreateRequest, NewDatabase
 from service.domain.tenancy import LOCAL_ADMIN, POOL_TENANT, Principal
 from service.errors import QuotaExceeded, ValidationError
 from service.store.coordination import ChangeListener
@@ -68,7 +68,7 @@ def test_a_create_claims_a_warm_server_and_the_pool_refills(pooled, runtime):
     services, reconciler = pooled
     reconciler.run_once(wait=True)
     warm_ids = {m.id for m in members(services, Status.READY)}
-    created = services.databases.create(LOCAL_ADMIN, "quick")
+    created = services.databases.create(LOCAL_ADMIN, CreateRequest(name="quick"))
     assert created.status == Status.READY and created.id in warm_ids
     assert created.tenant == "default" and created.name == "quick"
     assert set(created.phase_timings) == {"claim"}
@@ -86,7 +86,7 @@ def test_a_claimed_member_is_replaced_a_moment_later_unless_the_pool_is_empty(po
     services, reconciler = pooled
     monkeypatch.setattr(pool, "_REFILL_DELAY", 60.0)
     reconciler.run_once(wait=True)
-    services.databases.create(LOCAL_ADMIN, "first")
+    services.databases.create(LOCAL_ADMIN, CreateRequest(name="first"))
     reconciler.run_once(wait=True)
     # Another is ready: the replacement waits, so its server's start does not
     # compete with the first use of the one just handed out.
@@ -94,7 +94,7 @@ def test_a_claimed_member_is_replaced_a_moment_later_unless_the_pool_is_empty(po
     assert waiting.next_attempt_at is not None
     assert len(runtime.servers) == 2
     # The pool emptied: the next replacement is made at once.
-    services.databases.create(LOCAL_ADMIN, "second")
+    services.databases.create(LOCAL_ADMIN, CreateRequest(name="second"))
     reconciler.run_once(wait=True)
     assert len(members(services, Status.READY)) == 1
     assert len(runtime.servers) == 3
@@ -106,14 +106,14 @@ def test_a_claim_wakes_the_reconciler_when_its_replacement_is_due(pooled, monkey
     reconciler.run_once(wait=True)
     wanted = services.records.wanted
     seen = wanted.generation
-    services.databases.create(LOCAL_ADMIN, "first")
+    services.databases.create(LOCAL_ADMIN, CreateRequest(name="first"))
     # Another is ready: no pass while the client makes its first connection...
     assert wanted.generation == seen
     # ...but one when the replacement is due.
     assert wanted.wait(5.0, since=seen)
     # The last one: the pool is refilled at once.
     seen = wanted.generation
-    services.databases.create(LOCAL_ADMIN, "second")
+    services.databases.create(LOCAL_ADMIN, CreateRequest(name="second"))
     assert wanted.generation > seen
 
 
@@ -138,10 +138,10 @@ def test_a_claim_wakes_other_processes_reconcilers_when_its_replacement_is_due(p
             assert changed.wait(10.0, since=heard)
             return before, wanted.generation
 
-        before, at_notice = told(lambda: services.databases.create(LOCAL_ADMIN, "first"))
+        before, at_notice = told(lambda: services.databases.create(LOCAL_ADMIN, CreateRequest(name="first")))
         assert at_notice == before
         assert wanted.wait(5.0, since=before)
-        before, at_notice = told(lambda: services.databases.create(LOCAL_ADMIN, "second"))
+        before, at_notice = told(lambda: services.databases.create(LOCAL_ADMIN, CreateRequest(name="second")))
         assert at_notice > before
     finally:
         listener.stop()
@@ -168,7 +168,7 @@ def test_a_failed_claim_falls_back_to_a_cold_start(pooled, runtime):
 
     # Only a claim that asks for more than the stocked role talks to the server.
     admin.configure, original = refuse, admin.configure
-    created = services.databases.create(LOCAL_ADMIN, parameters={"work_mem": "8MB"})
+    created = services.databases.create(LOCAL_ADMIN, CreateRequest(parameters={"work_mem": "8MB"}))
     admin.configure = original
     assert created.status == Status.PENDING and created.tenant == "default"
     assert created.id not in {m.id for m in members(services, Status.READY)}
@@ -193,7 +193,7 @@ def test_a_failed_claim_of_a_member_finished_meanwhile_keeps_it(pooled):
         raise psycopg.OperationalError("server closed the connection unexpectedly")
 
     admin.configure, original = finished_meanwhile, admin.configure
-    created = services.databases.create(LOCAL_ADMIN, parameters={"work_mem": "8MB"})
+    created = services.databases.create(LOCAL_ADMIN, CreateRequest(parameters={"work_mem": "8MB"}))
     admin.configure = original
     assert created.status == Status.READY and created.tenant == "default"
     # No second database for the same create.
@@ -209,7 +209,7 @@ def test_a_plain_claim_asks_the_server_nothing(pooled, runtime, monkeypatch):
 
     for name in ("check", "ensure_tenant_role", "configure", "set_password"):
         monkeypatch.setattr(services.server_admin, name, no_round_trip)
-    created = services.databases.create(LOCAL_ADMIN, "quick")
+    created = services.databases.create(LOCAL_ADMIN, CreateRequest(name="quick"))
     assert created.status == Status.READY and set(created.phase_timings) == {"claim"}
 
 
@@ -267,7 +267,7 @@ def test_an_overstocked_pool_is_trimmed_to_its_size(pooled, runtime):
     reconciler.run_once(wait=True)
     # As if a second worker had stocked at the same moment.
     for _ in range(2):
-        services.databases.record(POOL_TENANT, Wanted("17"), services.vault.encrypt("x"), "service")
+        services.registry.add(POOL_TENANT, NewDatabase("17"), services.vault.encrypt("x"), "service")
     reconciler.run_once(wait=True)
     reconciler.run_once(wait=True)
     assert len(members(services, Status.READY)) == 2
@@ -313,14 +313,14 @@ def test_a_tenant_at_its_quota_holds_no_more_servers_however_it_uses_templates(s
         assert held(services, "small") <= 1
     assert len(template_members(services, template.id)) == 1
     # The clone it holds is the one database it may have: a create from the template claims it...
-    clone = services.databases.create(small, template="k")
+    clone = services.databases.create(small, CreateRequest(template="k"))
     assert clone.tenant == "small" and "claim" in clone.phase_timings
     # ...and the pool waits for room that never comes.
     settle(services, reconciler)
     assert template_members(services, template.id) == []
     for source in (None, "k"):
         with pytest.raises(QuotaExceeded, match="1 of 1"):
-            services.databases.create(small, template=source)
+            services.databases.create(small, CreateRequest(template=source))
     assert held(services, "small") == 1 and len(runtime.servers) == 1
 
 
@@ -351,5 +351,5 @@ def test_a_bad_setting_value_costs_no_warm_server(pooled, runtime):
     reconciler.run_once(wait=True)
     warm = {m.id for m in members(services, Status.READY)}
     with pytest.raises(ValidationError, match="work_mem"):
-        services.databases.create(LOCAL_ADMIN, parameters={"work_mem": "lots"})
+        services.databases.create(LOCAL_ADMIN, CreateRequest(parameters={"work_mem": "lots"}))
     assert {m.id for m in members(services, Status.READY)} == warm

@@ -9,6 +9,7 @@ import sqlalchemy.exc
 from sqlalchemy import update
 
 from service.domain.models import Database
+from service.domain.requests import CreateRequest
 from service.domain.tenancy import LOCAL_ADMIN
 from service.errors import Conflict, PortRangeExhausted
 
@@ -18,7 +19,7 @@ def create_many(services, count: int, name=None):
 
     def attempt(_):
         try:
-            return services.databases.create(LOCAL_ADMIN, name)
+            return services.databases.create(LOCAL_ADMIN, CreateRequest(name=name))
         except Exception as exc:  # noqa: BLE001 - collected for the assertions
             return exc
 
@@ -72,7 +73,7 @@ def test_a_deleted_database_frees_its_port(services, reconciler):
 
 
 def test_name_is_reusable_once_deleted(services, reconciler):
-    first = services.databases.create(LOCAL_ADMIN, "reuse")
+    first = services.databases.create(LOCAL_ADMIN, CreateRequest(name="reuse"))
     services.databases.delete(LOCAL_ADMIN, first.id)
     reconciler.run_once(wait=True)
-    assert services.databases.create(LOCAL_ADMIN, "reuse").name == "reuse"
+    assert services.databases.create(LOCAL_ADMIN, CreateRequest(name="reuse")).name == "reuse"

@@ -6,6 +6,7 @@ import logging
 from datetime import timedelta
 
 from service.domain.models import Database, Status, utcnow
+from service.domain.requests import CreateRequest
 from service.domain.tenancy import LOCAL_ADMIN
 from service.errors import EngineRefused
 from service.reconciler.loop import backoff
@@ -27,7 +28,7 @@ def due_now(services, database_id: str) -> None:
 
 
 def test_pending_becomes_ready_with_timings(services, reconciler, runtime):
-    created = services.databases.create(LOCAL_ADMIN, "app-one", "15")
+    created = services.databases.create(LOCAL_ADMIN, CreateRequest(name="app-one", version="15"))
     reconciler.run_once(wait=True)
     ready = record(services, created.id)
     assert ready.status == Status.READY

@@ -5,11 +5,12 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from service.domain.models import PHASE_BUCKETS, Database, Event, PhaseHistogram, Status
+from service.domain.requests import CreateRequest
 from service.domain.tenancy import LOCAL_ADMIN
 
 
 def test_a_transition_updates_the_sessions_copy_and_records_its_event(services):
-    created = services.databases.create(LOCAL_ADMIN, "app")
+    created = services.databases.create(LOCAL_ADMIN, CreateRequest(name="app"))
     with services.store.transaction() as session:
         held = session.get(Database, created.id)
         assert held.status == Status.PENDING
@@ -37,7 +38,7 @@ def test_a_transition_updates_the_sessions_copy_and_records_its_event(services):
 
 
 def test_a_transition_from_a_status_the_record_is_not_in_changes_nothing(services):
-    created = services.databases.create(LOCAL_ADMIN, "app")
+    created = services.databases.create(LOCAL_ADMIN, CreateRequest(name="app"))
     assert services.records.transition(
         created.id, {Status.READY, Status.STOPPED}, status=Status.DELETING
     ) is None
@@ -50,6 +51,6 @@ def test_a_transition_from_a_status_the_record_is_not_in_changes_nothing(service
 
 
 def test_a_transition_from_one_of_several_statuses(services):
-    created = services.databases.create(LOCAL_ADMIN, "app")
+    created = services.databases.create(LOCAL_ADMIN, CreateRequest(name="app"))
     written = services.records.transition(created.id, {Status.READY, Status.PENDING}, status=Status.DELETING)
     assert written.status == Status.DELETING

@@ -8,6 +8,7 @@
 
 from .client import Client
 from .clones import Clone, Clones
+from .create_request import CreateRequest
 from .durations import parse_duration
 from .errors import Locked, NotFound, ProblemError, Refused, Unavailable, WaitTimeout
 from .models import Credentials, Database, DatabasePage, Event, Health, Plan, Quota, Snapshot, Template
@@ -16,6 +17,7 @@ __all__ = [
     "Client",
     "Clone",
     "Clones",
+    "CreateRequest",
     "Credentials",
     "Database",
     "DatabasePage",

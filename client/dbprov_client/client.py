@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import re
+import tempfile
 import time
 import uuid
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
@@ -18,6 +18,7 @@ from typing import IO, Any
 import requests
 
 from . import config
+from .create_request import CreateRequest, iso
 from .durations import parse_duration
 from .errors import Locked, NotFound, ProblemError, Unavailable, WaitTimeout, from_response
 from .models import Credentials, Database, DatabasePage, Event, Health, Plan, Quota, Snapshot, Template
@@ -97,27 +98,19 @@ class Client:
 
     def create(
         self,
+        request: CreateRequest | None = None,
         *,
-        version: str | None = None,
-        name: str | None = None,
-        ttl: Duration | None = None,
-        expires_at: datetime | None = None,
-        plan: str | None = None,
-        protected: bool | None = None,
-        superuser: bool | None = None,
-        parameters: dict[str, str] | None = None,
-        extensions: list[str] | None = None,
-        from_snapshot: str | None = None,
-        from_database: str | None = None,
-        template: str | None = None,
         wait: bool = True,
         timeout: float = 600.0,
         idempotency_key: str | None = None,
         on_accepted=None,
+        **fields: Any,
     ) -> Database:
         """Create a database; with ``wait`` (the default) return once it accepts
         connections, raising :class:`WaitTimeout` after ``timeout`` seconds.
 
+        What it asks for is a :class:`CreateRequest`, or its fields as
+        keywords (``version="17", ttl="10m"``; ``ttl`` may be a duration).
         ``from_snapshot`` (a snapshot id), ``from_database`` (a database id: a
         snapshot of it is taken first) or ``template`` (a ready template's key)
         make it a clone that starts with that data.
@@ -126,14 +119,13 @@ class Client:
         ``on_accepted``, the create is first answered at once and
         ``on_accepted(database)`` called (to show its id) before the wait.
         """
-        body: dict[str, Any] = {
-            "version": version, "name": name, "plan": plan, "protected": protected,
-            "superuser": superuser, "parameters": parameters, "extensions": extensions,
-            "ttl": parse_duration(ttl) if ttl is not None else None,
-            "expires_at": _iso(expires_at) if expires_at is not None else None,
-            "from_snapshot": from_snapshot, "from_database": from_database, "template": template,
-        }
-        body = {key: value for key, value in body.items() if value is not None}
+        if request is None:
+            if fields.get("ttl") is not None:
+                fields["ttl"] = parse_duration(fields["ttl"])
+            request = CreateRequest(**{name: value for name, value in fields.items() if value is not None})
+        elif fields:
+            raise TypeError("give a CreateRequest or its fields, not both")
+        body = request.body()
         key = idempotency_key or f"dbprov-client-{uuid.uuid4().hex}"
         database: Database | None = None
         if not wait or on_accepted is not None:
@@ -247,7 +239,7 @@ class Client:
         if ttl is not _UNSET:
             body["ttl"] = parse_duration(ttl)
         if expires_at is not _UNSET:
-            body["expires_at"] = _iso(expires_at) if expires_at is not None else None
+            body["expires_at"] = iso(expires_at) if expires_at is not None else None
         if protected is not _UNSET:
             body["protected"] = protected
         response = self._request("PATCH", f"/databases/{_id(database_id)}", json=body)
@@ -311,9 +303,9 @@ class Client:
         """A database's events, oldest first; without an id, every database's (admin tokens)."""
         params: dict[str, Any] = {}
         if since is not None:
-            params["since"] = _iso(since)
+            params["since"] = iso(since)
         if until is not None:
-            params["until"] = _iso(until)
+            params["until"] = iso(until)
         if limit is not None:
             params["limit"] = limit
         path = f"/databases/{_id(database_id)}/events" if database_id else "/events"
@@ -649,12 +641,6 @@ def retry_after(value: str | None) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
-
-
-def _iso(moment: datetime) -> str:
-    if moment.tzinfo is None:
-        raise ValueError("give the time with its offset (an aware datetime)")
-    return moment.isoformat()
 
 
 def _id(database_id: str, kind: str = "database") -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import marshmallow as ma
 from marshmallow import fields, validate
 
-from ..domain.databases import NAME_PATTERN
 from ..domain.models import Status
+from ..domain.requests import NAME_PATTERN, CreateRequest
 
 STATUSES = [s.value for s in Status]
 
@@ -122,6 +122,10 @@ class DatabaseCreateSchema(ma.Schema):
         metadata={"description": "The key of a ready template: a clone of it, from its warm pool if it has "
                                  "one. One source at most: with from_snapshot or from_database, 422."},
     )
+
+    @ma.post_load
+    def _request(self, data: dict, **_: object) -> CreateRequest:
+        return CreateRequest(**data)
 
 
 class DatabaseUpdateSchema(ma.Schema):

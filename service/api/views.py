@@ -16,8 +16,10 @@ from flask_smorest import Blueprint
 from marshmallow import RAISE
 from werkzeug.exceptions import UnsupportedMediaType
 
-from ..domain.databases import LISTED, Credentials, Idempotency
+from ..domain.databases import Credentials
 from ..domain.models import COMING_UP, Database, Status
+from ..domain.registry import LISTED
+from ..domain.requests import CreateRequest, Idempotency
 from ..domain.tenancy import LOCAL_ADMIN, Principal
 from ..errors import DataLost, DbprovError, Forbidden, ProvisioningFailed, ValidationError
 from .loopback import is_loopback_host
@@ -306,22 +308,9 @@ class DatabaseCollection(MethodView):
         """Create a database and, unless asked not to, wait until it accepts connections"""
         services = _services()
         principal = _principal()
-        record = services.databases.create(
-            principal,
-            body.get("name"),
-            body.get("version"),
-            body.get("superuser", False),
-            ttl=body.get("ttl"),
-            expires_at=body.get("expires_at"),
-            protected=body.get("protected", False),
-            plan=body.get("plan"),
-            parameters=body.get("parameters"),
-            extensions=body.get("extensions"),
-            from_snapshot=body.get("from_snapshot"),
-            from_database=body.get("from_database"),
-            template=body.get("template"),
-            idempotency=_idempotency(body),
-        )
+        # No body at all asks for the defaults.
+        body = body or CreateRequest()
+        record = services.databases.create(principal, body, _idempotency(body.body()))
         headers = {"Location": url_for("databases.DatabaseItem", database_id=record.id)}
         record = _wait(services, principal, record, headers)
         status = _settled_answer(record, 201)

@@ -31,9 +31,9 @@ from ..postgres.admin import LOCK_TIMEOUT_MS, Login, ServerAdmin, ServerDatabase
 from ..runtime.protocol import ServerRuntime
 from ..store.coordination import Slots
 from ..store.crypto import Vault
-from .databases import Databases
 from .models import Database, Status
 from .records import Records
+from .registry import Registry
 from .tenancy import Principal
 
 log = logging.getLogger(__name__)
@@ -48,11 +48,11 @@ _CHECK_EVERY = 64 * _CHUNK
 
 class Dumps:
     def __init__(
-        self, databases: Databases, records: Records, runtime: ServerRuntime, vault: Vault,
+        self, registry: Registry, records: Records, runtime: ServerRuntime, vault: Vault,
         server_admin: ServerAdmin, slots: Slots,
     ) -> None:
-        self.databases = databases
-        self.settings = databases.settings
+        self.registry = registry
+        self.settings = registry.settings
         self.records = records
         self.runtime = runtime
         self.vault = vault
@@ -133,10 +133,10 @@ class Dumps:
                     f"the archive was not restored, and the server is as it was: {message[:1000]}"
                 )
             restored = True
-        with self.databases.store.transaction() as session:
+        with self.registry.store.transaction() as session:
             self.records.event(session, record, "restored", principal.actor, {"bytes": size, "database": name})
         log.info("database %s: archive of %d bytes restored into %s", database_id, size, name)
-        return self.databases.get(principal, database_id)
+        return self.registry.get(principal, database_id)
 
     def contents(self, principal: Principal, database_id: str) -> list[ServerDatabase]:
         """The databases inside the server that the tenant may connect to."""
@@ -184,7 +184,7 @@ class Dumps:
             )
 
     def _ready(self, principal: Principal, database_id: str) -> Database:
-        record = self.databases.get(principal, database_id)
+        record = self.registry.get(principal, database_id)
         if record.status != Status.READY:
             raise Conflict(f"database {database_id} is {record.status.value}, not ready")
         return record

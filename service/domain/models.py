@@ -72,6 +72,30 @@ RUNS = frozenset({Status.READY, Status.UNAVAILABLE})
 # Past which a DELETE has nothing more to do.
 GOING = frozenset({Status.DELETING, Status.DELETED})
 
+# The moves a database's status may make, and nothing else: ``Records`` refuses
+# any other. ``None`` is where a new record starts. Every live status may be
+# deleted; a write that keeps the status is no move.
+DATABASE_MOVES: dict[Status | None, frozenset[Status]] = {
+    None: frozenset({Status.PENDING}),
+    Status.PENDING: frozenset({Status.PROVISIONING, Status.FAILED, Status.LOST, Status.DELETING}),
+    Status.PROVISIONING: frozenset({Status.READY, Status.FAILED, Status.LOST, Status.DELETING}),
+    # Provisioning again: a warm member claimed by a create that needs a set-up
+    # of its own, or a server that stopped behind the service's back.
+    Status.READY: frozenset({Status.PROVISIONING, Status.UNAVAILABLE, Status.STOPPING, Status.RESETTING,
+                             Status.LOST, Status.DELETING}),
+    Status.UNAVAILABLE: frozenset({Status.READY, Status.PROVISIONING, Status.LOST, Status.DELETING}),
+    Status.STOPPING: frozenset({Status.STOPPED, Status.DELETING}),
+    Status.STOPPED: frozenset({Status.STARTING, Status.RESETTING, Status.DELETING}),
+    Status.STARTING: frozenset({Status.READY, Status.FAILED, Status.LOST, Status.DELETING}),
+    Status.RESETTING: frozenset({Status.READY, Status.FAILED, Status.LOST, Status.DELETING}),
+    # Started again on a new port, if it held data once.
+    Status.FAILED: frozenset({Status.STARTING, Status.DELETING}),
+    # Put back to a snapshot of it.
+    Status.LOST: frozenset({Status.RESETTING, Status.DELETING}),
+    Status.DELETING: frozenset({Status.DELETED}),
+    Status.DELETED: frozenset(),
+}
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -270,6 +294,14 @@ class SnapshotStatus(str, enum.Enum):
 
 # Snapshots whose data exists or is being made.
 SNAPSHOT_LIVE = frozenset({SnapshotStatus.PENDING, SnapshotStatus.READY, SnapshotStatus.DELETING})
+SNAPSHOT_MOVES: dict[SnapshotStatus | None, frozenset[SnapshotStatus]] = {
+    None: frozenset({SnapshotStatus.PENDING}),
+    SnapshotStatus.PENDING: frozenset({SnapshotStatus.READY, SnapshotStatus.FAILED, SnapshotStatus.DELETING}),
+    SnapshotStatus.READY: frozenset({SnapshotStatus.DELETING}),
+    SnapshotStatus.FAILED: frozenset({SnapshotStatus.DELETING}),
+    SnapshotStatus.DELETING: frozenset({SnapshotStatus.DELETED}),
+    SnapshotStatus.DELETED: frozenset(),
+}
 
 
 class Snapshot(Base):
@@ -309,6 +341,17 @@ class TemplateStatus(str, enum.Enum):
     READY = "ready"
     FAILED = "failed"
     DELETED = "deleted"
+
+
+# A template is deleted at once: its database and snapshot go their own ways.
+TEMPLATE_MOVES: dict[TemplateStatus | None, frozenset[TemplateStatus]] = {
+    None: frozenset({TemplateStatus.BUILDING}),
+    TemplateStatus.BUILDING: frozenset({TemplateStatus.FINALIZING, TemplateStatus.DELETED}),
+    TemplateStatus.FINALIZING: frozenset({TemplateStatus.READY, TemplateStatus.FAILED, TemplateStatus.DELETED}),
+    TemplateStatus.READY: frozenset({TemplateStatus.DELETED}),
+    TemplateStatus.FAILED: frozenset({TemplateStatus.DELETED}),
+    TemplateStatus.DELETED: frozenset(),
+}
 
 
 class Template(Base):

@@ -17,9 +17,13 @@ import psycopg
 from sqlalchemy import bindparam, delete, select
 
 from ..errors import Forbidden, PortRangeExhausted
-from ..postgres.admin import set_up_tenant
+from ..postgres.admin import ServerAdmin, set_up_tenant
+from ..runtime.protocol import ServerRuntime
+from ..settings import Settings
 from ..store.coordination import Claims
-from .databases import Databases, Idempotency, Wanted, new_password
+from ..store.crypto import Vault
+from ..store.engine import Store
+from .images import Images
 from .models import (
     GOING,
     SETTLING,
@@ -31,7 +35,9 @@ from .models import (
     TemplateStatus,
     utcnow,
 )
-from .records import SERVICE
+from .records import SERVICE, Records
+from .registry import Registry, new_password
+from .requests import Idempotency, NewDatabase
 from .tenancy import POOL_TENANT, Principal
 
 log = logging.getLogger(__name__)
@@ -46,56 +52,60 @@ _REFILL_DELAY = 1.0
 
 
 class WarmPool:
-    def __init__(self, databases: Databases, claims: Claims) -> None:
-        # A claim and a stocking are creates of a kind: the same settings,
-        # store, records, vault and server admin as the use cases'.
-        self._databases = databases
-        self.settings = databases.settings
-        self.store = databases.store
-        self.records = databases.records
-        self.vault = databases.vault
-        self._server_admin = databases.server_admin
-        self._runtime = databases.runtime
+    def __init__(
+        self, settings: Settings, store: Store, records: Records, vault: Vault, registry: Registry,
+        images: Images, server_admin: ServerAdmin, runtime: ServerRuntime, claims: Claims,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.records = records
+        self.vault = vault
+        self._registry = registry
+        self._images = images
+        self._server_admin = server_admin
+        self._runtime = runtime
         self._claims = claims
 
-    def claim(self, principal: Principal, wanted: Wanted, idempotency: Idempotency | None) -> Database | None:
+    def claim(
+        self, principal: Principal, new: NewDatabase, idempotency: Idempotency | None
+    ) -> Database | None:
         """A warm member made the tenant's: None when the pool is empty or the claim failed.
 
         A member was stocked with its tenant role and a password of its own
-        already made and checked, so a plain claim is one short transaction
+        already made and checked, so a claim that asks for nothing more is one short transaction
         in the metadata store and no round trip to the server: the member's
         password is fresh (no one has seen it) and never handed out twice (a
         claimed server never returns to the pool). A claim that asks for more
         (a superuser role, settings, extensions) sets them up in the server,
         with ``password``, before it answers.
         """
-        version = wanted.version
-        if wanted.template_id is None and not self.settings.pool_sizes.get(version):
+        version = new.version
+        if new.template_id is None and not self.settings.pool_sizes.get(version):
             return None
-        plain = not (wanted.superuser or wanted.parameters or wanted.extensions)
+        as_stocked = not (new.superuser or new.parameters or new.extensions)
         started = time.monotonic()
         with self.store.transaction() as session:
             # A template's warm clones count against its tenant already: a
             # claim of one only makes it the tenant's own.
-            self._databases.tenants.reserve(
-                session, principal.tenant, wanted.plan, adding=0 if wanted.template_id else 1,
+            self._registry.tenants.reserve(
+                session, principal.tenant, new.plan, adding=0 if new.template_id else 1,
                 admin=principal.admin,
             )
-            if wanted.name is not None:
-                self._databases.ensure_name_free(session, principal.tenant, wanted.name)
-            member_id, others = self._pick(session, version, wanted.template_id)
+            if new.name is not None:
+                self._registry.ensure_name_free(session, principal.tenant, new.name)
+            member_id, others = self._pick(session, version, new.template_id)
             if member_id is None:
                 return None
-            if plain and others:
+            if as_stocked and others:
                 # The member that replaces this one is not due before
                 # _REFILL_DELAY (see _keep), and a pass now (the engine's
                 # listings, the pool's count) would only compete with the
                 # client's first connection (12 ms instead of 9, measured).
                 self.records.wake_later(session, _REFILL_DELAY)
             values = dict(
-                tenant=principal.tenant, created_at=utcnow(), **wanted.columns(),
+                tenant=principal.tenant, created_at=utcnow(), **new.columns(),
             )
-            if plain:
+            if as_stocked:
                 values.update(status=Status.READY, ready_at=utcnow(),
                               phase_timings={"claim": round(time.monotonic() - started, 3)})
             else:
@@ -105,8 +115,8 @@ class WarmPool:
                 member_id, {Status.READY}, session=session, actor=principal.actor, event="claimed", **values
             )
             if idempotency is not None:
-                self._databases.remember(session, principal.tenant, idempotency, member.id)
-        if plain:
+                self._registry.remember(session, principal.tenant, idempotency, member.id)
+        if as_stocked:
             log.info("database %s: warm server claimed for tenant %s", member.id, member.tenant)
             return member
         with self._claims.hold(member.id) as mine:
@@ -208,21 +218,21 @@ class WarmPool:
         added = 0
         try:
             for version, size in self.settings.pool_sizes.items():
-                added += self._keep(size, Wanted(version))
+                added += self._keep(size, NewDatabase(version))
             for template, snapshot in templates:
                 added += self._keep(
-                    template.pool_size, Wanted(template.version, source=snapshot, template_id=template.id),
+                    template.pool_size, NewDatabase(template.version, source=snapshot, template_id=template.id),
                     template.tenant,
                 )
         except PortRangeExhausted:
             pass  # tenants come first; the pool waits for free ports
         return added
 
-    def _keep(self, size: int, member: Wanted, tenant: str | None = None) -> int:
+    def _keep(self, size: int, member: NewDatabase, tenant: str | None = None) -> int:
         """``size`` members like ``member``: the surplus removed, the missing
         recorded. A template's members count against its ``tenant``'s limit:
         never more of them than fit in it."""
-        room = self._databases.tenants.room(tenant) if tenant is not None else None
+        room = self._registry.tenants.room(tenant) if tenant is not None else None
         with self.store.transaction() as session:
             stocked = session.execute(
                 select(Database.id, Database.status)
@@ -239,7 +249,7 @@ class WarmPool:
                 # loses warm clones first: no one has seen their data.
                 size = min(size, max(0, len(stocked) + room))
             self._remove(session, [member_id for member_id, _ in stocked[size:]])
-        if not self._databases.images.available(member.version):
+        if not self._images.available(member.version):
             return 0  # never stock a version that cannot run
         # An empty pool is refilled at once: the next create would start cold.
         ready = any(status == Status.READY for _, status in stocked)
@@ -247,7 +257,7 @@ class WarmPool:
         added = 0
         for _ in range(size - len(stocked)):
             try:
-                self._databases.record(
+                self._registry.add(
                     POOL_TENANT, member, self.vault.encrypt(new_password()), SERVICE, not_before=not_before
                 )
             except Forbidden:
@@ -266,14 +276,14 @@ class WarmPool:
 
 
 def _of_template(template_id):  # noqa: ANN001 - a template's id, its bound parameter, or None
-    """Members of a template's pool, or of the plain pool."""
+    """Members of a template's pool, or of a version's own pool."""
     return Database.template_id == template_id if template_id is not None else Database.template_id.is_(None)
 
 
 @functools.cache
 def _members(of_template: bool, skip_locked: bool):
     """The oldest ready members of a version's pool (a template's, or the
-    plain one): built once, as every claim asks it."""
+    version's own): built once, as every claim asks it."""
     query = (
         select(Database.id)
         .where(

@@ -1,7 +1,8 @@
-"""The one way a database record comes into being or changes status.
+"""The one way a database, snapshot or template comes into being or changes status.
 
-Every change is a compare-and-set on the status the writer expects, and is
-announced: to the other processes through the store's change feed, and to
+Every change is a compare-and-set on the status the writer expects, allowed
+by the table of moves in ``models`` (any other is a bug, refused before it is
+written), and is announced: to the other processes through the store's change feed, and to
 this process's reconciler and waiting requests through its notifiers, once
 the transaction has committed.
 """
@@ -18,9 +19,24 @@ from typing import TypeVar
 from sqlalchemy import ColumnElement, bindparam, delete, event, insert, select, update
 from sqlalchemy.orm import Session
 
+from ..errors import IllegalMove
 from ..store.engine import Store
 from ..store.notify import Notifier
-from .models import LIVE, PHASE_BUCKETS, Database, Event, IdempotencyKey, PhaseHistogram, Status, utcnow
+from .models import (
+    DATABASE_MOVES,
+    LIVE,
+    PHASE_BUCKETS,
+    SNAPSHOT_MOVES,
+    TEMPLATE_MOVES,
+    Database,
+    Event,
+    IdempotencyKey,
+    PhaseHistogram,
+    Snapshot,
+    Status,
+    Template,
+    utcnow,
+)
 
 T = TypeVar("T")
 
@@ -40,6 +56,20 @@ _EVENT_OF = {
     Status.DELETING: "deleting",
     Status.DELETED: "deleted",
 }
+
+_MOVES = {Database: DATABASE_MOVES, Snapshot: SNAPSHOT_MOVES, Template: TEMPLATE_MOVES}
+
+
+def check_move(model: type, expected: Collection, target) -> None:
+    """Refuse a write of status ``target`` over any of ``expected`` that the
+    table of ``model``'s moves does not allow (``None``: a new row)."""
+    moves = _MOVES[model]
+    for source in expected:
+        if source != target and target not in moves[source]:
+            raise IllegalMove(
+                f"a {model.__name__.lower()} may not move from "
+                f"{source.value if source else 'nothing'} to {target.value}"
+            )
 
 
 class Records:
@@ -66,6 +96,7 @@ class Records:
 
     def add(self, session: Session, record: Database, actor: str = SERVICE) -> None:
         """Insert a new record inside the caller's transaction."""
+        check_move(Database, [None], record.status)
         session.add(record)
         self.event(session, record, "requested", actor, {"version": record.version})
         self.announce(session)
@@ -99,6 +130,8 @@ class Records:
         condition the record must meet. A change of status is recorded as its
         event (or as ``event``, with ``details``), done by ``actor``.
         """
+        if "status" in values:
+            check_move(Database, expected, values["status"])
         if session is None:
             with self.store.transaction() as own:
                 return self.transition(
@@ -154,12 +187,20 @@ class Records:
             ).rowcount
         return events, keys
 
+    def insert(self, session: Session, row: Snapshot | Template) -> None:
+        """Insert a new snapshot or template inside the caller's transaction."""
+        check_move(type(row), [None], row.status)
+        session.add(row)
+        self.announce(session)
+
     def compare_and_set(
         self, session: Session, model: type[T], row_id: str, expected: Collection, **values
     ) -> T | None:
         """Write ``values`` to a snapshot's or template's row if its status is
         one of ``expected``, announced so that waiters look again; the row as
         written, or None if it had moved on."""
+        if "status" in values:
+            check_move(model, expected, values["status"])
         row = session.scalars(
             update(model)
             .where(model.id == row_id, model.status.in_(list(expected)))
@@ -170,6 +211,20 @@ class Records:
         if row is not None:
             self.announce(session)
         return row
+
+    def compare_and_set_all(
+        self, session: Session, model: type, which: ColumnElement[bool], expected: Collection, **values
+    ) -> int:
+        """``compare_and_set`` on every row of ``model`` that ``which`` selects; how many it wrote."""
+        if "status" in values:
+            check_move(model, expected, values["status"])
+        written = session.execute(
+            update(model).where(which, model.status.in_(list(expected))).values(**values)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if written:
+            self.announce(session)
+        return written
 
     def announce(self, session: Session) -> None:
         """Tell every process, once the transaction commits, that records changed."""

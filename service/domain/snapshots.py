@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import logging
 import re
-import secrets
 from collections.abc import Collection
 
 import sqlalchemy.exc
-from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import select
 
-from ..errors import Conflict, NotFound, PortRangeExhausted, QuotaExceeded
+from ..errors import Conflict, NotFound, PortRangeExhausted
 from ..settings import Settings
 from ..store.engine import Store
-from .databases import Databases
-from .models import Database, Snapshot, SnapshotStatus, Status, utcnow
+from .models import Database, Snapshot, SnapshotStatus, Status
 from .ports import pick_port
 from .records import Records
+from .registry import Registry
 from .tenancy import Principal
 
 log = logging.getLogger(__name__)
@@ -33,78 +31,28 @@ SNAPSHOT_ID_PATTERN = r"[0-9a-f]{12}"
 
 
 class Snapshots:
-    def __init__(self, settings: Settings, store: Store, records: Records, databases: Databases) -> None:
+    def __init__(self, settings: Settings, store: Store, records: Records, registry: Registry) -> None:
         self.settings = settings
         self.store = store
         self.records = records
-        self.databases = databases
+        self.registry = registry
 
     def take(self, principal: Principal, database_id: str) -> Snapshot:
         """Ask for a snapshot of a ready (or stopped) database; the reconciler takes it."""
         record = self.of(principal, database_id)
         with self.store.transaction() as session:
-            snapshot = self.add(session, record, principal.actor)
+            snapshot = self.registry.add_snapshot(
+                session, record, principal.actor, quota=self.settings.snapshot_quota
+            )
         log.info("snapshot %s of database %s requested", snapshot.id, record.id)
         return snapshot
 
     def of(self, principal: Principal, database_id: str) -> Database:
         """The principal's database, if a snapshot of it can be taken now."""
-        record = self.databases.get(principal, database_id)
+        record = self.registry.get(principal, database_id)
         if record.status not in (Status.READY, Status.STOPPED):
             raise Conflict(f"database {database_id} is {record.status.value}; a snapshot needs it ready or stopped")
         return record
-
-    def add(
-        self, session: Session, record: Database, actor: str, template_id: str | None = None,
-        owner_id: str | None = None,
-    ) -> Snapshot:
-        """A pending snapshot of ``record``, inside the caller's transaction;
-        a template's (``template_id``) or a clone's (``owner_id``) counts
-        against no quota and goes with its owner.
-
-        Whatever the snapshot is for (a clone, a template) belongs in the same
-        transaction: the reconciler may take it the moment it is committed,
-        and a request refused after it must leave none behind.
-        """
-        # Its database as it is now, locked: a reset or a delete committed
-        # since the caller read it must not find a snapshot it was not after.
-        status = session.scalar(select(Database.status).where(Database.id == record.id).with_for_update())
-        if status not in (Status.READY, Status.STOPPED):
-            raise Conflict(f"database {record.id} is {status.value if status else 'gone'}; a snapshot needs it ready or stopped")
-        if template_id is None and owner_id is None:
-            # Counted under the tenant's row lock, like databases.
-            self.databases.tenants.lock(session, record.tenant)
-            kept = session.scalar(
-                select(func.count()).select_from(Snapshot).where(
-                    Snapshot.tenant == record.tenant,
-                    Snapshot.template_id.is_(None),
-                    Snapshot.owner_id.is_(None),
-                    Snapshot.status.in_([SnapshotStatus.PENDING, SnapshotStatus.READY]),
-                )
-            )
-            if kept >= self.settings.snapshot_quota:
-                raise QuotaExceeded(
-                    f"tenant {record.tenant!r} keeps {kept} of {self.settings.snapshot_quota} "
-                    "snapshots; delete one first",
-                    used=kept, limit=self.settings.snapshot_quota,
-                )
-        snapshot = Snapshot(
-            id=secrets.token_hex(6),
-            tenant=record.tenant,
-            database_id=record.id,
-            template_id=template_id,
-            owner_id=owner_id,
-            status=SnapshotStatus.PENDING,
-            version=record.version,
-            image=record.image,
-            admin_username=record.admin_username,
-            admin_password=record.admin_password,
-            created_at=utcnow(),
-        )
-        session.add(snapshot)
-        self.records.event(session, record, "snapshot-requested", actor, {"snapshot": snapshot.id})
-        self.records.announce(session)
-        return snapshot
 
     def get(self, principal: Principal, snapshot_id: str, usable: bool = False) -> Snapshot:
         """A snapshot the principal may see; with ``usable``, one that is ready."""
@@ -159,7 +107,7 @@ class Snapshots:
 
         Its URI and password stay; its connections are dropped.
         """
-        record = self.databases.get(principal, database_id)
+        record = self.registry.get(principal, database_id)
         snapshot_id = snapshot_id or record.source_snapshot_id
         if snapshot_id is None:
             raise Conflict(f"database {database_id} was not made from a snapshot; name one to reset to")
@@ -191,7 +139,7 @@ class Snapshots:
         else:
             changed = self.records.transition(database_id, {Status.READY, Status.STOPPED}, **values)
         if changed is None:
-            current = self.databases.get(principal, database_id)
+            current = self.registry.get(principal, database_id)
             raise Conflict(
                 f"database {database_id} is {current.status.value}; only a ready, stopped or lost one can be reset"
             )
@@ -200,8 +148,7 @@ class Snapshots:
 
     def mark_unused(self, session, snapshot_ids: Collection[str]) -> None:
         """Inside a transaction: have these snapshots removed."""
-        session.execute(
-            update(Snapshot)
-            .where(Snapshot.id.in_(list(snapshot_ids)), Snapshot.status != SnapshotStatus.DELETED)
-            .values(status=SnapshotStatus.DELETING)
+        self.records.compare_and_set_all(
+            session, Snapshot, Snapshot.id.in_(list(snapshot_ids)), set(SnapshotStatus) - {SnapshotStatus.DELETED},
+            status=SnapshotStatus.DELETING,
         )

@@ -19,10 +19,13 @@ from sqlalchemy import select, true
 from sqlalchemy.orm import Session
 
 from ..errors import Conflict, Locked, NotFound, ValidationError
+from ..settings import Settings
 from ..store.engine import Store
-from .databases import Databases, Wanted, new_password
+from .images import Images
 from .models import GOING, Database, Status, Template, TemplateStatus, utcnow
 from .records import SERVICE, Records
+from .registry import Registry, new_password
+from .requests import NewDatabase
 from .snapshots import Snapshots
 from .tenancy import POOL_TENANT, Principal
 
@@ -37,17 +40,22 @@ _UNFILLED_GRACE = timedelta(minutes=1)
 
 
 class Templates:
-    def __init__(self, store: Store, records: Records, databases: Databases, snapshots: Snapshots) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, records: Records, registry: Registry, images: Images,
+        snapshots: Snapshots,
+    ) -> None:
+        self.settings = settings
         self.store = store
         self.records = records
-        self.databases = databases
+        self.registry = registry
+        self.images = images
         self.snapshots = snapshots
 
     def begin(self, principal: Principal, key: str, version: str | None) -> tuple[Template, Database | None]:
         """The template for ``key``: a new one with its database to fill, or the
         ready one (and no database). ``Locked`` while another client builds it."""
         _check_key(key)
-        version = version or self.databases.settings.default_version
+        version = version or self.settings.default_version
         existing = self._live(principal.tenant, key)
         if existing is not None and (existing.status == TemplateStatus.FAILED or self._abandoned(existing)):
             # Nobody will ever find it ready: the key gets a fresh build to fill.
@@ -57,27 +65,27 @@ class Templates:
             existing = self._live(principal.tenant, key)
         if existing is not None:
             return self._answer(existing), None
-        if version not in self.databases.settings.images:
+        if version not in self.settings.images:
             raise ValidationError(
                 f"unsupported version {version!r}",
-                errors={"json": {"version": [f"Must be one of: {', '.join(self.databases.settings.images)}."]}},
+                errors={"json": {"version": [f"Must be one of: {', '.join(self.settings.images)}."]}},
             )
-        self.databases.images.require(version)
+        self.images.require(version)
         template = Template(
             id=secrets.token_hex(6), tenant=principal.tenant, key=key, version=version,
             status=TemplateStatus.BUILDING, pool_size=0, created_at=utcnow(),
         )
         try:
             with self.store.transaction() as session:
-                self.databases.tenants.reserve_template(session, principal.tenant)
-                session.add(template)
+                self.registry.tenants.reserve_template(session, principal.tenant)
+                self.records.insert(session, template)
         except sqlalchemy.exc.IntegrityError:
             # Another client asked for the same key at the same moment and won.
             return self._answer(self._live(principal.tenant, key)), None
         try:
-            database = self.databases.record(
-                principal.tenant, Wanted(version, template_id=template.id),
-                self.databases.vault.encrypt(new_password()), principal.actor, admin=principal.admin,
+            database = self.registry.add(
+                principal.tenant, NewDatabase(version, template_id=template.id),
+                self.registry.vault.encrypt(new_password()), principal.actor, admin=principal.admin,
             )
         except Exception:
             # Nothing to fill: free the key for the next client.
@@ -122,8 +130,8 @@ class Templates:
         # One transaction: the reconciler may take the snapshot and settle the
         # template at once, which it can only do to a finalizing one.
         with self.store.transaction() as session:
-            self.databases.tenants.reserve_pool(session, principal.tenant, pool_size)
-            snapshot = self.snapshots.add(session, record, principal.actor, template_id=template.id)
+            self.registry.tenants.reserve_pool(session, principal.tenant, pool_size)
+            snapshot = self.registry.add_snapshot(session, record, principal.actor, template_id=template.id)
             template = self._update(
                 session, template.id, {TemplateStatus.BUILDING}, status=TemplateStatus.FINALIZING,
                 snapshot_id=snapshot.id, pool_size=pool_size,

@@ -25,8 +25,8 @@ from flask import (
 from werkzeug.exceptions import HTTPException
 
 from ..api.problems import PROBLEMS
-from ..domain.databases import NAME_PATTERN
 from ..domain.models import Database, Status, utcnow
+from ..domain.requests import NAME_PATTERN, CreateRequest
 from ..domain.tenancy import LOCAL_ADMIN, POOL_TENANT, Principal
 from ..errors import DbprovError, NotFound, Unauthorized, ValidationError
 from . import present
@@ -298,9 +298,9 @@ def create():
             if not form["ttl"].isdigit() or int(form["ttl"]) <= 0:
                 raise ValidationError("the expiry must be a number of seconds")
             ttl = int(form["ttl"])
-        record = _services().databases.create(
-            principal, form["name"] or None, form["version"] or None, ttl=ttl, plan=form["plan"] or None,
-        )
+        record = _services().databases.create(principal, CreateRequest(
+            name=form["name"] or None, version=form["version"] or None, ttl=ttl, plan=form["plan"] or None,
+        ))
     except DbprovError as error:
         headers = {"Retry-After": str(error.retry_after)} if error.retry_after else {}
         # A validation error names its fields, as in the API's problem document.

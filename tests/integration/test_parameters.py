@@ -10,8 +10,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from service.domain.databases import DATABASE_PARAMETERS
 from service.domain.parameters import KNOWN, check_values
+from service.domain.requests import DATABASE_PARAMETERS
 from service.errors import ValidationError
 
 from .conftest import INSTANCE, free_port

@@ -8,7 +8,7 @@ from flask import Flask, Response
 from flask_smorest import Api as _Api
 
 from . import ui
-from .api import docs, loopback, problems, views
+from .api import data, databases, docs, health, loopback, problems, quota, tls
 from .api.metrics import Metrics
 from .api.schemas import ProblemSchema
 from .composition import Services
@@ -72,11 +72,11 @@ def create_app(services: Services | None = None) -> Flask:
     )
     app.extensions["dbprov"] = services
     api = Api(app)
-    api.register_blueprint(views.databases)
-    api.register_blueprint(views.data)
-    api.register_blueprint(views.quota)
-    api.register_blueprint(views.health)
-    api.register_blueprint(views.tls)
+    api.register_blueprint(databases.databases)
+    api.register_blueprint(data.data)
+    api.register_blueprint(quota.quota)
+    api.register_blueprint(health.health)
+    api.register_blueprint(tls.tls)
 
     Metrics(services.store, services.settings.port_range).init_app(app)
     # After the metrics' timer, so that refusals are counted; before every

@@ -9,7 +9,7 @@ import time
 import pytest
 from sqlalchemy import event
 
-from service.api import views
+from service.api import common
 from service.api.schemas import DatabaseSchema
 from service.app import create_app
 from service.domain.models import Database
@@ -142,7 +142,7 @@ def test_a_database_reads_as_its_schema_dumps_it_alone_and_listed(client, servic
     assert ready.status_code == 201 and failed.status_code == 502
     for item in listed:
         with client.application.app_context():
-            dumped = DatabaseSchema().dump(views._present(services.databases.get(LOCAL_ADMIN, item["id"])))
+            dumped = DatabaseSchema().dump(common.present(services.databases.get(LOCAL_ADMIN, item["id"])))
         # Through JSON, as a client reads it.
         assert item == client.get(f"/databases/{item['id']}").get_json() == json.loads(json.dumps(dumped))
 

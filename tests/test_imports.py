@@ -18,20 +18,14 @@ MODULES = {_name(path): path for path in sorted(SERVICE.rglob("*.py"))}
 
 
 class _Imports(ast.NodeVisitor):
-    """The service modules a module imports when it runs, function bodies included:
-    an import moved into a function still closes a cycle, only later."""
+    """The service modules a module imports, function bodies and imports for
+    type checkers included: an import moved into a function still closes a
+    cycle, only later, and one hidden behind TYPE_CHECKING is a dependency
+    all the same."""
 
     def __init__(self, name: str, path: Path) -> None:
         self.package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         self.found: set[str] = set()
-
-    def visit_If(self, node: ast.If) -> None:
-        # Imports for type checkers only never run.
-        if isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            for statement in node.orelse:
-                self.visit(statement)
-        else:
-            self.generic_visit(node)
 
     def visit_Import(self, node: ast.Import) -> None:
         self.found |= {alias.name for alias in node.names if alias.name in MODULES}

@@ -18,9 +18,8 @@ network lands on the default bridge, where they all could talk. Alone on its
 network, and on ``docker_gwbridge`` (which Swarm makes without inter-container
 traffic) for its published port, a server reaches no other.
 
-This module imports ``docker`` too; the errors of the engine are translated in
-one place, ``docker_runtime._translated``, and images are looked up through
-the Docker runtime on the manager's engine.
+The errors of the engine are translated in one place, ``engine.translated``,
+and images are looked up on the manager's engine.
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ from typing import Callable, Iterator
 
 import docker
 import docker.errors
-import requests.exceptions
 from docker.utils import parse_repository_tag
 
 from ..errors import (
@@ -52,7 +50,9 @@ from ..errors import (
     RuntimeUnavailable,
     TransientError,
 )
-from .docker import LABEL_JOB, DockerRuntime, _tar_of, _translated, _when, carries_tls, tls_entry
+from ..storage.overlay import OverlayStorage
+from .engine import LABEL_JOB, Engine, translated, when
+from .entry import carries_tls, tls_entry
 from .protocol import (
     ABSENT,
     CRASHED,
@@ -166,10 +166,7 @@ class SwarmRuntime:
         # How long a taken port is waited for before the database moves to another.
         self.port_grace = port_grace
         # The manager's own engine: images, and jobs beside servers on this node.
-        self._engine = DockerRuntime(
-            instance=instance, network=f"dbprov-{instance}", bind_address="0.0.0.0",
-            probe_host="127.0.0.1", pull=pull, client=client,
-        )
+        self.engine = Engine(pull=pull, client=client)
         self._labels = {LABEL_MANAGED: "true", LABEL_INSTANCE: instance}
         self._local_node: str | None = None
         # Whether the engine keeps NoNewPrivileges in a service's spec (API 1.46
@@ -179,10 +176,10 @@ class SwarmRuntime:
 
     @property
     def client(self) -> "docker.DockerClient":
-        return self._engine.client
+        return self.engine.client
 
     def ping(self) -> None:
-        with _translated():
+        with translated():
             swarm = self.client.info().get("Swarm") or {}
         if swarm.get("LocalNodeState") != "active" or not swarm.get("ControlAvailable"):
             raise RuntimeUnavailable(
@@ -192,16 +189,16 @@ class SwarmRuntime:
 
     def has_image(self, image: str) -> bool:
         # The manager's engine; each node pulls for itself when a task starts there.
-        return self._engine.has_image(image)
+        return self.engine.has_image(image)
 
     def pull_image(self, image: str, progress: Callable[[str], None] | None = None) -> None:
-        self._engine.pull_image(image, progress)
+        self.engine.pull_image(image, progress)
 
     # -- servers --------------------------------------------------------------
 
     def ensure_server(self, spec: ServerSpec) -> Endpoint:
         name = container_name(spec.database_id)
-        with _translated():
+        with translated():
             node = self._placement(spec)
             network = self._ensure_network(spec.database_id)
             service = self._service(name)
@@ -221,7 +218,7 @@ class SwarmRuntime:
 
     def stop_server(self, database_id: str) -> None:
         name = container_name(database_id)
-        with _translated():
+        with translated():
             service = self._service(name)
             if service is None:
                 return  # no server, nothing running
@@ -254,7 +251,7 @@ class SwarmRuntime:
                 time.sleep(0.2)
 
     def start_server(self, database_id: str) -> None:
-        with _translated():
+        with translated():
             service = self._service(container_name(database_id))
             if service is None:
                 raise NotFound(f"database {database_id} has no server to start")
@@ -264,7 +261,7 @@ class SwarmRuntime:
 
     def remove_server(self, database_id: str, keep_data: bool = False) -> None:
         name = container_name(database_id)
-        with _translated():
+        with translated():
             self._remove_jobs(database_id)
             try:
                 self.client.api.remove_service(name)
@@ -274,7 +271,7 @@ class SwarmRuntime:
                 # The data goes too, so the server need not stop cleanly: its
                 # container goes now rather than when Swarm's agent gets to it.
                 for task in self._task_containers(name):
-                    self._engine._remove_container(task["Id"])
+                    self.engine.remove_container(task["Id"])
             self._remove_network(database_id)
             if keep_data:
                 return
@@ -292,7 +289,7 @@ class SwarmRuntime:
 
     def inspect_server(self, database_id: str) -> ServerInfo | None:
         name = container_name(database_id)
-        with _translated():
+        with translated():
             service = self._service(name)
             marker = self._marker(database_id)
             node_id = _marker_node(marker) if marker else None
@@ -312,7 +309,7 @@ class SwarmRuntime:
 
     def list_servers(self) -> list[ServerInfo]:
         filters = {"label": [f"{k}={v}" for k, v in self._labels.items()]}
-        with _translated():
+        with translated():
             services = [
                 s for s in self.client.api.services(filters=filters)
                 if LABEL_JOB not in (s["Spec"].get("Labels") or {})
@@ -357,7 +354,7 @@ class SwarmRuntime:
 
     def server_logs(self, database_id: str, tail: int = 30) -> str:
         try:
-            with _translated():
+            with translated():
                 service = self._service(container_name(database_id))
                 if service is None:
                     return "(no server)"
@@ -376,10 +373,11 @@ class SwarmRuntime:
     def prune_caches(self) -> list[str]:
         # The manager's engine: each node keeps golden copies of its own, and
         # `dbprov images prune` against a node's engine (DOCKER_HOST) prunes there.
-        return self._engine.prune_caches()
+        with translated():
+            return OverlayStorage(self.engine, self.instance).prune_caches()
 
     def endpoint(self, database_id: str) -> Endpoint | None:
-        with _translated():
+        with translated():
             service = self._service(container_name(database_id))
             if service is None:
                 return None
@@ -400,10 +398,11 @@ class SwarmRuntime:
         input_file: Path | None = None,
         timeout: float = 300.0,
     ) -> JobResult:
-        with _translated():
+        with translated():
             node_id, image = self._data_home(database_id)
             if node_id == self._local_node_id():
-                return self._local_job(database_id, image, command, environment, input_file, timeout)
+                container = self._local_container(database_id, image, command, environment)
+                return self.engine.run(container, command, input_file, timeout)
             if input_file is not None:
                 raise NotSupported(
                     f"a job with an input file on database {database_id}, whose data is on another "
@@ -422,7 +421,7 @@ class SwarmRuntime:
     def stream_job(
         self, database_id: str, command: list[str], environment: dict[str, str] | None = None
     ) -> Iterator[bytes]:
-        with _translated():
+        with translated():
             node_id, image = self._data_home(database_id)
             if node_id != self._local_node_id():
                 raise NotSupported(
@@ -431,10 +430,10 @@ class SwarmRuntime:
                     "(see docs/scale-out.md)"
                 )
             container = self._local_container(database_id, image, command, environment)
-        yield from self._engine._stream(container, command)
+        yield from self.engine.stream(container, command)
 
     def copy_data(self, source_id: str, target_id: str, image: str) -> int:
-        with _translated():
+        with translated():
             node_id, _ = self._data_home(source_id, image)
             # A local volume cannot be copied across nodes: the copy lives
             # where its source does, and the target's server will too.
@@ -466,7 +465,7 @@ class SwarmRuntime:
 
     def nodes(self) -> list[Node]:
         """The swarm's nodes, for people and tests."""
-        with _translated():
+        with translated():
             return list(self._nodes().values())
 
     def _placement(self, spec: ServerSpec) -> Node:
@@ -634,10 +633,10 @@ class SwarmRuntime:
     def _entrypoint(self, image: str) -> list[str]:
         """The image's entrypoint as the manager's engine has it: a service's
         Command replaces it, so one that wraps it must name it."""
-        found = self._engine._image(image)
-        if found is None and self._engine.pull:
-            self._engine.pull_image(image)
-            found = self._engine._image(image)
+        found = self.engine.image(image)
+        if found is None and self.engine.pull:
+            self.engine.pull_image(image)
+            found = self.engine.image(image)
         if found is None:
             raise ImageMissing(
                 f"the manager's engine has no image {image} and pulling is off (DBPROV_PULL_IMAGES)", image=image
@@ -667,12 +666,12 @@ class SwarmRuntime:
             service = self._service(name)
             if service is None:
                 raise EngineError(f"the service of database {spec.database_id} vanished while starting")
-            since = _when(service.get("UpdatedAt") or service.get("CreatedAt"))
+            since = when(service.get("UpdatedAt") or service.get("CreatedAt"))
             tasks = self._tasks(name)
             current = [t for t in tasks if t.get("DesiredState") == "running"]
             if any(t["Status"]["State"] == "running" for t in current):
                 return service
-            recent = [t for t in tasks if _when(t.get("CreatedAt")) >= since]
+            recent = [t for t in tasks if when(t.get("CreatedAt")) >= since]
             for task in recent:
                 error = (task["Status"].get("Err") or "").lower()
                 # The port may be held for a moment by this database's own task
@@ -820,7 +819,7 @@ class SwarmRuntime:
             time.sleep(0.2)
 
     def _local_volume(self, database_id: str) -> bool:
-        return self._engine._volume_exists(volume_name(database_id))
+        return self.engine.volume(volume_name(database_id)) is not None
 
     def _remove_volume(self, database_id: str, node_id: str) -> None:
         name = volume_name(database_id)
@@ -868,16 +867,16 @@ class SwarmRuntime:
         at each use: an operator's update of the image on the manager counts
         from the next removal on.
         """
-        image = self._engine._image(self.helper_image)
-        if image is None and self._engine.pull:
+        image = self.engine.image(self.helper_image)
+        if image is None and self.engine.pull:
             # Swarm pulls a service's image by digest, which may leave it
             # untagged: dbprov's own (deploy/stack.yaml's helper) among them.
             try:
-                self._engine.pull_image(self.helper_image)
+                self.engine.pull_image(self.helper_image)
             except ImageMissing as exc:
                 # A missing helper must hold the deletion up, not fail it.
                 raise EngineError(f"{exc.detail} (DBPROV_SWARM_HELPER_IMAGE)") from None
-            image = self._engine._image(self.helper_image)
+            image = self.engine.image(self.helper_image)
         if image is None:
             raise EngineError(
                 f"the manager's engine has no image {self.helper_image} (DBPROV_SWARM_HELPER_IMAGE) "
@@ -950,45 +949,20 @@ class SwarmRuntime:
             except docker.errors.NotFound:
                 pass
 
-    def _local_job(
-        self,
-        database_id: str,
-        image: str,
-        command: list[str],
-        environment: dict[str, str] | None,
-        input_file: Path | None,
-        timeout: float,
-    ) -> JobResult:
-        container = self._local_container(database_id, image, command, environment)
-        try:
-            if input_file is not None:
-                container.put_archive("/tmp", _tar_of(input_file, "input"))
-            container.start()
-            try:
-                status = container.wait(timeout=timeout)
-            except requests.exceptions.ReadTimeout:
-                raise JobTimedOut(f"{command[0]} ran longer than {timeout:g} s and was stopped") from None
-            output = container.logs().decode("utf-8", errors="replace")
-            return JobResult(exit_code=status.get("StatusCode", -1), output=output)
-        finally:
-            self._engine._remove_container(container.id)
-
     def _local_container(
         self, database_id: str, image: str, command: list[str], environment: dict[str, str] | None
     ):
         """A job container on this engine: on the data, in the running server's network namespace."""
         running = self._task_containers(container_name(database_id), running=True)
-        return self.client.containers.create(
+        return self.engine.job_container(
+            database_id,
+            self._labels_of(database_id),
             image,
-            entrypoint=command[:1],
-            command=command[1:],
-            name=f"{container_name(database_id)}-job-{secrets.token_hex(3)}",
-            labels={**self._labels_of(database_id), LABEL_JOB: "true"},
-            volumes={volume_name(database_id): {"bind": PGDATA, "mode": "rw"}},
+            command,
+            {volume_name(database_id): {"bind": PGDATA, "mode": "rw"}},
             # The server on 127.0.0.1:5432 while it runs; no network while it is stopped.
             network_mode=f"container:{running[0]['Id']}" if running else "none",
-            environment=environment or {},
-            security_opt=["no-new-privileges:true"],
+            environment=environment,
         )
 
     def _remove_jobs(self, database_id: str) -> None:
@@ -999,7 +973,7 @@ class SwarmRuntime:
             except docker.errors.NotFound:
                 pass
         for job in self.client.api.containers(all=True, filters=selector):
-            self._engine._remove_container(job["Id"])
+            self.engine.remove_container(job["Id"])
 
 
 def _server_info(
@@ -1020,12 +994,12 @@ def _server_info(
         return ServerInfo(database_id, ABSENT, True, "no service") if has_data else None
     if _replicas(service) == 0:
         return ServerInfo(database_id, STOPPED, has_data, "scaled to 0 replicas")
-    since = _when(service.get("UpdatedAt") or service.get("CreatedAt"))
-    failures = [t for t in tasks if _crashed(t) and _when(t.get("CreatedAt")) >= since]
+    since = when(service.get("UpdatedAt") or service.get("CreatedAt"))
+    failures = [t for t in tasks if _crashed(t) and when(t.get("CreatedAt")) >= since]
     restarts = len(failures)
     current = max(
         (t for t in tasks if t.get("DesiredState") == "running"),
-        key=lambda t: _when(t.get("CreatedAt")), default=None,
+        key=lambda t: when(t.get("CreatedAt")), default=None,
     )
     where = f" on {node.hostname}" if node else ""
     after = f" after {restarts} restart(s)" if restarts else ""

@@ -20,7 +20,9 @@ import pytest
 
 from service.errors import NodeUnavailable, NotSupported, PortInUse, TransientError
 from service.runtime.protocol import ABSENT, LABEL_INSTANCE, RUNNING, UNREACHABLE, ServerSpec
-from service.runtime.swarm import SwarmRuntime, network_name, placement_name
+from service.runtime.swarm import SwarmRuntime
+from service.runtime.swarm_placement import placement_name
+from service.runtime.swarm_services import network_name
 
 from .conftest import (
     INSTANCE,

@@ -232,8 +232,7 @@ class FakePostgres:
         for server in list(self.runtime.servers.values()):
             away = server.spec.database_id in self.runtime.away
             if server.spec.port == port and server.state == RUNNING and not away:
-                env = server.spec.environment
-                known = {env["POSTGRES_USER"]: env["POSTGRES_PASSWORD"]}
+                known = {server.spec.superuser: server.spec.superuser_password}
                 return {**known, **self.roles.get(port, {})}
         raise psycopg.OperationalError("connection refused")
 

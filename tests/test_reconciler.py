@@ -142,7 +142,7 @@ def test_failed_repair_keeps_the_data(services, reconciler, runtime):
 def test_orphans_are_removed(services, reconciler, runtime):
     created = services.databases.create(LOCAL_ADMIN)
     reconciler.run_once(wait=True)
-    runtime.ensure_server(ServerSpec("0123456789ab", "postgres:17", {}, port=1))
+    runtime.ensure_server(ServerSpec("0123456789ab", "postgres:17", "postgres", "", port=1))
     runtime.data["ba9876543210"] = "left by a crash"
     reconciler.run_once(wait=True)
     assert list(runtime.servers) == [created.id] and list(runtime.data) == [created.id]
@@ -379,7 +379,7 @@ def test_the_sweep_goes_on_past_an_orphan_it_cannot_remove(services, reconciler,
     # Listed first: on a machine that is away.
     runtime.data["000000000000"] = "on a lost node"
     runtime.away.add("000000000000")
-    runtime.ensure_server(ServerSpec("ffffffffffff", "postgres:17", {}, port=1))
+    runtime.ensure_server(ServerSpec("ffffffffffff", "postgres:17", "postgres", "", port=1))
     with caplog.at_level(logging.WARNING):
         reconciler.run_once(wait=True)
     assert "ffffffffffff" not in runtime.servers and "ffffffffffff" not in runtime.data

@@ -28,7 +28,8 @@ from psycopg import sql
 
 from ..domain.models import Database
 from ..errors import TransientError
-from ..store.crypto import Vault, scram_verifier
+from ..store.crypto import Vault
+from .scram import scram_verifier
 
 # How long the service waits for a lock in a tenant's server, and for a
 # statement. Its own statements are catalog changes that take milliseconds;

@@ -502,14 +502,8 @@ class Reconciler:
             image=record.image,
             # The server's superuser is the service's; the tenant's role is
             # made once the server is up (see _setup_tenant).
-            environment={
-                "POSTGRES_USER": record.admin_username,
-                "POSTGRES_PASSWORD": self.vault.decrypt(record.admin_password),
-                # No CREATE DATABASE at initialisation (it costs a noticeable
-                # share of the start-up): the tenant's database is the initial
-                # "postgres" one, renamed when the tenant's role is made.
-                "POSTGRES_DB": "postgres",
-            },
+            superuser=record.admin_username,
+            superuser_password=self.vault.decrypt(record.admin_password),
             port=record.host_port,
             command=(
                 "postgres",
@@ -521,6 +515,10 @@ class Reconciler:
             cpus=plan.cpus,
             pids_limit=self.settings.pids_limit,
             tls=self._authority.issuer(record.id),
+            # No CREATE DATABASE at initialisation (it costs a noticeable
+            # share of the start-up): the tenant's database is the initial
+            # "postgres" one, renamed when the tenant's role is made.
+            extra_environment={"POSTGRES_DB": "postgres"},
         )
 
     def _plan(self, record: Database) -> Plan:

@@ -1,8 +1,8 @@
 """The runtime seam: what the domain asks of any engine that runs database servers.
 
 It speaks of servers, their data and their endpoints, never of containers,
-networks or volumes: ``docker_runtime`` maps it onto one Docker engine,
-``swarm_runtime`` onto a Docker Swarm (docs/scale-out.md also maps it onto
+networks or volumes: ``runtime.docker`` maps it onto one Docker engine,
+``runtime.swarm`` onto a Docker Swarm (docs/scale-out.md also maps it onto
 Kubernetes). The fast tests use a fake with failure knobs (``tests/fakes.py``).
 
 Every method raises only ``DbprovError``s: ``TransientError`` when trying again
@@ -57,8 +57,9 @@ class ServerSpec:
 
     database_id: str
     image: str
-    # The image's environment: for postgres images, the superuser's name and password.
-    environment: dict[str, str] = field(repr=False)
+    # The superuser its data is initialised with, and that superuser's password.
+    superuser: str
+    superuser_password: str = field(repr=False)
     # The host port clients reach it on.
     port: int
     # The image's command; for postgres images, "postgres" and its -c options.
@@ -71,6 +72,18 @@ class ServerSpec:
     # started): its certificate and key live with that server alone, outside
     # its data, so a copy of the data never carries them. None: no TLS.
     tls: Issuer | None = field(default=None, repr=False, compare=False)
+    # More of the image's environment than the superuser's.
+    extra_environment: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def environment(self) -> dict[str, str]:
+        """The image's environment: the postgres images initialise their data
+        with the superuser these variables name."""
+        return {
+            **self.extra_environment,
+            "POSTGRES_USER": self.superuser,
+            "POSTGRES_PASSWORD": self.superuser_password,
+        }
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,6 @@ then dropping the old one.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import os
 from typing import TYPE_CHECKING
 
@@ -50,22 +47,6 @@ class Vault:
 
 def generate_key() -> str:
     return Fernet.generate_key().decode()
-
-
-def scram_verifier(password: str, iterations: int = 4096) -> str:
-    """PostgreSQL's SCRAM-SHA-256 verifier for ``password``.
-
-    Sending the verifier instead of the password (as psql's \\password does)
-    keeps the cleartext out of the server's statement log, which dbprov copies
-    into error messages when a container misbehaves.
-    """
-    salt = os.urandom(16)
-    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
-    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
-    stored_key = hashlib.sha256(client_key).digest()
-    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
-    b64 = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
-    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
 
 
 def load_vault(settings: "Settings") -> Vault:

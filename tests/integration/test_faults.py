@@ -13,7 +13,7 @@ import time
 import psycopg
 import pytest
 
-from service.runtime.docker import LABEL_GOLDEN_OF
+from service.storage.golden import LABEL_GOLDEN_OF
 
 from .conftest import ROOT, ServiceProcess, free_port, managed, metric, wait_until
 

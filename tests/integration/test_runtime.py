@@ -13,8 +13,9 @@ import psycopg
 import pytest
 
 from service.errors import ImageMissing, PortInUse, ServerFailed, TransientError
-from service.runtime import docker as docker_runtime
-from service.runtime.docker import GOLDEN_REPOSITORY, LABEL_GOLDEN_BASE, LABEL_GOLDEN_OF, DockerRuntime
+from service.runtime.docker import DockerRuntime
+from service.storage import overlay
+from service.storage.golden import GOLDEN_REPOSITORY, LABEL_GOLDEN_BASE, LABEL_GOLDEN_OF, golden_key
 from service.runtime.protocol import ABSENT, RUNNING, ServerSpec
 
 from .conftest import (
@@ -40,9 +41,9 @@ def runtime(request, docker_client, monkeypatch):
         probe_host="127.0.0.1", pull=True, golden=request.param != "initdb",
     )
     if request.param == "copy":
-        golden_image = runtime._golden_image
+        golden_image = runtime.storage._golden_image
         monkeypatch.setattr(
-            runtime, "_golden_image",
+            runtime.storage, "_golden_image",
             lambda spec, base: (golden := golden_image(spec, base)) and golden._replace(volume=None),
         )
     runtime.way = request.param
@@ -58,7 +59,7 @@ def new_server(runtime, image: str = "postgres:17", password: str = PASSWORD) ->
     runtime.made.append(database_id)
     spec = ServerSpec(
         database_id=database_id, image=image,
-        environment={"POSTGRES_USER": "admin", "POSTGRES_PASSWORD": password, "POSTGRES_DB": "postgres"},
+        superuser="admin", superuser_password=password, extra_environment={"POSTGRES_DB": "postgres"},
         port=free_port(),
     )
     return spec, database_id
@@ -123,7 +124,7 @@ def test_a_taken_port_is_reported_and_nothing_is_left(runtime, docker_client):
     first = runtime.ensure_server(spec)
     other, other_id = new_server(runtime)
     with pytest.raises(PortInUse):
-        runtime.ensure_server(ServerSpec(other_id, other.image, other.environment, port=first.port))
+        runtime.ensure_server(dataclasses.replace(other, port=first.port))
     assert runtime.inspect_server(other_id).state == ABSENT  # its data only, no server
 
 
@@ -213,9 +214,9 @@ def own_superuser(runtime, docker_client, name: str) -> tuple[ServerSpec, str, s
     """A server whose superuser is of its own, so its golden copy is made here; the key."""
     spec, database_id = new_server(runtime)
     spec = dataclasses.replace(
-        spec, environment={**spec.environment, "POSTGRES_USER": f"{name}_{INSTANCE[5:]}"}
+        spec, superuser=f"{name}_{INSTANCE[5:]}"
     )
-    return spec, database_id, runtime._golden_key(spec, docker_client.api.inspect_image(spec.image))
+    return spec, database_id, golden_key(spec, docker_client.api.inspect_image(spec.image))
 
 
 def remove_golden(docker_client, key: str) -> None:
@@ -238,7 +239,7 @@ def test_an_overlay_shares_the_golden_files_which_stay_while_a_server_stands_on_
     assert lower.attrs["Mountpoint"] in data.attrs["Options"]["o"]
     assert lower.attrs["Labels"][LABEL_GOLDEN_BASE] == docker_client.images.get("postgres:17").id
     # The golden files are never written: the server's changes are its own.
-    count = ["sh", "-c", f"ls {docker_runtime._LAYERS_AT}/lower/data/base | wc -l"]
+    count = ["sh", "-c", f"ls {overlay.LAYERS_AT}/lower/data/base | wc -l"]
     before = int(runtime.run_job(database_id, count).output)
     with connect_when_up(runtime.endpoint(database_id)) as conn:
         conn.execute("CREATE DATABASE another")
@@ -276,16 +277,16 @@ def test_a_golden_volume_removed_behind_its_back_is_never_mounted_by_name_and_is
             runtime.ensure_server(spec)
         assert not docker_client.volumes.list(filters={"name": lower}), "no empty volume in its place"
         other, other_id = new_server(runtime)
-        other = dataclasses.replace(other, environment=spec.environment)
+        other = dataclasses.replace(other, superuser=spec.superuser)
         connect_when_up(runtime.ensure_server(other), user=user).close()
         assert "io.dbprov.lower" not in docker_client.volumes.get(f"dbprov-{other_id}-data").attrs["Labels"]
         # Then it is made again from the image, the same files: the database
         # comes back on it with its own changes, and new servers are overlays again.
-        runtime._golden_refill.clear()
+        runtime.storage._golden_refill.clear()
         with connect_when_up(runtime.ensure_server(spec), user=user) as conn:
             assert conn.execute("SELECT n FROM kept").fetchone() == (7,)
         third, third_id = new_server(runtime)
-        third = dataclasses.replace(third, environment=spec.environment)
+        third = dataclasses.replace(third, superuser=spec.superuser)
         connect_when_up(runtime.ensure_server(third), user=user).close()
         assert golden_volume(docker_client, third_id) == lower
     finally:
@@ -302,7 +303,7 @@ def test_a_golden_volume_that_goes_while_a_server_is_made_costs_a_retry_not_the_
     runtime = own_runtime()
     spec, database_id, key = own_superuser(runtime, docker_client, "racing")
     user = spec.environment["POSTGRES_USER"]
-    make_overlay = runtime._make_overlay
+    make_overlay = runtime.storage._make_overlay
 
     def and_gone(name, labels, lower, lower_path):
         make_overlay(name, labels, lower, lower_path)
@@ -310,11 +311,11 @@ def test_a_golden_volume_that_goes_while_a_server_is_made_costs_a_retry_not_the_
 
     try:
         first, first_id = new_server(runtime)
-        first = dataclasses.replace(first, environment=spec.environment)
+        first = dataclasses.replace(first, superuser=spec.superuser)
         connect_when_up(runtime.ensure_server(first), user=user).close()  # the golden copy is made
         lower = golden_volume(docker_client, first_id)
         runtime.remove_server(first_id)
-        monkeypatch.setattr(runtime, "_make_overlay", and_gone)
+        monkeypatch.setattr(runtime.storage, "_make_overlay", and_gone)
         with pytest.raises(TransientError, match=f"golden volume {lower} went"):
             runtime.ensure_server(spec)
         # Nothing half-made is left: no server, no data, no empty volume of the golden name.
@@ -322,7 +323,7 @@ def test_a_golden_volume_that_goes_while_a_server_is_made_costs_a_retry_not_the_
         assert not docker_client.volumes.list(filters={"name": lower})
         monkeypatch.undo()
         # Tried again (the reconciler's retry), it stands on a golden volume made anew.
-        runtime._golden_refill.clear()
+        runtime.storage._golden_refill.clear()
         with connect_when_up(runtime.ensure_server(spec), user=user) as conn:
             assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone() == (0,)
         assert golden_volume(docker_client, database_id) == lower
@@ -340,7 +341,7 @@ def test_golden_copies_are_shared_and_pruned_once_no_server_stands_on_them(docke
         runtime.ensure_server(spec)
         mine = golden_volume(docker_client, database_id)
         theirs, theirs_id = new_server(other)
-        other.ensure_server(dataclasses.replace(theirs, environment=spec.environment))
+        other.ensure_server(dataclasses.replace(theirs, superuser=spec.superuser))
         # Another installation on the engine stands on the same golden copy.
         assert golden_volume(docker_client, theirs_id) == mine
         assert f"{GOLDEN_REPOSITORY}:{key}" not in " ".join(runtime.prune_caches())
@@ -403,14 +404,14 @@ def test_an_engine_without_overlays_gets_copies_of_the_golden_data(docker_client
     runtime = DockerRuntime(
         instance=INSTANCE, network=f"dbprov-{INSTANCE}", bind_address="127.0.0.1", probe_host="127.0.0.1",
     )
-    make_overlay = runtime._make_overlay
+    make_overlay = runtime.storage._make_overlay
 
     def refused(database_id, *args):
         if database_id.endswith("-probe"):
             raise docker.errors.APIError("overlay: mount refused")
         return make_overlay(database_id, *args)
 
-    monkeypatch.setattr(runtime, "_make_overlay", refused)
+    monkeypatch.setattr(runtime.storage, "_make_overlay", refused)
     runtime.made = []
     spec, database_id, key = own_superuser(runtime, docker_client, "nooverlay")
     try:
@@ -466,8 +467,8 @@ def test_a_golden_build_left_by_a_crash_is_cleared(runtime, docker_client, monke
         base = docker_client.api.inspect_image(image)
         spec, database_id = new_server(runtime, image=image)
         # A superuser of its own: a golden image of its own, not made yet.
-        spec = dataclasses.replace(spec, environment={**spec.environment, "POSTGRES_USER": f"crash_{INSTANCE[5:]}"})
-        key = runtime._golden_key(spec, base)
+        spec = dataclasses.replace(spec, superuser=f"crash_{INSTANCE[5:]}")
+        key = golden_key(spec, base)
         # What a process killed in the middle of a build leaves: its builder, running.
         docker_client.containers.run(
             image, name=f"{GOLDEN_REPOSITORY}-{key}", detach=True, network_mode="none",
@@ -475,7 +476,7 @@ def test_a_golden_build_left_by_a_crash_is_cleared(runtime, docker_client, monke
         )
         # ... and the container that tries an overlay on the golden volume.
         docker_client.containers.create(image, name=f"{GOLDEN_REPOSITORY}-{key}-probe", command="true")
-        monkeypatch.setattr(docker_runtime, "_GOLDEN_STALE", 0.0)
+        monkeypatch.setattr("service.storage.golden._GOLDEN_STALE", 0.0)
         connect_when_up(runtime.ensure_server(spec), user=spec.environment["POSTGRES_USER"]).close()
         assert docker_client.containers.get(f"dbprov-{database_id}").image.tags[0] == f"{GOLDEN_REPOSITORY}:{key}"
         left = docker_client.containers.list(all=True, filters={"name": f"{GOLDEN_REPOSITORY}-{key}"})

@@ -5,6 +5,7 @@ a container, where this machine can run one."""
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import socket
 import subprocess
@@ -19,7 +20,9 @@ import pytest
 
 from service.errors import NodeUnavailable, NotSupported, PortInUse, TransientError
 from service.runtime.protocol import ABSENT, LABEL_INSTANCE, RUNNING, UNREACHABLE, ServerSpec
-from service.runtime.swarm import SwarmRuntime, network_name, placement_name
+from service.runtime.swarm import SwarmRuntime
+from service.runtime.swarm_placement import placement_name
+from service.runtime.swarm_services import network_name
 
 from .conftest import (
     INSTANCE,
@@ -138,7 +141,7 @@ def new_server(runtime, **limits) -> tuple[ServerSpec, str]:
     runtime.made.append(database_id)
     spec = ServerSpec(
         database_id=database_id, image="postgres:17",
-        environment={"POSTGRES_USER": "admin", "POSTGRES_PASSWORD": PASSWORD, "POSTGRES_DB": "postgres"},
+        superuser="admin", superuser_password=PASSWORD, extra_environment={"POSTGRES_DB": "postgres"},
         port=free_port(), **limits,
     )
     return spec, database_id
@@ -286,7 +289,7 @@ def test_a_taken_port_is_reported_and_only_the_data_is_left(runtime):
     info = runtime.inspect_server(database_id)
     assert info.state == ABSENT and info.has_data
     # What the reconciler does next: another port.
-    moved = ServerSpec(database_id, spec.image, spec.environment, port=free_port())
+    moved = dataclasses.replace(spec, port=free_port())
     connect_when_up(runtime.ensure_server(moved)).close()
 
 
@@ -368,7 +371,7 @@ def test_orphans_are_swept(swarm_service, docker_client):
     # Made while the service is down: a server no record owns.
     swarm_service.stop()
     orphans = SwarmRuntime(instance=INSTANCE)
-    spec = ServerSpec(secrets.token_hex(6), "postgres:17", {"POSTGRES_PASSWORD": PASSWORD}, port=free_port())
+    spec = ServerSpec(secrets.token_hex(6), "postgres:17", "postgres", PASSWORD, port=free_port())
     orphans.ensure_server(spec)
     swarm_service.start()
     wait_until(

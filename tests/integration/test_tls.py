@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from service.runtime.docker import TLS_DIR
+from service.runtime.entry import TLS_DIR
 
 from .conftest import ROOT, ServiceProcess, managed, metric, wait_until
 

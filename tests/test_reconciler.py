@@ -9,7 +9,7 @@ from service.domain.models import Database, Status, utcnow
 from service.domain.requests import CreateRequest
 from service.domain.tenancy import LOCAL_ADMIN
 from service.errors import EngineRefused
-from service.reconciler.loop import backoff
+from service.reconciler.steps import backoff
 from service.runtime.protocol import CRASHED, RUNNING, STOPPED, ServerSpec
 
 from .fakes import AWAY

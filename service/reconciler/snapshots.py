@@ -1,0 +1,109 @@
+"""Snapshots: taken with a short, clean stop of the server, and dropped once deleted.
+
+A snapshot is taken under its database's claim, so nothing else touches that
+server while its data is copied.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from sqlalchemy import update
+
+from ..domain.models import GOING, Database, Snapshot, SnapshotStatus, Status, utcnow
+from ..domain.records import SERVICE
+from ..errors import DbprovError, PermanentError, TransientError
+from ..postgres.admin import admin_login
+from .provision import Provisioning
+from .steps import Context, Step
+
+if TYPE_CHECKING:
+    from ..domain.templates import Templates
+
+log = logging.getLogger(__name__)
+
+# What changes or removes a database's data: held back while a snapshot of
+# it, asked for first, is pending.
+AFTER_SNAPSHOTS = frozenset({Status.RESETTING, Status.DELETING})
+
+
+class Snapshots(Step):
+    """The steps of a pending or deleting snapshot."""
+
+    def __init__(self, ctx: Context, provisioning: Provisioning, templates: Templates | None) -> None:
+        super().__init__(ctx)
+        self._provisioning = provisioning
+        self._templates = templates
+
+    def take(self, snapshot_id: str, database_id: str) -> None:
+        """A clean stop, a copy of the data, and the server started again."""
+        with self.store.read() as session:
+            snapshot = session.get(Snapshot, snapshot_id)
+        record = self._load(database_id)
+        if snapshot is None or snapshot.status != SnapshotStatus.PENDING:
+            return
+        # A reset or a delete asked for after the snapshot waits for it (see
+        # run_once): the data is still as it was, and needs no restart after.
+        after = record.status in AFTER_SNAPSHOTS
+        if record.status not in (Status.READY, Status.STOPPED) and not after:
+            if record.status in GOING | {Status.FAILED}:
+                self._settle(snapshot, error=f"its database is {record.status.value}")
+            return  # stopping or starting: the next pass tries again
+        started = time.monotonic()
+        running = record.status == Status.READY
+        try:
+            if running or after:
+                # A clean shutdown ends with a checkpoint: the copy needs no recovery.
+                self.runtime.stop_server(database_id)
+            size = self.runtime.copy_data(database_id, snapshot_id, record.image)
+        except TransientError as exc:
+            log.warning("snapshot %s: postponed: %s", snapshot_id, exc.detail)
+            return
+        except PermanentError as exc:
+            self._settle(snapshot, error=exc.detail)
+            return
+        finally:
+            if running:
+                self._restart(record)
+        seconds = round(time.monotonic() - started, 3)
+        self._settle(snapshot, size=size)
+        with self.store.transaction() as session:
+            self.records.event(session, record, "snapshot-taken", SERVICE,
+                               {"snapshot": snapshot_id, "bytes": size, "seconds": seconds})
+        log.info("snapshot %s of database %s: %d bytes in %.2f s", snapshot_id, database_id, size, seconds)
+
+    def _restart(self, record: Database) -> None:
+        try:
+            self.runtime.start_server(record.id)
+            self._provisioning.wait_ready(record, admin_login(record, self.vault))
+        except DbprovError as exc:
+            # Drift repair starts it again on a later pass.
+            log.warning("database %s: not back after its snapshot yet: %s", record.id, exc.detail)
+
+    def _settle(self, snapshot: Snapshot, size: int | None = None, error: str | None = None) -> None:
+        with self.store.transaction() as session:
+            session.execute(
+                update(Snapshot)
+                .where(Snapshot.id == snapshot.id, Snapshot.status == SnapshotStatus.PENDING)
+                .values(
+                    status=SnapshotStatus.FAILED if error else SnapshotStatus.READY,
+                    size_bytes=size, last_error=error, ready_at=None if error else utcnow(),
+                )
+            )
+            self.records.announce(session)
+            if snapshot.template_id is not None and self._templates is not None:
+                self._templates.settle(session, snapshot.template_id, snapshot_ready=error is None)
+        if error:
+            log.warning("snapshot %s failed: %s", snapshot.id, error)
+
+    def drop(self, snapshot_id: str, _key: str) -> None:
+        self.runtime.remove_server(snapshot_id)
+        with self.store.transaction() as session:
+            session.execute(
+                update(Snapshot)
+                .where(Snapshot.id == snapshot_id, Snapshot.status == SnapshotStatus.DELETING)
+                .values(status=SnapshotStatus.DELETED, deleted_at=utcnow())
+            )
+        log.info("snapshot %s deleted", snapshot_id)

@@ -1,0 +1,147 @@
+"""Upkeep of databases that are up or going: stop, expiry, the idle stop, deletion, and rotations left unfinished."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+
+import psycopg
+from sqlalchemy import update
+
+from ..domain.models import (
+    GOING,
+    LIVE,
+    Database,
+    Snapshot,
+    SnapshotStatus,
+    Status,
+    utcnow,
+)
+from ..domain.tenancy import POOL_TENANT
+from ..postgres.admin import admin_login
+from .steps import Context, Step, Superseded
+
+log = logging.getLogger(__name__)
+
+
+class Upkeep(Step):
+    """The steps of a stopping, expired, idle or deleting database."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self._server_admin = ctx.server_admin
+        # When each ready database's clients were last counted, for the idle stop.
+        self._idle_checked: dict[str, float] = {}
+
+    def stop(self, database_id: str) -> None:
+        self.runtime.stop_server(database_id)
+        self._transition(
+            database_id, {Status.STOPPING}, status=Status.STOPPED, attempts=0, next_attempt_at=None,
+            retrying_since=None, last_error=None,
+        )
+        self._idle_checked.pop(database_id, None)
+        log.info("database %s: stopped", database_id)
+
+    @staticmethod
+    def expired(record: Database, now: datetime) -> bool:
+        return (
+            record.expires_at is not None
+            and record.expires_at <= now
+            and record.status not in GOING
+            and not record.protected
+            and record.tenant != POOL_TENANT
+        )
+
+    def expire(self, record: Database) -> Database | None:
+        """Delete an expired database the way a DELETE does; None if it moved on."""
+        expired = self.records.transition(
+            record.id, LIVE - GOING, only_if=Database.protected.is_(False), status=Status.DELETING,
+            event="expired", details={"expires_at": record.expires_at.isoformat()},
+        )
+        if expired is not None:
+            log.info("database %s: expired at %s; deleting it", record.id, record.expires_at.isoformat())
+        return expired
+
+    def idle_due(self, record: Database) -> bool:
+        """Whether a ready database's clients are to be counted now (``check_idle``)."""
+        idle_stop = self.settings.idle_stop
+        # An unavailable one has no clients to count, nor a server to stop.
+        if idle_stop is None or record.tenant == POOL_TENANT or record.status != Status.READY:
+            return False
+        # A quarter of the idle time between counts (at most a minute) keeps
+        # a stop within 25 % of its time without a connection per pass.
+        if time.monotonic() - self._idle_checked.get(record.id, 0.0) < min(idle_stop / 4, 60.0):
+            return False
+        self._idle_checked[record.id] = time.monotonic()
+        return True
+
+    def check_idle(self, database_id: str) -> None:
+        """Count the tenant's connections; stop a database idle for DBPROV_IDLE_STOP."""
+        record = self._load(database_id)
+        if record.status != Status.READY:
+            return
+        try:
+            clients = self._server_admin.client_connections(
+                admin_login(record, self.vault), record.database_name
+            )
+        except psycopg.Error:
+            return  # down: drift repair deals with it, and the next count decides
+        now = utcnow()
+        if clients:
+            self.records.transition(database_id, {Status.READY}, active_at=now)
+            return
+        idle_since = record.active_at or record.ready_at or now
+        if (now - idle_since).total_seconds() >= self.settings.idle_stop:
+            stopping = self.records.transition(
+                database_id, {Status.READY}, status=Status.STOPPING, event="idle-stopped",
+                details={"idle_since": idle_since.isoformat()},
+            )
+            if stopping is not None:
+                log.info("database %s: no clients since %s; stopping it", database_id, idle_since.isoformat())
+                self.stop(database_id)
+
+    def teardown(self, database_id: str) -> None:
+        self.runtime.remove_server(database_id)
+        with self.store.transaction() as session:
+            deleted = self.records.transition(
+                database_id,
+                {Status.DELETING},
+                session=session,
+                status=Status.DELETED,
+                deleted_at=utcnow(),
+                host_port=None,
+                attempts=0,
+                next_attempt_at=None,
+                retrying_since=None,
+            )
+            if deleted is None:
+                raise Superseded(database_id)
+            # The snapshot it was cloned from_database goes with it, in the
+            # same transaction: a crash between the two would keep it for good.
+            session.execute(
+                update(Snapshot)
+                .where(
+                    Snapshot.owner_id == database_id,
+                    Snapshot.status.in_([SnapshotStatus.PENDING, SnapshotStatus.READY, SnapshotStatus.FAILED]),
+                )
+                .values(status=SnapshotStatus.DELETING)
+            )
+        log.info("database %s: deleted", database_id)
+
+    def finish_rotation(self, database_id: str) -> None:
+        """A rotation whose process ended before it was done: its password set
+        on the server (again: it may or may not have been) and made the password."""
+        record = self._load(database_id)
+        if record.pending_password is None or record.status != Status.READY:
+            return
+        try:
+            self._server_admin.set_password(
+                admin_login(record, self.vault), record.username, self.vault.decrypt(record.pending_password)
+            )
+        except psycopg.Error as exc:
+            # Only the class: a server message might echo the statement.
+            log.warning("database %s: rotation not finished yet (%s)", database_id, type(exc).__name__)
+            return
+        if self.records.finish_rotation(database_id, record.pending_password) is not None:
+            log.info("database %s: a rotation left unfinished is done", database_id)

@@ -89,3 +89,14 @@ def test_a_cycle_is_found():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycle(graph) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_service_module_is_over_600_lines():
+    longer = {name: lines for name, path in MODULES.items() if (lines := len(path.read_text().splitlines())) > 600}
+    assert longer == {}
+
+
+def test_the_top_folder_holds_at_most_12_modules():
+    # The rest lives in packages named for their role (domain, store, runtime, ...).
+    top = sorted(path.name for path in SERVICE.glob("*.py"))
+    assert len(top) <= 12, top

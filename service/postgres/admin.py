@@ -126,8 +126,9 @@ class PostgresAdmin:
         # Repeatable: a crash after any statement is mended by running it all again.
         with _connect(admin) as conn:
             if not _exists(conn, "pg_database", "datname", database):
-                # The server was initialised without it (see the reconciler's
-                # container spec): the untouched initial database becomes it.
+                # Data initialised before servers were made with the tenant's
+                # database (the reconciler's spec): the untouched initial
+                # database becomes it.
                 conn.execute(
                     sql.SQL("ALTER DATABASE postgres RENAME TO {}").format(sql.Identifier(database))
                 )

@@ -10,8 +10,6 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from sqlalchemy import update
-
 from ..domain.models import GOING, Database, Snapshot, SnapshotStatus, Status, utcnow
 from ..domain.records import SERVICE
 from ..errors import DbprovError, PermanentError, TransientError
@@ -84,15 +82,11 @@ class Snapshots(Step):
 
     def _settle(self, snapshot: Snapshot, size: int | None = None, error: str | None = None) -> None:
         with self.store.transaction() as session:
-            session.execute(
-                update(Snapshot)
-                .where(Snapshot.id == snapshot.id, Snapshot.status == SnapshotStatus.PENDING)
-                .values(
-                    status=SnapshotStatus.FAILED if error else SnapshotStatus.READY,
-                    size_bytes=size, last_error=error, ready_at=None if error else utcnow(),
-                )
+            self.records.compare_and_set(
+                session, Snapshot, snapshot.id, {SnapshotStatus.PENDING},
+                status=SnapshotStatus.FAILED if error else SnapshotStatus.READY,
+                size_bytes=size, last_error=error, ready_at=None if error else utcnow(),
             )
-            self.records.announce(session)
             if snapshot.template_id is not None and self._templates is not None:
                 self._templates.settle(session, snapshot.template_id, snapshot_ready=error is None)
         if error:
@@ -101,9 +95,8 @@ class Snapshots(Step):
     def drop(self, snapshot_id: str, _key: str) -> None:
         self.runtime.remove_server(snapshot_id)
         with self.store.transaction() as session:
-            session.execute(
-                update(Snapshot)
-                .where(Snapshot.id == snapshot_id, Snapshot.status == SnapshotStatus.DELETING)
-                .values(status=SnapshotStatus.DELETED, deleted_at=utcnow())
+            self.records.compare_and_set(
+                session, Snapshot, snapshot_id, {SnapshotStatus.DELETING},
+                status=SnapshotStatus.DELETED, deleted_at=utcnow(),
             )
         log.info("snapshot %s deleted", snapshot_id)

@@ -7,7 +7,6 @@ import time
 from datetime import datetime
 
 import psycopg
-from sqlalchemy import update
 
 from ..domain.models import (
     GOING,
@@ -119,13 +118,10 @@ class Upkeep(Step):
                 raise Superseded(database_id)
             # The snapshot it was cloned from_database goes with it, in the
             # same transaction: a crash between the two would keep it for good.
-            session.execute(
-                update(Snapshot)
-                .where(
-                    Snapshot.owner_id == database_id,
-                    Snapshot.status.in_([SnapshotStatus.PENDING, SnapshotStatus.READY, SnapshotStatus.FAILED]),
-                )
-                .values(status=SnapshotStatus.DELETING)
+            self.records.compare_and_set_all(
+                session, Snapshot, Snapshot.owner_id == database_id,
+                {SnapshotStatus.PENDING, SnapshotStatus.READY, SnapshotStatus.FAILED},
+                status=SnapshotStatus.DELETING,
             )
         log.info("database %s: deleted", database_id)
 

@@ -64,8 +64,12 @@ Filler = Callable[[str, str, str, dict], None]
 
 
 def golden_key(spec: "ServerSpec", base: dict) -> str:
-    """What a golden copy depends on: the image, and the superuser initdb makes."""
-    return hashlib.sha256(f"{_GOLDEN_FORMAT}\0{base['Id']}\0{spec.superuser}".encode()).hexdigest()[:16]
+    """What a golden copy depends on: the image, the superuser initdb makes,
+    and the rest of the environment the entrypoint initialises it with (the
+    first database's name)."""
+    environment = "\0".join(f"{name}={value}" for name, value in sorted(spec.extra_environment.items()))
+    key = f"{_GOLDEN_FORMAT}\0{base['Id']}\0{spec.superuser}\0{environment}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def golden_labels(labels: dict[str, str]) -> dict[str, str]:

@@ -31,8 +31,8 @@ from ..store.engine import Store
 from .images import Images
 from .models import (
     COMING_UP,
-    GOING,
-    LIVE,
+    DELETING_OR_DELETED,
+    NOT_DELETED,
     OWNS_SERVER,
     Database,
     Event,
@@ -53,7 +53,7 @@ from .tenancy import POOL_TENANT, Principal
 log = logging.getLogger(__name__)
 
 # Statuses a DELETE, or a change of expiry or protection, still applies to.
-_CHANGEABLE = LIVE - {Status.DELETING}
+_CHANGEABLE = NOT_DELETED - {Status.DELETING}
 
 
 def _snapshotting(database_id: str) -> Busy:
@@ -173,7 +173,7 @@ class Databases:
         if request.from_snapshot is not None:
             return self.snapshots.get(principal, request.from_snapshot, usable=True), None, None
         if request.from_database is not None:
-            return None, None, self.snapshots.of(principal, request.from_database)
+            return None, None, self.snapshots.ready_for_snapshot(principal, request.from_database)
         return None, None, None
 
     def get(self, principal: Principal, database_id: str) -> Database:
@@ -197,7 +197,7 @@ class Databases:
         )
         if changed is None:
             record = self.get(principal, database_id)
-            if record.protected and record.status not in GOING:
+            if record.protected and record.status not in DELETING_OR_DELETED:
                 raise Conflict(
                     f"database {database_id} is protected; lift the protection with "
                     f'PATCH /databases/{database_id} {{"protected": false}} first'
@@ -235,7 +235,7 @@ class Databases:
 
     def stop(self, principal: Principal, database_id: str) -> Database:
         """Stop a ready database's server, keeping its data and port."""
-        return self._move(principal, database_id, Status.READY, Status.STOPPING, "stopped")
+        return self._request_move(principal, database_id, Status.READY, Status.STOPPING, "stopped")
 
     def start(self, principal: Principal, database_id: str) -> Database:
         """Start a stopped database again on the same port and password; or a
@@ -243,7 +243,7 @@ class Databases:
         anew (a failure gave its port back)."""
         record = self.get(principal, database_id)
         if record.status != Status.FAILED:
-            return self._move(principal, database_id, Status.STOPPED, Status.STARTING, "started")
+            return self._request_move(principal, database_id, Status.STOPPED, Status.STARTING, "started")
         if record.ready_at is None:
             raise Conflict(f"database {database_id} failed before it held any data: delete it and create another")
         for _ in range(PORT_ATTEMPTS):
@@ -263,7 +263,7 @@ class Databases:
             return changed
         raise PortRangeExhausted("no free host port after several attempts; try again")
 
-    def _move(
+    def _request_move(
         self, principal: Principal, database_id: str, source: Status, target: Status, verb: str
     ) -> Database:
         self.get(principal, database_id)

@@ -56,7 +56,7 @@ SETTLING = frozenset({Status.PENDING, Status.PROVISIONING})
 RESTING = frozenset({Status.STOPPING, Status.STOPPED, Status.STARTING, Status.RESETTING})
 # Still holding (or possibly holding) a server, its data, a port or a name.
 # An unavailable one holds all of them, on a machine that is away.
-LIVE = frozenset({
+NOT_DELETED = frozenset({
     *SETTLING, Status.READY, Status.UNAVAILABLE, *RESTING, Status.FAILED, Status.LOST, Status.DELETING,
 })
 # Whose server may exist and is wanted; a failed one had its server removed.
@@ -68,9 +68,9 @@ COMING_UP = frozenset({*SETTLING, Status.STARTING, Status.RESETTING})
 # Whose server is meant to run, which drift checks each pass: a ready one's is
 # started again if it stopped, an unavailable one's brought back once its
 # machine is.
-RUNS = frozenset({Status.READY, Status.UNAVAILABLE})
+MEANT_TO_RUN = frozenset({Status.READY, Status.UNAVAILABLE})
 # Past which a DELETE has nothing more to do.
-GOING = frozenset({Status.DELETING, Status.DELETED})
+DELETING_OR_DELETED = frozenset({Status.DELETING, Status.DELETED})
 
 # The moves a database's status may make, and nothing else: ``Records`` refuses
 # any other. ``None`` is where a new record starts. Every live status may be

@@ -25,7 +25,7 @@ from ..store.crypto import Vault
 from ..store.engine import Store
 from .images import Images
 from .models import (
-    GOING,
+    DELETING_OR_DELETED,
     SETTLING,
     Database,
     IdempotencyKey,
@@ -98,9 +98,9 @@ class WarmPool:
                 return None
             if as_stocked and others:
                 # The member that replaces this one is not due before
-                # _REFILL_DELAY (see _keep), and a pass now (the engine's
+                # _REFILL_DELAY (see _stock), and a pass now (the engine's
                 # listings, the pool's count) would only compete with the
-                # client's first connection (12 ms instead of 9, measured).
+                # client's first connection.
                 self.records.wake_later(session, _REFILL_DELAY)
             values = dict(
                 tenant=principal.tenant, created_at=utcnow(), **new.columns(),
@@ -205,7 +205,7 @@ class WarmPool:
                 select(Database.id)
                 .join(Template, Template.id == Database.template_id)
                 .where(
-                    Database.tenant == POOL_TENANT, Database.status.not_in(list(GOING)),
+                    Database.tenant == POOL_TENANT, Database.status.not_in(list(DELETING_OR_DELETED)),
                     Template.status != TemplateStatus.READY,
                 )
             ).all()
@@ -218,9 +218,9 @@ class WarmPool:
         added = 0
         try:
             for version, size in self.settings.pool_sizes.items():
-                added += self._keep(size, NewDatabase(version))
+                added += self._stock(size, NewDatabase(version))
             for template, snapshot in templates:
-                added += self._keep(
+                added += self._stock(
                     template.pool_size, NewDatabase(template.version, source=snapshot, template_id=template.id),
                     template.tenant,
                 )
@@ -228,7 +228,7 @@ class WarmPool:
             pass  # tenants come first; the pool waits for free ports
         return added
 
-    def _keep(self, size: int, member: NewDatabase, tenant: str | None = None) -> int:
+    def _stock(self, size: int, member: NewDatabase, tenant: str | None = None) -> int:
         """``size`` members like ``member``: the surplus removed, the missing
         recorded. A template's members count against its ``tenant``'s limit:
         never more of them than fit in it."""

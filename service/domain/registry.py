@@ -51,8 +51,8 @@ def new_password() -> str:
 
 
 # What a listed database shows: the list reads these columns, not whole
-# records. Hydrating 50 records (secrets, retry state and all) as ORM objects
-# took most of a page's time.
+# records, whose hydration as ORM objects (secrets, retry state and all)
+# would be most of a page's time.
 LISTED = (
     Database.id, Database.tenant, Database.name, Database.status, Database.version, Database.image,
     Database.host_port, Database.database_name, Database.username, Database.superuser,
@@ -70,8 +70,8 @@ _SHOWING = _LISTING.where(Database.id == bindparam("id"))
 def _page_statements(admin: bool, by_status: bool, after: bool) -> tuple[Select, Select]:
     """A page of the list (with its total riding along on each row) and the
     total alone, for a tenant or an admin, of one status or all, after a
-    cursor or at an offset: built once per shape (building them anew was
-    about a quarter of a page's time)."""
+    cursor or at an offset: built once per shape, as building them is a good
+    share of a page's time."""
     # A tenant's own condition keeps the pool out already (no token names
     # it), and a second condition on every row costs a third of the count.
     conditions = [Database.tenant != POOL_TENANT if admin else Database.tenant == bindparam("tenant")]

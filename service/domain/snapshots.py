@@ -39,7 +39,7 @@ class Snapshots:
 
     def take(self, principal: Principal, database_id: str) -> Snapshot:
         """Ask for a snapshot of a ready (or stopped) database; the reconciler takes it."""
-        record = self.of(principal, database_id)
+        record = self.ready_for_snapshot(principal, database_id)
         with self.store.transaction() as session:
             snapshot = self.registry.add_snapshot(
                 session, record, principal.actor, quota=self.settings.snapshot_quota
@@ -47,7 +47,7 @@ class Snapshots:
         log.info("snapshot %s of database %s requested", snapshot.id, record.id)
         return snapshot
 
-    def of(self, principal: Principal, database_id: str) -> Database:
+    def ready_for_snapshot(self, principal: Principal, database_id: str) -> Database:
         """The principal's database, if a snapshot of it can be taken now."""
         record = self.registry.get(principal, database_id)
         if record.status not in (Status.READY, Status.STOPPED):

@@ -22,7 +22,7 @@ from ..errors import Conflict, Locked, NotFound, ValidationError
 from ..settings import Settings
 from ..store.engine import Store
 from .images import Images
-from .models import GOING, Database, Status, Template, TemplateStatus, utcnow
+from .models import DELETING_OR_DELETED, Database, Status, Template, TemplateStatus, utcnow
 from .records import SERVICE, Records
 from .registry import Registry, new_password
 from .requests import NewDatabase
@@ -64,7 +64,7 @@ class Templates:
                         existing.id, key)
             existing = self._live(principal.tenant, key)
         if existing is not None:
-            return self._answer(existing), None
+            return self._unless_building(existing), None
         if version not in self.settings.images:
             raise ValidationError(
                 f"unsupported version {version!r}",
@@ -81,7 +81,7 @@ class Templates:
                 self.records.insert(session, template)
         except sqlalchemy.exc.IntegrityError:
             # Another client asked for the same key at the same moment and won.
-            return self._answer(self._live(principal.tenant, key)), None
+            return self._unless_building(self._live(principal.tenant, key)), None
         try:
             database = self.registry.add(
                 principal.tenant, NewDatabase(version, template_id=template.id),
@@ -107,9 +107,9 @@ class Templates:
             return utcnow() - template.created_at > _UNFILLED_GRACE
         with self.store.read() as session:
             status = session.scalar(select(Database.status).where(Database.id == template.database_id))
-        return status is None or status == Status.FAILED or status in GOING
+        return status is None or status == Status.FAILED or status in DELETING_OR_DELETED
 
-    def _answer(self, template: Template) -> Template:
+    def _unless_building(self, template: Template) -> Template:
         if template.status in (TemplateStatus.BUILDING, TemplateStatus.FINALIZING):
             raise Locked(
                 f"template {template.key!r} is being built by another client; ask again shortly",
@@ -126,7 +126,7 @@ class Templates:
             raise Conflict(f"template {key!r} has no database to finalize yet")
         if not 0 <= pool_size <= MAX_POOL:
             raise ValidationError(f"pool_size must be 0 to {MAX_POOL}")
-        record = self.snapshots.of(principal, template.database_id)
+        record = self.snapshots.ready_for_snapshot(principal, template.database_id)
         # One transaction: the reconciler may take the snapshot and settle the
         # template at once, which it can only do to a finalizing one.
         with self.store.transaction() as session:
@@ -149,7 +149,7 @@ class Templates:
 
     def usable(self, principal: Principal, key: str) -> Template:
         """A ready template to clone; ``Locked`` while it is being built."""
-        template = self._answer(self.get(principal, key))
+        template = self._unless_building(self.get(principal, key))
         if template.status != TemplateStatus.READY:
             raise Conflict(f"template {key!r} is {template.status.value}")
         return template
@@ -189,12 +189,12 @@ class Templates:
             owned = session.scalars(
                 select(Database.id).where(
                     # Clones handed to a tenant are the tenant's now; the pool and the builder go.
-                    Database.template_id == template.id, Database.status.not_in(list(GOING)), mine,
+                    Database.template_id == template.id, Database.status.not_in(list(DELETING_OR_DELETED)), mine,
                 )
             ).all()
             for database_id in owned:
                 self.records.transition(
-                    database_id, set(Status) - GOING, session=session, actor=actor, status=Status.DELETING,
+                    database_id, set(Status) - DELETING_OR_DELETED, session=session, actor=actor, status=Status.DELETING,
                 )
             if template.snapshot_id:
                 self.snapshots.mark_unused(session, [template.snapshot_id])
@@ -212,7 +212,7 @@ class Templates:
             if template is not None and template.database_id:
                 # Filled and copied: the builder's database has done its job.
                 self.records.transition(
-                    template.database_id, set(Status) - GOING, session=session, status=Status.DELETING
+                    template.database_id, set(Status) - DELETING_OR_DELETED, session=session, status=Status.DELETING
                 )
         else:
             self._update(session, template_id, {TemplateStatus.FINALIZING}, status=TemplateStatus.FAILED)

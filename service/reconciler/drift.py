@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from ..domain.models import OWNS_SERVER, RUNS, Database, Snapshot, Status, utcnow
+from ..domain.models import OWNS_SERVER, MEANT_TO_RUN, Database, Snapshot, Status, utcnow
 from ..errors import DataLost, DbprovError, TransientError
 from ..postgres.admin import admin_login
 from ..runtime.protocol import ABSENT, RUNNING, UNREACHABLE, ServerInfo
@@ -40,7 +40,7 @@ class Drift(Step):
             return self._lose_vanished
         elif info.state == ABSENT:
             log.warning("database %s: server vanished; making it anew on its data", record.id)
-            if self.records.transition(record.id, RUNS, status=Status.PROVISIONING):
+            if self.records.transition(record.id, MEANT_TO_RUN, status=Status.PROVISIONING):
                 return self._provisioning.provision
         elif record.status == Status.UNAVAILABLE:
             return self._recover
@@ -59,7 +59,7 @@ class Drift(Step):
         """A running database whose server and data both vanished, asked again
         under its claim: a snapshot or a start may have been between them."""
         record = self._load(database_id)
-        if record.status in RUNS and self.runtime.inspect_server(database_id) is None:
+        if record.status in MEANT_TO_RUN and self.runtime.inspect_server(database_id) is None:
             raise DataLost(f"the server and the data of database {database_id} vanished outside dbprov")
 
     def _mark_unavailable(self, record: Database, reason: str) -> None:

@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 
 from ..domain.models import (
-    GOING,
-    LIVE,
-    RUNS,
+    DELETING_OR_DELETED,
+    NOT_DELETED,
+    MEANT_TO_RUN,
     SNAPSHOT_LIVE,
     Database,
     Snapshot,
@@ -187,7 +187,7 @@ class Reconciler:
             # Only what a pass decides on: whole records (their JSON columns
             # above all) would cost most of a pass at 10,000 of them. A task
             # loads the one record it works on.
-            records = session.execute(select(*_PASS_COLUMNS).where(Database.status.in_(LIVE))).all()
+            records = session.execute(select(*_PASS_COLUMNS).where(Database.status.in_(NOT_DELETED))).all()
             snapshots = list(session.scalars(select(Snapshot).where(Snapshot.status.in_(SNAPSHOT_LIVE))))
         now = utcnow()
         next_due = None
@@ -196,7 +196,7 @@ class Reconciler:
         # it was: those wait for it (it is taken below, under the same claim).
         snapshotting = {s.database_id for s in snapshots if s.status == SnapshotStatus.PENDING}
         for record in records:
-            if record.expires_at is not None and record.status not in GOING:
+            if record.expires_at is not None and record.status not in DELETING_OR_DELETED:
                 if record.expires_at > now:
                     next_due = min(next_due or record.expires_at, record.expires_at)
                 elif self._upkeep.expired(record, now):
@@ -215,7 +215,7 @@ class Reconciler:
                 if record.status in AFTER_SNAPSHOTS and record.id in snapshotting:
                     continue
                 self._submit(record.id, task)
-            elif record.status in RUNS and servers is not None:
+            elif record.status in MEANT_TO_RUN and servers is not None:
                 info = servers.get(record.id)
                 # Most records of a large installation: nothing to do (inlined
                 # for them, as a pass over 10,000 records counts each call).

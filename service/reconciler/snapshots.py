@@ -10,7 +10,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from ..domain.models import GOING, Database, Snapshot, SnapshotStatus, Status, utcnow
+from ..domain.models import DELETING_OR_DELETED, Database, Snapshot, SnapshotStatus, Status, utcnow
 from ..domain.records import SERVICE
 from ..errors import DbprovError, PermanentError, TransientError
 from ..postgres.admin import admin_login
@@ -46,7 +46,7 @@ class Snapshots(Step):
         # run_once): the data is still as it was, and needs no restart after.
         after = record.status in AFTER_SNAPSHOTS
         if record.status not in (Status.READY, Status.STOPPED) and not after:
-            if record.status in GOING | {Status.FAILED}:
+            if record.status in DELETING_OR_DELETED | {Status.FAILED}:
                 self._settle(snapshot, error=f"its database is {record.status.value}")
             return  # stopping or starting: the next pass tries again
         started = time.monotonic()

@@ -21,7 +21,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import timedelta
 
-from ..domain.models import COMING_UP, RUNS, Database, Status, utcnow
+from ..domain.models import COMING_UP, MEANT_TO_RUN, Database, Status, utcnow
 from ..domain.records import Records
 from ..errors import (
     DataLost,
@@ -198,7 +198,7 @@ class Outcomes(Step):
         """Say out loud that the data is gone, and the ways back."""
         self._transition(
             database_id,
-            COMING_UP | RUNS,
+            COMING_UP | MEANT_TO_RUN,
             status=Status.LOST,
             details={"reason": reason},
             last_error=f"{reason}.\nWays back: POST /databases/{database_id}/reset with a snapshot of it "

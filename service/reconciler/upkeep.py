@@ -9,8 +9,8 @@ from datetime import datetime
 import psycopg
 
 from ..domain.models import (
-    GOING,
-    LIVE,
+    DELETING_OR_DELETED,
+    NOT_DELETED,
     Database,
     Snapshot,
     SnapshotStatus,
@@ -47,7 +47,7 @@ class Upkeep(Step):
         return (
             record.expires_at is not None
             and record.expires_at <= now
-            and record.status not in GOING
+            and record.status not in DELETING_OR_DELETED
             and not record.protected
             and record.tenant != POOL_TENANT
         )
@@ -55,7 +55,7 @@ class Upkeep(Step):
     def expire(self, record: Database) -> Database | None:
         """Delete an expired database the way a DELETE does; None if it moved on."""
         expired = self.records.transition(
-            record.id, LIVE - GOING, only_if=Database.protected.is_(False), status=Status.DELETING,
+            record.id, NOT_DELETED - DELETING_OR_DELETED, only_if=Database.protected.is_(False), status=Status.DELETING,
             event="expired", details={"expires_at": record.expires_at.isoformat()},
         )
         if expired is not None:

@@ -4,6 +4,7 @@ starts and stops the background work explicitly."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from .domain.databases import Databases
@@ -15,6 +16,7 @@ from .domain.registry import Registry
 from .domain.snapshots import Snapshots
 from .domain.templates import Templates
 from .domain.tenancy import Tenants
+from .errors import SettingsError
 from .postgres.admin import PostgresAdmin, ServerAdmin
 from .postgres.tls import Authority
 from .reconciler.loop import Reconciler
@@ -22,10 +24,13 @@ from .runtime.docker import DockerRuntime
 from .runtime.protocol import ServerRuntime
 from .runtime.swarm import SwarmRuntime
 from .settings import Settings
+from .storage.pool import Pool, open_pool
 from .store.coordination import claims_for, slots_for
 from .store.crypto import Vault, load_vault
 from .store.engine import Store
 from .store.notify import Notifier
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -105,4 +110,17 @@ def _runtime(settings: Settings) -> ServerRuntime:
         probe_host=settings.effective_probe_host,
         pull=settings.pull_images,
         golden=settings.golden_images,
+        pool=lambda: _pool(settings),
     )
+
+
+def _pool(settings: Settings) -> tuple[Pool | None, str]:
+    """The btrfs pool DBPROV_STORAGE asks for, or None and why servers get copies."""
+    if settings.storage == "copy":
+        return None, "DBPROV_STORAGE=copy"
+    pool, reason = open_pool(settings.storage_pool, settings.storage_pool_size, settings.storage_min_free)
+    if pool is None:
+        if settings.storage == "btrfs":
+            raise SettingsError(f"DBPROV_STORAGE=btrfs, but there is no pool: {reason}")
+        log.warning("servers' data is copied, with no thin snapshots: %s", reason)
+    return pool, reason

@@ -59,6 +59,8 @@ class Background:
         # rather than on the first create that needs it.
         for version, state in services.images.check().items():
             log.info("version %s (%s): %s", version, services.settings.images[version], state)
+        storage = services.runtime.storage_report()
+        log.info("storage: %s, %s", storage.backend, storage.reason)
         if store.is_postgres:
             listener = ChangeListener(store, services.wanted, services.changed)
             listener.start()

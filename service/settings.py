@@ -151,6 +151,19 @@ def _runtime(value: str) -> str:
     return value
 
 
+def _storage(value: str) -> str:
+    if value not in ("auto", "btrfs", "copy"):
+        raise ValueError(f"expected auto, btrfs or copy, got {value!r}")
+    return value
+
+
+def _size(value: str) -> int:
+    """Bytes, from a size such as 512m or 64g."""
+    text = _memory(value)
+    units = {"b": 1, "k": 2**10, "m": 2**20, "g": 2**30}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+
+
 def _label(value: str) -> str:
     if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}", value):
         raise ValueError(f"expected a node label key, got {value!r}")
@@ -375,6 +388,25 @@ class Settings:
         "whether a new server starts from a data directory initialised once per image "
         "(a local `dbprov-golden` image and volume, each server's data an overlay on it) "
         "instead of running initdb; Docker runtime only",
+    )
+    storage: str = setting(
+        "DBPROV_STORAGE", _storage, "auto",
+        "what servers' data is made of: `btrfs` (subvolumes of a pool: snapshots of a running "
+        "server and clones in constant time, no disk until written), `copy` (volumes of the "
+        "engine's own, copied file by file, the server stopped for a snapshot), or `auto` "
+        "(btrfs where a pool can be had, else copy; GET /readyz says which and why); Docker runtime only",
+    )
+    storage_pool: Path = setting(
+        "DBPROV_STORAGE_POOL", Path, "/var/lib/dbprov/pool",
+        "the btrfs directory of the pool; if it is not on btrfs, the service (as root, on the "
+        "engine's host) makes a sparse loop file beside it (`<pool>.img`) and mounts it there",
+    )
+    storage_pool_size: int = setting(
+        "DBPROV_STORAGE_POOL_SIZE", _size, "64g", "the size of a loop file the service makes for its pool"
+    )
+    storage_min_free: int = setting(
+        "DBPROV_STORAGE_MIN_FREE", _size, "1g",
+        "bytes of the pool kept free: a snapshot or a clone asked for with less is refused (507), or fails saying so",
     )
     default_ttl: float | None = setting(
         "DBPROV_DEFAULT_TTL", _optional_seconds, "",

@@ -20,6 +20,7 @@ from service.runtime.protocol import (
     JobResult,
     ServerInfo,
     ServerSpec,
+    StorageReport,
 )
 
 # Why a server whose machine is away cannot be reached, as the Swarm runtime words it.
@@ -50,6 +51,8 @@ class FakeRuntime:
     # Images the engine lacks and cannot pull.
     missing_images: set[str] = field(default_factory=set)
     reachable: bool = True
+    # Whether copy_data takes a running server's data (a pool's snapshots).
+    live_copies: bool = False
     # Ids whose server and data are on a machine that is away (a Swarm node
     # down): reported UNREACHABLE, and whatever needs that machine waits for it.
     away: set[str] = field(default_factory=set)
@@ -192,6 +195,13 @@ class FakeRuntime:
         self.data[target_id] = self.data[source_id]
         return len(self.data[target_id])
 
+    def copies_live(self, database_id: str) -> bool:
+        self._check("copies_live")
+        return self.live_copies
+
+    def storage_report(self) -> StorageReport:
+        return StorageReport("btrfs" if self.live_copies else "copy", "the fake's")
+
     def prune_caches(self) -> list[str]:
         self._check("prune_caches")
         return []
@@ -227,6 +237,7 @@ class FakePostgres:
     failing_relations: set[int] = field(default_factory=set)
     # port -> the databases the tenant made beside its first.
     made: dict[int, set[str]] = field(default_factory=dict)
+    checkpoints: int = 0
 
     def _server(self, port: int) -> dict[str, str]:
         for server in list(self.runtime.servers.values()):
@@ -281,3 +292,7 @@ class FakePostgres:
     def client_connections(self, admin, database) -> int:
         self.check(admin)
         return self.clients.get(admin.port, 0)
+
+    def checkpoint(self, admin: Login) -> None:
+        self.check(admin)
+        self.checkpoints += 1

@@ -300,9 +300,11 @@ def test_readyz_tells_why_to_admins_only(services, runtime):
     for headers in others:
         body = api.get("/readyz", headers=headers).get_json()
         assert body == {"status": "degraded", "checks": {"metadata": "ok", "docker": "ok"},
-                        "images": {"15": "missing", "17": "available"}}
+                        "images": {"15": "missing", "17": "available"}, "storage": {"backend": "copy"}}
     body = api.get("/readyz", headers=admin).get_json()
     assert body["images"]["15"] == "missing: cannot pull postgres:15: no registry answers"
+    # Why this backend names paths of the host: for admins only.
+    assert body["storage"] == {"backend": "copy", "reason": "the fake's"}
 
 
 def test_readyz_without_its_store_tells_no_one_why(services):

@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 
 from service.domain.models import Database, Snapshot, SnapshotStatus, Status, Template, TemplateStatus, utcnow
-from service.errors import JobTimedOut
+from service.errors import InsufficientStorage, JobTimedOut
 from service.runtime.protocol import RUNNING, JobResult
 
 from .test_api import assert_problem
@@ -60,6 +60,35 @@ def test_a_snapshot_is_a_copy_taken_with_a_short_stop(client, services, reconcil
     assert runtime.calls.count("stop_server") == 1 and runtime.servers[ready["id"]].state == RUNNING
     assert kinds(client, ready["id"])[-2:] == ["snapshot-requested", "snapshot-taken"]
     assert [s["id"] for s in client.get("/snapshots").get_json()["items"]] == [snapshot["id"]]
+
+
+def test_a_snapshot_on_a_pool_is_taken_of_the_running_server_after_a_checkpoint(
+    client, services, reconciler, runtime, ready
+):
+    runtime.live_copies = True
+    taken = client.post(f"/databases/{ready['id']}/snapshots", headers=ASYNC).get_json()
+    reconciler.run_once(wait=True)
+    assert client.get(f"/snapshots/{taken['id']}").get_json()["status"] == "ready"
+    assert runtime.data[taken["id"]] == "orders"
+    # Never stopped: the copy is of one instant, and the checkpoint keeps its recovery short.
+    assert "stop_server" not in runtime.calls and "start_server" not in runtime.calls
+    assert services.server_admin.checkpoints == 1
+    assert client.get(f"/databases/{ready['id']}").get_json()["status"] == "ready"
+
+
+def test_a_snapshot_with_no_room_in_the_pool_fails_saying_so(client, services, reconciler, runtime, ready,
+                                                            monkeypatch):
+    runtime.live_copies = True
+
+    def full(source_id, target_id, image):
+        raise InsufficientStorage("no room for a copy: the storage pool /pool has 10 MiB free")
+
+    monkeypatch.setattr(runtime, "copy_data", full)
+    taken = client.post(f"/databases/{ready['id']}/snapshots", headers=ASYNC).get_json()
+    reconciler.run_once(wait=True)
+    snapshot = client.get(f"/snapshots/{taken['id']}").get_json()
+    assert snapshot["status"] == "failed" and "10 MiB free" in snapshot["last_error"]
+    assert client.get(f"/databases/{ready['id']}").get_json()["status"] == "ready"
 
 
 def test_snapshots_are_the_tenants_and_count_against_a_quota(api, services, token, reconciler, settings):

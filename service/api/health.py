@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from flask import request
 from flask.views import MethodView
 from flask_smorest import Blueprint
@@ -30,7 +32,7 @@ class Readiness(MethodView):
     @health.response(200, HealthSchema)
     @health.alt_response(503, response="SERVICE_UNAVAILABLE", description="Names what is unreachable")
     def get(self):
-        """The metadata store and the Docker engine are both reachable; each version's image"""
+        """The metadata store and the Docker engine are both reachable; each version's image; the storage backend"""
         services = current_services()
         checks = {}
         for name, ping in (("metadata", services.store.ping), ("docker", services.runtime.ping)):
@@ -60,7 +62,13 @@ class Readiness(MethodView):
         # A missing image takes only its version out of service, not the API:
         # "degraded" says so without failing a load balancer's check.
         status = "ok" if all(state == "available" for state in images.values()) else "degraded"
-        return {"status": status, "checks": checks, "images": images}
+        report = services.runtime.storage_report()
+        storage = {"backend": report.backend}
+        if details:
+            storage.update(
+                (name, value) for name, value in dataclasses.asdict(report).items() if value is not None
+            )
+        return {"status": status, "checks": checks, "images": images, "storage": storage}
 
 
 def _sees_readiness_details(services, store_up: bool) -> bool:

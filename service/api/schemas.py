@@ -363,6 +363,25 @@ class QuotaSchema(ma.Schema):
     limit = fields.Integer(required=True)
 
 
+class StorageSchema(ma.Schema):
+    backend = fields.String(
+        required=True,
+        metadata={
+            "description": "btrfs (snapshots of running servers and clones in constant time, "
+            "no disk until written) or copy (file by file, the server stopped for a snapshot)",
+            "example": "btrfs",
+        },
+    )
+    reason = fields.String(
+        metadata={"description": "Why this backend (for an admin)", "example": "the btrfs directory /srv/pool"}
+    )
+    pool = fields.String(metadata={"description": "The pool's directory (for an admin)"})
+    free_bytes = fields.Integer(
+        metadata={"description": "Bytes the pool can still take, the disk under it counted (for an admin)"}
+    )
+    size_bytes = fields.Integer(metadata={"description": "The pool's size (for an admin)"})
+
+
 class HealthSchema(ma.Schema):
     status = fields.String(
         required=True,
@@ -386,6 +405,7 @@ class HealthSchema(ma.Schema):
             "example": {"17": "available", "16": "missing: cannot pull postgres:16: ..."},
         },
     )
+    storage = fields.Nested(StorageSchema)
 
 
 class ProblemSchema(ma.Schema):

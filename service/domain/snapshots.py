@@ -1,9 +1,10 @@
 """Snapshots of a database's data, and what is made from them: resets here,
 clones through ``Databases.create``, templates in ``templates``.
 
-A snapshot is taken by the reconciler with a short stop: the server is shut
-down cleanly (a checkpoint, so the copy needs no recovery), its data copied,
-and the server started again. It is a copy of its own, so it outlives its
+A snapshot is taken by the reconciler. On a storage pool it is a snapshot of
+the running server's data, of one instant; otherwise the server is shut down
+cleanly (a checkpoint, so the copy needs no recovery), its data copied, and
+the server started again. It is a copy of its own, so it outlives its
 database until it is deleted.
 """
 

@@ -100,6 +100,10 @@ class ServerAdmin(Protocol):
     def client_connections(self, admin: Login, database: str) -> int:
         """How many clients other than the service are connected to ``database``."""
 
+    def checkpoint(self, admin: Login) -> None:
+        """Write every changed page to the data files, so that a copy of them
+        taken next has little write-ahead log to replay."""
+
     def user_relations(self, tenant: Login) -> int:
         """How many tables, views and sequences the tenant's database holds
         outside the system's schemas, asked as the tenant."""
@@ -188,6 +192,10 @@ class PostgresAdmin:
                             sql.Identifier(extension)
                         )
                     )
+
+    def checkpoint(self, admin: Login) -> None:
+        with _connect(admin) as conn:
+            conn.execute("CHECKPOINT")
 
     def client_connections(self, admin: Login, database: str) -> int:
         with _connect(admin) as conn:

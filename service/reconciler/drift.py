@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from ..domain.models import OWNS_SERVER, MEANT_TO_RUN, Database, Snapshot, Status, utcnow
+from ..domain.models import MEANT_TO_RUN, OWNS_SERVER, Database, Snapshot, Status, utcnow
 from ..errors import DataLost, DbprovError, TransientError
 from ..postgres.admin import admin_login
 from ..runtime.protocol import ABSENT, RUNNING, UNREACHABLE, ServerInfo

@@ -26,8 +26,8 @@ from sqlalchemy import select
 
 from ..domain.models import (
     DELETING_OR_DELETED,
-    NOT_DELETED,
     MEANT_TO_RUN,
+    NOT_DELETED,
     SNAPSHOT_LIVE,
     Database,
     Snapshot,

@@ -6,7 +6,8 @@ traffic between its containers), and labelled ``io.dbprov.*`` so that this
 installation finds, and sweeps, only its own.
 
 What its data is made of is the storage backend's (``storage.overlay``: an
-overlay on a golden volume, so a new server skips initdb). On data that
+overlay on a golden volume, so a new server skips initdb; ``storage.btrfs``:
+subvolumes of a pool, whose copies are thin). On data that
 begins initialised, the server's superuser gets its own password in
 single-user mode before the server first listens; nobody ever knew the
 golden one. A server's TLS certificate and key come in its environment, and
@@ -25,7 +26,9 @@ import docker
 import docker.errors
 
 from ..errors import EngineError, EngineRefused, ImageMissing, NotFound, RuntimeUnavailable
+from ..storage.btrfs import BtrfsStorage
 from ..storage.overlay import OverlayStorage
+from ..storage.pool import Pool
 from ..storage.protocol import StorageBackend
 from .engine import LABEL_JOB, PORT_TAKEN, Engine, translated
 from .entry import carries_tls, first_start_entry, tls_entry
@@ -42,6 +45,7 @@ from .protocol import (
     JobResult,
     ServerInfo,
     ServerSpec,
+    StorageReport,
     container_name,
     labels_for,
     volume_name,
@@ -64,6 +68,7 @@ class DockerRuntime:
         golden: bool = True,
         client: "docker.DockerClient | None" = None,
         storage: StorageBackend | None = None,
+        pool: "Callable[[], tuple[Pool | None, str]] | None" = None,
     ) -> None:
         self.instance = instance
         self.network = network
@@ -71,14 +76,30 @@ class DockerRuntime:
         # Where the service itself connects to published ports.
         self.probe_host = probe_host
         self.engine = Engine(pull=pull, client=client)
-        # What the servers' data is made of; ``golden``: whether new servers
-        # start on a golden copy rather than running initdb.
-        self.storage = storage if storage is not None else OverlayStorage(self.engine, instance, golden)
+        # What the servers' data is made of: subvolumes of the pool that
+        # ``pool`` opens (on first use: it may make and mount one) if it gives
+        # one, else volumes of the engine's own, with why; ``golden``: whether
+        # new servers start on a golden copy rather than running initdb.
+        self._storage = storage
+        self._pool = pool
+        self._golden = golden
+        self._storage_lock = threading.Lock()
         self._labels = {LABEL_MANAGED: "true", LABEL_INSTANCE: instance}
         # Found or made on the first server; one lookup per process.
         self._network_id: str | None = None
         self._network_lock = threading.Lock()
         self._liveness = Liveness(self.engine, instance)
+
+    @property
+    def storage(self) -> StorageBackend:
+        with self._storage_lock:
+            if self._storage is None:
+                pool, reason = self._pool() if self._pool else (None, "no pool was asked for")
+                if pool is None:
+                    self._storage = OverlayStorage(self.engine, self.instance, self._golden, reason)
+                else:
+                    self._storage = BtrfsStorage(self.engine, self.instance, pool, reason, self._golden)
+            return self._storage
 
     @property
     def client(self) -> "docker.DockerClient":
@@ -315,6 +336,13 @@ class DockerRuntime:
     def copy_data(self, source_id: str, target_id: str, image: str) -> int:
         with translated():
             return self.storage.copy(source_id, target_id, image)
+
+    def copies_live(self, database_id: str) -> bool:
+        with translated():
+            return self.storage.copies_live(database_id)
+
+    def storage_report(self) -> StorageReport:
+        return self.storage.report()
 
     def prune_caches(self) -> list[str]:
         with translated():

@@ -126,6 +126,18 @@ class ServerInfo:
 
 
 @dataclass(frozen=True)
+class StorageReport:
+    """Which backend holds the data, and why: what /readyz tells an operator."""
+
+    backend: str  # "btrfs" or "copy"
+    reason: str
+    # A pool's directory, its bytes free (counting the disk under a loop file) and in all.
+    pool: str | None = None
+    free_bytes: int | None = None
+    size_bytes: int | None = None
+
+
+@dataclass(frozen=True)
 class JobResult:
     exit_code: int
     output: str
@@ -195,9 +207,17 @@ class ServerRuntime(Protocol):
 
     def copy_data(self, source_id: str, target_id: str, image: str) -> int:
         """Make ``target_id``'s data a copy of ``source_id``'s (stop the source first
-        for a consistent copy), with a job from ``image``; returns its size in
+        for a consistent copy, unless ``copies_live``), with a job from ``image``; returns its size in
         bytes. The target has no server; ``ensure_server`` then starts one on
         the copy. A snapshot's data is stored like a server's, under its id."""
+
+    def copies_live(self, database_id: str) -> bool:
+        """Whether ``copy_data`` takes ``database_id``'s data as of one instant
+        while its server runs: a crash-consistent copy, which PostgreSQL
+        recovers on its first start, so the server need not stop for it."""
+
+    def storage_report(self) -> StorageReport:
+        """Which storage backend holds the data, and why."""
 
     def endpoint(self, database_id: str) -> Endpoint | None:
         """Where the server answers now, or None if it publishes no port."""

@@ -53,6 +53,7 @@ from .protocol import (
     JobResult,
     ServerInfo,
     ServerSpec,
+    StorageReport,
     container_name,
     volume_name,
 )
@@ -66,7 +67,7 @@ from .swarm_placement import (
     node_text,
     size_in_bytes,
 )
-from .swarm_services import DONE, Services, database_id_of, replicas, serves_tls, server_info, volume_mount
+from .swarm_services import DONE, Services, database_id_of, replicas, server_info, serves_tls, volume_mount
 
 log = logging.getLogger(__name__)
 
@@ -379,6 +380,15 @@ class SwarmRuntime:
                 )
             container = self._local_container(database_id, image, command, environment)
         yield from self.engine.stream(container, command)
+
+    def copies_live(self, database_id: str) -> bool:
+        return False
+
+    def storage_report(self) -> StorageReport:
+        return StorageReport(
+            "copy", "on Swarm a node's local volumes hold its servers' data, and a copy is made on "
+            "the source's node by a job (thin copies need a pool per node: see docs/scale-out.md)",
+        )
 
     def copy_data(self, source_id: str, target_id: str, image: str) -> int:
         with translated():

@@ -21,8 +21,16 @@ import requests.exceptions
 
 from ..errors import EngineError, NotFound, ServerFailed, TransientError
 from ..runtime.engine import Engine
-from ..runtime.protocol import LABEL_DATABASE_ID, LABEL_INSTANCE, LABEL_MANAGED, PGDATA, ServerSpec
-from ..runtime.protocol import labels_for, volume_name
+from ..runtime.protocol import (
+    LABEL_DATABASE_ID,
+    LABEL_INSTANCE,
+    LABEL_MANAGED,
+    PGDATA,
+    ServerSpec,
+    StorageReport,
+    labels_for,
+    volume_name,
+)
 from .golden import (
     GOLDEN_HOME,
     GOLDEN_MARK,
@@ -61,9 +69,11 @@ class _Golden(NamedTuple):
 class OverlayStorage:
     """A ``StorageBackend`` on one Docker engine's local volumes."""
 
-    def __init__(self, engine: Engine, instance: str, golden: bool = True) -> None:
+    def __init__(self, engine: Engine, instance: str, golden: bool = True, reason: str = "") -> None:
         self.engine = engine
         self.instance = instance
+        # Why servers get this backend rather than a pool's thin copies, for /readyz.
+        self.reason = reason
         # Whether new servers start on a golden copy rather than running initdb.
         self.golden = golden
         # One golden image made at a time in this process; when each base
@@ -79,7 +89,7 @@ class OverlayStorage:
         return self.engine.client.api
 
     def prepare(self, spec: ServerSpec, image: dict) -> ServerData:
-        golden = self._golden_image(spec, image) if self.golden else None
+        golden = self.golden_image(spec, image) if self.golden else None
         labels = labels_for(self.instance, spec.database_id)
         lower, made = self._data_volume(spec.database_id, labels, golden)
         # Data that begins initialised (a golden copy or an overlay) rather
@@ -153,6 +163,13 @@ class OverlayStorage:
         if status.get("StatusCode", -1) != 0 or not output.splitlines()[-1:][0].isdigit():
             raise EngineError(f"copying the data of {source_id} failed: {output}")
         return int(output.splitlines()[-1])
+
+    def copies_live(self, database_id: str) -> bool:
+        # A file-by-file copy of a running server's data is of no one instant.
+        return False
+
+    def report(self) -> StorageReport:
+        return StorageReport("copy", self.reason)
 
     def prune_caches(self) -> list[str]:
         removed = prune_all_golden_images(self.engine)
@@ -230,7 +247,7 @@ class OverlayStorage:
 
     # -- golden copies --------------------------------------------------------------
 
-    def _golden_image(self, spec: ServerSpec, base: dict) -> "_Golden | None":
+    def golden_image(self, spec: ServerSpec, base: dict) -> "_Golden | None":
         """The golden copy for ``spec``'s image and superuser, made if need be; None
         if it cannot be made (its servers then run initdb, as without one)."""
         key = golden_key(spec, base)

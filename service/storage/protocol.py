@@ -3,9 +3,9 @@
 The Docker runtime runs servers; a ``StorageBackend`` decides what their data
 is made of: a volume of its own files (initdb's, or a copy), or one that
 shares an initialised base's files and holds only its own changes (``overlay``:
-an overlay mount on a golden volume). A backend that clones a base or a
-snapshot without copying (a copy-on-write filesystem's snapshots) is another
-implementation of the same seam.
+an overlay mount on a golden volume, and copies file by file), or one whose
+copies share blocks until written (``btrfs``: subvolumes of a pool, whose
+snapshots are made in constant time, of a running server).
 
 Every method lets the engine's errors through: the runtime translates them.
 """
@@ -13,10 +13,9 @@ Every method lets the engine's errors through: the runtime translates them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from ..runtime.protocol import ServerSpec
+from ..runtime.protocol import ServerSpec, StorageReport
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class ServerData:
 class StorageBackend(Protocol):
     """What the Docker runtime asks of the data under its servers."""
 
-    def prepare(self, spec: "ServerSpec", image: dict) -> ServerData:
+    def prepare(self, spec: ServerSpec, image: dict) -> ServerData:
         """The server's data, made if it has none: from nothing (for initdb) or
         from the initialised base of ``spec``'s image (``image``, as the engine
         describes it) and superuser. Data it has already is used as it is."""
@@ -63,6 +62,12 @@ class StorageBackend(Protocol):
         ``image``; its size in bytes. Both a snapshot frozen from a server's data
         and a server's data made from a snapshot (or a clone's from its
         source's) are this: a snapshot's data is stored like a server's."""
+
+    def copies_live(self, database_id: str) -> bool:
+        """Whether ``copy`` of ``database_id``'s data is of one instant while its
+        server runs (crash-consistent), so a snapshot needs no stop."""
+
+    def report(self) -> StorageReport: ...
 
     def remove(self, database_id: str) -> None:
         """Its data, and whatever it is made of that is its alone; gone already is fine."""

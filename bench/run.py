@@ -752,7 +752,8 @@ def clone_once(service: Service, body: dict) -> tuple[float, dict]:
     return elapsed, created
 
 
-def bench_data(client: docker.DockerClient, runs: int, sizes: list[int]) -> None:
+def bench_data(client: docker.DockerClient, runs: int) -> None:
+    """Template clones; snapshots and clones against data size are bench/storage.py's."""
     service = Service().start()
     try:
         make_template(service, "pooled", 10, 2)
@@ -779,26 +780,6 @@ def bench_data(client: docker.DockerClient, runs: int, sizes: list[int]) -> None
                 )
             ],
         )
-        rows = []
-        for megabytes in sizes:
-            floor = floor_once(client)
-            status, source = service.request("POST", "/databases", {})
-            assert status == 201, source
-            fill(source["connection_uri"], megabytes)
-            started = time.perf_counter()
-            status, snapshot = service.request("POST", f"/databases/{source['id']}/snapshots")
-            assert status == 201, snapshot
-            snapshot_s = time.perf_counter() - started
-            clone_s, _ = clone_once(service, {"from_snapshot": snapshot["id"]})
-            rows.append([f"{megabytes} MB", snapshot["size_bytes"] / 2**20, snapshot_s, clone_s, floor,
-                         clone_s / floor])
-            service.request("DELETE", f"/snapshots/{snapshot['id']}")
-            service.request("DELETE", f"/databases/{source['id']}")
-        table(
-            "Snapshot and clone against data size (each with a docker run floor measured beside it)",
-            ["data", "on disk MiB", "snapshot s", "clone to SELECT 1 s", "floor s", "clone / floor"],
-            rows,
-        )
         for key in ("pooled", "unpooled"):
             service.request("DELETE", f"/templates/{key}")
         service.delete_all()
@@ -821,7 +802,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--rate", type=float, default=200, help="steady load for the API latency")
     parser.add_argument("--records", type=int, default=10_000, help="records in the store for the API benchmark")
-    parser.add_argument("--sizes", default="10,100,1000", help="MB of data for the snapshot benchmark")
     args = parser.parse_args()
     chosen = set(args.only) or {"ready", "burst", "api", "density", "reconcile", "data"}
     client = docker.from_env()
@@ -838,7 +818,7 @@ def main() -> None:
         if "reconcile" in chosen:
             bench_reconcile(client, args.real, args.records)
         if "data" in chosen:
-            bench_data(client, args.runs, [int(size) for size in args.sizes.split(",")])
+            bench_data(client, args.runs)
     finally:
         sweep(client)
 

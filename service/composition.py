@@ -62,7 +62,7 @@ class Services:
             self.settings, self.store, self.records, self.vault, self.registry, self.images,
             self.server_admin, self.runtime, self.claims,
         )
-        self.snapshots = Snapshots(self.settings, self.store, self.records, self.registry)
+        self.snapshots = Snapshots(self.settings, self.store, self.records, self.registry, self.runtime)
         self.templates = Templates(
             self.settings, self.store, self.records, self.registry, self.images, self.snapshots
         )

@@ -12,7 +12,7 @@ import pytest
 
 from service.domain.models import Database, Snapshot, SnapshotStatus, Status, Template, TemplateStatus, utcnow
 from service.errors import InsufficientStorage, JobTimedOut
-from service.runtime.protocol import RUNNING, JobResult
+from service.runtime.protocol import RUNNING, JobResult, StorageReport
 
 from .test_api import assert_problem
 from .test_lifecycle import kinds
@@ -89,6 +89,29 @@ def test_a_snapshot_with_no_room_in_the_pool_fails_saying_so(client, services, r
     snapshot = client.get(f"/snapshots/{taken['id']}").get_json()
     assert snapshot["status"] == "failed" and "10 MiB free" in snapshot["last_error"]
     assert client.get(f"/databases/{ready['id']}").get_json()["status"] == "ready"
+
+
+def test_a_nearly_full_pool_refuses_snapshots_clones_and_resets_and_changes_nothing(
+    client, services, reconciler, runtime, ready, monkeypatch
+):
+    snapshot = client.post(f"/databases/{ready['id']}/snapshots", headers=ASYNC).get_json()
+    reconciler.run_once(wait=True)
+    free = services.settings.storage_min_free - 1
+    monkeypatch.setattr(runtime, "storage_report", lambda: StorageReport("btrfs", "test", "/pool", free, 2**40))
+    before = len(client.get("/databases").get_json()["items"])
+    for path, body in (
+        (f"/databases/{ready['id']}/snapshots", None),
+        ("/databases", {"from_snapshot": snapshot["id"]}),
+        ("/databases", {"from_database": ready["id"]}),
+        (f"/databases/{ready['id']}/reset", {"snapshot": snapshot["id"]}),
+    ):
+        body = assert_problem(client.post(path, json=body), 507, "insufficient-storage")
+        assert "DBPROV_STORAGE_MIN_FREE" in body["detail"]
+    assert len(client.get("/databases").get_json()["items"]) == before
+    assert len(client.get("/snapshots").get_json()["items"]) == 1
+    assert client.get(f"/databases/{ready['id']}").get_json()["status"] == "ready"
+    # A fresh database copies nothing: made as ever.
+    assert client.post("/databases", json={}, headers=ASYNC).status_code == 202
 
 
 def test_snapshots_are_the_tenants_and_count_against_a_quota(api, services, token, reconciler, settings):

@@ -626,8 +626,29 @@ def ca() -> None:
     click.echo(_client().ca(), nl=False)
 
 
+@click.command()
+@_JSON
+@_handled
+def storage(as_json) -> None:
+    """Say what the service keeps data on, and why.
+
+    btrfs: snapshots of running servers and clones in constant time, no disk
+    until written; copy: file by file, the server stopped for a snapshot.
+    Why, and the pool's room, are shown to admins.
+    """
+    found = _client().readyz().storage
+    if as_json:
+        _dump(found)
+        return
+    click.echo(found.get("backend", "unknown"))
+    if found.get("reason"):
+        click.echo(f"why: {found['reason']}")
+    if found.get("free_bytes") is not None:
+        click.echo(f"free: {_size(found['free_bytes'])} of {_size(found.get('size_bytes'))} in {found['pool']}")
+
+
 _CLIENT = (new, ls, show, url, rm, psql, stop, start, renew, rotate, events, logs, snapshot, snapshots,
-           reset, dump, restore, templates, ca, login)
+           reset, dump, restore, templates, ca, storage, login)
 CLIENT_COMMANDS = frozenset(command.name for command in _CLIENT)
 
 #: The ``dbprov`` console script.

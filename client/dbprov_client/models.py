@@ -143,10 +143,15 @@ class Health:
     status: str
     checks: dict[str, str] = field(default_factory=dict)
     images: dict[str, str] = field(default_factory=dict)
+    # The storage backend ("btrfs" or "copy"); for an admin, why, and the pool's room.
+    storage: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, body: dict[str, Any]) -> "Health":
-        return cls(body["status"], dict(body.get("checks") or {}), dict(body.get("images") or {}))
+        return cls(
+            body["status"], dict(body.get("checks") or {}), dict(body.get("images") or {}),
+            dict(body.get("storage") or {}),
+        )
 
 
 @dataclass(frozen=True)

@@ -148,6 +148,9 @@ class Databases:
                 claimed = self.pool.claim(principal, new, idempotency)
                 if claimed is not None:
                     return claimed
+            if copied is not None:
+                # A warm clone is made already; this one copies data.
+                self.snapshots.check_room("a clone")
             password = self.vault.encrypt(new_password())
             return self.registry.add(principal.tenant, new, password, principal.actor, idempotency,
                                      admin=principal.admin)

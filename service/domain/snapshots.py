@@ -17,7 +17,8 @@ from collections.abc import Collection
 import sqlalchemy.exc
 from sqlalchemy import select
 
-from ..errors import Conflict, NotFound, PortRangeExhausted
+from ..errors import Conflict, InsufficientStorage, NotFound, PortRangeExhausted
+from ..runtime.protocol import ServerRuntime
 from ..settings import Settings
 from ..store.engine import Store
 from .models import Database, Snapshot, SnapshotStatus, Status
@@ -32,15 +33,19 @@ SNAPSHOT_ID_PATTERN = r"[0-9a-f]{12}"
 
 
 class Snapshots:
-    def __init__(self, settings: Settings, store: Store, records: Records, registry: Registry) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, records: Records, registry: Registry, runtime: ServerRuntime
+    ) -> None:
         self.settings = settings
         self.store = store
         self.records = records
         self.registry = registry
+        self.runtime = runtime
 
     def take(self, principal: Principal, database_id: str) -> Snapshot:
         """Ask for a snapshot of a ready (or stopped) database; the reconciler takes it."""
         record = self.ready_for_snapshot(principal, database_id)
+        self.check_room(f"a snapshot of {database_id}")
         with self.store.transaction() as session:
             snapshot = self.registry.add_snapshot(
                 session, record, principal.actor, quota=self.settings.snapshot_quota
@@ -54,6 +59,16 @@ class Snapshots:
         if record.status not in (Status.READY, Status.STOPPED):
             raise Conflict(f"database {database_id} is {record.status.value}; a snapshot needs it ready or stopped")
         return record
+
+    def check_room(self, what: str) -> None:
+        """Refuse what copies data (507) while the storage pool has less room than
+        DBPROV_STORAGE_MIN_FREE: a full pool fails its running servers' writes."""
+        free = self.runtime.storage_report().free_bytes
+        if free is not None and free < self.settings.storage_min_free:
+            raise InsufficientStorage(
+                f"no room for {what}: the storage pool has {free // 2**20} MiB free, under the "
+                f"{self.settings.storage_min_free // 2**20} MiB kept free (DBPROV_STORAGE_MIN_FREE)"
+            )
 
     def get(self, principal: Principal, snapshot_id: str, usable: bool = False) -> Snapshot:
         """A snapshot the principal may see; with ``usable``, one that is ready."""
@@ -113,6 +128,7 @@ class Snapshots:
         if snapshot_id is None:
             raise Conflict(f"database {database_id} was not made from a snapshot; name one to reset to")
         snapshot = self.get(principal, snapshot_id, usable=True)
+        self.check_room(f"a reset of {database_id}")
         if snapshot.tenant != record.tenant:
             # An admin sees every tenant's snapshots; a database takes only its own tenant's data.
             raise NotFound(f"tenant {record.tenant!r} has no snapshot with id {snapshot_id!r}")

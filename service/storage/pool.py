@@ -97,7 +97,11 @@ def open_pool(root: Path, size: int, min_free: int) -> tuple[Pool | None, str]:
     """
     if not shutil.which("btrfs"):
         return None, "btrfs-progs is not installed (apt install btrfs-progs)"
+    image = root.with_name(root.name + ".img")
     if _on_btrfs(root):
+        if image.is_file():
+            # Mounted by this or another process of the service.
+            return Pool(root, min_free, image), f"a loop file {image} the service made, mounted at {root}"
         return Pool(root, min_free), f"the btrfs directory {root}"
     host = os.environ.get("DOCKER_HOST", "")
     if host and not host.startswith("unix://"):
@@ -112,7 +116,6 @@ def open_pool(root: Path, size: int, min_free: int) -> tuple[Pool | None, str]:
         return None, f"not root, so no pool can be mounted: name a btrfs directory in DBPROV_STORAGE_POOL (tried {root})"
     if not shutil.which("mkfs.btrfs"):
         return None, "mkfs.btrfs is not installed (apt install btrfs-progs)"
-    image = root.with_name(root.name + ".img")
     try:
         root.mkdir(parents=True, exist_ok=True)
         # One process makes and mounts it; the others find it mounted.

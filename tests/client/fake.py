@@ -134,6 +134,8 @@ class FakeDbprov:
         #: Seconds a database takes to become ready.
         self.provision_seconds = 0.0
         self.token: str | None = None
+        #: What /readyz says of the storage.
+        self.storage: dict = {"backend": "copy"}
         #: A PostgreSQL server (a superuser's URI) on which each database made
         #: gets a real one, owned by one tenant role with CREATEDB, as dbprov's.
         self.postgres: str | None = None
@@ -229,7 +231,8 @@ class FakeDbprov:
         if path == "/ca.pem":
             return 200, CA_PEM, None
         if path == "/readyz":
-            return 200, {"status": "ok", "checks": {"metadata": "ok", "docker": "ok"}, "images": {"17": "available"}}, None
+            return 200, {"status": "ok", "checks": {"metadata": "ok", "docker": "ok"}, "images": {"17": "available"},
+                         "storage": self.storage}, None
         if path == "/quota":
             return 200, {"tenant": "default", "used": self.live(), "limit": 10}, None
         if path == "/plans":

@@ -135,6 +135,19 @@ def test_ca_prints_the_certificate_authoritys_certificate_as_served(dbprov, fake
     assert result.stdout == CA_PEM
 
 
+def test_storage_names_the_backend_and_for_an_admin_why(dbprov, fake):
+    result = dbprov("storage")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "copy\n"
+    fake.storage = {"backend": "btrfs", "reason": "the btrfs directory /srv/pool", "pool": "/srv/pool",
+                    "free_bytes": 3 * 2**30, "size_bytes": 64 * 2**30}
+    result = dbprov("storage")
+    assert result.stdout.splitlines() == [
+        "btrfs", "why: the btrfs directory /srv/pool", "free: 3.0 GiB of 64.0 GiB in /srv/pool",
+    ]
+    assert json.loads(dbprov("storage", "--json").stdout) == fake.storage
+
+
 def test_login_stores_url_and_token_readable_by_the_user_alone(fake, isolated):
     fake.token = "dbp_secret"
     runner = CliRunner()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -54,6 +55,18 @@ def docker_client():
             client=client,
         ).prune_caches()
     client.close()
+
+
+# What the btrfs storage pool needs (open_pool says the rest); .ci/run installs
+# btrfs-progs, so CI never skips these tests.
+POOL_MISSING = (
+    "btrfs-progs is not installed" if not (shutil.which("btrfs") and shutil.which("mkfs.btrfs"))
+    else "not root: no pool can be mounted" if os.geteuid() != 0
+    else None
+)
+needs_pool = pytest.mark.skipif(
+    POOL_MISSING is not None and not os.environ.get("CI"), reason=f"no storage pool here: {POOL_MISSING}"
+)
 
 
 def free_port() -> int:
@@ -225,9 +238,10 @@ class ServiceProcess:
 
 
 @pytest.fixture
-def service(docker_client, tmp_path):
-    """A running service; at the end every database is deleted and nothing is left behind."""
-    process = ServiceProcess(tmp_path).start()
+def service(request, docker_client, tmp_path):
+    """A running service; at the end every database is deleted and nothing is left behind.
+    Parametrized indirectly, the parameter is more of its environment."""
+    process = ServiceProcess(tmp_path, getattr(request, "param", None)).start()
     yield process
     if process.process is None:
         process.start()

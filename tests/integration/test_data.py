@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import pytest
 
-from .conftest import metric, wait_until
+from .conftest import metric, needs_pool, wait_until
 
 pytestmark = pytest.mark.docker
 
@@ -41,6 +41,8 @@ class Writer(threading.Thread):
         super().__init__(daemon=True)
         self.uri = uri
         self.committed = 0
+        # Connections lost or refused: each outage of the source.
+        self.failures = 0
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -51,34 +53,80 @@ class Writer(threading.Thread):
                         conn.execute("INSERT INTO item VALUES (%s)", (self.committed + 1,))
                         self.committed += 1
             except psycopg.Error:
+                self.failures += 1
                 time.sleep(0.05)  # the snapshot's short stop: come back
 
 
+class Poller(threading.Thread):
+    """A new connection and a SELECT 1 every 50 ms, counting those refused."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(daemon=True)
+        self.uri = uri
+        self.answered = self.refused = 0
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(0.05):
+            try:
+                with psycopg.connect(self.uri, connect_timeout=2) as conn:
+                    conn.execute("SELECT 1")
+                self.answered += 1
+            except psycopg.Error:
+                self.refused += 1
+
+
+CHECKSUM = "SELECT md5(string_agg(id::text || ':' || label, ',' ORDER BY id)) FROM fixed"
+
+
+@pytest.mark.parametrize(
+    "service",
+    [pytest.param({"DBPROV_STORAGE": "copy"}, id="copy"),
+     pytest.param({"DBPROV_STORAGE": "btrfs"}, id="btrfs", marks=needs_pool)],
+    indirect=True,
+)
 def test_a_snapshot_under_writes_restores_a_committed_state(service):
+    assert service.request("GET", "/readyz").json()["storage"]["backend"] == service.env["DBPROV_STORAGE"]
+    live = service.env["DBPROV_STORAGE"] == "btrfs"
     source = create(service)
     with psycopg.connect(source["connection_uri"]) as conn:
         conn.execute("CREATE TABLE item (id int PRIMARY KEY)")
-    writer = Writer(source["connection_uri"])
+        conn.execute("CREATE TABLE fixed AS SELECT g AS id, md5(g::text) AS label FROM generate_series(1, 100000) g")
+        checksum = conn.execute(CHECKSUM).fetchone()[0]
+    writer, poller = Writer(source["connection_uri"]), Poller(source["connection_uri"])
     writer.start()
     wait_until(lambda: writer.committed > 50, timeout=30, what="writes before the snapshot")
+    poller.start()
+    wait_until(lambda: poller.answered > 2, timeout=30, what="the poller's first answers")
     before = writer.committed
     started = time.monotonic()
     snapshot = snapshot_of(service, source["id"])
     took = time.monotonic() - started
     after = writer.committed
     wait_until(lambda: writer.committed > after + 10, timeout=30, what="writes after the snapshot")
-    writer.stopping.set()
-    writer.join(10)
+    for thread in (writer, poller):
+        thread.stopping.set()
+        thread.join(10)
     assert snapshot["size_bytes"] > 1_000_000 and took < 30
+    if live:
+        # Taken of the running server: not one connection lost or refused.
+        assert (writer.failures, poller.refused) == (0, 0)
 
     clone = create(service, from_snapshot=snapshot["id"])
     copied = rows(clone["connection_uri"])
     # Every committed row up to some moment, and none after it: a committed state.
     assert copied == list(range(1, len(copied) + 1))
     assert before <= len(copied) <= writer.committed
+    with psycopg.connect(clone["connection_uri"]) as conn:
+        assert conn.execute(CHECKSUM).fetchone()[0] == checksum
     log = service.request("GET", f"/databases/{clone['id']}/logs?tail=200").text
-    assert "database system was shut down" in log
-    assert "automatic recovery in progress" not in log
+    if live:
+        # A copy of one instant, recovered like a crash.
+        assert "automatic recovery in progress" in log
+    else:
+        # A copy of a clean stop.
+        assert "database system was shut down" in log
+        assert "automatic recovery in progress" not in log
 
 
 def test_clones_live_apart_with_their_own_password(service):

@@ -1,0 +1,110 @@
+"""The btrfs storage pool, for real: a loop file made and mounted, thin copies, and
+data from before the pool carried into it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import psycopg
+import pytest
+
+from service.errors import InsufficientStorage
+from service.storage.pool import Pool, open_pool
+
+from .conftest import needs_pool
+from .test_data import create, rows, snapshot_of
+
+pytestmark = [pytest.mark.docker, needs_pool]
+
+MIB = 2**20
+
+
+def used(pool_root: str) -> int:
+    """Bytes the pool holds, once btrfs has committed what was written."""
+    subprocess.run(["btrfs", "filesystem", "sync", pool_root], check=True, capture_output=True)
+    stat = os.statvfs(pool_root)
+    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+
+
+@pytest.fixture
+def loop_pool(tmp_path):
+    pool, reason = open_pool(tmp_path / "pool", 2 * 2**30, 64 * MIB)
+    assert pool is not None, reason
+    yield pool
+    subprocess.run(["umount", str(pool.root)], check=True)
+
+
+def test_a_pool_made_on_a_loop_file_shares_blocks_until_written(loop_pool, tmp_path):
+    assert loop_pool.backing == tmp_path / "pool.img"
+    # Found mounted by the next process: the same pool, the same loop file.
+    again, reason = open_pool(tmp_path / "pool", 2 * 2**30, 64 * MIB)
+    assert again.backing == loop_pool.backing and "loop file" in reason
+    source = loop_pool.create("source")
+    (source / "data").write_bytes(os.urandom(300 * MIB))
+    before = used(str(loop_pool.root))
+    copies = [loop_pool.snapshot(source, f"copy-{n}") for n in range(5)]
+    # Five copies of 300 MiB cost almost nothing until written.
+    assert used(str(loop_pool.root)) - before < 5 * MIB
+    with open(copies[0] / "data", "r+b") as file:
+        file.write(b"changed")
+    assert (source / "data").read_bytes()[:7] != b"changed"
+    # A snapshot made again (after a crash left one) is the source's anew.
+    assert (loop_pool.snapshot(source, "copy-0") / "data").read_bytes()[:7] != b"changed"
+    for n in range(5):
+        loop_pool.delete(f"copy-{n}")
+    assert loop_pool.names() == {"source"}
+    # Less free than it must keep: refused, saying how much there is.
+    with pytest.raises(InsufficientStorage, match="MiB free"):
+        Pool(loop_pool.root, loop_pool.free() + 1, loop_pool.backing).check_room("a copy")
+
+
+def test_clones_of_a_running_server_cost_no_disk_until_written(service):
+    pool = service.request("GET", "/readyz").json()["storage"]["pool"]
+    source = create(service)
+    with psycopg.connect(source["connection_uri"]) as conn:
+        conn.execute("CREATE TABLE item AS SELECT g AS id, repeat('x', 200) AS pad FROM generate_series(1, 400000) g")
+    with psycopg.connect(source["connection_uri"], autocommit=True) as conn:
+        # As data that has been read once is: else each clone's first read
+        # writes every page (hint bits), which is a write like any other.
+        conn.execute("VACUUM item")
+    snapshot = snapshot_of(service, source["id"])
+    assert snapshot["size_bytes"] > 100 * MIB
+    before = used(pool)
+    clones = [create(service, from_snapshot=snapshot["id"]) for _ in range(3)]
+    for clone in clones:
+        assert len(rows(clone["connection_uri"])) == 400000
+    grown = used(pool) - before
+    # Three running clones of over 100 MiB: what each wrote starting up, no copy.
+    assert grown < snapshot["size_bytes"] // 4, f"{grown / MIB:.1f} MiB for three clones"
+    # A reset swaps the data for a new thin copy of the snapshot.
+    with psycopg.connect(clones[0]["connection_uri"]) as conn:
+        conn.execute("DELETE FROM item")
+    assert service.request("POST", f"/databases/{clones[0]['id']}/reset").status_code == 200
+    assert len(rows(clones[0]["connection_uri"])) == 400000
+    ids = [source["id"], snapshot["id"], *(clone["id"] for clone in clones)]
+    assert {f"dbprov-{i}-data" for i in ids} <= set(os.listdir(f"{pool}/data"))
+    service.delete_all()
+    assert not {f"dbprov-{i}-data" for i in ids} & set(os.listdir(f"{pool}/data"))
+
+
+@pytest.mark.parametrize("service", [{"DBPROV_STORAGE": "copy"}], indirect=True)
+def test_data_from_before_the_pool_is_served_and_copied_into_it(service):
+    source = create(service)
+    with psycopg.connect(source["connection_uri"]) as conn:
+        conn.execute("CREATE TABLE item (id int PRIMARY KEY)")
+        conn.execute("INSERT INTO item VALUES (1), (2)")
+    service.stop()
+    service.env["DBPROV_STORAGE"] = "btrfs"
+    service.start()
+    pool = service.request("GET", "/readyz").json()["storage"]["pool"]
+    assert rows(source["connection_uri"]) == [1, 2]
+    snapshot = snapshot_of(service, source["id"])
+    assert f"dbprov-{snapshot['id']}-data" in os.listdir(f"{pool}/data")
+    clone = create(service, from_snapshot=snapshot["id"])
+    assert rows(clone["connection_uri"]) == [1, 2]
+    # The source stays on its own volume, and runs on it after a restart of its server.
+    assert service.request("POST", f"/databases/{source['id']}/stop").status_code == 202
+    service.wait_for_status(source["id"], "stopped")
+    assert service.request("POST", f"/databases/{source['id']}/start").json()["status"] == "ready"
+    assert rows(source["connection_uri"]) == [1, 2]

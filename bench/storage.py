@@ -29,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import docker
 import psycopg
-
 from run import Service, fill, floor_once, pct, sweep, table, wait_for_warm, wait_select1
 
 MIB = 2**20

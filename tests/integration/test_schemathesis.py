@@ -6,7 +6,6 @@ response may be a 5xx, and every response must match the document.
 
 from __future__ import annotations
 
-import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path

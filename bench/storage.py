@@ -7,7 +7,8 @@
 For each backend (``copy``: file by file, the server stopped for a snapshot;
 ``btrfs``: subvolume snapshots of the running server) and data size:
 - the snapshot, from request to ready, while a client opens a connection to
-  the source every 50 ms (how many were refused);
+  the source every 50 ms (how many were refused): right after the data is
+  loaded, and again (the steady state, against the floor);
 - a clone of it, from request to its first SELECT 1, and the disk it added
   before anything was written to it;
 - a template clone from the template's warm pool, and a plain pool claim.
@@ -94,13 +95,21 @@ def sizes_on(service: Service, client, backend: str, where: str, sizes: list[int
         poller = Poller(source["connection_uri"])
         poller.start()
         time.sleep(0.3)
-        started = time.perf_counter()
-        status, snapshot = service.request("POST", f"/databases/{source['id']}/snapshots")
-        snapshot_s = time.perf_counter() - started
+        # Right after the load, the snapshot's checkpoint writes what the load
+        # left in memory; the second is of a server in its steady state.
+        took = []
+        for _ in range(2):
+            started = time.perf_counter()
+            status, snapshot = service.request("POST", f"/databases/{source['id']}/snapshots")
+            took.append(time.perf_counter() - started)
+            assert status == 201 and snapshot["status"] == "ready", snapshot
+            if len(took) == 1:
+                loaded = snapshot
         time.sleep(0.3)
         poller.stopping.set()
         poller.join()
-        assert status == 201 and snapshot["status"] == "ready", snapshot
+        service.request("DELETE", f"/snapshots/{loaded['id']}")
+        loaded_s, snapshot_s = took
         before = disk_used(where)
         clone_s, clone = created(service, {"from_snapshot": snapshot["id"]})
         added = disk_used(where) - before
@@ -109,7 +118,7 @@ def sizes_on(service: Service, client, backend: str, where: str, sizes: list[int
         gone(service, clone["id"], source["id"])
         data = snapshot["size_bytes"]
         rows.append([
-            backend, f"{megabytes} MB", data / MIB, snapshot_s, snapshot_s / floor, poller.refused,
+            backend, f"{megabytes} MB", data / MIB, loaded_s, snapshot_s, snapshot_s / floor, poller.refused,
             clone_s, clone_s / floor, floor, added / MIB, f"{100 * added / data:.2f}%",
         ])
         if first_snapshot is None:
@@ -191,7 +200,8 @@ def main() -> None:
         sweep(client)
     table(
         "Snapshot and clone against data size (a docker run floor measured beside each)",
-        ["backend", "data", "MiB", "snapshot s", "snapshot / floor", "refused", "clone to SELECT 1 s",
+        ["backend", "data", "MiB", "snapshot s, just loaded", "snapshot s", "snapshot / floor", "refused",
+         "clone to SELECT 1 s",
          "clone / floor", "floor s", "clone's disk MiB", "of the data"],
         rows,
     )

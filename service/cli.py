@@ -245,9 +245,10 @@ def images(context: click.Context) -> None:
 
 @images.command("prune")
 def images_prune() -> None:
-    """Remove the golden copies (images and volumes) that no server on the
-    engine stands on: every installation on it shares them, and the next
-    server makes them again (a few seconds, once)."""
+    """Remove the golden copies (images, volumes and a pool's golden
+    subvolumes) that no server on the engine stands on: every installation on
+    it shares them, and the next server makes them again (a few seconds,
+    once). On a btrfs pool, also data no volume has bound for 10 minutes."""
     for name in _run(_services().runtime.prune_caches):
         click.echo(f"removed {name}")
 

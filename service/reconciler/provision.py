@@ -144,6 +144,11 @@ class Provisioning(Step):
             port=record.host_port,
             command=(
                 "postgres",
+                # A copy of a running server's data (a snapshot on a storage
+                # pool) starts with crash recovery, which first syncs the data
+                # directory: one syncfs, not an fsync per file, keeps that from
+                # growing with the data (0.4 s against 1.0-1.4 s at 10 GB).
+                "-c", "recovery_init_sync_method=syncfs",
                 *self.settings.postgres_args,
                 # The plan's settings come last, so they win over the general ones.
                 *(arg for name, value in plan.settings.items() for arg in ("-c", f"{name}={value}")),

@@ -18,9 +18,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from datetime import timedelta
 from pathlib import Path
 
-from ..errors import NotFound, ServerFailed
+from ..errors import DataLost, NotFound, ServerFailed
 from ..runtime.engine import Engine
 from ..runtime.protocol import PGDATA, ServerSpec, StorageReport, labels_for, volume_name
 from .golden import GOLDEN_HOME, GOLDEN_PGDATA
@@ -36,6 +37,8 @@ LABEL_SUBVOLUME = "io.dbprov.subvolume"
 # directory is its data/); else its root is the data directory.
 LABEL_LAYOUT = "io.dbprov.layout"
 _GOLDEN_LAYOUT = "golden"
+# How old data no volume binds must be before a prune removes it.
+_ORPHAN_AGE = timedelta(minutes=10)
 
 
 class BtrfsStorage:
@@ -65,8 +68,8 @@ class BtrfsStorage:
             found = self._new_data(spec.database_id, golden.image if golden else None)
         labels = found.get("Labels") or {}
         if not Path(labels[LABEL_SUBVOLUME]).is_dir():
-            # The engine would fail the mount, or bind an empty directory.
-            raise ServerFailed(f"the data of {spec.database_id} is not in the storage pool {self.pool.root}")
+            # Its volume is left, its data is not: a server on it would start empty.
+            raise DataLost(f"the data of {spec.database_id} is gone from the storage pool {self.pool.root}")
         name = volume_name(spec.database_id)
         if labels.get(LABEL_LAYOUT) == _GOLDEN_LAYOUT:
             volumes, pgdata = {name: {"bind": GOLDEN_HOME, "mode": "rw"}}, GOLDEN_PGDATA
@@ -124,6 +127,14 @@ class BtrfsStorage:
 
     def prune_caches(self) -> list[str]:
         removed = self.volumes.prune_caches()
+        # Data no volume binds: left by a crash between the two, or by a
+        # volume removed behind the service's back. Volume names are the
+        # engine's, so this holds for every installation sharing the pool;
+        # a young one may be a copy whose volume is being made.
+        named = {volume["Name"] for volume in self._api.volumes().get("Volumes") or []}
+        for name in self.pool.orphans(named, _ORPHAN_AGE):
+            self.pool.delete(name)
+            removed.append(str(self.pool.path(name)))
         # A golden subvolume is used only to make new data: the data made
         # from it shares its blocks but not its life.
         kept = {f"{tag.partition(':')[2]}" for tag in self._golden_tags()}

@@ -16,8 +16,10 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import shutil
 import subprocess
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from ..errors import EngineError, InsufficientStorage
@@ -48,23 +50,37 @@ class Pool:
     def create(self, name: str, folder: str = "data") -> Path:
         path = self.path(name, folder)
         if not path.exists():
-            _btrfs("subvolume", "create", str(path))
+            _run("btrfs", "subvolume", "create", str(path))
         return path
 
     def snapshot(self, source: Path, name: str, folder: str = "data") -> Path:
         """A writable snapshot of ``source`` named ``name``; one left by a crash is made again."""
         target = self.path(name, folder)
         self.delete(name, folder)
-        _btrfs("subvolume", "snapshot", str(source), str(target))
+        _run("btrfs", "subvolume", "snapshot", str(source), str(target))
         return target
 
     def delete(self, name: str, folder: str = "data") -> None:
         path = self.path(name, folder)
         if path.exists():
-            _btrfs("subvolume", "delete", str(path))
+            _run("btrfs", "subvolume", "delete", str(path))
 
     def names(self, folder: str = "data") -> set[str]:
         return {entry.name for entry in (self.root / folder).iterdir()}
+
+    def orphans(self, bound: set[str], older_than: timedelta) -> set[str]:
+        """The data no volume binds (``bound``: the names the engine has), made
+        longer ago than ``older_than``: younger, a volume may be being made for it."""
+        now = datetime.now(timezone.utc)
+        return {name for name in self.names() - bound if now - self.made_at(name) > older_than}
+
+    def made_at(self, name: str, folder: str = "data") -> datetime:
+        """When the subvolume was made (a snapshot keeps its source's times otherwise)."""
+        shown = _run("btrfs", "subvolume", "show", str(self.path(name, folder)))
+        found = re.search(r"Creation time:\s+(.+)", shown)
+        if found is None:
+            raise EngineError(f"btrfs did not say when {name} was made")
+        return datetime.strptime(found.group(1).strip(), "%Y-%m-%d %H:%M:%S %z")
 
     def free(self) -> int:
         """Bytes that can still be written: the pool's, or the disk's under its
@@ -168,11 +184,8 @@ def _free(path: Path) -> int:
     return stat.f_bavail * stat.f_frsize
 
 
-def _btrfs(*args: str) -> None:
-    _run("btrfs", *args)
-
-
-def _run(*command: str) -> None:
+def _run(*command: str) -> str:
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
         raise EngineError(f"{' '.join(command[:3])} failed: {(result.stderr or result.stdout).strip()}")
+    return result.stdout

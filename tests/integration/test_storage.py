@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from datetime import datetime, timedelta, timezone
 
 import psycopg
 import pytest
@@ -51,6 +52,11 @@ def test_a_pool_made_on_a_loop_file_shares_blocks_until_written(loop_pool, tmp_p
     assert (source / "data").read_bytes()[:7] != b"changed"
     # A snapshot made again (after a crash left one) is the source's anew.
     assert (loop_pool.snapshot(source, "copy-0") / "data").read_bytes()[:7] != b"changed"
+    # Made now, whatever its source's times say: data no volume binds is an
+    # orphan to prune only once it is older than a volume takes to be made.
+    assert (datetime.now(timezone.utc) - loop_pool.made_at("copy-4")).total_seconds() < 60
+    assert loop_pool.orphans({"source"}, timedelta(0)) == {f"copy-{n}" for n in range(5)}
+    assert loop_pool.orphans({"source"}, timedelta(minutes=10)) == set()
     for n in range(5):
         loop_pool.delete(f"copy-{n}")
     assert loop_pool.names() == {"source"}
@@ -108,3 +114,20 @@ def test_data_from_before_the_pool_is_served_and_copied_into_it(service):
     service.wait_for_status(source["id"], "stopped")
     assert service.request("POST", f"/databases/{source['id']}/start").json()["status"] == "ready"
     assert rows(source["connection_uri"]) == [1, 2]
+
+
+def test_data_gone_from_the_pool_is_lost_not_made_anew_empty(service, docker_client):
+    pool = service.request("GET", "/readyz").json()["storage"]["pool"]
+    created = create(service)
+    with psycopg.connect(created["connection_uri"]) as conn:
+        conn.execute("CREATE TABLE kept AS SELECT 7 AS n")
+    service.request("POST", f"/databases/{created['id']}/stop")
+    service.wait_for_status(created["id"], "stopped")
+    # Its container and its data go, its volume stays: bound to nothing now.
+    docker_client.containers.get(f"dbprov-{created['id']}").remove()
+    subprocess.run(["btrfs", "subvolume", "delete", f"{pool}/data/dbprov-{created['id']}-data"],
+                   check=True, capture_output=True)
+    started = service.request("POST", f"/databases/{created['id']}/start")
+    assert started.status_code == 410 and started.json()["type"] == "urn:dbprov:problem:data-lost", started.text
+    assert "gone from the storage pool" in service.request("GET", f"/databases/{created['id']}").json()["last_error"]
+    assert not docker_client.containers.list(all=True, filters={"name": f"dbprov-{created['id']}"})

@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service.runtime.protocol import LABEL_INSTANCE  # noqa: E402
+from service.storage.btrfs import LABEL_SUBVOLUME  # noqa: E402
 from service.store.crypto import generate_key  # noqa: E402
 
 IMAGE = "postgres:17"
@@ -205,7 +206,11 @@ def sweep(client: docker.DockerClient) -> None:
         for container in client.containers.list(all=True, filters=label):
             container.remove(force=True, v=True)
         for volume in client.volumes.list(filters=label):
+            subvolume = (volume.attrs.get("Labels") or {}).get(LABEL_SUBVOLUME)
             volume.remove(force=True)
+            if subvolume:
+                # Data on a storage pool outlives its volume: it goes too.
+                subprocess.run(["btrfs", "subvolume", "delete", subvolume], capture_output=True)
         for network in client.networks.list(filters=label):
             network.remove()
 

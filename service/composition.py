@@ -103,6 +103,10 @@ def _runtime(settings: Settings) -> ServerRuntime:
             helper_image=settings.swarm_helper_image,
             start_timeout=settings.ready_timeout,
         )
+    opened = None
+    if settings.storage == "btrfs":
+        # Asked for by name: a pool that cannot be had stops the service now.
+        opened = _pool(settings)
     return DockerRuntime(
         instance=settings.instance,
         network=settings.network,
@@ -110,7 +114,7 @@ def _runtime(settings: Settings) -> ServerRuntime:
         probe_host=settings.effective_probe_host,
         pull=settings.pull_images,
         golden=settings.golden_images,
-        pool=lambda: _pool(settings),
+        pool=lambda: opened or _pool(settings),
     )
 
 
@@ -121,6 +125,6 @@ def _pool(settings: Settings) -> tuple[Pool | None, str]:
     pool, reason = open_pool(settings.storage_pool, settings.storage_pool_size, settings.storage_min_free)
     if pool is None:
         if settings.storage == "btrfs":
-            raise SettingsError(f"DBPROV_STORAGE=btrfs, but there is no pool: {reason}")
+            raise SettingsError("DBPROV_STORAGE", f"btrfs is asked for, but there is no pool: {reason}")
         log.warning("servers' data is copied, with no thin snapshots: %s", reason)
     return pool, reason

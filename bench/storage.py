@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,26 +31,10 @@ import docker
 import psycopg
 from run import Service, fill, floor_once, pct, sweep, table, wait_for_warm, wait_select1
 
+# The client the tests poll a source with during its snapshot.
+from tests.integration.test_data import Poller  # noqa: E402
+
 MIB = 2**20
-
-
-class Poller(threading.Thread):
-    """A new connection and a SELECT 1 every 50 ms, counting those refused."""
-
-    def __init__(self, uri: str) -> None:
-        super().__init__(daemon=True)
-        self.uri = uri
-        self.answered = self.refused = 0
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopping.wait(0.05):
-            try:
-                with psycopg.connect(self.uri, connect_timeout=2) as conn:
-                    conn.execute("SELECT 1")
-                self.answered += 1
-            except psycopg.Error:
-                self.refused += 1
 
 
 def disk_used(path: str) -> int:

@@ -78,7 +78,7 @@ def create_app(services: Services | None = None) -> Flask:
     api.register_blueprint(health.health)
     api.register_blueprint(tls.tls)
 
-    Metrics(services.store, services.settings.port_range).init_app(app)
+    Metrics(services.store, services.settings.port_range, services.runtime.storage_report).init_app(app)
     # After the metrics' timer, so that refusals are counted; before every
     # blueprint's own checks, which run after the app's.
     loopback.init_app(app)

@@ -53,6 +53,8 @@ class FakeRuntime:
     reachable: bool = True
     # Whether copy_data takes a running server's data (a pool's snapshots).
     live_copies: bool = False
+    # Bytes free in the fake's storage pool; None: no pool.
+    pool_free: int | None = None
     # Ids whose server and data are on a machine that is away (a Swarm node
     # down): reported UNREACHABLE, and whatever needs that machine waits for it.
     away: set[str] = field(default_factory=set)
@@ -200,6 +202,8 @@ class FakeRuntime:
         return self.live_copies
 
     def storage_report(self) -> StorageReport:
+        if self.pool_free is not None:
+            return StorageReport("btrfs", "the fake's pool", "/pool", self.pool_free, 2**36)
         return StorageReport("btrfs" if self.live_copies else "copy", "the fake's")
 
     def prune_caches(self) -> list[str]:

@@ -12,7 +12,7 @@ import pytest
 
 from service.domain.models import Database, Snapshot, SnapshotStatus, Status, Template, TemplateStatus, utcnow
 from service.errors import InsufficientStorage, JobTimedOut
-from service.runtime.protocol import RUNNING, JobResult, StorageReport
+from service.runtime.protocol import RUNNING, JobResult
 
 from .test_api import assert_problem
 from .test_lifecycle import kinds
@@ -92,12 +92,11 @@ def test_a_snapshot_with_no_room_in_the_pool_fails_saying_so(client, services, r
 
 
 def test_a_nearly_full_pool_refuses_snapshots_clones_and_resets_and_changes_nothing(
-    client, services, reconciler, runtime, ready, monkeypatch
+    client, services, reconciler, runtime, ready
 ):
     snapshot = client.post(f"/databases/{ready['id']}/snapshots", headers=ASYNC).get_json()
     reconciler.run_once(wait=True)
-    free = services.settings.storage_min_free - 1
-    monkeypatch.setattr(runtime, "storage_report", lambda: StorageReport("btrfs", "test", "/pool", free, 2**40))
+    runtime.pool_free = services.settings.storage_min_free - 1
     before = len(client.get("/databases").get_json()["items"])
     for path, body in (
         (f"/databases/{ready['id']}/snapshots", None),

@@ -62,6 +62,17 @@ def test_databases_pool_phases_ports_and_requests(services, reconciler):
     ) == 1
 
 
+def test_the_storage_backend_and_a_pools_room(client, runtime):
+    samples = scrape(client)
+    assert value(samples, "dbprov_storage_backend", backend="copy") == 1
+    assert not any(name.startswith("dbprov_storage_pool") for name, _ in samples)
+    runtime.pool_free = 3 * 2**30
+    samples = scrape(client)
+    assert value(samples, "dbprov_storage_backend", backend="btrfs") == 1
+    assert value(samples, "dbprov_storage_pool_free_bytes") == 3 * 2**30
+    assert value(samples, "dbprov_storage_pool_size_bytes") == 2**36
+
+
 def test_every_status_is_reported_even_when_none_has_it(client):
     samples = scrape(client)
     assert {status.value: value(samples, "dbprov_databases", status=status.value)

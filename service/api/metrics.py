@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
-from typing import Iterator
+from typing import Callable, Iterator
 
 from flask import Flask, Response, g, request
 from prometheus_client import CollectorRegistry, Histogram
@@ -30,6 +30,7 @@ from sqlalchemy import func, select
 
 from ..domain.models import PHASE_BUCKETS, Database, PhaseHistogram, Status
 from ..domain.tenancy import POOL_TENANT
+from ..runtime.protocol import StorageReport
 from ..store.engine import Store
 
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60)
@@ -107,13 +108,40 @@ class StoreFigures(Collector):
         )
 
 
+class StorageFigures(Collector):
+    """The storage backend, and a pool's room, asked at each scrape."""
+
+    def __init__(self, report: Callable[[], StorageReport]) -> None:
+        self.report = report
+
+    def collect(self) -> Iterator[Metric]:
+        report = self.report()
+        backend = GaugeMetricFamily(
+            "dbprov_storage_backend", "The storage backend in use (btrfs or copy).", labels=["backend"]
+        )
+        backend.add_metric([report.backend], 1)
+        yield backend
+        if report.free_bytes is not None:
+            yield GaugeMetricFamily(
+                "dbprov_storage_pool_free_bytes",
+                "Bytes the storage pool can still take, the disk under its loop file counted.",
+                value=report.free_bytes,
+            )
+            yield GaugeMetricFamily(
+                "dbprov_storage_pool_size_bytes", "The storage pool's size.", value=report.size_bytes
+            )
+
+
 class Metrics:
     """Times every request and serves ``/metrics`` (no token needed)."""
 
-    def __init__(self, store: Store, port_range: tuple[int, int]) -> None:
+    def __init__(
+        self, store: Store, port_range: tuple[int, int], storage: Callable[[], StorageReport]
+    ) -> None:
         # A registry per app, not prometheus_client's global one: tests build many apps.
         self.registry = CollectorRegistry()
         self.registry.register(StoreFigures(store, port_range))
+        self.registry.register(StorageFigures(storage))
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
             # Request durations go to this process's file; a scrape reads every worker's.
             MultiProcessCollector(self.registry)

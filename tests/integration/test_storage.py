@@ -4,7 +4,9 @@ data from before the pool carried into it."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from datetime import datetime, timedelta, timezone
 
 import psycopg
@@ -13,12 +15,13 @@ import pytest
 from service.errors import InsufficientStorage
 from service.storage.pool import Pool, open_pool
 
-from .conftest import needs_pool
+from .conftest import managed, needs_pool, wait_until
 from .test_data import create, rows, snapshot_of
 
 pytestmark = [pytest.mark.docker, needs_pool]
 
 MIB = 2**20
+ASYNC = {"Prefer": "respond-async"}
 
 
 def used(pool_root: str) -> int:
@@ -131,3 +134,36 @@ def test_data_gone_from_the_pool_is_lost_not_made_anew_empty(service, docker_cli
     assert started.status_code == 410 and started.json()["type"] == "urn:dbprov:problem:data-lost", started.text
     assert "gone from the storage pool" in service.request("GET", f"/databases/{created['id']}").json()["last_error"]
     assert not docker_client.containers.list(all=True, filters={"name": f"dbprov-{created['id']}"})
+
+
+def test_kill_9_mid_snapshot_or_clone_leaves_nothing_half_made(service, docker_client):
+    pool = service.request("GET", "/readyz").json()["storage"]["pool"]
+    source = create(service)
+    with psycopg.connect(source["connection_uri"]) as conn:
+        conn.execute("CREATE TABLE item AS SELECT g AS id FROM generate_series(1, 50000) g")
+    snapshots, clones = [], []
+    # With the request, while the copy is made, about when the clone starts.
+    for delay in (0.0, 0.05, 0.3):
+        snapshot = service.request("POST", f"/databases/{source['id']}/snapshots", headers=ASYNC)
+        clone = service.request("POST", "/databases", json={"from_database": source["id"]}, headers=ASYNC)
+        assert (snapshot.status_code, clone.status_code) == (202, 202), (snapshot.text, clone.text)
+        snapshots.append(snapshot.json()["id"])
+        clones.append(clone.json()["id"])
+        time.sleep(delay)
+        service.stop(signal.SIGKILL)
+        service.start()
+        wait_until(lambda: service.request("GET", f"/snapshots/{snapshots[-1]}").json()["status"] != "pending",
+                   timeout=60, what="the snapshot to settle")
+    assert [service.request("GET", f"/snapshots/{s}").json()["status"] for s in snapshots] == ["ready"] * 3
+    for clone_id in clones:
+        service.wait_for_status(clone_id, "ready")
+        uri = service.request("GET", f"/databases/{clone_id}/credentials").json()["connection_uri"]
+        assert rows(uri) == list(range(1, 50001))
+    # Every volume binds whole data in the pool, and no data of theirs is without its volume.
+    volumes = managed(docker_client, "volumes")
+    for volume in volumes:
+        bound = volume.attrs["Labels"]["io.dbprov.subvolume"]
+        assert os.path.isfile(f"{bound}/PG_VERSION") or os.path.isfile(f"{bound}/data/PG_VERSION"), bound
+    ours = {f"dbprov-{i}-data" for i in [source["id"], *snapshots, *clones]}
+    assert ours & set(os.listdir(f"{pool}/data")) <= {volume.name for volume in volumes}
+    assert "Traceback" not in service.log_path.read_text()

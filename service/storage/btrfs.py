@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import DataLost, NotFound, ServerFailed
 from ..runtime.engine import Engine
 from ..runtime.protocol import PGDATA, ServerSpec, StorageReport, labels_for, volume_name
-from .golden import GOLDEN_HOME, GOLDEN_PGDATA
+from .golden import GOLDEN_HOME, GOLDEN_PGDATA, LABEL_GOLDEN_OF
 from .overlay import OverlayStorage
 from .pool import Pool
 from .protocol import ServerData
@@ -137,7 +137,7 @@ class BtrfsStorage:
             removed.append(str(self.pool.path(name)))
         # A golden subvolume is used only to make new data: the data made
         # from it shares its blocks but not its life.
-        kept = {f"{tag.partition(':')[2]}" for tag in self._golden_tags()}
+        kept = {tag.partition(":")[2] for tag in self._golden_tags()}
         for name in self.pool.names("golden") - kept:
             self.pool.delete(name, "golden")
             removed.append(str(self.pool.path(name, "golden")))
@@ -165,23 +165,32 @@ class BtrfsStorage:
             filling = f"{key}-{os.getpid()}"
             self.pool.delete(filling, "golden")
             volume = f"dbprov-golden-{filling}"
+            # Labelled as the golden image's, so that what a crash leaves is known.
+            labels = {LABEL_GOLDEN_OF: image}
             self._api.create_volume(
-                name=volume, driver="local",
+                name=volume, driver="local", labels=labels,
                 driver_opts={"type": "none", "o": "bind", "device": str(self.pool.create(filling, "golden"))},
             )
             try:
                 container = self._api.create_container(
-                    image, command=["true"], network_disabled=True,
+                    image, command=["true"], network_disabled=True, labels=labels,
                     host_config=self._api.create_host_config(binds=[f"{volume}:{GOLDEN_HOME}:rw"]),
                 )
                 self.engine.remove_container(container["Id"])
             finally:
                 self.engine.remove_volume(volume)
-            if not (self.pool.path(filling, "golden") / "data" / "PG_VERSION").is_file():
+            filled = self.pool.path(filling, "golden")
+            if not (filled / "data" / "PG_VERSION").is_file():
                 self.pool.delete(filling, "golden")
                 raise ServerFailed(f"the golden image {image} did not fill its subvolume")
             # Only a whole one has its final name.
-            self.pool.path(filling, "golden").rename(path)
+            try:
+                filled.rename(path)
+            except OSError:
+                if not path.is_dir():
+                    raise
+                # Another process's came first: the same files.
+                self.pool.delete(filling, "golden")
             log.info("golden subvolume %s made", path)
             return path
 

@@ -19,6 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.runtime.docker import DockerRuntime
 from service.runtime.protocol import ABSENT, LABEL_INSTANCE, STOPPED
+from service.storage.btrfs import LABEL_SUBVOLUME
+from service.storage.pool import open_pool
 from service.store.crypto import generate_key
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,11 +41,7 @@ def docker_client():
             pytest.fail(f"no Docker engine, and CI must run the Docker tests: {exc}")
         pytest.skip(f"no Docker engine: {exc}")
     yield client
-    leftovers = client.containers.list(all=True, filters={"label": f"{LABEL_INSTANCE}={INSTANCE}"})
-    for container in leftovers:
-        container.remove(force=True)
-    for volume in client.volumes.list(filters={"label": f"{LABEL_INSTANCE}={INSTANCE}"}):
-        volume.remove(force=True)
+    remove_managed(client)
     # The tenant network outlives its databases by design; the test run's goes now.
     for network in client.networks.list(filters={"label": f"{LABEL_INSTANCE}={INSTANCE}"}):
         network.remove()
@@ -52,7 +50,7 @@ def docker_client():
     if "PYTEST_XDIST_WORKER" not in os.environ:
         DockerRuntime(
             instance=INSTANCE, network=f"dbprov-{INSTANCE}", bind_address="127.0.0.1", probe_host="127.0.0.1",
-            client=client,
+            client=client, pool=None if POOL_MISSING else lambda: open_pool(POOL, 64 * 2**30, 2**30),
         ).prune_caches()
     client.close()
 
@@ -64,6 +62,8 @@ POOL_MISSING = (
     else "not root: no pool can be mounted" if os.geteuid() != 0
     else None
 )
+# The pool a service makes by default, which the tests share.
+POOL = Path("/var/lib/dbprov/pool")
 needs_pool = pytest.mark.skipif(
     POOL_MISSING is not None and not os.environ.get("CI"), reason=f"no storage pool here: {POOL_MISSING}"
 )
@@ -116,6 +116,18 @@ def check_the_data_outlives_its_server(runtime, spec, endpoint, connect, while_s
     runtime.remove_server(database_id)
     assert runtime.inspect_server(database_id) is None
     assert database_id not in {s.database_id for s in runtime.list_servers()}
+
+
+def remove_managed(docker_client) -> None:
+    """Remove the run's containers and volumes, and the pool data each volume
+    binds: removed alone, a volume leaves its data in the pool."""
+    for container in managed(docker_client):
+        container.remove(force=True, v=True)
+    for volume in managed(docker_client, "volumes"):
+        bound = (volume.attrs.get("Labels") or {}).get(LABEL_SUBVOLUME)
+        volume.remove(force=True)
+        if bound:
+            subprocess.run(["btrfs", "subvolume", "delete", bound], capture_output=True)
 
 
 def managed(docker_client, kind: str = "containers") -> list:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-
 from dbprov_client import Client, NotFound
 
 from .conftest import free_port

@@ -14,7 +14,7 @@ import pytest
 
 from service.runtime.protocol import labels_for
 
-from .conftest import INSTANCE, ServiceProcess, managed, metric, wait_until
+from .conftest import INSTANCE, ServiceProcess, managed, metric, remove_managed, wait_until
 
 pytestmark = pytest.mark.docker
 
@@ -188,11 +188,14 @@ def test_work_left_by_a_crash_is_finished_by_reconcile_once(service, docker_clie
 
 def test_readyz_reports_both_dependencies(service):
     body = service.request("GET", "/readyz").json()
+    storage = body.pop("storage")
     assert body == {
         "status": "ok",
         "checks": {"docker": "ok", "metadata": "ok"},
         "images": {"15": "available", "17": "available"},
     }
+    # And what the data is kept on, and why (--no-auth: everyone is an admin).
+    assert storage["backend"] in ("btrfs", "copy") and storage["reason"]
 
 
 def test_warm_pool_hands_out_a_running_server_at_once(docker_client, tmp_path):
@@ -223,10 +226,7 @@ def test_warm_pool_hands_out_a_running_server_at_once(docker_client, tmp_path):
         service.stop()
     # The pool's own members stay behind by design: the session cleanup removes them.
     assert {c.name for c in managed(docker_client)} != set(), "the refilled member should exist"
-    for container in managed(docker_client):
-        container.remove(force=True, v=True)
-    for volume in managed(docker_client, "volumes"):
-        volume.remove(force=True)
+    remove_managed(docker_client)
 
 
 def test_a_warm_server_that_died_is_never_handed_out(docker_client, tmp_path):
@@ -261,7 +261,4 @@ def test_a_warm_server_that_died_is_never_handed_out(docker_client, tmp_path):
     finally:
         service.delete_all()
         service.stop()
-    for container in managed(docker_client):
-        container.remove(force=True, v=True)
-    for volume in managed(docker_client, "volumes"):
-        volume.remove(force=True)
+    remove_managed(docker_client)

@@ -15,7 +15,7 @@ import pytest
 
 from service.storage.golden import LABEL_GOLDEN_OF
 
-from .conftest import ROOT, ServiceProcess, free_port, managed, metric, wait_until
+from .conftest import ROOT, ServiceProcess, free_port, managed, metric, remove_managed, wait_until
 
 pytestmark = pytest.mark.docker
 
@@ -189,7 +189,4 @@ def test_a_missing_image_is_refused_at_once_and_the_pool_is_unaffected(docker_cl
     pulled = service.run("images", "pull", check=False)
     assert pulled.returncode == 1 and "could not pull postgres:16" in pulled.stderr
     assert "17  postgres:17  available" in pulled.stdout and "Traceback" not in pulled.stderr
-    for container in managed(docker_client):
-        container.remove(force=True, v=True)
-    for volume in managed(docker_client, "volumes"):
-        volume.remove(force=True)
+    remove_managed(docker_client)

@@ -14,14 +14,17 @@ import pytest
 
 from service.errors import ImageMissing, PortInUse, ServerFailed, TransientError
 from service.runtime.docker import DockerRuntime
+from service.runtime.protocol import ABSENT, RUNNING, ServerSpec
 from service.storage import overlay
 from service.storage.golden import GOLDEN_REPOSITORY, LABEL_GOLDEN_BASE, LABEL_GOLDEN_OF, golden_key
-from service.runtime.protocol import ABSENT, RUNNING, ServerSpec
+from service.storage.pool import open_pool
 
 from .conftest import (
     INSTANCE,
+    POOL,
     check_the_data_outlives_its_server,
     free_port,
+    needs_pool,
     wait_until,
 )
 
@@ -30,20 +33,27 @@ pytestmark = pytest.mark.docker
 PASSWORD = "seam-test-password"
 
 
+BTRFS = pytest.param("btrfs", marks=needs_pool)
+
+
 # Each method on every way a server's data begins: an overlay on the golden
 # volume; a copy of the golden data (an engine that cannot mount an overlay);
 # the image's own initdb (DBPROV_GOLDEN_IMAGES=false, or a golden image that
-# could not be made).
-@pytest.fixture(params=["overlay", "copy", "initdb"])
+# could not be made); a snapshot of the golden subvolume on the btrfs pool.
+@pytest.fixture(params=["overlay", "copy", "initdb", BTRFS])
 def runtime(request, docker_client, monkeypatch):
     runtime = DockerRuntime(
         instance=INSTANCE, network=f"dbprov-{INSTANCE}", bind_address="127.0.0.1",
         probe_host="127.0.0.1", pull=True, golden=request.param != "initdb",
+        pool=(lambda: open_pool(POOL, 64 * 2**30, 2**30))
+        if request.param == "btrfs" else None,
     )
+    if request.param == "btrfs":
+        assert runtime.storage_report().backend == "btrfs", runtime.storage_report()
     if request.param == "copy":
-        golden_image = runtime.storage._golden_image
+        golden_image = runtime.storage.golden_image
         monkeypatch.setattr(
-            runtime.storage, "_golden_image",
+            runtime.storage, "golden_image",
             lambda spec, base: (golden := golden_image(spec, base)) and golden._replace(volume=None),
         )
     runtime.way = request.param
@@ -152,7 +162,7 @@ def test_a_missing_image_is_reported_at_once(runtime):
     assert runtime.inspect_server(database_id) is None
 
 
-golden_only = pytest.mark.parametrize("runtime", ["overlay", "copy"], indirect=True)
+golden_only = pytest.mark.parametrize("runtime", ["overlay", "copy", BTRFS], indirect=True)
 overlay_only = pytest.mark.parametrize("runtime", ["overlay"], indirect=True)
 
 

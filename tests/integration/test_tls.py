@@ -20,7 +20,7 @@ from cryptography.x509.oid import NameOID
 
 from service.runtime.entry import TLS_DIR
 
-from .conftest import ROOT, ServiceProcess, managed, metric, wait_until
+from .conftest import ROOT, ServiceProcess, managed, metric, remove_managed, wait_until
 
 pytestmark = pytest.mark.docker
 
@@ -147,7 +147,4 @@ def test_a_warm_pool_members_claim_verifies(docker_client, tmp_path):
     finally:
         service.stop()
     # The pool's own members stay behind by design.
-    for container in managed(docker_client):
-        container.remove(force=True, v=True)
-    for volume in managed(docker_client, "volumes"):
-        volume.remove(force=True)
+    remove_managed(docker_client)

@@ -206,7 +206,7 @@ def free_port() -> int:
 class Server:
     """`dbprov serve --no-auth` on a data folder of its own."""
 
-    def __init__(self, workdir: Path, tests: int, pool: int, rate_limit: int) -> None:
+    def __init__(self, workdir: Path, tests: int, pool: int, rate_limit: int, storage: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / "dbprov.log"
@@ -215,7 +215,7 @@ class Server:
             DBPROV_DATA_DIR=str(workdir / "data"), DBPROV_INSTANCE=INSTANCE,
             DBPROV_PORT_RANGE=PORT_RANGE, DBPROV_SECRET_KEY=generate_key(),
             DBPROV_IMAGES=f"17={IMAGE}", DBPROV_TENANT_QUOTA=str(tests + pool + 10),
-            DBPROV_RATE_LIMIT=str(rate_limit), DBPROV_RECONCILE_INTERVAL="1",
+            DBPROV_RATE_LIMIT=str(rate_limit), DBPROV_RECONCILE_INTERVAL="1", DBPROV_STORAGE=storage,
         )
         if pool:
             env["DBPROV_POOL_SIZE"] = str(pool)
@@ -329,6 +329,8 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=0, help="DBPROV_POOL_SIZE of the dbprov server")
     parser.add_argument("--rate-limit", type=int, default=100000,
                         help="DBPROV_RATE_LIMIT of the dbprov server (default 100000; the service's own is 60)")
+    parser.add_argument("--storage", default="auto", choices=["auto", "btrfs", "copy"],
+                        help="DBPROV_STORAGE of the dbprov server (default auto)")
     parser.add_argument("--xdist", type=int, default=0, help="run each suite with pytest -n N")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the variants in turn this many times; the median wall time counts")
@@ -343,7 +345,7 @@ def main() -> None:
     handouts: dict[str, list[float]] = {kind: [] for kind in args.only}
     try:
         if any(kind.startswith("dbprov") for kind in args.only):
-            server = Server(workdir, max(args.tests, args.slow_tests), args.pool, args.rate_limit)
+            server = Server(workdir, max(args.tests, args.slow_tests), args.pool, args.rate_limit, args.storage)
             env["DBPROV_URL"] = server.url
             (workdir / "migrations").mkdir()
             (workdir / "migrations" / "001_item.sql").write_text(MIGRATION)
@@ -372,7 +374,8 @@ def main() -> None:
     writing = {0: "no test writes", 1: "every test writes"}.get(args.writes, f"one test in {args.writes} writes")
     print(f"\n## A suite of tests from a migrated schema, {writing}"
           f"{f' (pytest -n {args.xdist})' if args.xdist else ''}"
-          f"{f', dbprov pool {args.pool}' if args.pool else ''}, DBPROV_RATE_LIMIT={args.rate_limit}"
+          f"{f', dbprov pool {args.pool}' if args.pool else ''}, DBPROV_RATE_LIMIT={args.rate_limit}, "
+          f"DBPROV_STORAGE={args.storage}"
           f"{f', median of {args.rounds} rounds' if args.rounds > 1 else ''}\n")
     print("| variant | tests | wall time (s) | per test (s) | handout p50 (ms) | handout p95 (ms) "
           "| per test vs one shared database |")

@@ -95,8 +95,8 @@ class Clones:
     where nobody else may be: a clone is made only of a database no other
     session is in. One, because the server's disk is what a copy and a drop
     wait on: two at once only wait on each other. Another checks the
-    databases given back, each from a session of its own in it, so that a
-    clean one is back in the queue while a copy is being made.
+    databases given back, from one session of its own kept in ``postgres``,
+    so that a clean one is back in the queue while a copy is being made.
     """
 
     def __init__(self, uri: str, *, ahead: int = 4, prefix: str = "pytest",
@@ -125,6 +125,8 @@ class Clones:
         self._closed = False
         self._changed = threading.Condition()
         self._conn = self._psycopg.connect(uri, autocommit=True, connect_timeout=10)
+        # The checker thread's own, made on its first check.
+        self._checking_conn: Any = None
         version = self._conn.info.server_version
         self.recycling = version >= 150000
         # A copy of the files with a checkpoint before and after, rather than
@@ -172,6 +174,8 @@ class Clones:
         for thread in self._threads:
             thread.join(timeout=60)
         self._conn.close()
+        if self._checking_conn is not None:
+            self._checking_conn.close()
         log.info("dbprov: %d test databases made, %d handed out again, %d dropped",
                  self.made, self.recycled, self.dropped)
 
@@ -250,13 +254,16 @@ class Clones:
         clean = False
         if self.recycling:
             try:
-                with self._psycopg.connect(self._clone(entry.name).connection_uri, autocommit=True,
-                                           connect_timeout=10) as conn:
-                    clean = (self._sessions_ended(conn, entry.name)
-                             and self._state(conn, entry.name) == entry.state
-                             # A new database's statistics start at zero, and a clean one's stay there.
-                             and (not self._sequences or conn.execute(_SEQUENCES).fetchone()[0] == 0))
+                conn = self._checker()
+                clean = self._sessions_ended(conn, entry.name) and self._state(conn, entry.name) == entry.state
+                if clean and self._sequences:
+                    # Sequences' statistics are per database: asked inside it.
+                    with self._psycopg.connect(self._clone(entry.name).connection_uri, autocommit=True,
+                                               connect_timeout=10) as inside:
+                        # A new database's statistics start at zero, and a clean one's stay there.
+                        clean = inside.execute(_SEQUENCES).fetchone()[0] == 0
             except self._psycopg.Error as exc:
+                self._checking_conn = None
                 log.warning("dbprov: could not check test database %s, dropping it: %s", entry.name, exc)
         with self._changed:
             self._checking -= 1
@@ -267,6 +274,18 @@ class Clones:
             else:
                 self._dirty.append(entry.name)
             self._changed.notify_all()
+
+    def _checker(self) -> Any:
+        """The checker thread's session, kept: the sessions and counters it asks
+        about are the server's, readable from any database. In ``postgres``,
+        which every dbprov server has, rather than a new session in each
+        database given back (a connection each, most of what a check cost)."""
+        if self._checking_conn is None or self._checking_conn.closed:
+            parts = urlsplit(self.uri)
+            self._checking_conn = self._psycopg.connect(
+                parts._replace(path="/postgres").geturl(), autocommit=True, connect_timeout=10
+            )
+        return self._checking_conn
 
     @staticmethod
     def _sessions_ended(conn: Any, name: str, timeout: float = 10) -> bool:

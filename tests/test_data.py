@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 
 from service.domain.models import Database, Snapshot, SnapshotStatus, Status, Template, TemplateStatus, utcnow
-from service.errors import InsufficientStorage, JobTimedOut
+from service.errors import InsufficientStorage, JobTimedOut, RuntimeUnavailable
 from service.runtime.protocol import RUNNING, JobResult
 
 from .test_api import assert_problem
@@ -74,6 +74,24 @@ def test_a_snapshot_on_a_pool_is_taken_of_the_running_server_after_a_checkpoint(
     assert "stop_server" not in runtime.calls and "start_server" not in runtime.calls
     assert services.server_admin.checkpoints == 1
     assert client.get(f"/databases/{ready['id']}").get_json()["status"] == "ready"
+
+
+def test_a_snapshot_is_postponed_while_the_engine_cannot_say_how_to_take_it(
+    client, services, reconciler, runtime, ready, monkeypatch, caplog
+):
+    def unreachable(database_id):
+        raise RuntimeUnavailable("Docker engine unreachable: fake is down")
+
+    monkeypatch.setattr(runtime, "copies_live", unreachable)
+    taken = client.post(f"/databases/{ready['id']}/snapshots", headers=ASYNC).get_json()
+    reconciler.run_once(wait=True)
+    assert client.get(f"/snapshots/{taken['id']}").get_json()["status"] == "pending"
+    assert "stop_server" not in runtime.calls
+    # Postponed as any transient error is: said in a line, not a traceback.
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+    monkeypatch.undo()
+    reconciler.run_once(wait=True)
+    assert client.get(f"/snapshots/{taken['id']}").get_json()["status"] == "ready"
 
 
 def test_a_snapshot_with_no_room_in_the_pool_fails_saying_so(client, services, reconciler, runtime, ready,

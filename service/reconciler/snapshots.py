@@ -57,6 +57,7 @@ class Snapshots(Step):
             return  # stopping or starting: the next pass tries again
         started = time.monotonic()
         running = record.status == Status.READY
+        live = False
         try:
             live = running and not after and self.runtime.copies_live(database_id)
             if live:

@@ -109,8 +109,9 @@ def make_golden(engine: "Engine", spec: "ServerSpec", base: dict, key: str, fill
             time.sleep(0.05)
         # A clean shutdown ends with a checkpoint: the copies need no recovery.
         api.stop(container, timeout=30)
-        if api.inspect_container(container)["State"]["ExitCode"] != 0:
-            raise GoldenFailed(f"the server did not stop cleanly: {engine.tail(container)}")
+        exit_code = api.inspect_container(container)["State"]["ExitCode"]
+        if exit_code != 0:
+            raise GoldenFailed(f"the server did not stop cleanly (exit code {exit_code}): {engine.tail(container)}")
         api.put_archive(container, GOLDEN_PGDATA, _tar_of_empty(GOLDEN_MARK))
         image = api.commit(
             container,

@@ -157,11 +157,18 @@ def _storage(value: str) -> str:
     return value
 
 
+def size_in_bytes(size: str | None) -> int:
+    """``512m``, ``1g`` and the like in bytes; 0 for no size (no limit)."""
+    if not size:
+        return 0
+    match = re.fullmatch(r"([0-9]+)([bkmg]?)", size.strip().lower())
+    if not match:
+        raise ValueError(f"not a size: {size!r}")
+    return int(match[1]) * {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}[match[2]]
+
+
 def _size(value: str) -> int:
-    """Bytes, from a size such as 512m or 64g."""
-    text = _memory(value)
-    units = {"b": 1, "k": 2**10, "m": 2**20, "g": 2**30}
-    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+    return size_in_bytes(_memory(value))
 
 
 def _label(value: str) -> str:

@@ -263,7 +263,10 @@ class Clones:
                         # A new database's statistics start at zero, and a clean one's stay there.
                         clean = inside.execute(_SEQUENCES).fetchone()[0] == 0
             except self._psycopg.Error as exc:
-                self._checking_conn = None
+                # Made anew for the next check, whatever state this one is in.
+                if self._checking_conn is not None:
+                    self._checking_conn.close()
+                    self._checking_conn = None
                 log.warning("dbprov: could not check test database %s, dropping it: %s", entry.name, exc)
         with self._changed:
             self._checking -= 1

@@ -17,9 +17,10 @@ from collections.abc import Collection
 import sqlalchemy.exc
 from sqlalchemy import select
 
-from ..errors import Conflict, InsufficientStorage, NotFound, PortRangeExhausted
+from ..errors import Conflict, NotFound, PortRangeExhausted
 from ..runtime.protocol import ServerRuntime
 from ..settings import Settings
+from ..storage.pool import check_room
 from ..store.engine import Store
 from .models import Database, Snapshot, SnapshotStatus, Status
 from .ports import pick_port
@@ -63,12 +64,9 @@ class Snapshots:
     def check_room(self, what: str) -> None:
         """Refuse what copies data (507) while the storage pool has less room than
         DBPROV_STORAGE_MIN_FREE: a full pool fails its running servers' writes."""
-        free = self.runtime.storage_report().free_bytes
-        if free is not None and free < self.settings.storage_min_free:
-            raise InsufficientStorage(
-                f"no room for {what}: the storage pool has {free // 2**20} MiB free, under the "
-                f"{self.settings.storage_min_free // 2**20} MiB kept free (DBPROV_STORAGE_MIN_FREE)"
-            )
+        report = self.runtime.storage_report()
+        if report.free_bytes is not None:
+            check_room(report.pool, report.free_bytes, self.settings.storage_min_free, what)
 
     def get(self, principal: Principal, snapshot_id: str, usable: bool = False) -> Snapshot:
         """A snapshot the principal may see; with ``usable``, one that is ready."""

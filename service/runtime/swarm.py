@@ -42,6 +42,7 @@ from ..errors import (
     NotSupported,
     RuntimeUnavailable,
 )
+from ..settings import size_in_bytes
 from ..storage.overlay import OverlayStorage
 from .engine import LABEL_JOB, Engine, translated
 from .protocol import (
@@ -65,7 +66,6 @@ from .swarm_placement import (
     marker_labels,
     marker_node,
     node_text,
-    size_in_bytes,
 )
 from .swarm_services import DONE, Services, database_id_of, replicas, server_info, serves_tls, volume_mount
 

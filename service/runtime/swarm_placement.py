@@ -187,16 +187,6 @@ def _flag(value: str | None) -> bool:
     return value is not None and value.strip().lower() not in ("false", "0", "no", "off")
 
 
-def size_in_bytes(size: str | None) -> int:
-    """``512m``, ``1g`` and the like in bytes; 0 for no limit."""
-    if not size:
-        return 0
-    match = re.fullmatch(r"([0-9]+)([bkmg]?)", size.strip().lower())
-    if not match:
-        raise ValueError(f"not a size: {size!r}")
-    return int(match[1]) * {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}[match[2]]
-
-
 def constrained_node(service: dict | None) -> str | None:
     if service is None:
         return None

@@ -12,6 +12,7 @@ import docker
 import docker.errors
 
 from ..errors import EngineError, ImageMissing, JobTimedOut, PortInUse
+from ..settings import size_in_bytes
 from .engine import LABEL_JOB, when
 from .entry import carries_tls, tls_entry
 from .protocol import (
@@ -29,7 +30,7 @@ from .protocol import (
     labels_for,
     volume_name,
 )
-from .swarm_placement import Node, node_text, size_in_bytes
+from .swarm_placement import Node, node_text
 
 log = logging.getLogger(__name__)
 

@@ -95,12 +95,16 @@ class Pool:
         return stat.f_blocks * stat.f_frsize
 
     def check_room(self, what: str) -> None:
-        free = self.free()
-        if free < self.min_free:
-            raise InsufficientStorage(
-                f"no room for {what}: the storage pool {self.root} has {free // 2**20} MiB free, "
-                f"under the {self.min_free // 2**20} MiB kept free (DBPROV_STORAGE_MIN_FREE)"
-            )
+        check_room(str(self.root), self.free(), self.min_free, what)
+
+
+def check_room(pool: str, free: int, min_free: int, what: str) -> None:
+    """Refuse ``what`` (507) if ``pool`` has less than ``min_free`` bytes free."""
+    if free < min_free:
+        raise InsufficientStorage(
+            f"no room for {what}: the storage pool {pool} has {free // 2**20} MiB free, "
+            f"under the {min_free // 2**20} MiB kept free (DBPROV_STORAGE_MIN_FREE)"
+        )
 
 
 def open_pool(root: Path, size: int, min_free: int) -> tuple[Pool | None, str]:

@@ -210,6 +210,8 @@ class Plan:
     cpus: float | None = None
     # postgres -c options, e.g. {"shared_buffers": "32MB", "max_connections": "20"}.
     settings: Mapping[str, str] = field(default_factory=dict)
+    # Its databases' idle_stop unless a create names one; None: DBPROV_IDLE_STOP.
+    idle_stop: float | None = None
 
 
 def _plans(value: str) -> dict[str, Plan]:
@@ -231,7 +233,7 @@ def _plans(value: str) -> dict[str, Plan]:
     for name, body in document.items():
         if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", name) or not isinstance(body, dict):
             raise ValueError(f"plan {name!r}: a lower-case name and an object")
-        unknown = set(body) - {"memory", "cpus", "settings"}
+        unknown = set(body) - {"memory", "cpus", "settings", "idle_stop"}
         if unknown:
             raise ValueError(f"plan {name!r}: unknown keys {', '.join(sorted(unknown))}")
         memory = _memory(str(body.get("memory", "1g")))
@@ -244,7 +246,12 @@ def _plans(value: str) -> dict[str, Plan]:
             for k, v in server_settings.items()
         ):
             raise ValueError(f"plan {name!r}: settings must map setting names to single values")
-        plans[name] = Plan(name, memory, cpus, {k: str(v) for k, v in server_settings.items()})
+        idle_stop = body.get("idle_stop")
+        if idle_stop is not None and (
+            not isinstance(idle_stop, (int, float)) or isinstance(idle_stop, bool) or idle_stop <= 0
+        ):
+            raise ValueError(f"plan {name!r}: idle_stop must be a number of seconds greater than zero")
+        plans[name] = Plan(name, memory, cpus, {k: str(v) for k, v in server_settings.items()}, idle_stop)
     return plans
 
 
@@ -426,7 +433,8 @@ class Settings:
     )
     idle_stop: float | None = setting(
         "DBPROV_IDLE_STOP", _optional_seconds, "",
-        "seconds without client connections after which a ready database is stopped",
+        "seconds without client connections after which a database sleeps (its server stops; "
+        "the next connection wakes it), unless its create or plan names another `idle_stop`",
         shown="off",
     )
     plans: Mapping[str, Plan] = setting(

@@ -42,6 +42,8 @@ class FakeRuntime:
     """Servers and their data as dicts; knobs to make the engine misbehave."""
 
     servers: dict[str, FakeServer] = field(default_factory=dict)
+    # Its ports are not real: a sleeping database is stopped, as on a Swarm.
+    publishes_here: bool = False
     # Ids whose data exists; value: what the data holds (copy_data copies it).
     data: dict[str, str] = field(default_factory=dict)
     # Host ports something outside dbprov holds: starting a server on one fails.
@@ -293,7 +295,7 @@ class FakePostgres:
         self.check(tenant)
         self.made.get(tenant.port, set()).discard(name)
 
-    def client_connections(self, admin, database) -> int:
+    def client_connections(self, admin) -> int:
         self.check(admin)
         return self.clients.get(admin.port, 0)
 

@@ -232,9 +232,10 @@ class Client:
         ttl: Duration = _UNSET,
         expires_at: datetime | None = _UNSET,
         protected: bool = _UNSET,
+        idle_stop: Duration | None = _UNSET,
     ) -> Database:
         """Renew the expiry lease (``ttl``), set ``expires_at`` (None: never
-        expires), or set ``protected``."""
+        expires), set ``protected``, or ``idle_stop`` (None: never sleeps)."""
         body: dict[str, Any] = {}
         if ttl is not _UNSET:
             body["ttl"] = parse_duration(ttl)
@@ -242,6 +243,8 @@ class Client:
             body["expires_at"] = iso(expires_at) if expires_at is not None else None
         if protected is not _UNSET:
             body["protected"] = protected
+        if idle_stop is not _UNSET:
+            body["idle_stop"] = None if idle_stop is None else round(parse_duration(idle_stop))
         response = self._request("PATCH", f"/databases/{_id(database_id)}", json=body)
         return Database.from_dict(response.json())
 

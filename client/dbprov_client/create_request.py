@@ -15,6 +15,17 @@ from datetime import datetime
 from typing import Any
 
 
+class _ServerDefault:
+    """A field left out of the request: the server's default applies (where
+    None is a value of its own, such as an idle_stop of never)."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT: Any = _ServerDefault()
+
+
 @dataclass(frozen=True)
 class CreateRequest:
     """Every field is optional; left out, the server decides (its default
@@ -27,6 +38,9 @@ class CreateRequest:
     ttl: float | None = None
     expires_at: datetime | None = None
     protected: bool = False
+    #: Seconds without clients after which it sleeps (and wakes on the next
+    #: connection); None: never; left out: the plan's or the service's default.
+    idle_stop: float | None = DEFAULT
     plan: str | None = None
     parameters: Mapping[str, str] | None = None
     extensions: Sequence[str] | None = None

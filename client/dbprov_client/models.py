@@ -30,6 +30,7 @@ class Database:
     connection_uri: str | None = field(default=None, repr=False)
     superuser: bool = False
     protected: bool = False
+    idle_stop: float | None = None
     plan: str | None = None
     expires_at: datetime | None = None
     parameters: dict[str, str] = field(default_factory=dict)
@@ -58,6 +59,7 @@ class Database:
             connection_uri=body.get("connection_uri"),
             superuser=bool(body.get("superuser", False)),
             protected=bool(body.get("protected", False)),
+            idle_stop=body.get("idle_stop"),
             plan=body.get("plan"),
             expires_at=_time(body.get("expires_at")),
             parameters=dict(body.get("parameters") or {}),

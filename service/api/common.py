@@ -81,6 +81,7 @@ def database_body(values: Mapping[str, Any], host: str, credentials: Credentials
         "superuser": values["superuser"],
         "expires_at": values["expires_at"],
         "protected": values["protected"],
+        "idle_stop": values["idle_stop"],
         "plan": values["plan"],
         "parameters": values["parameters"] or {},
         "extensions": values["extensions"] or [],

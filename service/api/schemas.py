@@ -52,6 +52,18 @@ _EXPIRES_AT = dict(
     metadata={"description": "When the database is deleted by itself (RFC 3339, with offset). "
                              "Not together with ttl (422)."},
 )
+_IDLE_STOP = dict(
+    allow_none=True,
+    validate=validate.Range(min=1, max=10 * 365 * 86400),
+    metadata={
+        "description": "Seconds without client sessions (one idle in a transaction counts as a "
+        "client; the service's own never do) after which the database sleeps: its server stops "
+        "and the service holds its port, and the next connection wakes it with the same URI, "
+        "only slower. null: it never sleeps. Left out at create: the plan's, else "
+        "DBPROV_IDLE_STOP.",
+        "example": 300,
+    },
+)
 _PROTECTED = dict(
     metadata={"description": "Refuse DELETE and expiry (409) while true"},
 )
@@ -80,6 +92,7 @@ class DatabaseCreateSchema(ma.Schema):
     ttl = fields.Integer(strict=True, **_TTL)
     expires_at = AwareDateTime(**_EXPIRES_AT)
     protected = StrictBoolean(**_PROTECTED)
+    idle_stop = fields.Integer(strict=True, **_IDLE_STOP)
     plan = fields.String(
         validate=validate.Regexp(r"^[a-z0-9][a-z0-9_-]{0,62}$", error="Must be a plan name."),
         metadata={"description": "A plan of GET /plans; the default is `default`", "example": "default"},
@@ -129,11 +142,13 @@ class DatabaseCreateSchema(ma.Schema):
 
 
 class DatabaseUpdateSchema(ma.Schema):
-    """What PATCH may change: the expiry (renew it, or remove it with expires_at null) and protection."""
+    """What PATCH may change: the expiry (renew it, or remove it with expires_at null),
+    protection and the idle stop."""
 
     ttl = fields.Integer(strict=True, **_TTL)
     expires_at = AwareDateTime(allow_none=True, **_EXPIRES_AT)
     protected = StrictBoolean(**_PROTECTED)
+    idle_stop = fields.Integer(strict=True, **_IDLE_STOP)
 
 
 class DatabaseSchema(ma.Schema):
@@ -147,8 +162,10 @@ class DatabaseSchema(ma.Schema):
         validate=validate.OneOf(STATUSES),
         metadata={
             "description": "pending, provisioning, ready, failed, stopping, stopped, starting, "
-            "resetting, deleting, deleted, or unavailable (the machine holding it is away; "
-            "last_error says which, and it is ready again once that machine is back)"
+            "resetting, deleting, deleted; sleeping (idle for its idle_stop: the next connection "
+            "wakes it, where stopped refuses connections until POST .../start) and waking; lost; "
+            "or unavailable (the machine holding it is away; last_error says which, and it is "
+            "ready again once that machine is back)"
         },
     )
     version = fields.String(required=True)
@@ -170,6 +187,9 @@ class DatabaseSchema(ma.Schema):
     )
     expires_at = fields.DateTime(allow_none=True, metadata={"description": "When it is deleted by itself"})
     protected = fields.Boolean(required=True)
+    idle_stop = fields.Float(
+        allow_none=True, metadata={"description": "Seconds without clients after which it sleeps; null: never"}
+    )
     plan = fields.String(required=True)
     parameters = fields.Dict(keys=fields.String(), values=fields.String())
     extensions = fields.List(fields.String())

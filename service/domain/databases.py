@@ -212,7 +212,8 @@ class Databases:
     def update(
         self, principal: Principal, database_id: str, changes: Mapping[str, Any]
     ) -> Database:
-        """Change a database's expiry (``ttl`` or ``expires_at``, None to remove it) or protection."""
+        """Change a database's expiry (``ttl`` or ``expires_at``, None to remove it), protection
+        or ``idle_stop`` (None: it never sleeps)."""
         self.get(principal, database_id)
         values: dict[str, Any] = {}
         if "ttl" in changes or "expires_at" in changes:
@@ -225,6 +226,8 @@ class Databases:
             values["expires_at"] = expires
         if "protected" in changes:
             values["protected"] = changes["protected"]
+        if "idle_stop" in changes:
+            values["idle_stop"] = changes["idle_stop"]
         if not values:
             return self.get(principal, database_id)
         details = {k: v.isoformat() if isinstance(v, datetime) else v for k, v in values.items()}
@@ -238,15 +241,22 @@ class Databases:
 
     def stop(self, principal: Principal, database_id: str) -> Database:
         """Stop a ready database's server, keeping its data and port."""
-        return self._request_move(principal, database_id, Status.READY, Status.STOPPING, "stopped")
+        return self._request_move(principal, database_id, {Status.READY, Status.SLEEPING}, Status.STOPPING, "stopped")
 
     def start(self, principal: Principal, database_id: str) -> Database:
         """Start a stopped database again on the same port and password; or a
         failed one whose data was kept (it was ready once), on a port picked
         anew (a failure gave its port back)."""
         record = self.get(principal, database_id)
+        if record.status == Status.WAKING:
+            return record  # a connection woke it already: the same start
+        if record.status == Status.SLEEPING:
+            # Woken as a connection would: one wake, whichever comes first.
+            changed = self.records.transition(database_id, {Status.SLEEPING}, actor=principal.actor,
+                                              status=Status.WAKING)
+            return changed or self.start(principal, database_id)
         if record.status != Status.FAILED:
-            return self._request_move(principal, database_id, Status.STOPPED, Status.STARTING, "started")
+            return self._request_move(principal, database_id, {Status.STOPPED}, Status.STARTING, "started")
         if record.ready_at is None:
             raise Conflict(f"database {database_id} failed before it held any data: delete it and create another")
         for _ in range(PORT_ATTEMPTS):
@@ -267,16 +277,14 @@ class Databases:
         raise PortRangeExhausted("no free host port after several attempts; try again")
 
     def _request_move(
-        self, principal: Principal, database_id: str, source: Status, target: Status, verb: str
+        self, principal: Principal, database_id: str, sources: set[Status], target: Status, verb: str
     ) -> Database:
         self.get(principal, database_id)
-        changed = self.records.transition(database_id, {source}, actor=principal.actor, status=target)
+        changed = self.records.transition(database_id, sources, actor=principal.actor, status=target)
         if changed is None:
             record = self.get(principal, database_id)
-            raise Conflict(
-                f"database {database_id} is {record.status.value}; only a {source.value} database "
-                f"can be {verb}"
-            )
+            allowed = " or ".join(sorted(source.value for source in sources))
+            raise Conflict(f"database {database_id} is {record.status.value}; only a {allowed} database can be {verb}")
         log.info("database %s: %s requested", database_id, target.value)
         return changed
 

@@ -185,6 +185,10 @@ class Dumps:
 
     def _ready(self, principal: Principal, database_id: str) -> Database:
         record = self.registry.get(principal, database_id)
+        if record.status == Status.SLEEPING:
+            # A dump runs beside the server, not through its port: nothing wakes it on the way.
+            raise Conflict(f"database {database_id} is sleeping; POST /databases/{database_id}/start "
+                           "(or any connection) wakes it, then ask again")
         if record.status != Status.READY:
             raise Conflict(f"database {database_id} is {record.status.value}, not ready")
         return record

@@ -46,6 +46,10 @@ class Status(str, enum.Enum):
     # prune --volumes`): never passed off as an empty ready database. A reset
     # to a snapshot brings it back; DELETE lets it go.
     LOST = "lost"
+    # Stopped for want of clients (its idle_stop): the service holds its port
+    # and starts it again on the first connection. WAKING is that start.
+    SLEEPING = "sleeping"
+    WAKING = "waking"
 
 
 # Named sets of statuses, so that a decision reads as what it means.
@@ -53,22 +57,28 @@ class Status(str, enum.Enum):
 SETTLING = frozenset({Status.PENDING, Status.PROVISIONING})
 # Stopped on purpose, or on the way there or back, or being put back to a
 # snapshot: the port is kept, and drift repair leaves the server alone.
-RESTING = frozenset({Status.STOPPING, Status.STOPPED, Status.STARTING, Status.RESETTING})
+RESTING = frozenset({Status.STOPPING, Status.STOPPED, Status.STARTING, Status.RESETTING, Status.SLEEPING})
 # Still holding (or possibly holding) a server, its data, a port or a name.
 # An unavailable one holds all of them, on a machine that is away.
 NOT_DELETED = frozenset({
-    *SETTLING, Status.READY, Status.UNAVAILABLE, *RESTING, Status.FAILED, Status.LOST, Status.DELETING,
+    *SETTLING, Status.READY, Status.UNAVAILABLE, *RESTING, Status.WAKING, Status.FAILED, Status.LOST,
+    Status.DELETING,
 })
 # Whose server may exist and is wanted; a failed one had its server removed.
 # An unavailable one's server and data exist where they were: the orphan
 # sweep must leave them alone.
-OWNS_SERVER = frozenset({*SETTLING, Status.READY, Status.UNAVAILABLE, *RESTING, Status.DELETING})
+OWNS_SERVER = frozenset({
+    *SETTLING, Status.READY, Status.UNAVAILABLE, *RESTING, Status.WAKING, Status.DELETING,
+})
 # Being brought up until SELECT 1 works: a create, a start or a reset; waiters wait for these.
-COMING_UP = frozenset({*SETTLING, Status.STARTING, Status.RESETTING})
+COMING_UP = frozenset({*SETTLING, Status.STARTING, Status.RESETTING, Status.WAKING})
 # Whose server is meant to run, which drift checks each pass: a ready one's is
 # started again if it stopped, an unavailable one's brought back once its
 # machine is.
 MEANT_TO_RUN = frozenset({Status.READY, Status.UNAVAILABLE})
+# Whose data a snapshot may copy (and a reset replace): a sleeping one's
+# is copied as it lies, without waking it.
+SNAPSHOT_SOURCES = frozenset({Status.READY, Status.STOPPED, Status.SLEEPING})
 # Past which a DELETE has nothing more to do.
 DELETING_OR_DELETED = frozenset({Status.DELETING, Status.DELETED})
 
@@ -82,11 +92,14 @@ DATABASE_MOVES: dict[Status | None, frozenset[Status]] = {
     # Provisioning again: a warm member claimed by a create that needs a set-up
     # of its own, or a server that stopped behind the service's back.
     Status.READY: frozenset({Status.PROVISIONING, Status.UNAVAILABLE, Status.STOPPING, Status.RESETTING,
-                             Status.LOST, Status.DELETING}),
+                             Status.SLEEPING, Status.LOST, Status.DELETING}),
     Status.UNAVAILABLE: frozenset({Status.READY, Status.PROVISIONING, Status.LOST, Status.DELETING}),
     Status.STOPPING: frozenset({Status.STOPPED, Status.DELETING}),
     Status.STOPPED: frozenset({Status.STARTING, Status.RESETTING, Status.DELETING}),
     Status.STARTING: frozenset({Status.READY, Status.FAILED, Status.LOST, Status.DELETING}),
+    # Woken by a connection or a start; stopped or reset as a stopped one is.
+    Status.SLEEPING: frozenset({Status.WAKING, Status.STOPPING, Status.RESETTING, Status.DELETING}),
+    Status.WAKING: frozenset({Status.READY, Status.FAILED, Status.LOST, Status.DELETING}),
     Status.RESETTING: frozenset({Status.READY, Status.FAILED, Status.LOST, Status.DELETING}),
     # Started again on a new port, if it held data once.
     Status.FAILED: frozenset({Status.STARTING, Status.DELETING}),
@@ -221,6 +234,9 @@ class Database(Base):
     # NULL for records older than these columns: none asked for.
     parameters: Mapped[dict[str, str] | None] = mapped_column(JSON, default=dict)
     extensions: Mapped[list[str] | None] = mapped_column(JSON, default=list)
+    # Seconds without clients after which it sleeps; NULL: never. Set at
+    # create from the request, the plan or DBPROV_IDLE_STOP.
+    idle_stop: Mapped[float | None] = mapped_column(Float)
     # The last time the service saw a client connected, for the idle stop.
     active_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # The snapshot its data comes from (a clone, a template's database, a

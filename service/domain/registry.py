@@ -26,7 +26,16 @@ from ..errors import Conflict, NotFound, PortRangeExhausted, QuotaExceeded, Vali
 from ..settings import Settings
 from ..store.crypto import Vault
 from ..store.engine import Store
-from .models import Database, IdempotencyKey, Snapshot, SnapshotStatus, Status, Template, utcnow
+from .models import (
+    SNAPSHOT_SOURCES,
+    Database,
+    IdempotencyKey,
+    Snapshot,
+    SnapshotStatus,
+    Status,
+    Template,
+    utcnow,
+)
 from .ports import pick_port
 from .records import Records
 from .requests import Idempotency, NewDatabase
@@ -56,12 +65,12 @@ def new_password() -> str:
 LISTED = (
     Database.id, Database.tenant, Database.name, Database.status, Database.version, Database.image,
     Database.host_port, Database.database_name, Database.username, Database.superuser,
-    Database.expires_at, Database.protected, Database.plan, Database.parameters, Database.extensions,
+    Database.expires_at, Database.protected, Database.idle_stop, Database.plan, Database.parameters, Database.extensions,
     Database.source_snapshot_id, Database.last_error, Database.phase_timings, Database.created_at,
     Database.ready_at, Database.deleted_at, Database.server_host,
 )
 
-# Built once: a select of 22 columns costs more to make than to run.
+# Built once: a select of 23 columns costs more to make than to run.
 _LISTING = select(*LISTED)
 _SHOWING = _LISTING.where(Database.id == bindparam("id"))
 
@@ -307,8 +316,9 @@ class Registry:
         # Its database as it is now, locked: a reset or a delete committed
         # since the caller read it must not find a snapshot it was not after.
         status = session.scalar(select(Database.status).where(Database.id == record.id).with_for_update())
-        if status not in (Status.READY, Status.STOPPED):
-            raise Conflict(f"database {record.id} is {status.value if status else 'gone'}; a snapshot needs it ready or stopped")
+        if status not in SNAPSHOT_SOURCES:
+            raise Conflict(f"database {record.id} is {status.value if status else 'gone'}; "
+                           "a snapshot needs it ready, stopped or sleeping")
         if quota is not None:
             # Counted under the tenant's row lock, like databases.
             self.tenants.lock(session, record.tenant)

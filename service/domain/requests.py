@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from dbprov_client.create_request import CreateRequest
+from dbprov_client.create_request import DEFAULT, CreateRequest
 
 from ..errors import Forbidden, ValidationError
 from ..postgres.admin import TRUSTED_EXTENSIONS
@@ -44,6 +44,7 @@ class NewDatabase:
     superuser: bool = False
     expires_at: datetime | None = None
     protected: bool = False
+    idle_stop: float | None = None
     plan: str = "default"
     parameters: Mapping[str, str] = field(default_factory=dict)
     extensions: tuple[str, ...] = ()
@@ -64,7 +65,7 @@ class NewDatabase:
         """The record's columns this request decides."""
         return {
             "name": self.name, "superuser": self.superuser, "expires_at": self.expires_at,
-            "protected": self.protected, "plan": self.plan,
+            "protected": self.protected, "idle_stop": self.idle_stop, "plan": self.plan,
             "parameters": dict(self.parameters), "extensions": list(self.extensions),
             "source_snapshot_id": self.source.id if self.source else None,
             "template_id": self.template_id,
@@ -116,10 +117,13 @@ def check(settings: Settings, request: CreateRequest, version: str | None) -> Ne
         "extensions", extensions, TRUSTED_EXTENSIONS | set(settings.allowed_extensions),
         "neither trusted nor allowed by DBPROV_ALLOWED_EXTENSIONS",
     )
+    idle_stop = request.idle_stop
+    if idle_stop is DEFAULT:
+        idle_stop = settings.all_plans[plan].idle_stop or settings.idle_stop
     return NewDatabase(
         version=version, name=request.name, superuser=request.superuser,
         expires_at=expiry(settings, request.ttl, request.expires_at, default=True),
-        protected=request.protected, plan=plan, parameters=parameters,
+        protected=request.protected, idle_stop=idle_stop, plan=plan, parameters=parameters,
         extensions=tuple(dict.fromkeys(extensions)),
     )
 

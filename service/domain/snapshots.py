@@ -22,7 +22,7 @@ from ..runtime.protocol import ServerRuntime
 from ..settings import Settings
 from ..storage.pool import check_room
 from ..store.engine import Store
-from .models import Database, Snapshot, SnapshotStatus, Status
+from .models import SNAPSHOT_SOURCES, Database, Snapshot, SnapshotStatus, Status
 from .ports import pick_port
 from .records import Records
 from .registry import Registry
@@ -57,8 +57,9 @@ class Snapshots:
     def ready_for_snapshot(self, principal: Principal, database_id: str) -> Database:
         """The principal's database, if a snapshot of it can be taken now."""
         record = self.registry.get(principal, database_id)
-        if record.status not in (Status.READY, Status.STOPPED):
-            raise Conflict(f"database {database_id} is {record.status.value}; a snapshot needs it ready or stopped")
+        if record.status not in SNAPSHOT_SOURCES:
+            raise Conflict(f"database {database_id} is {record.status.value}; "
+                           "a snapshot needs it ready, stopped or sleeping")
         return record
 
     def check_room(self, what: str) -> None:
@@ -152,11 +153,12 @@ class Snapshots:
             except sqlalchemy.exc.IntegrityError:
                 raise PortRangeExhausted("another create took the port picked; try again") from None
         else:
-            changed = self.records.transition(database_id, {Status.READY, Status.STOPPED}, **values)
+            changed = self.records.transition(database_id, SNAPSHOT_SOURCES, **values)
         if changed is None:
             current = self.registry.get(principal, database_id)
             raise Conflict(
-                f"database {database_id} is {current.status.value}; only a ready, stopped or lost one can be reset"
+                f"database {database_id} is {current.status.value}; "
+                "only a ready, stopped, sleeping or lost one can be reset"
             )
         log.info("database %s: reset to snapshot %s requested", database_id, snapshot.id)
         return changed

@@ -97,8 +97,9 @@ class ServerAdmin(Protocol):
         """The tenant's database has these settings (ALTER DATABASE ... SET, by
         ``admin`` from the maintenance database) and extensions (made by ``tenant``)."""
 
-    def client_connections(self, admin: Login, database: str) -> int:
-        """How many clients other than the service are connected to ``database``."""
+    def client_connections(self, admin: Login) -> int:
+        """How many clients other than the service are connected, to any of the
+        server's databases; one idle in a transaction counts like any other."""
 
     def checkpoint(self, admin: Login) -> None:
         """Write every changed page to the data files, so that a copy of them
@@ -197,12 +198,14 @@ class PostgresAdmin:
         with _connect(admin) as conn:
             conn.execute("CHECKPOINT")
 
-    def client_connections(self, admin: Login, database: str) -> int:
+    def client_connections(self, admin: Login) -> int:
         with _connect(admin) as conn:
+            # The service's own sessions (a probe, a checkpoint, a rotation)
+            # log in as the server's superuser, which no tenant has.
             row = conn.execute(
-                "SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE datname = %s "
-                "AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
-                (database,),
+                "SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity "
+                "WHERE backend_type OPERATOR(pg_catalog.=) 'client backend' "
+                "AND usename OPERATOR(pg_catalog.<>) CURRENT_USER"
             ).fetchone()
         return int(row[0])
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 
 from ..domain.models import (
+    COMING_UP,
     DELETING_OR_DELETED,
     MEANT_TO_RUN,
     NOT_DELETED,
@@ -40,6 +41,7 @@ from ..domain.records import Records
 from ..errors import TransientError
 from ..postgres.admin import ServerAdmin
 from ..postgres.tls import Authority
+from ..postgres.wire import refuse
 from ..runtime.protocol import RUNNING, ServerInfo, ServerRuntime, ServerSpec
 from ..settings import Settings
 from ..store.coordination import Claims
@@ -50,6 +52,7 @@ from .provision import Provisioning
 from .snapshots import AFTER_SNAPSHOTS, Snapshots
 from .steps import Context, Outcomes, Task
 from .upkeep import Upkeep
+from .wake import Sleepers, relay
 
 if TYPE_CHECKING:
     from ..domain.templates import Templates
@@ -63,7 +66,7 @@ _PURGE_INTERVAL = 60.0
 _PASS_COLUMNS = (
     Database.id, Database.status, Database.tenant, Database.protected, Database.expires_at,
     Database.next_attempt_at, Database.server_host, Database.ready_at.is_not(None).label("was_ready"),
-    Database.pending_since,
+    Database.pending_since, Database.idle_stop, Database.host_port,
 )
 # Longer than any rotation takes (a connection, a lock and a statement timeout
 # in the tenant's server): a password still pending after it was left by a
@@ -95,7 +98,10 @@ class Reconciler:
         self._heartbeat = heartbeat
         self._pool = pool
         self._stopping = threading.Event()
-        ctx = Context(settings, store, runtime, records, vault, server_admin, self._stopping)
+        self._sleepers = Sleepers(self._connected) if runtime.publishes_here else None
+        # Databases a wake thread serves now.
+        self._waking: set[str] = set()
+        ctx = Context(settings, store, runtime, records, vault, server_admin, self._stopping, self._sleepers)
         self._provisioning = Provisioning(ctx, authority)
         self._snapshots = Snapshots(ctx, self._provisioning, templates)
         self._upkeep = Upkeep(ctx)
@@ -105,6 +111,7 @@ class Reconciler:
             Status.PENDING: self._provisioning.provision,
             Status.PROVISIONING: self._provisioning.provision,
             Status.STARTING: self._provisioning.resume,
+            Status.WAKING: self._provisioning.resume,
             Status.RESETTING: self._provisioning.resume,
             Status.STOPPING: self._upkeep.stop,
             Status.DELETING: self._upkeep.teardown,
@@ -136,6 +143,9 @@ class Reconciler:
         if self._thread is not None:
             self._thread.join(timeout)
         self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._sleepers is not None:
+            # The next reconciler holds the ports again on its first pass.
+            self._sleepers.close()
 
     def _loop(self) -> None:
         wanted = self.records.wanted
@@ -191,7 +201,6 @@ class Reconciler:
             snapshots = list(session.scalars(select(Snapshot).where(Snapshot.status.in_(SNAPSHOT_LIVE))))
         now = utcnow()
         next_due = None
-        idle_stop = self.settings.idle_stop is not None
         # A snapshot asked for before a reset or a delete is of the data as
         # it was: those wait for it (it is taken below, under the same claim).
         snapshotting = {s.database_id for s in snapshots if s.status == SnapshotStatus.PENDING}
@@ -224,8 +233,11 @@ class Reconciler:
                     repair = self._drift.check(record, info)
                     if repair is not None:
                         self._submit(record.id, repair)
-                if idle_stop and self._upkeep.idle_due(record):
+                if record.idle_stop is not None and self._upkeep.idle_due(record):
                     self._submit(record.id, self._upkeep.check_idle)
+            elif record.status == Status.SLEEPING and self._sleepers is not None:
+                if not self._sleepers.holds(record.id):
+                    self._submit(record.id, self._upkeep.sleep)
         self._next_due = next_due
         for snapshot in snapshots:
             if snapshot.status == SnapshotStatus.PENDING:
@@ -290,6 +302,75 @@ class Reconciler:
                 self._deferred.discard(database_id)
             if deferred:
                 self.records.wanted.notify()
+
+    # -- waking a sleeping database -----------------------------------------
+
+    def _connected(self, database_id: str) -> None:
+        """A connection came for a sleeping database (from the listeners' thread)."""
+        with self._lock:
+            if database_id in self._waking or self._stopping.is_set():
+                return
+            self._waking.add(database_id)
+        threading.Thread(target=self._serve_waiting, args=(database_id,), name="dbprov-wake", daemon=True).start()
+
+    def _serve_waiting(self, database_id: str) -> None:
+        try:
+            while True:
+                self._wake(database_id)
+                with self._lock:
+                    # One that came after the last take and before this: served too.
+                    if not self._sleepers.waiting(database_id) or self._stopping.is_set():
+                        self._waking.discard(database_id)
+                        return
+        except Exception:  # noqa: BLE001 - a thread of its own has nobody else to tell
+            log.exception("database %s: wake failed", database_id)
+            with self._lock:
+                self._waking.discard(database_id)
+            for client in self._sleepers.take(database_id)[0]:
+                client.close()
+
+    def _wake(self, database_id: str) -> None:
+        """Start the server, then hand it the connections that waited, or tell them why not."""
+        self.records.transition(database_id, {Status.SLEEPING}, status=Status.WAKING)
+        self._run_now(database_id, self._provisioning.resume)
+        deadline = time.monotonic() + self.settings.ready_timeout
+        while True:
+            with self.store.read() as session:
+                record = session.get(Database, database_id)
+            if record is None or record.status not in COMING_UP or time.monotonic() >= deadline:
+                break
+            # Someone else's step (a pass's, or a snapshot's) holds the claim.
+            time.sleep(0.02)
+        clients, since = self._sleepers.take(database_id)
+        if record is not None and record.status == Status.READY:
+            for client in clients:
+                relay(client, (record.server_host, record.host_port), f"database {database_id}")
+            if since is not None:
+                log.info("database %s: woken for %d connection(s) in %.3f s", database_id, len(clients),
+                         time.monotonic() - since)
+            return
+        if record is None:
+            reason = "it does not exist"
+        elif record.status in COMING_UP:
+            reason = f"it did not wake within {self.settings.ready_timeout:g} s; {record.last_error or ''}".strip()
+        else:
+            reason = f"it is {record.status.value}" + (f": {record.last_error.splitlines()[0]}"
+                                                      if record.last_error else "")
+        message = f"dbprov: database {database_id} cannot take connections: {reason}"
+        for client in clients:
+            threading.Thread(target=refuse, args=(client, message), name="dbprov-refuse", daemon=True).start()
+
+    def _run_now(self, database_id: str, task: Task) -> None:
+        """``task`` run in this thread, unless one runs for the database already."""
+        with self._lock:
+            if database_id in self._inflight or self._stopping.is_set():
+                return
+            future: Future = Future()
+            self._inflight[database_id] = future
+        try:
+            self._run_task(database_id, task)
+        finally:
+            future.set_result(None)
 
     def _spec(self, record: Database) -> ServerSpec:
         """The server a record gets, as a step makes it."""

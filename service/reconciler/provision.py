@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 _PORT_RETRIES = 5
 _POLL_INTERVAL = 0.01
+# The event each kind of resumption ends with.
+_RESUMED = {Status.STARTING: "started", Status.WAKING: "woken", Status.RESETTING: "reset"}
 
 
 class Provisioning(Step):
@@ -46,11 +48,11 @@ class Provisioning(Step):
         self._bring_up(record, "ready")
 
     def resume(self, database_id: str) -> None:
-        """A stopped database started, or one put back to a snapshot."""
+        """A stopped database started, a sleeping one woken, or one put back to a snapshot."""
         record = self._load(database_id)
-        if record.status not in (Status.STARTING, Status.RESETTING):
+        if record.status not in _RESUMED:
             raise Superseded(database_id)
-        self._bring_up(record, "started" if record.status == Status.STARTING else "reset")
+        self._bring_up(record, _RESUMED[record.status])
 
     def _bring_up(self, record: Database, event: str) -> None:
         """Server running, ``SELECT 1`` as the tenant working: then ready."""
@@ -70,14 +72,20 @@ class Provisioning(Step):
                     "outside dbprov (a `docker system prune --volumes`, say)"
                 )
         phase = time.monotonic()
+        # As late as can be: a connection that comes after this is refused
+        # until the engine publishes the port again.
+        self._give_back_port(record.id)
         record = self._ensure_server(record)
         timings["server"] = round(time.monotonic() - phase, 3)
         phase = time.monotonic()
         self.wait_ready(record, admin_login(record, self.vault))
         timings["ready"] = round(time.monotonic() - phase, 3)
-        phase = time.monotonic()
-        self._setup_tenant(record)
-        timings["setup"] = round(time.monotonic() - phase, 3)
+        if status != Status.WAKING:
+            # A sleeping one's role and password are in its data as it fell
+            # asleep: nothing can have changed them since, and its clients wait.
+            phase = time.monotonic()
+            self._setup_tenant(record)
+            timings["setup"] = round(time.monotonic() - phase, 3)
         timings["total"] = round(time.monotonic() - started, 3)
         self._transition(
             record.id,
@@ -179,6 +187,9 @@ class Provisioning(Step):
         """
         try:
             set_up_tenant(self._server_admin, record, self.vault)
+        except psycopg.OperationalError as exc:
+            # No session (a server swamped by connections, say): not the setup's failure.
+            raise TransientError(f"tenant role setup postponed: {_first_line(exc)}") from None
         except psycopg.Error as exc:
             raise ServerFailed(
                 self._failure_text(record.id, "tenant role setup failed", _first_line(exc))

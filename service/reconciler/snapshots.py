@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING
 
 import psycopg
 
-from ..domain.models import DELETING_OR_DELETED, Database, Snapshot, SnapshotStatus, Status, utcnow
+from ..domain.models import (
+    DELETING_OR_DELETED,
+    SNAPSHOT_SOURCES,
+    Database,
+    Snapshot,
+    SnapshotStatus,
+    Status,
+    utcnow,
+)
 from ..domain.records import SERVICE
 from ..errors import DbprovError, InsufficientStorage, PermanentError, TransientError
 from ..postgres.admin import admin_login
@@ -51,7 +59,8 @@ class Snapshots(Step):
         # A reset or a delete asked for after the snapshot waits for it (see
         # run_once): the data is still as it was, and needs no restart after.
         after = record.status in AFTER_SNAPSHOTS
-        if record.status not in (Status.READY, Status.STOPPED) and not after:
+        # A sleeping one's data is copied as it lies: no wake.
+        if record.status not in SNAPSHOT_SOURCES and not after:
             if record.status in DELETING_OR_DELETED | {Status.FAILED}:
                 self._settle(snapshot, error=f"its database is {record.status.value}")
             return  # stopping or starting: the next pass tries again

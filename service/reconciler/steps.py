@@ -35,6 +35,7 @@ from ..runtime.protocol import ServerRuntime
 from ..settings import Settings
 from ..store.crypto import Vault
 from ..store.engine import Store
+from .wake import Sleepers
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ class Context:
     server_admin: ServerAdmin
     # Set when the reconciler stops: a step that waits gives up.
     stopping: threading.Event
+    # The ports of sleeping databases, where the runtime publishes on this machine.
+    sleepers: Sleepers | None = None
 
 
 class Step:
@@ -83,6 +86,12 @@ class Step:
         self.runtime = ctx.runtime
         self.records = ctx.records
         self.vault = ctx.vault
+        self.sleepers = ctx.sleepers
+
+    def _give_back_port(self, database_id: str) -> None:
+        """The listener of a database that slept closed, before its server takes the port or lets it go."""
+        if self.sleepers is not None:
+            self.sleepers.release(database_id)
 
     def _load(self, database_id: str) -> Database:
         with self.store.read() as session:
@@ -171,6 +180,7 @@ class Outcomes(Step):
         """
         record = self._load(database_id)
         kept = record.ready_at is not None
+        self._give_back_port(database_id)
         try:
             self.runtime.remove_server(database_id, keep_data=kept)
         except TransientError as exc:
@@ -196,6 +206,7 @@ class Outcomes(Step):
 
     def _lose(self, database_id: str, reason: str) -> None:
         """Say out loud that the data is gone, and the ways back."""
+        self._give_back_port(database_id)
         self._transition(
             database_id,
             COMING_UP | MEANT_TO_RUN,

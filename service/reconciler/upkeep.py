@@ -34,6 +34,8 @@ class Upkeep(Step):
         self._idle_checked: dict[str, float] = {}
 
     def stop(self, database_id: str) -> None:
+        # A sleeping one's server is stopped already; its port stops being held.
+        self._give_back_port(database_id)
         self.runtime.stop_server(database_id)
         self._transition(
             database_id, {Status.STOPPING}, status=Status.STOPPED, attempts=0, next_attempt_at=None,
@@ -64,7 +66,7 @@ class Upkeep(Step):
 
     def idle_due(self, record: Database) -> bool:
         """Whether a ready database's clients are to be counted now (``check_idle``)."""
-        idle_stop = self.settings.idle_stop
+        idle_stop = record.idle_stop
         # An unavailable one has no clients to count, nor a server to stop.
         if idle_stop is None or record.tenant == POOL_TENANT or record.status != Status.READY:
             return False
@@ -76,14 +78,15 @@ class Upkeep(Step):
         return True
 
     def check_idle(self, database_id: str) -> None:
-        """Count the tenant's connections; stop a database idle for DBPROV_IDLE_STOP."""
+        """Count the tenant's connections; a database idle for its ``idle_stop`` sleeps.
+
+        Where the service cannot hold its port (a Swarm), it is stopped instead.
+        """
         record = self._load(database_id)
-        if record.status != Status.READY:
+        if record.status != Status.READY or record.idle_stop is None:
             return
         try:
-            clients = self._server_admin.client_connections(
-                admin_login(record, self.vault), record.database_name
-            )
+            clients = self._server_admin.client_connections(admin_login(record, self.vault))
         except psycopg.Error:
             return  # down: drift repair deals with it, and the next count decides
         now = utcnow()
@@ -91,16 +94,33 @@ class Upkeep(Step):
             self.records.transition(database_id, {Status.READY}, active_at=now)
             return
         idle_since = record.active_at or record.ready_at or now
-        if (now - idle_since).total_seconds() >= self.settings.idle_stop:
+        if (now - idle_since).total_seconds() < record.idle_stop:
+            return
+        details = {"idle_since": idle_since.isoformat()}
+        if self.sleepers is None:
             stopping = self.records.transition(
-                database_id, {Status.READY}, status=Status.STOPPING, event="idle-stopped",
-                details={"idle_since": idle_since.isoformat()},
+                database_id, {Status.READY}, status=Status.STOPPING, event="idle-stopped", details=details,
             )
             if stopping is not None:
                 log.info("database %s: no clients since %s; stopping it", database_id, idle_since.isoformat())
                 self.stop(database_id)
+            return
+        if self.records.transition(
+            database_id, {Status.READY}, status=Status.SLEEPING, event="slept", details=details,
+        ) is not None:
+            log.info("database %s: no clients since %s; it sleeps", database_id, idle_since.isoformat())
+            self.sleep(database_id)
+
+    def sleep(self, database_id: str) -> None:
+        """A sleeping database's server stopped and its port held, again after a restart."""
+        record = self._load(database_id)
+        if record.status != Status.SLEEPING or self.sleepers is None:
+            return
+        self.runtime.stop_server(database_id)
+        self.sleepers.hold(database_id, self.settings.bind_address, record.host_port)
 
     def teardown(self, database_id: str) -> None:
+        self._give_back_port(database_id)
         self.runtime.remove_server(database_id)
         with self.store.transaction() as session:
             deleted = self.records.transition(

@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 class DockerRuntime:
     """A ``ServerRuntime`` on the engine named by the usual ``DOCKER_*`` variables."""
 
+    publishes_here = True
+
     def __init__(
         self,
         instance: str,

@@ -149,6 +149,10 @@ class ServerRuntime(Protocol):
     Removals treat "already gone" as success.
     """
 
+    #: Whether servers publish their ports on this machine, where the service
+    #: can hold a sleeping database's port itself (not so on a Swarm).
+    publishes_here: bool
+
     def ping(self) -> None:
         """Raise ``RuntimeUnavailable`` unless the engine answers."""
 

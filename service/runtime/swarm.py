@@ -96,6 +96,10 @@ sys.exit(0 if response.status in (204, 404) else 1)
 class SwarmRuntime:
     """A ``ServerRuntime`` on the Swarm whose manager the ``DOCKER_*`` variables name."""
 
+    # A server's port is on its node: a sleeping database's listener would have
+    # to run there, and the service runs on the manager.
+    publishes_here = False
+
     def __init__(
         self,
         instance: str,

@@ -359,7 +359,9 @@ def _available(record: Database) -> list[str]:
     actions = []
     if record.status == Status.READY:
         actions += ["stop", "rotate"]
-    if record.status == Status.STOPPED:
+    if record.status == Status.SLEEPING:
+        actions.append("stop")
+    if record.status in (Status.STOPPED, Status.SLEEPING):
         actions.append("start")
     if not record.protected:
         actions.append("delete")

@@ -280,3 +280,24 @@ def pytest_runtest_makereport(item, call):
     service = item.funcargs.get("service")
     if service is not None and service.log_path.exists():
         report.sections.append(("dbprov serve log", service.log_path.read_text()[-5000:]))
+
+
+@pytest.fixture
+def serve(docker_client, tmp_path):
+    """Starts a service with settings of its own; at the end every database is
+    deleted and nothing is left behind, as with the ``service`` fixture."""
+    started: list[ServiceProcess] = []
+
+    def start(extra_env: dict[str, str]) -> ServiceProcess:
+        process = ServiceProcess(tmp_path, extra_env)
+        started.append(process)
+        return process.start()
+
+    yield start
+    for process in started:
+        try:
+            process.delete_all()
+        finally:
+            process.stop()
+    assert managed(docker_client) == [], "containers left behind"
+    assert managed(docker_client, "volumes") == [], "volumes left behind"

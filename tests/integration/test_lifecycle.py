@@ -14,7 +14,7 @@ import docker.errors
 import psycopg
 import pytest
 
-from .conftest import ServiceProcess, managed, wait_until
+from .conftest import managed, wait_until
 
 pytestmark = pytest.mark.docker
 
@@ -103,27 +103,6 @@ def refuses_connections(uri: str) -> bool:
     except psycopg.OperationalError:
         return True
     return False
-
-
-@pytest.fixture
-def serve(docker_client, tmp_path):
-    """Starts a service with settings of its own; at the end every database is
-    deleted and nothing is left behind, as with the ``service`` fixture."""
-    started: list[ServiceProcess] = []
-
-    def start(extra_env: dict[str, str]) -> ServiceProcess:
-        process = ServiceProcess(tmp_path, extra_env)
-        started.append(process)
-        return process.start()
-
-    yield start
-    for process in started:
-        try:
-            process.delete_all()
-        finally:
-            process.stop()
-    assert managed(docker_client) == [], "containers left behind"
-    assert managed(docker_client, "volumes") == [], "volumes left behind"
 
 
 # -- expiry -------------------------------------------------------------------
@@ -438,19 +417,3 @@ def test_settings_and_extensions_are_in_effect_for_the_tenant(service, docker_cl
         assert total(service) == recorded
         assert managed_ids(docker_client) == servers
 
-
-def test_a_database_without_clients_is_stopped_when_idle(serve):
-    service = serve({"DBPROV_IDLE_STOP": "2"})
-    idle = service.request("POST", "/databases", json={}).json()
-    busy = service.request("POST", "/databases", json={}).json()
-    with psycopg.connect(busy["connection_uri"]) as conn:
-        stopped = service.wait_for_status(idle["id"], "stopped", timeout=30)
-        assert conn.execute("SELECT 1").fetchone() == (1,)
-        assert service.request("GET", f"/databases/{busy['id']}").json()["status"] == "ready"
-    assert stopped["port"] == idle["port"]
-    kinds = [e["kind"] for e in service.request("GET", f"/databases/{idle['id']}/events").json()["items"]]
-    assert kinds[-2:] == ["idle-stopped", "stopped"]
-    # Started again, it serves its URI.
-    assert service.request("POST", f"/databases/{idle['id']}/start").json()["status"] == "ready"
-    with psycopg.connect(idle["connection_uri"], connect_timeout=5) as conn:
-        assert conn.execute("SELECT 1").fetchone() == (1,)

@@ -1,0 +1,39 @@
+"""Each database's own idle stop, after which it sleeps and wakes on a connection
+
+Revision ID: 0011
+Revises: 0010
+Create Date: 2026-12-06
+
+DBPROV_IDLE_STOP applied to every database before: the databases that are
+not deleted take its value as the migration runs, so that they go on as they
+did. The new statuses (sleeping, waking) fit the status column as it is.
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+from service.settings import Settings
+
+revision = "0011"
+down_revision = "0010"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("databases") as batch:
+        batch.add_column(sa.Column("idle_stop", sa.Float(), nullable=True))
+    idle_stop = Settings.from_env().idle_stop
+    if idle_stop is not None:
+        op.execute(
+            sa.text("UPDATE databases SET idle_stop = :seconds WHERE status != 'deleted'").bindparams(
+                seconds=idle_stop
+            )
+        )
+
+
+def downgrade() -> None:
+    # A sleeping database's server is stopped: it is stopped, as far as the old service knows.
+    op.execute("UPDATE databases SET status = 'stopped' WHERE status IN ('sleeping', 'waking')")
+    with op.batch_alter_table("databases") as batch:
+        batch.drop_column("idle_stop")

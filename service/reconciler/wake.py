@@ -1,0 +1,194 @@
+"""Sleeping databases: their ports held by the service, and woken by a connection.
+
+A database that had no clients for its ``idle_stop`` sleeps: its server is
+stopped, and the service listens on its published port itself. The first
+connection wakes it: the listener gives the port back, the server starts on
+it, and the connections that came meanwhile are relayed to it once it
+answers. Later connections reach the server directly, so a relay lasts only
+as long as those first connections, and the service is in no steady path
+(measured in docs/performance.md; relaying every connection was the other
+way).
+
+Between the listener letting go and the engine publishing the port again,
+a connection is refused: the engine cannot publish a port that the service
+still holds. The listener drains its queue as it lets go, so only a
+connection that arrives in that gap (the engine's start up to its bind,
+docs/performance.md) is refused.
+
+One thread serves every listener (a selector), so a sleeping database costs
+one descriptor and no thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+# Connections queued on a listener before the first is accepted.
+_BACKLOG = 128
+_RELAY_CHUNK = 65536
+
+
+class Sleepers:
+    """The listeners of this process's sleeping databases, and the connections they hold."""
+
+    def __init__(self, on_connect: Callable[[str], None]) -> None:
+        self._on_connect = on_connect
+        self._selector = selectors.DefaultSelector()
+        self._lock = threading.Lock()
+        self._listeners: dict[str, socket.socket] = {}
+        # Connections accepted and not yet served, and when the first came.
+        self._waiting: dict[str, list[socket.socket]] = {}
+        self._since: dict[str, float] = {}
+        self._stopping = threading.Event()
+        # Started with the first listener: most reconcilers never hold one.
+        self._thread: threading.Thread | None = None
+
+    def hold(self, database_id: str, address: str, port: int) -> bool:
+        """Listen on the database's port; False if something else holds it."""
+        with self._lock:
+            if database_id in self._listeners:
+                return True
+            try:
+                listener = socket.create_server((address, port), backlog=_BACKLOG)
+            except OSError as exc:
+                log.warning("database %s: cannot hold port %s while it sleeps: %s", database_id, port, exc)
+                return False
+            listener.setblocking(False)
+            self._listeners[database_id] = listener
+            self._selector.register(listener, selectors.EVENT_READ, database_id)
+            if self._thread is None:
+                _raise_descriptor_limit()
+                self._thread = threading.Thread(target=self._serve, name="dbprov-sleepers", daemon=True)
+                self._thread.start()
+        log.info("database %s: sleeping; port %s held", database_id, port)
+        return True
+
+    def holds(self, database_id: str) -> bool:
+        return database_id in self._listeners
+
+    def release(self, database_id: str) -> None:
+        """Give the port back, keeping what the listener had queued for ``take``."""
+        with self._lock:
+            listener = self._listeners.pop(database_id, None)
+            if listener is None:
+                return
+            self._selector.unregister(listener)
+            self._accept_all(database_id, listener)
+            listener.close()
+
+    def take(self, database_id: str) -> tuple[list[socket.socket], float | None]:
+        """The connections waiting for the database, and since when the first waits."""
+        with self._lock:
+            return self._waiting.pop(database_id, []), self._since.pop(database_id, None)
+
+    def waiting(self, database_id: str) -> bool:
+        return bool(self._waiting.get(database_id))
+
+    def count(self) -> int:
+        return len(self._listeners)
+
+    def close(self) -> None:
+        """Every port given back and every waiting connection closed (a client
+        sees a closed connection, as from a server that went away)."""
+        self._stopping.set()
+        with self._lock:
+            for listener in self._listeners.values():
+                self._selector.unregister(listener)
+                listener.close()
+            for clients in self._waiting.values():
+                for client in clients:
+                    client.close()
+            self._listeners.clear()
+            self._waiting.clear()
+            self._since.clear()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._selector.close()
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                ready = self._selector.select(timeout=0.5)
+            except OSError:
+                continue  # a listener closed under the select: the next one sees the rest
+            for key, _ in ready:
+                database_id = key.data
+                with self._lock:
+                    if self._listeners.get(database_id) is not key.fileobj:
+                        continue  # released meanwhile
+                    self._accept_all(database_id, key.fileobj)
+                    woke = bool(self._waiting.get(database_id))
+                if woke:
+                    self._on_connect(database_id)
+
+    def _accept_all(self, database_id: str, listener: socket.socket) -> None:
+        """Under the lock: every queued connection moved to the waiting list."""
+        while True:
+            try:
+                client, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("database %s: accept failed: %s", database_id, exc)
+                return
+            client.setblocking(True)
+            self._waiting.setdefault(database_id, []).append(client)
+            self._since.setdefault(database_id, time.monotonic())
+
+
+def relay(client: socket.socket, address: tuple[str, int], name: str) -> None:
+    """Join ``client`` to the server at ``address`` until either side closes.
+
+    Two threads per connection: only connections that came while a database
+    slept are relayed, and those are few.
+    """
+    try:
+        upstream = socket.create_connection(address, timeout=10)
+    except OSError as exc:
+        log.warning("%s: relay to %s:%s failed: %s", name, *address, exc)
+        client.close()
+        return
+    upstream.settimeout(None)
+    upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    done = threading.Barrier(2, action=lambda: (client.close(), upstream.close()))
+    for source, target in ((client, upstream), (upstream, client)):
+        threading.Thread(target=_pump, args=(source, target, done), name=f"{name}-relay", daemon=True).start()
+
+
+def _pump(source: socket.socket, target: socket.socket, done: threading.Barrier) -> None:
+    try:
+        while True:
+            data = source.recv(_RELAY_CHUNK)
+            if not data:
+                break
+            target.sendall(data)
+    except OSError:
+        pass
+    try:
+        # The other direction may still have an answer to deliver.
+        target.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    try:
+        done.wait(timeout=3600 * 24 * 365)
+    except threading.BrokenBarrierError:
+        pass
+
+
+def _raise_descriptor_limit() -> None:
+    """A descriptor per sleeping database: the soft limit (often 1,024) raised to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("descriptor limit stays at %s: %s", soft, exc)

@@ -1,0 +1,94 @@
+"""The listeners that hold sleeping databases' ports, and how they turn a
+client away: real sockets and a real libpq client, no engine."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import psycopg
+import pytest
+
+from service.postgres.wire import refuse
+from service.reconciler.wake import Sleepers, relay
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def sleepers():
+    woken: list[str] = []
+    arrived = threading.Event()
+
+    def on_connect(database_id: str) -> None:
+        woken.append(database_id)
+        arrived.set()
+
+    held = Sleepers(on_connect)
+    held.woken, held.arrived = woken, arrived
+    yield held
+    held.close()
+
+
+@pytest.mark.parametrize("sslmode", ["prefer", "disable"])
+def test_a_client_that_cannot_be_served_gets_a_postgres_error_naming_why(sleepers, sslmode):
+    port = free_port()
+    assert sleepers.hold("db1", "127.0.0.1", port)
+
+    def answer() -> None:
+        assert sleepers.arrived.wait(10)
+        clients, since = sleepers.take("db1")
+        assert since is not None
+        for client in clients:
+            refuse(client, "dbprov: database db1 cannot take connections: it is lost")
+
+    threading.Thread(target=answer, daemon=True).start()
+    with pytest.raises(psycopg.OperationalError, match="db1 cannot take connections: it is lost"):
+        psycopg.connect(host="127.0.0.1", port=port, user="u", password="p", sslmode=sslmode, connect_timeout=10)
+    assert sleepers.woken == ["db1"]
+
+
+def test_a_release_keeps_the_queued_connections_and_frees_the_port(sleepers):
+    port = free_port()
+    assert sleepers.hold("db1", "127.0.0.1", port)
+    assert sleepers.holds("db1") and sleepers.count() == 1
+    # Another holder of the port is refused: a port is never held twice.
+    assert not sleepers.hold("db2", "127.0.0.1", port)
+    with pytest.raises(OSError):
+        socket.create_server(("127.0.0.1", port))
+    early = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    sleepers.release("db1")
+    assert not sleepers.holds("db1")
+    clients, _ = sleepers.take("db1")
+    assert len(clients) == 3
+    # The port is free for the server that comes next.
+    server = socket.create_server(("127.0.0.1", port))
+    # A waiting connection, relayed to that server, carries bytes both ways.
+    relay(clients[0], ("127.0.0.1", port), "test")
+    upstream, _ = server.accept()
+    early[0].sendall(b"ping")
+    assert upstream.recv(4) == b"ping"
+    upstream.sendall(b"pong")
+    assert early[0].recv(4) == b"pong"
+    # One side closing closes the other.
+    upstream.close()
+    assert early[0].recv(4) == b""
+    for sock in (*early, *clients[1:], server):
+        sock.close()
+
+
+def test_closing_gives_every_port_back(sleepers):
+    ports = [free_port() for _ in range(3)]
+    for i, port in enumerate(ports):
+        assert sleepers.hold(f"db{i}", "127.0.0.1", port)
+    waiting = socket.create_connection(("127.0.0.1", ports[0]))
+    assert sleepers.arrived.wait(10)
+    sleepers.close()
+    assert waiting.recv(1) == b""  # closed, as by a server that went away
+    for port in ports:
+        socket.create_server(("127.0.0.1", port)).close()
+    waiting.close()

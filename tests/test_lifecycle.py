@@ -257,6 +257,59 @@ def test_a_database_without_clients_is_stopped_after_the_idle_time(services, set
         reconciler.stop()
 
 
+def test_idle_stop_comes_from_the_create_the_plan_or_the_setting_and_a_patch_changes_it(services, settings):
+    plans = {"quiet": Plan("quiet", "256m", idle_stop=60)}
+    client = make_client(services, dataclasses.replace(settings, idle_stop=600, plans=plans))
+    made = {
+        name: client.post("/databases", json=body, headers=ASYNC).get_json()
+        for name, body in (("default", {}), ("plan", {"plan": "quiet"}), ("own", {"idle_stop": 5}),
+                           ("never", {"idle_stop": None}))
+    }
+    assert {name: body["idle_stop"] for name, body in made.items()} == {
+        "default": 600, "plan": 60, "own": 5, "never": None}
+    database_id = made["default"]["id"]
+    changed = client.patch(f"/databases/{database_id}", json={"idle_stop": None})
+    assert changed.status_code == 200 and changed.get_json()["idle_stop"] is None
+    assert record(services, database_id).idle_stop is None
+    assert kinds(client, database_id)[-1] == "updated"
+    # Nonsense is refused, naming the field, and changes nothing.
+    for body in ({"idle_stop": 0}, {"idle_stop": "soon"}, {"idle_stop": 1.5}):
+        for response in (client.post("/databases", json=body),
+                         client.patch(f"/databases/{database_id}", json=body)):
+            assert_problem(response, 422, "validation-error")
+            assert "idle_stop" in response.get_json()["detail"]
+    assert record(services, database_id).idle_stop is None
+
+
+def test_a_sleeping_database_is_started_by_a_start_stopped_by_a_stop_and_copied_asleep(
+    client, services, reconciler, runtime
+):
+    created = client.post("/databases", json={}, headers=ASYNC).get_json()
+    reconciler.run_once(wait=True)
+    # Asleep as the idle check leaves it where the service holds ports.
+    services.records.transition(created["id"], {Status.READY}, status=Status.SLEEPING, event="slept")
+    runtime.stop_server(created["id"])
+    snapshot = client.post(f"/databases/{created['id']}/snapshots", headers=ASYNC)
+    assert snapshot.status_code == 202, snapshot.get_json()
+    reconciler.run_once(wait=True)
+    assert client.get(f"/snapshots/{snapshot.get_json()['id']}").get_json()["status"] == "ready"
+    # The copy did not wake it.
+    assert record(services, created["id"]).status == Status.SLEEPING
+    assert runtime.servers[created["id"]].state == STOPPED
+    assert_problem(client.get(f"/databases/{created['id']}/dump"), 409, "conflict")
+    started = client.post(f"/databases/{created['id']}/start", headers=ASYNC)
+    assert started.status_code == 202 and started.get_json()["status"] == "waking"
+    # Asked again meanwhile: the same wake.
+    assert client.post(f"/databases/{created['id']}/start", headers=ASYNC).get_json()["status"] == "waking"
+    reconciler.run_once(wait=True)
+    assert record(services, created["id"]).status == Status.READY
+    assert kinds(client, created["id"])[-1] == "woken" and kinds(client, created["id"]).count("woken") == 1
+    services.records.transition(created["id"], {Status.READY}, status=Status.SLEEPING, event="slept")
+    client.post(f"/databases/{created['id']}/stop")
+    reconciler.run_once(wait=True)
+    assert record(services, created["id"]).status == Status.STOPPED
+
+
 # -- a machine that is away (a Swarm node down) ------------------------------------------
 
 

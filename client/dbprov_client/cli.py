@@ -41,7 +41,7 @@ EXIT_REFUSED = 4
 EXIT_UNAVAILABLE = 5
 
 STATUSES = ["pending", "provisioning", "ready", "failed", "stopping", "stopped", "starting",
-            "deleting", "deleted", "unavailable"]
+            "resetting", "sleeping", "waking", "lost", "deleting", "deleted", "unavailable"]
 
 
 def exit_code(problem: ProblemError) -> int:
@@ -86,6 +86,13 @@ class _Duration(click.ParamType):
 
 
 DURATION = _Duration()
+
+
+class _DurationOrNever(_Duration):
+    name = "duration|never"
+
+    def convert(self, value, param, ctx):
+        return value if value == "never" else super().convert(value, param, ctx)
 
 
 def _client() -> Client:
@@ -255,6 +262,9 @@ _JSON = click.option("--json", "as_json", is_flag=True, help="Print the whole re
 @click.option("--ttl", type=DURATION, metavar="DURATION",
               help="Deleted by the server this long from now unless renewed: 600, 90s, 30m, 2h, 1d")
 @click.option("--plan", metavar="P", help="A plan of the server (memory, CPUs)")
+@click.option("--idle-stop", type=_DurationOrNever(), metavar="DURATION|never",
+              help="Sleep after this long without clients (the next connection wakes it); "
+                   "default: the plan's or the server's")
 @click.option("--from-snapshot", metavar="S", help="A clone of this snapshot's data")
 @click.option("--from-database", metavar="D", help="A clone of this database's data (snapshotted first)")
 @click.option("--template", metavar="KEY", help="A clone of this ready template")
@@ -263,7 +273,8 @@ _JSON = click.option("--json", "as_json", is_flag=True, help="Print the whole re
 @click.option("--timeout", type=DURATION, default="10m", show_default=True, help="Longest wait")
 @_JSON
 @_handled
-def new(version, name, ttl, plan, from_snapshot, from_database, template, wait, timeout, as_json) -> None:
+def new(version, name, ttl, plan, idle_stop, from_snapshot, from_database, template, wait, timeout,
+        as_json) -> None:
     """Create a database and print its connection URI.
 
     The URI is the last line of standard output:
@@ -278,9 +289,10 @@ def new(version, name, ttl, plan, from_snapshot, from_database, template, wait, 
     if sum(source is not None for source in (from_snapshot, from_database, template)) > 1:
         raise click.UsageError("give at most one of --from-snapshot, --from-database and --template")
     client = _client()
+    asked = {} if idle_stop is None else {"idle_stop": None if idle_stop == "never" else idle_stop}
     with _Progress(enabled=sys.stderr.isatty()) as progress:
         database = client.create(
-            version=version, name=name, ttl=ttl, plan=plan, wait=wait, timeout=timeout,
+            version=version, name=name, ttl=ttl, plan=plan, wait=wait, timeout=timeout, **asked,
             from_snapshot=from_snapshot, from_database=from_database, template=template,
             on_accepted=progress.accepted if (wait and progress.enabled) else None,
         )
@@ -327,6 +339,7 @@ def show(database_id, as_json) -> None:
         ("version", database.version), ("image", database.image), ("plan", database.plan),
         ("host", database.host), ("port", database.port or "-"), ("database", database.database),
         ("username", database.username), ("protected", "yes" if database.protected else "no"),
+        ("idle stop", f"{database.idle_stop:g} s" if database.idle_stop is not None else "never"),
         ("expires", f"{database.expires_at.isoformat()} ({_expiry(database.expires_at)})"
                     if database.expires_at else "never"),
         ("created", f"{database.created_at.isoformat() if database.created_at else '-'} "

@@ -122,7 +122,11 @@ class Client:
         if request is None:
             if fields.get("ttl") is not None:
                 fields["ttl"] = parse_duration(fields["ttl"])
-            request = CreateRequest(**{name: value for name, value in fields.items() if value is not None})
+            if fields.get("idle_stop") is not None:
+                fields["idle_stop"] = round(parse_duration(fields["idle_stop"]))
+            # None asks for the default, but an idle_stop of None is never.
+            request = CreateRequest(**{name: value for name, value in fields.items()
+                                       if value is not None or name == "idle_stop"})
         elif fields:
             raise TypeError("give a CreateRequest or its fields, not both")
         body = request.body()

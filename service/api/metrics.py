@@ -89,6 +89,11 @@ class StoreFigures(Collector):
         yield CounterMetricFamily(
             "dbprov_pool_claims", "Databases handed out from the warm pool.", value=claims
         )
+        # Their latency is the "wake" phase below: from the first connection to ready.
+        yield CounterMetricFamily(
+            "dbprov_wakes", "Sleeping databases woken, by a connection or a start.",
+            value=dict(counts.get("wake", [])).get("+Inf", 0),
+        )
         phases = HistogramMetricFamily(
             "dbprov_provisioning_phase_seconds", "Time each provisioning phase took.",
             labels=["phase"],

@@ -419,7 +419,7 @@ class CertificateAuthority(Base):
 # Upper bounds (seconds) of the provisioning phase histogram's buckets, and
 # the phases it counts. A change to either needs a migration of the rows.
 PHASE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
-PHASES = ("copy", "server", "ready", "setup", "claim", "total")
+PHASES = ("copy", "server", "ready", "setup", "claim", "total", "wake")
 
 
 class PhaseHistogram(Base):

@@ -87,6 +87,10 @@ class Provisioning(Step):
             self._setup_tenant(record)
             timings["setup"] = round(time.monotonic() - phase, 3)
         timings["total"] = round(time.monotonic() - started, 3)
+        if status == Status.WAKING:
+            # As its first client waits: from its connection, if one woke it.
+            since = self.sleepers.waiting_since(record.id) if self.sleepers is not None else None
+            timings["wake"] = round(time.monotonic() - since, 3) if since is not None else timings["total"]
         self._transition(
             record.id,
             {status},

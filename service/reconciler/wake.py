@@ -92,6 +92,10 @@ class Sleepers:
     def waiting(self, database_id: str) -> bool:
         return bool(self._waiting.get(database_id))
 
+    def waiting_since(self, database_id: str) -> float | None:
+        """When the first connection still waiting came (``time.monotonic``)."""
+        return self._since.get(database_id)
+
     def count(self) -> int:
         return len(self._listeners)
 

@@ -52,6 +52,15 @@ def test_new_prints_only_the_uri_on_standard_output(dbprov, fake):
         "version": "17", "name": "orders", "plan": "default", "ttl": 1800}
 
 
+@pytest.mark.parametrize(("given", "sent"), [(("--idle-stop", "5m"), 300), (("--idle-stop", "never"), None)])
+def test_new_asks_for_an_idle_stop_or_none_and_leaves_it_out_unless_given(dbprov, fake, given, sent):
+    assert dbprov("new", *given).exit_code == 0
+    assert dbprov("new").exit_code == 0
+    first, second = (request.body for request in fake.requests_to("POST", "/databases"))
+    assert first == {"idle_stop": sent} and second == {}
+    assert dbprov("new", "--idle-stop", "soon").exit_code == 2
+
+
 def test_new_json_prints_the_whole_record(dbprov, fake):
     result = dbprov("new", "--json")
     record = json.loads(result.stdout)

@@ -11,7 +11,7 @@ import time
 import psycopg
 import pytest
 
-from .conftest import wait_until
+from .conftest import metric, wait_until
 
 pytestmark = pytest.mark.docker
 
@@ -60,6 +60,7 @@ def test_an_idle_database_sleeps_and_its_first_connections_wake_it(serve, docker
         assert service.request("GET", f"/databases/{busy['id']}").json()["status"] == "ready"
     assert service.request("GET", f"/databases/{never['id']}").json()["status"] == "ready"
     assert asleep["port"] == idle["port"]
+    assert metric(service, "dbprov_databases", status="sleeping") == 1
     # The port is the service's now: nothing else may take it.
     with pytest.raises(OSError):
         socket.create_server(("127.0.0.1", idle["port"]))
@@ -70,6 +71,9 @@ def test_an_idle_database_sleeps_and_its_first_connections_wake_it(serve, docker
     assert woken["port"] == idle["port"]
     assert kinds(service, idle["id"]).count("woken") == 1
     assert kinds(service, idle["id"])[-2:] == ["slept", "woken"]
+    assert metric(service, "dbprov_wakes_total") == 1
+    assert metric(service, "dbprov_provisioning_phase_seconds_count", phase="wake") == 1
+    assert 0 < woken["phase_timings"]["wake"] < 30
     # Later connections reach the server itself.
     with psycopg.connect(idle["connection_uri"], connect_timeout=5) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)

@@ -440,7 +440,7 @@ class Settings:
     plans: Mapping[str, Plan] = setting(
         "DBPROV_PLANS", _plans, "",
         'named sizes, as JSON or `@file`: `{"small": {"memory": "256m", "cpus": 0.5, '
-        '"settings": {"shared_buffers": "32MB"}}}`',
+        '"settings": {"shared_buffers": "32MB"}, "idle_stop": 300}}`',
         shown="only `default` (`DBPROV_MEMORY_LIMIT`, no CPU limit)",
     )
     allowed_extensions: tuple[str, ...] = setting(

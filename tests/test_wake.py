@@ -3,6 +3,7 @@ client away: real sockets and a real libpq client, no engine."""
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 
@@ -10,7 +11,7 @@ import psycopg
 import pytest
 
 from service.postgres.wire import refuse
-from service.reconciler.wake import Sleepers, relay
+from service.reconciler.wake import MAX_WAITING, Sleepers, relay
 
 
 def free_port() -> int:
@@ -78,6 +79,20 @@ def test_a_release_keeps_the_queued_connections_and_frees_the_port(sleepers):
     upstream.close()
     assert early[0].recv(4) == b""
     for sock in (*early, *clients[1:], server):
+        sock.close()
+
+
+def test_a_flood_of_connections_to_a_sleeping_port_is_cut_off_at_the_cap(sleepers):
+    port = free_port()
+    assert sleepers.hold("db1", "127.0.0.1", port)
+    flood = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_WAITING + 50)]
+    sleepers.release("db1")
+    clients, _ = sleepers.take("db1")
+    assert len(clients) == MAX_WAITING
+    # The ones past the cap were closed, not kept.
+    readable, _, _ = select.select(flood, [], [], 2)
+    assert len(readable) == 50 and all(sock.recv(1) == b"" for sock in readable)
+    for sock in (*flood, *clients):
         sock.close()
 
 

@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 
 # Connections queued on a listener before the first is accepted.
 _BACKLOG = 128
+# Connections a sleeping database keeps waiting for its wake (PostgreSQL's
+# default max_connections): the rest are closed at once, so that a flood of
+# connections to one port cannot spend the descriptors every listener needs.
+MAX_WAITING = 100
 _RELAY_CHUNK = 65536
 
 
@@ -143,8 +147,12 @@ class Sleepers:
             except OSError as exc:
                 log.warning("database %s: accept failed: %s", database_id, exc)
                 return
+            waiting = self._waiting.setdefault(database_id, [])
+            if len(waiting) >= MAX_WAITING:
+                client.close()
+                continue
             client.setblocking(True)
-            self._waiting.setdefault(database_id, []).append(client)
+            waiting.append(client)
             self._since.setdefault(database_id, time.monotonic())
 
 

@@ -41,6 +41,14 @@ def meminfo(field: str) -> int:
     raise KeyError(field)
 
 
+def disk_used(path: str = "/var/lib/dbprov/pool") -> int:
+    """Bytes used on the storage pool (0 without one)."""
+    if not os.path.isdir(path):
+        return 0
+    stat = os.statvfs(path)
+    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+
+
 def rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -182,7 +190,8 @@ def main() -> None:
     client = docker.from_env()
     dockerd = pids_of("dockerd")
     before = {"used": meminfo("MemTotal") - meminfo("MemAvailable"),
-              "dockerd": sum(map(rss, dockerd)), "containerd": sum(map(rss, pids_of("containerd")))}
+              "dockerd": sum(map(rss, dockerd)), "containerd": sum(map(rss, pids_of("containerd"))),
+              "disk": disk_used()}
     service = Service({
         "DBPROV_IDLE_STOP": str(args.idle_stop),
         "DBPROV_PORT_RANGE": f"20000-{20000 + args.databases + 99}",
@@ -217,6 +226,7 @@ def main() -> None:
             })
             time.sleep(15)
         activity.halt.set()
+        disk = disk_used() - before["disk"]
         awake = count(service, "ready")
         sleeping = count(service, "sleeping")
         service.stop()
@@ -242,6 +252,8 @@ def main() -> None:
                 ["containerd memory, over before (MiB)",
                  f"{(mean('containerd') - before['containerd']) / MIB:.0f}"],
                 ["load average (1 min)", f"{mean('load'):.2f}"],
+                ["storage pool disk used, over before (GiB; MiB each)",
+                 f"{disk / 2**30:.2f}; {disk / MIB / args.databases:.1f}"],
                 ["GET /databases?page_size=100 p50 (ms)", f"{pct([s['list'] for s in samples], 50) * 1000:.0f}"],
                 ["GET /metrics p50 (ms)", f"{pct([s['metrics'] for s in samples], 50) * 1000:.0f}"],
                 ["reconcile pass p50 (ms)", f"{statistics.median(passes) * 1000:.0f}"],

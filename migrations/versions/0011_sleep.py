@@ -7,6 +7,8 @@ Create Date: 2026-12-06
 DBPROV_IDLE_STOP applied to every database before: the databases that are
 not deleted take its value as the migration runs, so that they go on as they
 did. The new statuses (sleeping, waking) fit the status column as it is.
+Wakes get a phase of their own in the histogram of phases: its buckets start
+empty.
 """
 
 import sqlalchemy as sa
@@ -19,10 +21,18 @@ down_revision = "0010"
 branch_labels = None
 depends_on = None
 
+# As service.domain.models has it today; a migration stands alone.
+_BUCKETS = 13  # PHASE_BUCKETS and +Inf
+
 
 def upgrade() -> None:
     with op.batch_alter_table("databases") as batch:
         batch.add_column(sa.Column("idle_stop", sa.Float(), nullable=True))
+    histogram = sa.table(
+        "phase_histogram", sa.column("phase", sa.String), sa.column("bucket", sa.Integer),
+        sa.column("count", sa.BigInteger), sa.column("seconds", sa.Float),
+    )
+    op.bulk_insert(histogram, [{"phase": "wake", "bucket": b, "count": 0, "seconds": 0.0} for b in range(_BUCKETS)])
     idle_stop = Settings.from_env().idle_stop
     if idle_stop is not None:
         op.execute(
@@ -33,6 +43,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.execute("DELETE FROM phase_histogram WHERE phase = 'wake'")
     # A sleeping database's server is stopped: it is stopped, as far as the old service knows.
     op.execute("UPDATE databases SET status = 'stopped' WHERE status IN ('sleeping', 'waking')")
     with op.batch_alter_table("databases") as batch:

@@ -89,6 +89,17 @@ def test_an_idle_database_sleeps_and_its_first_connections_wake_it(serve, docker
     assert kinds(service, idle["id"])[-1] == "started"
 
 
+def test_an_idle_database_is_asleep_within_ten_seconds_of_its_last_client(serve, docker_client):
+    # The default interval between passes: the idle count runs in them.
+    service = serve({"DBPROV_IDLE_STOP": "4", "DBPROV_RECONCILE_INTERVAL": "5"})
+    created = service.request("POST", "/databases", json={}).json()
+    with psycopg.connect(created["connection_uri"]) as conn:
+        conn.execute("SELECT 1")
+        time.sleep(6)  # seen by a count while connected
+    wait_until(lambda: not running(docker_client, created["id"]), timeout=10, what="asleep within 10 s")
+    assert service.request("GET", f"/databases/{created['id']}").json()["status"] == "sleeping"
+
+
 def test_a_start_during_a_wake_is_the_same_wake(serve):
     service = serve({"DBPROV_IDLE_STOP": "1"})
     created = service.request("POST", "/databases", json={}).json()

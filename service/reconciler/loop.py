@@ -66,7 +66,7 @@ _PURGE_INTERVAL = 60.0
 _PASS_COLUMNS = (
     Database.id, Database.status, Database.tenant, Database.protected, Database.expires_at,
     Database.next_attempt_at, Database.server_host, Database.ready_at.is_not(None).label("was_ready"),
-    Database.pending_since, Database.idle_stop, Database.host_port,
+    Database.pending_since, Database.idle_stop,
 )
 # Longer than any rotation takes (a connection, a lock and a statement timeout
 # in the tenant's server): a password still pending after it was left by a
@@ -337,7 +337,8 @@ class Reconciler:
         while True:
             with self.store.read() as session:
                 record = session.get(Database, database_id)
-            if record is None or record.status not in COMING_UP or time.monotonic() >= deadline:
+            if (record is None or record.status not in COMING_UP or time.monotonic() >= deadline
+                    or self._stopping.is_set()):
                 break
             # Someone else's step (a pass's, or a snapshot's) holds the claim.
             time.sleep(0.02)

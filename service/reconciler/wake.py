@@ -51,6 +51,8 @@ class Sleepers:
         # Connections accepted and not yet served, and when the first came.
         self._waiting: dict[str, list[socket.socket]] = {}
         self._since: dict[str, float] = {}
+        # Why a port could not be held, said once until it changes (a pass asks again each time).
+        self._refused: dict[str, str] = {}
         self._stopping = threading.Event()
         # Started with the first listener: most reconcilers never hold one.
         self._thread: threading.Thread | None = None
@@ -63,8 +65,11 @@ class Sleepers:
             try:
                 listener = socket.create_server((address, port), backlog=_BACKLOG)
             except OSError as exc:
-                log.warning("database %s: cannot hold port %s while it sleeps: %s", database_id, port, exc)
+                if self._refused.get(database_id) != str(exc):
+                    log.warning("database %s: cannot hold port %s while it sleeps: %s", database_id, port, exc)
+                self._refused[database_id] = str(exc)
                 return False
+            self._refused.pop(database_id, None)
             listener.setblocking(False)
             self._listeners[database_id] = listener
             self._selector.register(listener, selectors.EVENT_READ, database_id)
@@ -81,6 +86,7 @@ class Sleepers:
     def release(self, database_id: str) -> None:
         """Give the port back, keeping what the listener had queued for ``take``."""
         with self._lock:
+            self._refused.pop(database_id, None)
             listener = self._listeners.pop(database_id, None)
             if listener is None:
                 return

@@ -21,7 +21,7 @@ import time
 
 import docker
 import psycopg
-from run import IMAGE, INSTANCE, LABEL_INSTANCE, Service, free_port, pct, sweep, table, wait_for_warm, wait_select1
+from run import Service, pct, plain_server, sweep, table, wait_for_warm
 
 
 def connect_once(uri: str) -> float:
@@ -32,18 +32,9 @@ def connect_once(uri: str) -> float:
 
 
 def plain_floor(client: docker.DockerClient, runs: int) -> list[float]:
-    port = free_port()
-    container = client.containers.run(
-        IMAGE, detach=True, environment={"POSTGRES_PASSWORD": "bench"},
-        ports={"5432/tcp": ("127.0.0.1", port)}, labels={LABEL_INSTANCE: INSTANCE},
-    )
-    uri = f"postgresql://postgres:bench@127.0.0.1:{port}/postgres"
-    try:
-        wait_select1(uri)
+    with plain_server(client) as (_, uri):
         connect_once(uri)
         return [connect_once(uri) for _ in range(runs)]
-    finally:
-        container.remove(force=True, v=True)
 
 
 def main() -> None:

@@ -232,6 +232,22 @@ def floor_once(client: docker.DockerClient, timeout: float = 120, port: int | No
         container.remove(force=True, v=True)
 
 
+@contextlib.contextmanager
+def plain_server(client: docker.DockerClient) -> Iterator[tuple[object, str]]:
+    """A plain ``docker run`` of the image, answering; its container and URI, removed afterwards."""
+    port = free_port()
+    container = client.containers.run(
+        IMAGE, detach=True, environment={"POSTGRES_PASSWORD": "bench"},
+        ports={"5432/tcp": ("127.0.0.1", port)}, labels={LABEL_INSTANCE: INSTANCE},
+    )
+    try:
+        uri = f"postgresql://postgres:bench@127.0.0.1:{port}/postgres"
+        wait_select1(uri)
+        yield container, uri
+    finally:
+        container.remove(force=True, v=True)
+
+
 def testcontainers_once() -> float | None:
     try:
         from testcontainers.community.postgres import PostgresContainer

@@ -30,28 +30,19 @@ from pathlib import Path
 
 import docker
 import psycopg
-from run import IMAGE, INSTANCE, LABEL_INSTANCE, Service, free_port, pct, sweep, table, wait_select1
+from run import Service, free_port, pct, plain_server, sweep, table, wait_select1
 
 from service.reconciler.wake import Sleepers
 
 
 def start_floor(client: docker.DockerClient) -> float:
     """docker start of a stopped plain server -> its first SELECT 1."""
-    port = free_port()
-    container = client.containers.run(
-        IMAGE, detach=True, environment={"POSTGRES_PASSWORD": "bench"},
-        ports={"5432/tcp": ("127.0.0.1", port)}, labels={LABEL_INSTANCE: INSTANCE},
-    )
-    uri = f"postgresql://postgres:bench@127.0.0.1:{port}/postgres"
-    try:
-        wait_select1(uri)
+    with plain_server(client) as (container, uri):
         container.stop()
         started = time.perf_counter()
         container.start()
         wait_select1(uri)
         return time.perf_counter() - started
-    finally:
-        container.remove(force=True, v=True)
 
 
 def asleep(service: Service, database: dict, timeout: float = 60) -> None:

@@ -138,7 +138,7 @@ def reconcile(once: bool) -> None:
     services = _migrated_services()
     reconciler = services.reconciler()
     try:
-        with single_reconciler(services.store, services.settings.data_dir):
+        with single_reconciler(services.store, services.settings.data_dir, services.runtime.publishes_here):
             reconciler.run_once(wait=True)
     except DbprovError as exc:
         raise click.ClickException(str(exc)) from None

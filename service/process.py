@@ -10,13 +10,15 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from .composition import Services
-from .store.coordination import ChangeListener, single_reconciler
+from .store.coordination import ChangeListener, ReconcilerBusy, single_reconciler
 
 log = logging.getLogger(__name__)
 
 # With a change feed, waiting requests are nudged on every change; the re-read
 # interval is only a safety net then.
 _POLL_WITH_FEED = 2.0
+# How often a standby reconciler asks whether the active one has ended.
+_STANDBY_RETRY = 5.0
 
 
 class Background:
@@ -67,7 +69,21 @@ class Background:
             self._resources.callback(listener.stop)
             services.records.poll_interval = _POLL_WITH_FEED
         if self.reconcile:
-            self._resources.enter_context(single_reconciler(store, services.settings.data_dir))
+            exclusive = services.runtime.publishes_here
+            waited = False
+            while True:
+                try:
+                    self._resources.enter_context(single_reconciler(store, services.settings.data_dir, exclusive))
+                    break
+                except ReconcilerBusy:
+                    if not store.is_postgres:
+                        raise
+                # A standby: it takes over when the active one ends.
+                if not waited:
+                    log.info("another reconciler is active on this store; this one waits as its standby")
+                    waited = True
+                if self._stopping.wait(_STANDBY_RETRY):
+                    return
             reconciler = services.reconciler(heartbeat=self.heartbeat)
             reconciler.start()
             self._resources.callback(reconciler.stop)

@@ -236,8 +236,9 @@ class FakePostgres:
     # port -> database settings and extensions, as configure left them.
     settings: dict[int, dict[str, str]] = field(default_factory=dict)
     extensions: dict[int, list[str]] = field(default_factory=dict)
-    # port -> clients connected, and tables in the tenant's database.
+    # port -> clients connected, sessions ever had, and tables in the tenant's database.
     clients: dict[int, int] = field(default_factory=dict)
+    sessions: dict[int, int] = field(default_factory=dict)
     relations: dict[int, int] = field(default_factory=dict)
     # Ports whose emptiness check fails as a server error would.
     failing_relations: set[int] = field(default_factory=set)
@@ -295,9 +296,9 @@ class FakePostgres:
         self.check(tenant)
         self.made.get(tenant.port, set()).discard(name)
 
-    def client_connections(self, admin) -> int:
+    def client_activity(self, admin) -> tuple[int, int]:
         self.check(admin)
-        return self.clients.get(admin.port, 0)
+        return self.clients.get(admin.port, 0), self.sessions.get(admin.port, 0)
 
     def checkpoint(self, admin: Login) -> None:
         self.check(admin)

@@ -253,6 +253,20 @@ def test_a_database_without_clients_is_stopped_after_the_idle_time(services, set
         assert runtime.servers[idle.id].state == STOPPED
         assert record(services, busy.id).status == Status.READY
         assert record(services, busy.id).active_at > utcnow() - timedelta(seconds=1)
+        # A client that came and went between two counts is activity too.
+        port = record(services, busy.id).host_port
+        services.server_admin.clients[port] = 0
+        services.server_admin.sessions[port] = 7
+        services.records.transition(busy.id, {Status.READY}, active_at=utcnow() - timedelta(seconds=1))
+        reconciler._upkeep._idle_checked.clear()
+        reconciler.run_once(wait=True)
+        assert record(services, busy.id).status == Status.READY
+        assert record(services, busy.id).active_at > utcnow() - timedelta(seconds=1)
+        # Nothing since: it stops.
+        services.records.transition(busy.id, {Status.READY}, active_at=utcnow() - timedelta(seconds=1))
+        reconciler._upkeep._idle_checked.clear()
+        reconciler.run_once(wait=True)
+        assert record(services, busy.id).status == Status.STOPPED
     finally:
         reconciler.stop()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import select
 import socket
+import struct
 import threading
 
 import psycopg
@@ -12,6 +13,19 @@ import pytest
 
 from service.postgres.wire import refuse
 from service.reconciler.wake import MAX_WAITING, Sleepers, relay
+
+
+# What libpq sends first with sslmode=prefer: length 8, code 80877103.
+SSL_REQUEST = struct.pack("!II", 8, 80877103)
+
+
+def closed(sock: socket.socket) -> bool:
+    """Whether the other side closed (a reset, if what was sent went unread)."""
+    sock.settimeout(5)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
 
 
 def free_port() -> int:
@@ -96,14 +110,36 @@ def test_a_flood_of_connections_to_a_sleeping_port_is_cut_off_at_the_cap(sleeper
         sock.close()
 
 
+def test_only_a_postgres_client_wakes_a_database_not_a_bare_connect_or_garbage(sleepers):
+    port = free_port()
+    assert sleepers.hold("db1", "127.0.0.1", port)
+    # A port scanner's connect, and a client that speaks something else: closed, nothing woken.
+    socket.create_connection(("127.0.0.1", port)).close()
+    http = socket.create_connection(("127.0.0.1", port))
+    http.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert closed(http)
+    assert not sleepers.arrived.wait(0.5) and not sleepers.waiting("db1")
+    # A PostgreSQL client's first packet wakes it, and is still there for the server.
+    client = socket.create_connection(("127.0.0.1", port))
+    client.sendall(SSL_REQUEST)
+    assert sleepers.arrived.wait(5) and sleepers.woken == ["db1"]
+    sleepers.release("db1")
+    (waiting,), _ = sleepers.take("db1")
+    waiting.settimeout(5)
+    assert waiting.recv(8) == SSL_REQUEST
+    for sock in (http, client, waiting):
+        sock.close()
+
+
 def test_closing_gives_every_port_back(sleepers):
     ports = [free_port() for _ in range(3)]
     for i, port in enumerate(ports):
         assert sleepers.hold(f"db{i}", "127.0.0.1", port)
     waiting = socket.create_connection(("127.0.0.1", ports[0]))
+    waiting.sendall(SSL_REQUEST)
     assert sleepers.arrived.wait(10)
     sleepers.close()
-    assert waiting.recv(1) == b""  # closed, as by a server that went away
+    assert closed(waiting)  # as by a server that went away
     for port in ports:
         socket.create_server(("127.0.0.1", port)).close()
     waiting.close()

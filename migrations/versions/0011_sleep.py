@@ -11,10 +11,10 @@ Wakes get a phase of their own in the histogram of phases: its buckets start
 empty.
 """
 
+import os
+
 import sqlalchemy as sa
 from alembic import op
-
-from service.settings import Settings
 
 revision = "0011"
 down_revision = "0010"
@@ -33,7 +33,7 @@ def upgrade() -> None:
         sa.column("count", sa.BigInteger), sa.column("seconds", sa.Float),
     )
     op.bulk_insert(histogram, [{"phase": "wake", "bucket": b, "count": 0, "seconds": 0.0} for b in range(_BUCKETS)])
-    idle_stop = Settings.from_env().idle_stop
+    idle_stop = _idle_stop(os.environ.get("DBPROV_IDLE_STOP", "").strip())
     if idle_stop is not None:
         op.execute(
             sa.text("UPDATE databases SET idle_stop = :seconds WHERE status != 'deleted'").bindparams(
@@ -44,7 +44,18 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute("DELETE FROM phase_histogram WHERE phase = 'wake'")
-    # A sleeping database's server is stopped: it is stopped, as far as the old service knows.
-    op.execute("UPDATE databases SET status = 'stopped' WHERE status IN ('sleeping', 'waking')")
+    # A sleeping database's server is stopped: it is stopped, as far as the old
+    # service knows; a waking one's is being started.
+    op.execute("UPDATE databases SET status = 'stopped' WHERE status = 'sleeping'")
+    op.execute("UPDATE databases SET status = 'starting' WHERE status = 'waking'")
     with op.batch_alter_table("databases") as batch:
         batch.drop_column("idle_stop")
+
+
+def _idle_stop(text: str) -> float | None:
+    """DBPROV_IDLE_STOP as the service reads it (seconds); a value it would refuse is none."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        return None
+    return seconds if seconds > 0 else None

@@ -38,6 +38,8 @@ from .scram import scram_verifier
 # inside a metadata transaction that others wait behind.
 LOCK_TIMEOUT_MS = 3000
 STATEMENT_TIMEOUT_MS = 30000
+# The service's own sessions name themselves, so that the idle count leaves them out.
+APPLICATION_NAME = "dbprov-service"
 SESSION_OPTIONS = " ".join((
     "-c search_path=pg_catalog,pg_temp",
     f"-c lock_timeout={LOCK_TIMEOUT_MS}",
@@ -97,9 +99,11 @@ class ServerAdmin(Protocol):
         """The tenant's database has these settings (ALTER DATABASE ... SET, by
         ``admin`` from the maintenance database) and extensions (made by ``tenant``)."""
 
-    def client_connections(self, admin: Login) -> int:
-        """How many clients other than the service are connected, to any of the
-        server's databases; one idle in a transaction counts like any other."""
+    def client_activity(self, admin: Login) -> tuple[int, int]:
+        """How many clients other than the service are connected now, to any of
+        the server's databases (one idle in a transaction counts like any
+        other); and how many sessions its databases have had in all, which
+        tells a client that came and went between two looks."""
 
     def checkpoint(self, admin: Login) -> None:
         """Write every changed page to the data files, so that a copy of them
@@ -198,16 +202,29 @@ class PostgresAdmin:
         with _connect(admin) as conn:
             conn.execute("CHECKPOINT")
 
-    def client_connections(self, admin: Login) -> int:
+    def client_activity(self, admin: Login) -> tuple[int, int]:
         with _connect(admin) as conn:
             # The service's own sessions (a probe, a checkpoint, a rotation)
-            # log in as the server's superuser, which no tenant has.
+            # log in as the server's superuser and name themselves. Both, as
+            # in servers made before tenants had roles of their own the
+            # tenant logs in as that superuser too; a tenant that takes the
+            # service's name only lets its own database sleep.
             row = conn.execute(
                 "SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity "
                 "WHERE backend_type OPERATOR(pg_catalog.=) 'client backend' "
-                "AND usename OPERATOR(pg_catalog.<>) CURRENT_USER"
+                "AND pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid() "
+                "AND NOT (usename OPERATOR(pg_catalog.=) CURRENT_USER "
+                "AND application_name OPERATOR(pg_catalog.=) %s)",
+                (APPLICATION_NAME,),
             ).fetchone()
-        return int(row[0])
+            # The service's own sessions go to template1 (Login.dbname): its
+            # count is left out. Counted as sessions end, or at least once a
+            # second while they run.
+            total = conn.execute(
+                "SELECT pg_catalog.sum(sessions) FROM pg_catalog.pg_stat_database "
+                "WHERE datname OPERATOR(pg_catalog.<>) 'template1'"
+            ).fetchone()
+        return int(row[0]), int(total[0] or 0)
 
     def user_relations(self, tenant: Login) -> int:
         with _connect(tenant) as conn:
@@ -301,4 +318,5 @@ def _connect(login: Login) -> psycopg.Connection:
     return psycopg.connect(
         host=login.host, port=login.port, user=login.user, password=login.password,
         dbname=login.dbname, connect_timeout=3, autocommit=True, options=SESSION_OPTIONS,
+        application_name=APPLICATION_NAME,
     )

@@ -101,6 +101,7 @@ class Reconciler:
         self._sleepers = Sleepers(self._connected) if runtime.publishes_here else None
         # Databases a wake thread serves now.
         self._waking: set[str] = set()
+        self._wakes = threading.BoundedSemaphore(settings.max_parallel_provisioning)
         ctx = Context(settings, store, runtime, records, vault, server_admin, self._stopping, self._sleepers)
         self._provisioning = Provisioning(ctx, authority)
         self._snapshots = Snapshots(ctx, self._provisioning, templates)
@@ -311,7 +312,12 @@ class Reconciler:
             if database_id in self._waking or self._stopping.is_set():
                 return
             self._waking.add(database_id)
-        threading.Thread(target=self._serve_waiting, args=(database_id,), name="dbprov-wake", daemon=True).start()
+        try:
+            threading.Thread(target=self._serve_waiting, args=(database_id,), name="dbprov-wake", daemon=True).start()
+        except RuntimeError:
+            log.exception("database %s: no thread for its wake; the next connection tries again", database_id)
+            with self._lock:
+                self._waking.discard(database_id)
 
     def _serve_waiting(self, database_id: str) -> None:
         try:
@@ -332,7 +338,10 @@ class Reconciler:
     def _wake(self, database_id: str) -> None:
         """Start the server, then hand it the connections that waited, or tell them why not."""
         self.records.transition(database_id, {Status.SLEEPING}, status=Status.WAKING)
-        self._run_now(database_id, self._provisioning.resume)
+        # As many starts at once as provisioning may run: a scan of every
+        # sleeping port must not start every server together.
+        with self._wakes:
+            self._run_now(database_id, self._provisioning.resume)
         deadline = time.monotonic() + self.settings.ready_timeout
         while True:
             with self.store.read() as session:
@@ -350,10 +359,12 @@ class Reconciler:
                 log.info("database %s: woken for %d connection(s) in %.3f s", database_id, len(clients),
                          time.monotonic() - since)
             return
+        # Said to a client that has not logged in: the status and dbprov's
+        # own first line of why, never the server's log.
         if record is None:
             reason = "it does not exist"
         elif record.status in COMING_UP:
-            reason = f"it did not wake within {self.settings.ready_timeout:g} s; {record.last_error or ''}".strip()
+            reason = f"it is still {record.status.value}; try again"
         else:
             reason = f"it is {record.status.value}" + (f": {record.last_error.splitlines()[0]}"
                                                       if record.last_error else "")

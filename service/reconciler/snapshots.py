@@ -71,8 +71,10 @@ class Snapshots(Step):
             live = running and not after and self.runtime.copies_live(database_id)
             if live:
                 self._checkpoint(record)
-            elif running or after:
-                # A clean shutdown ends with a checkpoint: the copy needs no recovery.
+            elif running or after or record.status == Status.SLEEPING:
+                # A clean shutdown ends with a checkpoint: the copy needs no
+                # recovery. A sleeping one's is stopped already, unless its
+                # stop failed on the way to sleep.
                 self.runtime.stop_server(database_id)
             size = self.runtime.copy_data(database_id, snapshot_id, record.image)
         except InsufficientStorage as exc:

@@ -30,8 +30,10 @@ class Upkeep(Step):
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         self._server_admin = ctx.server_admin
-        # When each ready database's clients were last counted, for the idle stop.
+        # When each ready database's clients were last counted, for the idle
+        # stop, and how many sessions it had had then.
         self._idle_checked: dict[str, float] = {}
+        self._sessions: dict[str, int] = {}
 
     def stop(self, database_id: str) -> None:
         # A sleeping one's server is stopped already; its port stops being held.
@@ -42,6 +44,7 @@ class Upkeep(Step):
             retrying_since=None, last_error=None,
         )
         self._idle_checked.pop(database_id, None)
+        self._sessions.pop(database_id, None)
         log.info("database %s: stopped", database_id)
 
     @staticmethod
@@ -86,11 +89,16 @@ class Upkeep(Step):
         if record.status != Status.READY or record.idle_stop is None:
             return
         try:
-            clients = self._server_admin.client_connections(admin_login(record, self.vault))
+            clients, sessions = self._server_admin.client_activity(admin_login(record, self.vault))
         except psycopg.Error:
             return  # down: drift repair deals with it, and the next count decides
         now = utcnow()
-        if clients:
+        # A client that came and went since the last count was a client too
+        # (a job that connects once a minute); after a restart, the first
+        # count only learns where the counter stands.
+        came_and_went = self._sessions.get(database_id, sessions) != sessions
+        self._sessions[database_id] = sessions
+        if clients or came_and_went:
             self.records.transition(database_id, {Status.READY}, active_at=now)
             return
         idle_since = record.active_at or record.ready_at or now
@@ -117,7 +125,9 @@ class Upkeep(Step):
         if record.status != Status.SLEEPING or self.sleepers is None:
             return
         self.runtime.stop_server(database_id)
-        self.sleepers.hold(database_id, self.settings.bind_address, record.host_port)
+        if not self.sleepers.hold(database_id, self.settings.bind_address, record.host_port):
+            # Asleep with nobody listening, nothing would ever wake it: awake it stays.
+            self.records.transition(database_id, {Status.SLEEPING}, status=Status.WAKING)
 
     def teardown(self, database_id: str) -> None:
         self._give_back_port(database_id)

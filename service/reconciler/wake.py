@@ -25,6 +25,7 @@ import logging
 import resource
 import selectors
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +34,13 @@ log = logging.getLogger(__name__)
 
 # Connections queued on a listener before the first is accepted.
 _BACKLOG = 128
+# A connection that has not said it is a PostgreSQL client by then is closed.
+_FIRST_BYTES_WITHIN = 10.0
+# What a selector key's data says its socket is.
+_LISTENER, _CLIENT = "listener", "client"
+# A first packet's codes other than a protocol version: SSL, GSSAPI
+# encryption and cancel requests.
+_REQUEST_CODES = frozenset({80877103, 80877104, 80877102})
 # Connections a sleeping database keeps waiting for its wake (PostgreSQL's
 # default max_connections): the rest are closed at once, so that a flood of
 # connections to one port cannot spend the descriptors every listener needs.
@@ -41,14 +49,21 @@ _RELAY_CHUNK = 65536
 
 
 class Sleepers:
-    """The listeners of this process's sleeping databases, and the connections they hold."""
+    """The listeners of this process's sleeping databases, and the connections they hold.
+
+    A connection wakes its database once its first bytes are a PostgreSQL
+    client's (a startup, SSL, GSSAPI or cancel request, read without being
+    consumed): a port scan's bare connect does not start a server.
+    """
 
     def __init__(self, on_connect: Callable[[str], None]) -> None:
         self._on_connect = on_connect
         self._selector = selectors.DefaultSelector()
         self._lock = threading.Lock()
         self._listeners: dict[str, socket.socket] = {}
-        # Connections accepted and not yet served, and when the first came.
+        # Accepted, their first bytes not yet seen: when each came.
+        self._unproven: dict[socket.socket, tuple[str, float]] = {}
+        # Connections that wait for the wake, and when the first came.
         self._waiting: dict[str, list[socket.socket]] = {}
         self._since: dict[str, float] = {}
         # Why a port could not be held, said once until it changes (a pass asks again each time).
@@ -58,21 +73,20 @@ class Sleepers:
         self._thread: threading.Thread | None = None
 
     def hold(self, database_id: str, address: str, port: int) -> bool:
-        """Listen on the database's port; False if something else holds it."""
+        """Listen on the database's port; False if it cannot be had (something else holds it)."""
         with self._lock:
             if database_id in self._listeners:
                 return True
             try:
-                listener = socket.create_server((address, port), backlog=_BACKLOG)
+                listener = _listen(address, port)
             except OSError as exc:
                 if self._refused.get(database_id) != str(exc):
                     log.warning("database %s: cannot hold port %s while it sleeps: %s", database_id, port, exc)
                 self._refused[database_id] = str(exc)
                 return False
             self._refused.pop(database_id, None)
-            listener.setblocking(False)
             self._listeners[database_id] = listener
-            self._selector.register(listener, selectors.EVENT_READ, database_id)
+            self._selector.register(listener, selectors.EVENT_READ, (_LISTENER, database_id))
             if self._thread is None:
                 _raise_descriptor_limit()
                 self._thread = threading.Thread(target=self._serve, name="dbprov-sleepers", daemon=True)
@@ -83,8 +97,12 @@ class Sleepers:
     def holds(self, database_id: str) -> bool:
         return database_id in self._listeners
 
+    def held(self) -> list[str]:
+        return list(self._listeners)
+
     def release(self, database_id: str) -> None:
-        """Give the port back, keeping what the listener had queued for ``take``."""
+        """Give the port back. Whatever came meanwhile waits for ``take``; it
+        came while the database slept, so it is served by the wake."""
         with self._lock:
             self._refused.pop(database_id, None)
             listener = self._listeners.pop(database_id, None)
@@ -93,6 +111,14 @@ class Sleepers:
             self._selector.unregister(listener)
             self._accept_all(database_id, listener)
             listener.close()
+            for client, (owner, _) in list(self._unproven.items()):
+                if owner == database_id:
+                    self._prove(client, database_id)
+            waiting = bool(self._waiting.get(database_id))
+        if waiting:
+            # Released by a step of the reconciler's own (a start, a reset, a
+            # stop): its wake thread serves or refuses them.
+            self._on_connect(database_id)
 
     def take(self, database_id: str) -> tuple[list[socket.socket], float | None]:
         """The connections waiting for the database, and since when the first waits."""
@@ -110,17 +136,21 @@ class Sleepers:
         return len(self._listeners)
 
     def close(self) -> None:
-        """Every port given back and every waiting connection closed (a client
+        """Every port given back and every connection held closed (a client
         sees a closed connection, as from a server that went away)."""
         self._stopping.set()
         with self._lock:
             for listener in self._listeners.values():
                 self._selector.unregister(listener)
                 listener.close()
+            for client in self._unproven:
+                self._selector.unregister(client)
+                client.close()
             for clients in self._waiting.values():
                 for client in clients:
                     client.close()
             self._listeners.clear()
+            self._unproven.clear()
             self._waiting.clear()
             self._since.clear()
         if self._thread is not None:
@@ -130,36 +160,95 @@ class Sleepers:
     def _serve(self) -> None:
         while not self._stopping.is_set():
             try:
-                ready = self._selector.select(timeout=0.5)
-            except OSError:
-                continue  # a listener closed under the select: the next one sees the rest
-            for key, _ in ready:
-                database_id = key.data
-                with self._lock:
-                    if self._listeners.get(database_id) is not key.fileobj:
-                        continue  # released meanwhile
-                    self._accept_all(database_id, key.fileobj)
-                    woke = bool(self._waiting.get(database_id))
-                if woke:
-                    self._on_connect(database_id)
+                self._serve_once()
+            except Exception:  # noqa: BLE001 - this thread serves every sleeping database
+                log.exception("sleeping databases' listeners: unexpected error")
+                time.sleep(0.5)
 
-    def _accept_all(self, database_id: str, listener: socket.socket) -> None:
-        """Under the lock: every queued connection moved to the waiting list."""
+    def _serve_once(self) -> None:
+        try:
+            ready = self._selector.select(timeout=0.5)
+        except OSError:
+            return  # a socket closed under the select: the next one sees the rest
+        woken, starved = set(), False
+        with self._lock:
+            for key, _ in ready:
+                kind, database_id = key.data
+                if kind == _LISTENER:
+                    if self._listeners.get(database_id) is key.fileobj:  # else released meanwhile
+                        starved |= self._accept_all(database_id, key.fileobj)
+                elif key.fileobj in self._unproven and self._first_bytes(key.fileobj, database_id):
+                    woken.add(database_id)
+            deadline = time.monotonic() - _FIRST_BYTES_WITHIN
+            for client, (_, came) in list(self._unproven.items()):
+                if came < deadline:
+                    self._drop(client)
+        for database_id in woken:
+            self._on_connect(database_id)
+        if starved:
+            time.sleep(0.1)  # out of descriptors: accepting again at once would only spin
+
+    def _accept_all(self, database_id: str, listener: socket.socket) -> bool:
+        """Under the lock: every queued connection accepted; True if out of descriptors."""
         while True:
             try:
                 client, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                return False
             except OSError as exc:
                 log.warning("database %s: accept failed: %s", database_id, exc)
-                return
-            waiting = self._waiting.setdefault(database_id, [])
-            if len(waiting) >= MAX_WAITING:
+                return True
+            held = len(self._waiting.get(database_id, ())) + sum(
+                owner == database_id for owner, _ in self._unproven.values()
+            )
+            if held >= MAX_WAITING:
                 client.close()
                 continue
-            client.setblocking(True)
-            waiting.append(client)
-            self._since.setdefault(database_id, time.monotonic())
+            client.setblocking(False)
+            self._unproven[client] = (database_id, time.monotonic())
+            self._selector.register(client, selectors.EVENT_READ, (_CLIENT, database_id))
+
+    def _first_bytes(self, client: socket.socket, database_id: str) -> bool:
+        """Under the lock: whether the client's first bytes, now readable, are a
+        PostgreSQL client's (it then waits for the wake); if not, it is closed."""
+        try:
+            head = client.recv(8, socket.MSG_PEEK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            head = b""
+        if len(head) < 8:
+            if not head:
+                self._drop(client)  # closed before it said anything
+            return False
+        length, code = struct.unpack("!II", head)
+        if not 8 <= length <= 10_000 or not (code >> 16 == 3 or code in _REQUEST_CODES):
+            self._drop(client)
+            return False
+        self._prove(client, database_id)
+        return True
+
+    def _prove(self, client: socket.socket, database_id: str) -> None:
+        """Under the lock: an accepted connection made one that waits for the wake."""
+        del self._unproven[client]
+        self._selector.unregister(client)
+        client.setblocking(True)
+        self._waiting.setdefault(database_id, []).append(client)
+        self._since.setdefault(database_id, time.monotonic())
+
+    def _drop(self, client: socket.socket) -> None:
+        del self._unproven[client]
+        self._selector.unregister(client)
+        client.close()
+
+
+def _listen(address: str, port: int) -> socket.socket:
+    """A listening socket where the engine publishes: IPv4, IPv6, or both for ``::``."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    dual = address == "::" and socket.has_dualstack_ipv6()
+    listener = socket.create_server((address, port), family=family, backlog=_BACKLOG, dualstack_ipv6=dual)
+    listener.setblocking(False)
+    return listener
 
 
 def relay(client: socket.socket, address: tuple[str, int], name: str) -> None:
@@ -175,8 +264,14 @@ def relay(client: socket.socket, address: tuple[str, int], name: str) -> None:
         client.close()
         return
     upstream.settimeout(None)
-    upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for sock in (client, upstream):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # A peer that vanishes without a word (a machine gone) ends the relay
+        # in minutes, not never: otherwise its server counts a client for good.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
     done = threading.Barrier(2, action=lambda: (client.close(), upstream.close()))
     for source, target in ((client, upstream), (upstream, client)):
         threading.Thread(target=_pump, args=(source, target, done), name=f"{name}-relay", daemon=True).start()

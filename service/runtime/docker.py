@@ -18,9 +18,11 @@ an entry of its own writes them into its container's files at every start
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
+from urllib.parse import urlsplit
 
 import docker
 import docker.errors
@@ -58,8 +60,6 @@ log = logging.getLogger(__name__)
 class DockerRuntime:
     """A ``ServerRuntime`` on the engine named by the usual ``DOCKER_*`` variables."""
 
-    publishes_here = True
-
     def __init__(
         self,
         instance: str,
@@ -75,6 +75,8 @@ class DockerRuntime:
         self.instance = instance
         self.network = network
         self.bind_address = bind_address
+        # An engine elsewhere (DOCKER_HOST names another machine) publishes there.
+        self.publishes_here = _local_engine(os.environ.get("DOCKER_HOST", ""))
         # Where the service itself connects to published ports.
         self.probe_host = probe_host
         self.engine = Engine(pull=pull, client=client)
@@ -417,3 +419,11 @@ def _exit_code(status_text: str) -> int | None:
     if status_text.startswith("Exited ("):
         return int(status_text[len("Exited ("):].split(")", 1)[0])
     return None
+
+
+def _local_engine(docker_host: str) -> bool:
+    """Whether DOCKER_HOST (empty: the default socket) names an engine on this machine."""
+    if not docker_host or docker_host.startswith(("unix://", "npipe://")):
+        return True
+    host = urlsplit(docker_host).hostname or ""
+    return host in ("localhost", "127.0.0.1", "::1")

@@ -152,18 +152,36 @@ def slots_for(store: Store, data_dir: Path) -> Slots:
     return FileLockSlots(data_dir / "slots")
 
 
+class ReconcilerBusy(DbprovError):
+    """Another process reconciles the store, and only one may."""
+
+
 @contextmanager
-def single_reconciler(store: Store, data_dir: Path) -> Iterator[None]:
-    """On SQLite, make sure no other process reconciles the same store."""
+def single_reconciler(store: Store, data_dir: Path, exclusive: bool = False) -> Iterator[None]:
+    """Make sure no other process reconciles the same store, where only one may;
+    ``ReconcilerBusy`` if one does.
+
+    On SQLite only one ever may (a file lock). On PostgreSQL several may, each
+    taking databases as it claims them, unless ``exclusive``: servers publish
+    their ports on this machine, and the process that holds a sleeping
+    database's port must be the one that wakes, stops or removes it (an
+    advisory lock, freed by the server when its holder ends).
+    """
     if store.is_postgres:
-        yield
+        if not exclusive:
+            yield
+            return
+        with AdvisoryLockClaims(store).hold("dbprov-reconciler") as mine:
+            if not mine:
+                raise ReconcilerBusy("another dbprov reconciler holds this store's sleeping databases")
+            yield
         return
     data_dir.mkdir(parents=True, exist_ok=True)
     with open(data_dir / "reconciler.lock", "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DbprovError(
+            raise ReconcilerBusy(
                 f"another dbprov reconciler is running on {data_dir}; with SQLite only one may"
             ) from None
         yield

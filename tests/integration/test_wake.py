@@ -100,6 +100,19 @@ def test_an_idle_database_is_asleep_within_ten_seconds_of_its_last_client(serve,
     assert service.request("GET", f"/databases/{created['id']}").json()["status"] == "sleeping"
 
 
+def test_a_client_that_comes_and_goes_between_two_counts_keeps_it_awake(serve):
+    service = serve({"DBPROV_IDLE_STOP": "3"})
+    created = service.request("POST", "/databases", json={}).json()
+    until = time.monotonic() + 9
+    while time.monotonic() < until:
+        # Never connected when the service looks: a job that connects now and then.
+        with psycopg.connect(created["connection_uri"]) as conn:
+            conn.execute("SELECT 1")
+        time.sleep(1.5)
+    assert "slept" not in kinds(service, created["id"])
+    assert service.wait_for_status(created["id"], "sleeping", timeout=15)
+
+
 def test_a_start_during_a_wake_is_the_same_wake(serve):
     service = serve({"DBPROV_IDLE_STOP": "1"})
     created = service.request("POST", "/databases", json={}).json()
@@ -108,6 +121,11 @@ def test_a_start_during_a_wake_is_the_same_wake(serve):
     results: list = []
     client = threading.Thread(target=lambda: results.extend(connect_all(created["connection_uri"], 1)))
     client.start()
+    # The client's connection is waiting: the start comes during its wake. (A
+    # connection that came in the gap after a start let go of the port would
+    # be refused: README, "The gap".)
+    wait_until(lambda: service.request("GET", f"/databases/{created['id']}").json()["status"] != "sleeping",
+               timeout=10, what="the wake began")
     started = service.request("POST", f"/databases/{created['id']}/start").json()
     client.join(60)
     assert started["status"] == "ready" and results == [(1,)]

@@ -97,9 +97,6 @@ class Sleepers:
     def holds(self, database_id: str) -> bool:
         return database_id in self._listeners
 
-    def held(self) -> list[str]:
-        return list(self._listeners)
-
     def release(self, database_id: str) -> None:
         """Give the port back. Whatever came meanwhile waits for ``take``; it
         came while the database slept, so it is served by the wake."""

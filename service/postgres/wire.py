@@ -45,6 +45,16 @@ def refuse(client: socket.socket, message: str, code: str = "57P03", timeout: fl
         client.close()
 
 
+def is_first_packet(head: bytes) -> bool:
+    """Whether ``head``, a connection's first 8 bytes, begin what a PostgreSQL
+    client sends first: a startup packet of protocol 3, or an SSL, GSSAPI
+    encryption or cancel request."""
+    length, code = struct.unpack("!II", head)
+    return 8 <= length <= _MAX_STARTUP and (
+        code >> 16 == 3 or code in (_SSL_REQUEST, _GSSENC_REQUEST, _CANCEL_REQUEST)
+    )
+
+
 def error_response(message: str, code: str) -> bytes:
     fields = b"".join(
         kind + value.encode("utf-8", "replace").replace(b"\0", b"") + b"\0"

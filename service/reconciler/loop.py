@@ -342,15 +342,12 @@ class Reconciler:
         # sleeping port must not start every server together.
         with self._wakes:
             self._run_now(database_id, self._provisioning.resume)
-        deadline = time.monotonic() + self.settings.ready_timeout
-        while True:
-            with self.store.read() as session:
-                record = session.get(Database, database_id)
-            if (record is None or record.status not in COMING_UP or time.monotonic() >= deadline
-                    or self._stopping.is_set()):
-                break
-            # Someone else's step (a pass's, or a snapshot's) holds the claim.
-            time.sleep(0.02)
+        # Done here, or by someone else's step (a pass's, or a snapshot's) that held the claim.
+        record = self.records.wait(
+            lambda: self._load(database_id),
+            lambda r: r is not None and r.status in COMING_UP and not self._stopping.is_set(),
+            self.settings.ready_timeout,
+        )
         clients, since = self._sleepers.take(database_id)
         if record is not None and record.status == Status.READY:
             for client in clients:
@@ -371,6 +368,10 @@ class Reconciler:
         message = f"dbprov: database {database_id} cannot take connections: {reason}"
         for client in clients:
             threading.Thread(target=refuse, args=(client, message), name="dbprov-refuse", daemon=True).start()
+
+    def _load(self, database_id: str) -> Database | None:
+        with self.store.read() as session:
+            return session.get(Database, database_id)
 
     def _run_now(self, database_id: str, task: Task) -> None:
         """``task`` run in this thread, unless one runs for the database already."""

@@ -25,10 +25,11 @@ import logging
 import resource
 import selectors
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
+
+from ..postgres.wire import is_first_packet
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,6 @@ _BACKLOG = 128
 _FIRST_BYTES_WITHIN = 10.0
 # What a selector key's data says its socket is.
 _LISTENER, _CLIENT = "listener", "client"
-# A first packet's codes other than a protocol version: SSL, GSSAPI
-# encryption and cancel requests.
-_REQUEST_CODES = frozenset({80877103, 80877104, 80877102})
 # Connections a sleeping database keeps waiting for its wake (PostgreSQL's
 # default max_connections): the rest are closed at once, so that a flood of
 # connections to one port cannot spend the descriptors every listener needs.
@@ -218,8 +216,7 @@ class Sleepers:
             if not head:
                 self._drop(client)  # closed before it said anything
             return False
-        length, code = struct.unpack("!II", head)
-        if not 8 <= length <= 10_000 or not (code >> 16 == 3 or code in _REQUEST_CODES):
+        if not is_first_packet(head):
             self._drop(client)
             return False
         self._prove(client, database_id)

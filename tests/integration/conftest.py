@@ -92,6 +92,16 @@ def metric(service, name: str, **labels: str) -> float:
     return 0.0
 
 
+def events(service, database_id: str) -> list[dict]:
+    response = service.request("GET", f"/databases/{database_id}/events")
+    assert response.status_code == 200, response.text
+    return response.json()["items"]
+
+
+def kinds(service, database_id: str) -> list[str]:
+    return [event["kind"] for event in events(service, database_id)]
+
+
 def check_the_data_outlives_its_server(runtime, spec, endpoint, connect, while_stopped=lambda: None) -> None:
     """What every runtime promises of a server whose data holds the table
     ``kept`` (7): a stop keeps the data, a start serves it again, and a

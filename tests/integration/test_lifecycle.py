@@ -14,7 +14,7 @@ import docker.errors
 import psycopg
 import pytest
 
-from .conftest import managed, wait_until
+from .conftest import events, kinds, managed, wait_until
 
 pytestmark = pytest.mark.docker
 
@@ -40,16 +40,6 @@ def record(service, database_id: str) -> dict:
     response = service.request("GET", f"/databases/{database_id}")
     assert response.status_code == 200, response.text
     return response.json()
-
-
-def events(service, database_id: str) -> list[dict]:
-    response = service.request("GET", f"/databases/{database_id}/events")
-    assert response.status_code == 200, response.text
-    return response.json()["items"]
-
-
-def kinds(service, database_id: str) -> list[str]:
-    return [event["kind"] for event in events(service, database_id)]
 
 
 def connection_uri(service, database_id: str) -> str:

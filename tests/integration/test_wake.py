@@ -11,7 +11,7 @@ import time
 import psycopg
 import pytest
 
-from .conftest import metric, wait_until
+from .conftest import kinds, metric, wait_until
 
 pytestmark = pytest.mark.docker
 
@@ -19,10 +19,6 @@ pytestmark = pytest.mark.docker
 def running(docker_client, database_id: str) -> bool:
     containers = docker_client.containers.list(filters={"label": f"io.dbprov.database-id={database_id}"})
     return any(c.status == "running" for c in containers)
-
-
-def kinds(service, database_id: str) -> list[str]:
-    return [e["kind"] for e in service.request("GET", f"/databases/{database_id}/events").json()["items"]]
 
 
 def connect_all(uri: str, count: int) -> list:

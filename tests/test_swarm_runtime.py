@@ -3,13 +3,16 @@ helper runs, on an engine stand-in that knows some images."""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
 import docker.errors
 import pytest
 
 from service.errors import EngineError
+from service.runtime.protocol import CRASHED, RUNNING
 from service.runtime.swarm import SwarmRuntime
+from service.runtime.swarm_services import server_info
 
 LOCAL_BUILD = "sha256:" + "1" * 64
 DIGEST = "sha256:" + "2" * 64
@@ -74,3 +77,26 @@ def test_a_helper_the_manager_cannot_have_holds_the_removal_up(pull):
     with pytest.raises(EngineError, match="DBPROV_SWARM_HELPER_IMAGE"):
         helper._pinned_helper()
     assert helper.client.api.pulled == (["python:3.11-slim"] if pull else [])
+
+
+def task(state: str, err: str | None, created: str, desired: str = "running") -> dict:
+    return {"DesiredState": desired, "CreatedAt": created, "Status": {"State": state, "Err": err}}
+
+
+def test_a_start_held_back_by_its_own_stopped_task_s_port_is_starting_within_the_grace():
+    def at(seconds_ago: float) -> str:
+        return (datetime.now(timezone.utc) - timedelta(seconds=seconds_ago)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    def state(seconds_ago: float, err: str) -> str:
+        # Scaled to 1 ``seconds_ago``: the old task is done, the new one pending.
+        service = {"Spec": {"Mode": {"Replicated": {"Replicas": 1}}}, "UpdatedAt": at(seconds_ago)}
+        tasks = [task("complete", None, at(60), desired="shutdown"), task("pending", err, at(seconds_ago))]
+        return server_info("db1", service, tasks, None, {}, True, port_grace=10).state
+
+    held = "no suitable node (host-mode port already in use on 1 node)"
+    # The database's own task of a moment ago still holds the port: Swarm places it once that is done.
+    assert state(1, held) == RUNNING
+    # Still held past the grace: something else has the port.
+    assert state(30, held) == CRASHED
+    # Any other error is not waited out.
+    assert state(1, "no suitable node (insufficient resources on 1 node)") == CRASHED

@@ -14,7 +14,6 @@ import pytest
 from service.postgres.wire import refuse
 from service.reconciler.wake import MAX_WAITING, Sleepers, relay
 
-
 # What libpq sends first with sslmode=prefer: length 8, code 80877103.
 SSL_REQUEST = struct.pack("!II", 8, 80877103)
 
@@ -94,6 +93,30 @@ def test_a_release_keeps_the_queued_connections_and_frees_the_port(sleepers):
     assert early[0].recv(4) == b""
     for sock in (*early, *clients[1:], server):
         sock.close()
+
+
+def test_a_database_is_said_asleep_only_with_its_port_bound_and_before_anything_is_served(sleepers):
+    port = free_port()
+    early: list[socket.socket] = []
+
+    def asleep() -> bool:
+        # Bound already: a client that reads "sleeping" and connects waits in the backlog.
+        early.append(socket.create_connection(("127.0.0.1", port)))
+        early[0].sendall(SSL_REQUEST)
+        assert not sleepers.arrived.wait(0.3)
+        return True
+
+    assert sleepers.hold("db1", "127.0.0.1", port, asleep)
+    # Served once the record says so: it wakes the database.
+    assert sleepers.arrived.wait(5) and sleepers.woken == ["db1"]
+    early[0].close()
+
+
+def test_a_record_that_moved_on_instead_of_sleeping_lets_the_port_go(sleepers):
+    port = free_port()
+    assert not sleepers.hold("db1", "127.0.0.1", port, lambda: False)
+    assert not sleepers.holds("db1")
+    socket.create_server(("127.0.0.1", port)).close()
 
 
 def test_a_flood_of_connections_to_a_sleeping_port_is_cut_off_at_the_cap(sleepers):

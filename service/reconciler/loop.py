@@ -130,6 +130,8 @@ class Reconciler:
         # The outage last reported, so that a long one is logged once, not every pass.
         self._outage: str | None = None
         self._purged_at = 0.0
+        # When the engine was last read for drift and orphans.
+        self._full_at = 0.0
 
     # -- the loop ---------------------------------------------------------
 
@@ -152,8 +154,13 @@ class Reconciler:
         wanted = self.records.wanted
         while not self._stopping.is_set():
             seen = wanted.generation
+            # A write wakes the loop for the work it asks for; the engine is
+            # read for drift and orphans once an interval. At thousands of
+            # containers that read is most of a pass, and creates in a row
+            # would otherwise pay it for each write.
+            full = time.monotonic() - self._full_at >= self.settings.reconcile_interval
             try:
-                self.run_once()
+                self.run_once(full=full)
                 if self._heartbeat is not None:
                     self._heartbeat.touch()
             except TransientError as exc:
@@ -177,23 +184,24 @@ class Reconciler:
             log.info("reconcile passes resumed")
         self._outage = text
 
-    def run_once(self, wait: bool = False) -> None:
-        """One pass over every live record and every server of this installation."""
+    def run_once(self, wait: bool = False, full: bool = True) -> None:
+        """One pass over every live record; and, if ``full``, over every server
+        of this installation, for drift and orphans."""
         if self._pool is not None:
             # Before the records are read, so the new members are provisioned in this pass.
             self._pool.stock()
         # Servers first, records second: a server made after the listing
         # cannot be mistaken for an orphan, since its record predates it.
-        try:
-            servers: dict[str, ServerInfo] | None = {
-                s.database_id: s for s in self.runtime.list_servers()
-            }
-            self._report_outage(None)
-        except TransientError as exc:
-            # Provisioning and deletion still count their attempts; drift and
-            # orphans wait for an engine that answers.
-            self._report_outage(f"engine unavailable, drift repair and sweep postponed: {exc.detail}")
-            servers = None
+        servers: dict[str, ServerInfo] | None = None
+        if full:
+            self._full_at = time.monotonic()
+            try:
+                servers = {s.database_id: s for s in self.runtime.list_servers()}
+                self._report_outage(None)
+            except TransientError as exc:
+                # Provisioning and deletion still count their attempts; drift and
+                # orphans wait for an engine that answers.
+                self._report_outage(f"engine unavailable, drift repair and sweep postponed: {exc.detail}")
         with self.store.read() as session:
             # Only what a pass decides on: whole records (their JSON columns
             # above all) would cost most of a pass at 10,000 of them. A task

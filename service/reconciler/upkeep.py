@@ -113,11 +113,23 @@ class Upkeep(Step):
                 log.info("database %s: no clients since %s; stopping it", database_id, idle_since.isoformat())
                 self.stop(database_id)
             return
-        if self.records.transition(
-            database_id, {Status.READY}, status=Status.SLEEPING, event="slept", details=details,
-        ) is not None:
+        # Said to sleep only once its port is held: a client that reads
+        # "sleeping" and connects wakes it. One that connects while the server
+        # shuts down is told so by the server (57P03), as by any stopping one.
+        self.runtime.stop_server(database_id)
+
+        def asleep() -> bool:
+            return self.records.transition(
+                database_id, {Status.READY}, status=Status.SLEEPING, event="slept", details=details,
+            ) is not None
+
+        if self.sleepers.hold(database_id, self.settings.bind_address, record.host_port, asleep):
             log.info("database %s: no clients since %s; it sleeps", database_id, idle_since.isoformat())
-            self.sleep(database_id)
+        elif asleep():
+            # The port cannot be had: it wakes at once, as a sleeping one
+            # whose port is lost does. (Moved on instead, to a stop or a
+            # delete: that step has it.)
+            self.records.transition(database_id, {Status.SLEEPING}, status=Status.WAKING)
 
     def sleep(self, database_id: str) -> None:
         """A sleeping database's server stopped and its port held, again after a restart."""

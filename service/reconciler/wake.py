@@ -70,8 +70,15 @@ class Sleepers:
         # Started with the first listener: most reconcilers never hold one.
         self._thread: threading.Thread | None = None
 
-    def hold(self, database_id: str, address: str, port: int) -> bool:
-        """Listen on the database's port; False if it cannot be had (something else holds it)."""
+    def hold(self, database_id: str, address: str, port: int, asleep: Callable[[], bool] | None = None) -> bool:
+        """Listen on the database's port; False if it cannot be had (something else holds it).
+
+        ``asleep``, if given, is asked once the port is bound and before any
+        connection is served (they wait in the backlog meanwhile): it makes the
+        database's record sleeping. So a database is never said to sleep with
+        nobody listening, nor listened for while it is said to be up; if
+        ``asleep`` says no (the record moved on), the port is let go again.
+        """
         with self._lock:
             if database_id in self._listeners:
                 return True
@@ -83,6 +90,11 @@ class Sleepers:
                 self._refused[database_id] = str(exc)
                 return False
             self._refused.pop(database_id, None)
+        # Outside the lock: the record's write must not stall the other listeners.
+        if asleep is not None and not asleep():
+            listener.close()
+            return False
+        with self._lock:
             self._listeners[database_id] = listener
             self._selector.register(listener, selectors.EVENT_READ, (_LISTENER, database_id))
             if self._thread is None:

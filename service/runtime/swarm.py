@@ -254,7 +254,7 @@ class SwarmRuntime:
             node_id = node_id or constrained_node(service)
             tasks = self.services.tasks(name) if service is not None else []
             nodes = self.placement.nodes()
-        return server_info(database_id, service, tasks, node_id, nodes, has_data)
+        return server_info(database_id, service, tasks, node_id, nodes, has_data, self.services.port_grace)
 
     def runs_unbroken(self, database_id: str) -> bool | None:
         # Not followed: a task's events come from the node it runs on.
@@ -292,11 +292,11 @@ class SwarmRuntime:
             node_id = data.get(database_id) or constrained_node(service)
             servers[database_id] = server_info(
                 database_id, service, by_service.get(service["ID"], []), node_id, nodes,
-                database_id in data,
+                database_id in data, self.services.port_grace,
             )
         for database_id, node_id in data.items():
             if database_id not in servers:
-                servers[database_id] = server_info(database_id, None, [], node_id, nodes, True)
+                servers[database_id] = server_info(database_id, None, [], node_id, nodes, True, 0)
         for network in networks:
             # Left by an ensure that stopped between its network and its
             # service: reported, so that the orphan sweep removes it.

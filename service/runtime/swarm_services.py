@@ -7,6 +7,7 @@ import logging
 import secrets
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 
 import docker
 import docker.errors
@@ -388,8 +389,15 @@ def server_info(
     node_id: str | None,
     nodes: dict[str, Node],
     has_data: bool,
+    port_grace: float,
 ) -> ServerInfo | None:
-    """Swarm's view of a database as a server state."""
+    """Swarm's view of a database as a server state.
+
+    A task held back for ``port_grace`` seconds after a start because its
+    port is taken is still starting: the port's holder is the database's own
+    task of before, stopped a moment ago (by the engine at hand, faster than
+    Swarm's agent reports it). Swarm places the task once it is reported done.
+    """
     node = nodes.get(node_id or "")
     if node_id and (node is None or not node.ready):
         # Not ABSENT even without a service: the data is on that node, and a
@@ -418,7 +426,9 @@ def server_info(
     error = current["Status"].get("Err")
     if state == "running":
         return ServerInfo(database_id, RUNNING, has_data, f"running{where}{after}", restarts)
-    if state in _BEFORE_RUNNING and not error and not failures:
+    held_back = error and any(p in error.lower() for p in _PORT_TAKEN) and (
+        datetime.now(timezone.utc) - since < timedelta(seconds=port_grace))
+    if state in _BEFORE_RUNNING and (not error or held_back) and not failures:
         return ServerInfo(database_id, RUNNING, has_data, f"{state}{where}", restarts)
     detail = f": {error}" if error else ""
     return ServerInfo(database_id, CRASHED, has_data, f"{state}{detail}{where}{after}{last}", restarts)

@@ -139,9 +139,8 @@ def run_one(client: docker.DockerClient, way: str, seconds: float) -> dict:
         writer.start()
         # Where the archive stood, every 100 ms: asked of the server for a
         # receiver; for archive_command, read afterwards from when each
-        # segment landed, since a session that asks the server every 100 ms
-        # keeps archive_timeout from switching segments at all (seen here
-        # with PostgreSQL 17).
+        # segment landed, so that no session of the bench's own is there
+        # (while one polled, archive_timeout never switched a segment).
         safe_at: list[tuple[float, int]] = []
         until = time.monotonic() + seconds
         with psycopg.connect(uri, autocommit=True) if receiver else contextlib.nullcontext() as conn:

@@ -103,23 +103,6 @@ def create_all(service: Service, count: int) -> list[dict]:
         return list(pool.map(one, range(count)))
 
 
-def delete_all(service: Service) -> None:
-    ids, cursor = [], None
-    while True:
-        _, page = service.request("GET", "/databases?page_size=500" + (f"&cursor={cursor}" if cursor else ""))
-        ids += [d["id"] for d in page["items"] if d["status"] != "deleted"]
-        cursor = page.get("next_cursor")
-        if not cursor:
-            break
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(lambda i: service.request("DELETE", f"/databases/{i}"), ids))
-    while True:
-        _, page = service.request("GET", "/databases?status=deleting&page_size=1")
-        if page["total"] == 0:
-            return
-        time.sleep(2)
-
-
 class Activity(threading.Thread):
     """Each active database: a connection and a query once a minute, spread over the minute."""
 
@@ -263,7 +246,7 @@ def main() -> None:
             print("first errors:", *activity.errors[:5], sep="\n  ")
         service.start()
         started = time.monotonic()
-        delete_all(service)
+        service.delete_all()
         print(f"deleted in {time.monotonic() - started:.0f} s")
     finally:
         service.stop()

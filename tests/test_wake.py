@@ -96,6 +96,8 @@ def test_a_release_keeps_the_queued_connections_and_frees_the_port(sleepers):
 
 
 def test_a_database_is_said_asleep_only_with_its_port_bound_and_before_anything_is_served(sleepers):
+    # Another sleeps already: the thread that serves every listener runs.
+    assert sleepers.hold("db0", "127.0.0.1", free_port())
     port = free_port()
     early: list[socket.socket] = []
 

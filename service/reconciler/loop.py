@@ -158,7 +158,10 @@ class Reconciler:
             # read for drift and orphans once an interval. At thousands of
             # containers that read is most of a pass, and creates in a row
             # would otherwise pay it for each write.
-            full = time.monotonic() - self._full_at >= self.settings.reconcile_interval
+            # A pass that comes for a postponed attempt is whole too: an
+            # unavailable database's next try is drift repair's.
+            due = self._next_due is not None and self._next_due <= utcnow()
+            full = due or time.monotonic() - self._full_at >= self.settings.reconcile_interval
             try:
                 self.run_once(full=full)
                 if self._heartbeat is not None:
@@ -171,9 +174,12 @@ class Reconciler:
 
     def _idle_time(self) -> float:
         interval = self.settings.reconcile_interval
-        if self._next_due is None:
-            return interval
-        return max(0.05, min(interval, (self._next_due - utcnow()).total_seconds()))
+        # The next whole pass comes an interval after the last, however many
+        # passes writes asked for meanwhile.
+        wait = interval - (time.monotonic() - self._full_at)
+        if self._next_due is not None:
+            wait = min(wait, (self._next_due - utcnow()).total_seconds())
+        return max(0.05, min(interval, wait))
 
     def _report_outage(self, text: str | None) -> None:
         if text == self._outage:

@@ -115,20 +115,24 @@ class Upkeep(Step):
             return
         # Said to sleep only once its port is held: a client that reads
         # "sleeping" and connects wakes it. One that connects while the server
-        # shuts down is told so by the server (57P03), as by any stopping one.
+        # shuts down is told so by the server (57P03), and one in the
+        # milliseconds between its exit and the hold is refused.
         self.runtime.stop_server(database_id)
+        asked: list[bool] = []
 
         def asleep() -> bool:
+            asked.append(True)
             return self.records.transition(
                 database_id, {Status.READY}, status=Status.SLEEPING, event="slept", details=details,
             ) is not None
 
         if self.sleepers.hold(database_id, self.settings.bind_address, record.host_port, asleep):
             log.info("database %s: no clients since %s; it sleeps", database_id, idle_since.isoformat())
-        elif asleep():
-            # The port cannot be had: it wakes at once, as a sleeping one
-            # whose port is lost does. (Moved on instead, to a stop or a
-            # delete: that step has it.)
+        elif not asked and asleep():
+            # The port cannot be had: stopped, it slept for a moment and
+            # wakes at once, as one whose port is lost does. (Asked and
+            # refused: the record moved on, to a stop or a delete, whose step
+            # has the server.)
             self.records.transition(database_id, {Status.SLEEPING}, status=Status.WAKING)
 
     def sleep(self, database_id: str) -> None:

@@ -75,13 +75,13 @@ class Sleepers:
 
         ``asleep``, if given, is asked once the port is bound and before any
         connection is served (they wait in the backlog meanwhile): it makes the
-        database's record sleeping. So a database is never said to sleep with
-        nobody listening, nor listened for while it is said to be up; if
-        ``asleep`` says no (the record moved on), the port is let go again.
+        database's record sleeping, so a database is never said to sleep with
+        nobody listening. If it says no (the record moved on), the port is let
+        go again, and what waited in the backlog is reset.
         """
         with self._lock:
             if database_id in self._listeners:
-                return True
+                return asleep is None or asleep()
             try:
                 listener = _listen(address, port)
             except OSError as exc:
@@ -91,7 +91,12 @@ class Sleepers:
                 return False
             self._refused.pop(database_id, None)
         # Outside the lock: the record's write must not stall the other listeners.
-        if asleep is not None and not asleep():
+        try:
+            said = asleep is None or asleep()
+        except BaseException:
+            listener.close()
+            raise
+        if not said:
             listener.close()
             return False
         with self._lock:

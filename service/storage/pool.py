@@ -13,7 +13,6 @@ why it has none, so that the service runs on copies and says so.
 
 from __future__ import annotations
 
-import array
 import fcntl
 import logging
 import os
@@ -52,7 +51,6 @@ class Pool:
         path = self.path(name, folder)
         if not path.exists():
             _run("btrfs", "subvolume", "create", str(path))
-            _no_copy_on_write(path)
         return path
 
     def snapshot(self, source: Path, name: str, folder: str = "data") -> Path:
@@ -188,35 +186,6 @@ def _engine_beside() -> bool:
 def _free(path: Path) -> int:
     stat = os.statvfs(path)
     return stat.f_bavail * stat.f_frsize
-
-
-# The inode flag (chattr +C) that has btrfs write a file in place: linux/fs.h.
-_FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS, _FS_NOCOW_FL = 0x80086601, 0x40086602, 0x00800000
-
-
-def _no_copy_on_write(directory: Path) -> None:
-    """What is made under ``directory`` from now on is written in place.
-
-    A server's files get many small writes, each followed by an fsync: with
-    copy-on-write every one of them goes to new blocks and rewrites the
-    file's extent and checksum trees (measured in docs/performance.md). A
-    snapshot still shares the blocks; a shared block is copied once, on its
-    first write after the snapshot, then written in place again. Files made
-    so give up btrfs's checksums, as PostgreSQL keeps its own (``initdb
-    --data-checksums``) where wanted.
-    """
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            flags = array.array("i", [0])
-            fcntl.ioctl(fd, _FS_IOC_GETFLAGS, flags, True)
-            flags[0] |= _FS_NOCOW_FL
-            fcntl.ioctl(fd, _FS_IOC_SETFLAGS, flags)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        # Slower, not wrong: the data is the same either way.
-        log.warning("%s: copy-on-write stays on (%s)", directory, exc)
 
 
 def _run(*command: str) -> str:

@@ -155,11 +155,11 @@ class Reconciler:
         while not self._stopping.is_set():
             seen = wanted.generation
             # A write wakes the loop for the work it asks for; the engine is
-            # read for drift and orphans once an interval. At thousands of
+            # read for drift and orphans once an interval (at thousands of
             # containers that read is most of a pass, and creates in a row
-            # would otherwise pay it for each write.
-            # A pass that comes for a postponed attempt is whole too: an
-            # unavailable database's next try is drift repair's.
+            # would otherwise pay it for each write), and for a postponed
+            # attempt, since an unavailable database's next try is drift
+            # repair's.
             due = self._next_due is not None and self._next_due <= utcnow()
             full = due or time.monotonic() - self._full_at >= self.settings.reconcile_interval
             try:

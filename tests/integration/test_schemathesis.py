@@ -15,6 +15,9 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+from service.domain.parameters import check_values
+from service.domain.requests import DATABASE_PARAMETERS
+from service.errors import ValidationError
 from service.postgres.admin import TRUSTED_EXTENSIONS
 
 from .conftest import ServiceProcess
@@ -70,8 +73,9 @@ def refused_by_rule(case) -> bool:
 
     Which versions run, which plans and extensions are offered, is the
     service's setting (DBPROV_IMAGES, DBPROV_PLANS, DBPROV_ALLOWED_EXTENSIONS);
-    an expiry must be in the future and given one way; a cursor must be one
-    the service gave out. These are checked here instead of by "valid data
+    which settings a create may give, and their values, the server's; an
+    expiry must be in the future and given one way; a cursor must be one the
+    service gave out. These are checked here instead of by "valid data
     must be accepted".
     """
     body = case.body if isinstance(case.body, dict) else {}
@@ -86,6 +90,16 @@ def refused_by_rule(case) -> bool:
         extensions = body.get("extensions")
         if isinstance(extensions, list) and any(isinstance(e, str) and e not in TRUSTED_EXTENSIONS for e in extensions):
             return True
+        parameters = body.get("parameters")
+        if isinstance(parameters, dict) and parameters:
+            # Only the database-level settings offered, each with a value the
+            # server takes (documented: any other is refused with 422 naming it).
+            if not all(isinstance(name, str) and name in DATABASE_PARAMETERS for name in parameters):
+                return True
+            try:
+                check_values(version if isinstance(version, str) else "17", parameters)
+            except ValidationError:
+                return True
     elif not (case.method == "PATCH" and case.operation.path == "/databases/{database_id}"):
         return False
     if "ttl" in body and "expires_at" in body:

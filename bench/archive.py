@@ -34,7 +34,7 @@ import time
 
 import docker
 import psycopg
-from run import IMAGE, INSTANCE, free_port, pct, sweep, table, wait_select1
+from run import IMAGE, INSTANCE, pct, plain_server, sweep, table
 
 from service.runtime.protocol import LABEL_INSTANCE
 
@@ -104,18 +104,16 @@ def frange(start: float, stop: float, step: float) -> list[float]:
 
 
 def run_one(client: docker.DockerClient, way: str, seconds: float) -> dict:
-    port = free_port()
     command = ["postgres"]
     if way == "archive_command":
         command += ["-c", "archive_mode=on", "-c", "archive_timeout=1", "-c", f"archive_command={ARCHIVE_COMMAND}"]
-    server = client.containers.run(
-        IMAGE, command, detach=True, environment={"POSTGRES_PASSWORD": "bench"},
-        ports={"5432/tcp": ("127.0.0.1", port)}, labels={LABEL_INSTANCE: INSTANCE},
-    )
+    with plain_server(client, command) as (server, uri):
+        return measure(client, server, uri, way, seconds)
+
+
+def measure(client: docker.DockerClient, server, uri: str, way: str, seconds: float) -> dict:
     receiver = None
     try:
-        uri = f"postgresql://postgres:bench@127.0.0.1:{port}/postgres"
-        wait_select1(uri)
         if way.startswith("pg_receivewal"):
             compress = " --compress=lz4" if way.endswith("lz4") else ""
             # As the recovery tests would have it: a slot, so the server keeps
@@ -176,9 +174,8 @@ def run_one(client: docker.DockerClient, way: str, seconds: float) -> dict:
             "receiver_cpu": (cpu_after[1] - cpu_before[1]) / minutes,
         }
     finally:
-        for container in (receiver, server):
-            if container is not None:
-                container.remove(force=True, v=True)
+        if receiver is not None:
+            receiver.remove(force=True, v=True)
 
 
 def main() -> None:

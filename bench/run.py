@@ -238,11 +238,14 @@ def floor_once(client: docker.DockerClient, timeout: float = 120, port: int | No
 
 
 @contextlib.contextmanager
-def plain_server(client: docker.DockerClient) -> Iterator[tuple[object, str]]:
-    """A plain ``docker run`` of the image, answering; its container and URI, removed afterwards."""
+def plain_server(
+    client: docker.DockerClient, command: list[str] | None = None
+) -> Iterator[tuple[object, str]]:
+    """A plain ``docker run`` of the image (with ``command``, if given), answering;
+    its container and URI, removed afterwards."""
     port = free_port()
     container = client.containers.run(
-        IMAGE, detach=True, environment={"POSTGRES_PASSWORD": "bench"},
+        IMAGE, command, detach=True, environment={"POSTGRES_PASSWORD": "bench"},
         ports={"5432/tcp": ("127.0.0.1", port)}, labels={LABEL_INSTANCE: INSTANCE},
     )
     try:

@@ -132,7 +132,9 @@ class Activity(threading.Thread):
 
     def run(self) -> None:
         offsets = {d["id"]: random.uniform(0, 60) for d in self.databases}
-        with ThreadPoolExecutor(max_workers=16) as pool:
+        # A worker for each, as each has a user of its own: with fewer, a slow
+        # connect delays the next ones past their minute, until they sleep.
+        with ThreadPoolExecutor(max_workers=len(self.databases)) as pool:
             minute = time.monotonic()
             while not self.halt.is_set():
                 for database in sorted(self.databases, key=lambda d: offsets[d["id"]]):

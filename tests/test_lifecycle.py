@@ -271,6 +271,33 @@ def test_a_database_without_clients_is_stopped_after_the_idle_time(services, set
         reconciler.stop()
 
 
+def test_a_client_that_connects_while_the_idle_stop_checkpoints_keeps_the_server_up(
+    services, settings, runtime, monkeypatch
+):
+    use_settings(services, dataclasses.replace(settings, idle_stop=0.2))
+    reconciler = services.reconciler()
+    try:
+        database = services.databases.create(LOCAL_ADMIN)
+        reconciler.run_once(wait=True)
+        port = record(services, database.id).host_port
+        checkpoint = services.server_admin.checkpoint
+
+        def a_client_comes(admin):
+            checkpoint(admin)
+            services.server_admin.clients[port] = 1
+
+        monkeypatch.setattr(services.server_admin, "checkpoint", a_client_comes)
+        services.records.transition(database.id, {Status.READY}, active_at=utcnow() - timedelta(seconds=1))
+        reconciler.run_once(wait=True)
+        # The last count came after the checkpoint, right before the stop.
+        assert services.server_admin.checkpoints == 1
+        assert record(services, database.id).status == Status.READY
+        assert runtime.servers[database.id].state == RUNNING
+        assert record(services, database.id).active_at > utcnow() - timedelta(seconds=1)
+    finally:
+        reconciler.stop()
+
+
 def test_idle_stop_comes_from_the_create_the_plan_or_the_setting_and_a_patch_changes_it(services, settings):
     plans = {"quiet": Plan("quiet", "256m", idle_stop=60)}
     client = make_client(services, dataclasses.replace(settings, idle_stop=600, plans=plans))

@@ -18,7 +18,7 @@ from ..domain.models import (
     utcnow,
 )
 from ..domain.tenancy import POOL_TENANT
-from ..postgres.admin import admin_login
+from ..postgres.admin import Login, admin_login
 from .steps import Context, Step, Superseded
 
 log = logging.getLogger(__name__)
@@ -88,21 +88,21 @@ class Upkeep(Step):
         record = self._load(database_id)
         if record.status != Status.READY or record.idle_stop is None:
             return
-        try:
-            clients, sessions = self._server_admin.client_activity(admin_login(record, self.vault))
-        except psycopg.Error:
-            return  # down: drift repair deals with it, and the next count decides
-        now = utcnow()
-        # A client that came and went since the last count was a client too
-        # (a job that connects once a minute); after a restart, the first
-        # count only learns where the counter stands.
-        came_and_went = self._sessions.get(database_id, sessions) != sessions
-        self._sessions[database_id] = sessions
-        if clients or came_and_went:
-            self.records.transition(database_id, {Status.READY}, active_at=now)
+        admin = admin_login(record, self.vault)
+        if self._in_use(database_id, admin):
             return
+        now = utcnow()
         idle_since = record.active_at or record.ready_at or now
         if (now - idle_since).total_seconds() < record.idle_stop:
+            return
+        # A client that connects while the server shuts down is refused, so
+        # the shutdown is made short (what it would write, written now while
+        # clients are still served) and the last count comes right before it.
+        try:
+            self._server_admin.checkpoint(admin)
+        except psycopg.Error:
+            return
+        if self._in_use(database_id, admin):
             return
         details = {"idle_since": idle_since.isoformat()}
         if self.sleepers is None:
@@ -117,6 +117,7 @@ class Upkeep(Step):
         # "sleeping" and connects wakes it. One that connects while the server
         # shuts down is told so by the server (57P03), and one in the
         # milliseconds between its exit and the hold is refused.
+        counted = time.monotonic()
         self.runtime.stop_server(database_id)
         asked: list[bool] = []
 
@@ -127,13 +128,32 @@ class Upkeep(Step):
             ) is not None
 
         if self.sleepers.hold(database_id, self.settings.bind_address, record.host_port, asleep):
-            log.info("database %s: no clients since %s; it sleeps", database_id, idle_since.isoformat())
+            # How long a client was refused or told of the shutdown, at most.
+            log.info("database %s: no clients since %s; it sleeps (port held %.2f s after the last count)",
+                     database_id, idle_since.isoformat(), time.monotonic() - counted)
         elif not asked and asleep():
             # The port cannot be had: stopped, it slept for a moment and
             # wakes at once, as one whose port is lost does. (Asked and
             # refused: the record moved on, to a stop or a delete, whose step
             # has the server.)
             self.records.transition(database_id, {Status.SLEEPING}, status=Status.WAKING)
+
+    def _in_use(self, database_id: str, admin: Login) -> bool:
+        """Whether the server has a client, or had one since the last count (it
+        was active now, then); or cannot be asked, and so stays as it is."""
+        try:
+            clients, sessions = self._server_admin.client_activity(admin)
+        except psycopg.Error:
+            return True  # down: drift repair deals with it, and the next count decides
+        # A client that came and went since the last count was a client too
+        # (a job that connects once a minute); after a restart, the first
+        # count only learns where the counter stands.
+        came_and_went = self._sessions.get(database_id, sessions) != sessions
+        self._sessions[database_id] = sessions
+        if clients or came_and_went:
+            self.records.transition(database_id, {Status.READY}, active_at=utcnow())
+            return True
+        return False
 
     def sleep(self, database_id: str) -> None:
         """A sleeping database's server stopped and its port held, again after a restart."""

@@ -69,6 +69,8 @@ def test_each_clone_is_a_copy_of_the_template_made_before_it_is_asked_for(clones
     assert (first.host, first.port) == ("127.0.0.1", urlsplit(template).port)
     assert first.username and first.password and "password" not in repr(first)
     with psycopg.connect(first.connection_uri) as conn:
+        # Thrown away after the test: its commits do not wait for the disk.
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
         conn.execute("INSERT INTO item (label) VALUES ('first only')")
     assert labels(second) == ["a", "b", "c"]
     wait_for(lambda: pool.made == 5, "the queue refilled")

@@ -12,7 +12,11 @@ Per run:
   (first and last to answer);
 - apart, in 3 more wakes, a probe connects every 5 ms: the connections the
   port refused in the gap between the listener letting go and the engine
-  publishing it.
+  publishing it;
+- and in 3 falls asleep, a probe takes the first step of a login every
+  20 ms (never authenticated, so it is no session): the ones told that the
+  server shuts down (57P03) or refused, between the last count of clients and
+  the listener holding the port.
 Then the listeners' own cost: descriptors and memory for ``--listeners``
 sleeping databases, in this process.
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -75,6 +80,50 @@ class Probe(threading.Thread):
                     self.first = self.first or now
                     self.last = now
             time.sleep(0.005)
+
+
+def login_step(port: int) -> str:
+    """What the port answers to a login's startup packet: "asked" (for a
+    password), the error's SQLSTATE, "refused" or "closed"."""
+    startup = b"user\0dbprov_probe\0database\0postgres\0\0"
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(struct.pack("!ii", 8 + len(startup), 196608) + startup)
+            reply = sock.recv(4096)
+    except ConnectionRefusedError:
+        return "refused"
+    except OSError:
+        return "closed"
+    if reply[:1] == b"R":
+        return "asked"
+    if reply[:1] == b"E":
+        return next((f[1:].decode() for f in reply[5:].split(b"\0") if f[:1] == b"C"), "error")
+    return "closed"
+
+
+def fall(service: Service, database: dict) -> tuple[dict[str, int], float]:
+    """The database, woken, falls asleep under a login probe every 20 ms: the
+    probe's answers, and how long those that were not "asked" spanned (s)."""
+    wait_select1(database["connection_uri"])
+    path = f"/databases/{database['id']}"
+    while service.request("GET", path)[1]["status"] != "ready":
+        time.sleep(0.05)
+    answers: list[tuple[float, str]] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        started = time.perf_counter()
+        answer = login_step(database["port"])
+        if answer == "asked" and time.perf_counter() - started > 0.2:
+            break  # the listener's: a wake
+        answers.append((started, answer))
+        if service.request("GET", path)[1]["status"] != "ready":
+            break
+        time.sleep(0.02)
+    missed = [at for at, answer in answers if answer != "asked"]
+    counts: dict[str, int] = {}
+    for _, answer in answers:
+        counts[answer] = counts.get(answer, 0) + 1
+    return counts, (missed[-1] - missed[0]) if missed else 0.0
 
 
 def first_select(uri: str, results: list, i: int, barrier: threading.Barrier) -> None:
@@ -167,6 +216,10 @@ def main() -> None:
         )
         gap = f"{pct(gaps, 50) * 1000:.0f} ms p50, {max(gaps) * 1000:.0f} ms max" if gaps else "none seen"
         print(f"probe connections refused during 3 wakes: {refused} of {tries}; refused window: {gap}")
+        for _ in range(3):
+            asleep(service, one)
+            counts, span = fall(service, one)
+            print(f"a fall asleep under a login probe every 20 ms: {counts}; not asked for {span * 1000:.0f} ms")
         fds, kib = listener_cost(args.listeners)
         print(f"{args.listeners} sleeping databases' listeners: {fds} descriptors, {kib:.1f} KiB of memory each")
     finally:

@@ -7,10 +7,12 @@ import select
 import socket
 import struct
 import threading
+import time
 
 import psycopg
 import pytest
 
+from service.errors import EngineError
 from service.postgres.wire import refuse
 from service.reconciler.wake import MAX_WAITING, Sleepers, relay
 
@@ -112,6 +114,43 @@ def test_a_database_is_said_asleep_only_with_its_port_bound_and_before_anything_
     # Served once the record says so: it wakes the database.
     assert sleepers.arrived.wait(5) and sleepers.woken == ["db1"]
     early[0].close()
+
+
+def test_the_port_is_held_the_moment_the_engine_lets_go_of_it_while_the_stop_goes_on(sleepers):
+    port = free_port()
+    engine = socket.create_server(("127.0.0.1", port))  # the engine's proxy, publishing the server
+    came: list[socket.socket] = []
+    order: list[str] = []
+
+    def stop() -> None:
+        time.sleep(0.1)
+        engine.close()  # the port let go ...
+        time.sleep(0.2)  # ... and the engine's cleanup goes on: a client comes meanwhile
+        came.append(socket.create_connection(("127.0.0.1", port), timeout=1))
+        came[0].sendall(SSL_REQUEST)
+        order.append("stopped")
+
+    def asleep() -> bool:
+        order.append("asleep")
+        return True
+
+    assert sleepers.hold("db1", "127.0.0.1", port, asleep, stop=stop)
+    # Not refused: it waited in the backlog, said asleep only after the stop, and it wakes the database.
+    assert order == ["stopped", "asleep"]
+    assert sleepers.arrived.wait(5) and sleepers.woken == ["db1"]
+    came[0].close()
+
+
+def test_a_stop_that_fails_lets_the_port_go_and_says_why(sleepers):
+    port = free_port()
+
+    def stop() -> None:
+        raise EngineError("the engine said no")
+
+    with pytest.raises(EngineError):
+        sleepers.hold("db1", "127.0.0.1", port, lambda: pytest.fail("said asleep"), stop=stop)
+    assert not sleepers.holds("db1")
+    socket.create_server(("127.0.0.1", port)).close()
 
 
 def test_a_record_that_moved_on_instead_of_sleeping_lets_the_port_go(sleepers):

@@ -116,9 +116,8 @@ class Upkeep(Step):
         # Said to sleep only once its port is held: a client that reads
         # "sleeping" and connects wakes it. One that connects while the server
         # shuts down is told so by the server (57P03), and one in the
-        # milliseconds between its exit and the hold is refused.
+        # milliseconds between the engine letting go and the hold is refused.
         counted = time.monotonic()
-        self.runtime.stop_server(database_id)
         asked: list[bool] = []
 
         def asleep() -> bool:
@@ -127,7 +126,8 @@ class Upkeep(Step):
                 database_id, {Status.READY}, status=Status.SLEEPING, event="slept", details=details,
             ) is not None
 
-        if self.sleepers.hold(database_id, self.settings.bind_address, record.host_port, asleep):
+        if self.sleepers.hold(database_id, self.settings.bind_address, record.host_port, asleep,
+                              stop=lambda: self.runtime.stop_server(database_id)):
             # How long a client was refused or told of the shutdown, at most.
             log.info("database %s: no clients since %s; it sleeps (port held %.2f s after the last count)",
                      database_id, idle_since.isoformat(), time.monotonic() - counted)

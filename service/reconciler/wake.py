@@ -70,20 +70,32 @@ class Sleepers:
         # Started with the first listener: most reconcilers never hold one.
         self._thread: threading.Thread | None = None
 
-    def hold(self, database_id: str, address: str, port: int, asleep: Callable[[], bool] | None = None) -> bool:
+    def hold(
+        self, database_id: str, address: str, port: int, asleep: Callable[[], bool] | None = None,
+        stop: Callable[[], None] | None = None,
+    ) -> bool:
         """Listen on the database's port; False if it cannot be had (something else holds it).
 
-        ``asleep``, if given, is asked once the port is bound and before any
-        connection is served (they wait in the backlog meanwhile): it makes the
-        database's record sleeping, so a database is never said to sleep with
-        nobody listening. If it says no (the record moved on), the port is let
-        go again, and what waited in the backlog is reset.
+        ``stop``, if given, stops the server first, and the port is bound the
+        moment the engine lets go of it, while the stop goes on: the engine
+        cleans up for about 100 ms more, and a connection in that time was
+        refused; now it waits in the backlog.
+
+        ``asleep``, if given, is asked once the port is bound and the server
+        stopped, and before any connection is served (they wait in the backlog
+        meanwhile): it makes the database's record sleeping, so a database is
+        never said to sleep with nobody listening. If it says no (the record
+        moved on), the port is let go again, and what waited in the backlog is
+        reset.
         """
+        early = _stop_and_listen(stop, address, port) if stop is not None else None
         with self._lock:
             if database_id in self._listeners:
+                if early is not None:
+                    early.close()
                 return asleep is None or asleep()
             try:
-                listener = _listen(address, port)
+                listener = early or _listen(address, port)
             except OSError as exc:
                 if self._refused.get(database_id) != str(exc):
                     log.warning("database %s: cannot hold port %s while it sleeps: %s", database_id, port, exc)
@@ -251,6 +263,37 @@ class Sleepers:
         del self._unproven[client]
         self._selector.unregister(client)
         client.close()
+
+
+def _stop_and_listen(stop: Callable[[], None], address: str, port: int) -> socket.socket | None:
+    """``stop()`` on a thread, and a listener on the port as soon as it is
+    free, tried every 2 ms until the stop is over; None if it is still taken
+    then. The stop's error, if any, is raised once it is over."""
+    failed: list[BaseException] = []
+
+    def stopping() -> None:
+        try:
+            stop()
+        except BaseException as exc:  # noqa: BLE001 - raised on the caller's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=stopping, name="dbprov-sleepers-stop", daemon=True)
+    thread.start()
+    listener = None
+    while listener is None:
+        over = not thread.is_alive()
+        try:
+            listener = _listen(address, port)
+        except OSError:
+            if over:
+                break
+            time.sleep(0.002)
+    thread.join()
+    if failed:
+        if listener is not None:
+            listener.close()
+        raise failed[0]
+    return listener
 
 
 def _listen(address: str, port: int) -> socket.socket:

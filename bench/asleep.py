@@ -118,23 +118,26 @@ class Activity(threading.Thread):
         self.ok = self.failed = 0
         self.seconds: list[float] = []
         self.errors: list[str] = []
+        self.counting = threading.Lock()
 
     def one(self, database: dict) -> None:
         started = time.perf_counter()
         try:
             with psycopg.connect(database["connection_uri"], connect_timeout=60) as conn:
                 conn.execute("SELECT count(*) FROM pg_class").fetchone()
-            self.seconds.append(time.perf_counter() - started)
-            self.ok += 1
+            with self.counting:
+                self.seconds.append(time.perf_counter() - started)
+                self.ok += 1
         except psycopg.Error as exc:
-            self.failed += 1
-            self.errors.append(str(exc).splitlines()[0])
+            with self.counting:
+                self.failed += 1
+                self.errors.append(str(exc).splitlines()[0])
 
     def run(self) -> None:
         offsets = {d["id"]: random.uniform(0, 60) for d in self.databases}
         # A worker for each, as each has a user of its own: with fewer, a slow
         # connect delays the next ones past their minute, until they sleep.
-        with ThreadPoolExecutor(max_workers=len(self.databases)) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, len(self.databases))) as pool:
             minute = time.monotonic()
             while not self.halt.is_set():
                 for database in sorted(self.databases, key=lambda d: offsets[d["id"]]):

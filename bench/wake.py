@@ -31,6 +31,7 @@ import socket
 import struct
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import docker
@@ -87,7 +88,7 @@ def login_step(port: int) -> str:
     password), the error's SQLSTATE, "refused" or "closed"."""
     startup = b"user\0dbprov_probe\0database\0postgres\0\0"
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
             sock.sendall(struct.pack("!ii", 8 + len(startup), 196608) + startup)
             reply = sock.recv(4096)
     except ConnectionRefusedError:
@@ -103,21 +104,22 @@ def login_step(port: int) -> str:
 
 def fall(service: Service, database: dict) -> tuple[dict[str, int], float]:
     """The database, woken, falls asleep under a login probe every 20 ms: the
-    probe's answers, and how long those that were not "asked" spanned (s)."""
+    probe's answers until it slept (one that came once the port was held
+    woke it again, and is answered), and how long those not "asked" spanned (s)."""
     wait_select1(database["connection_uri"])
     path = f"/databases/{database['id']}"
     while service.request("GET", path)[1]["status"] != "ready":
         time.sleep(0.05)
+    since = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    def slept() -> bool:
+        items = service.request("GET", f"{path}/events?since={since}")[1]["items"]
+        return any(event["kind"] == "slept" for event in items)
+
     answers: list[tuple[float, str]] = []
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        started = time.perf_counter()
-        answer = login_step(database["port"])
-        if answer == "asked" and time.perf_counter() - started > 0.2:
-            break  # the listener's: a wake
-        answers.append((started, answer))
-        if service.request("GET", path)[1]["status"] != "ready":
-            break
+    while not slept() and time.monotonic() < deadline:
+        answers.append((time.perf_counter(), login_step(database["port"])))
         time.sleep(0.02)
     missed = [at for at, answer in answers if answer != "asked"]
     counts: dict[str, int] = {}

@@ -126,7 +126,13 @@ def test_the_port_is_held_the_moment_the_engine_lets_go_of_it_while_the_stop_goe
         time.sleep(0.1)
         engine.close()  # the port let go ...
         time.sleep(0.2)  # ... and the engine's cleanup goes on: a client comes meanwhile
-        came.append(socket.create_connection(("127.0.0.1", port), timeout=1))
+        deadline = time.monotonic() + 2
+        while not came:
+            try:
+                came.append(socket.create_connection(("127.0.0.1", port), timeout=1))
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "the port was not held while the stop went on"
+                time.sleep(0.01)
         came[0].sendall(SSL_REQUEST)
         order.append("stopped")
 

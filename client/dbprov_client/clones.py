@@ -257,8 +257,12 @@ class Clones:
         # tests' own time 4.8 s against 8.2 s).
         self._conn.execute(self._sql("ALTER DATABASE {} SET synchronous_commit = off", name))
         # Its first session builds the catalog cache file that a copy of the
-        # pages does not carry: that session is this one, not the test's.
-        self._psycopg.connect(self._clone(name).connection_uri, connect_timeout=10).close()
+        # pages does not carry: that session is this one, not the test's. Only
+        # a saving: a server that refuses it (full, say) still gets its clone.
+        try:
+            self._psycopg.connect(self._clone(name).connection_uri, connect_timeout=10).close()
+        except self._psycopg.Error as exc:
+            log.debug("dbprov: no first session for test database %s: %s", name, exc)
         entry = _Entry(name, self._state(self._conn, name))
         with self._changed:
             self.made += 1
@@ -325,6 +329,10 @@ class Clones:
                 self._dropping_conn = self._to_postgres()
             self._dropping_conn.execute(self._sql("DROP DATABASE IF EXISTS {} WITH (FORCE)", name))
         except self._psycopg.Error as exc:
+            # Made anew for the next drop, whatever state this one is in.
+            if self._dropping_conn is not None:
+                self._dropping_conn.close()
+                self._dropping_conn = None
             log.warning("dbprov: could not drop test database %s: %s", name, exc)
             return
         with self._changed:

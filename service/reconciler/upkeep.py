@@ -100,8 +100,9 @@ class Upkeep(Step):
         # clients are still served) and the last count comes right before it.
         try:
             self._server_admin.checkpoint(admin)
-        except psycopg.Error:
-            return
+        except psycopg.Error as exc:
+            # Only shortens the shutdown. Only the class: a server message might echo the statement.
+            log.info("database %s: no checkpoint before it sleeps (%s)", database_id, type(exc).__name__)
         if self._in_use(database_id, admin):
             return
         details = {"idle_since": idle_since.isoformat()}
@@ -128,8 +129,9 @@ class Upkeep(Step):
 
         if self.sleepers.hold(database_id, self.settings.bind_address, record.host_port, asleep,
                               stop=lambda: self.runtime.stop_server(database_id)):
-            # How long a client was refused or told of the shutdown, at most.
-            log.info("database %s: no clients since %s; it sleeps (port held %.2f s after the last count)",
+            # The stop and the hold: a client in it was told of the shutdown
+            # or closed by the engine's proxy, until the port was held.
+            log.info("database %s: no clients since %s; it sleeps (stopped and held in %.2f s)",
                      database_id, idle_since.isoformat(), time.monotonic() - counted)
         elif not asked and asleep():
             # The port cannot be had: stopped, it slept for a moment and

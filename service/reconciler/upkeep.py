@@ -116,8 +116,9 @@ class Upkeep(Step):
             return
         # Said to sleep only once its port is held: a client that reads
         # "sleeping" and connects wakes it. One that connects while the server
-        # shuts down is told so by the server (57P03), and one in the
-        # milliseconds between the engine letting go and the hold is refused.
+        # shuts down is told so by the server (57P03), and one after its exit
+        # is closed by the engine's proxy until the engine lets go of the
+        # port, which is held from that moment (``hold``'s ``stop``).
         counted = time.monotonic()
         asked: list[bool] = []
 

@@ -6,11 +6,14 @@
 Made through the API on the default settings, with DBPROV_IDLE_STOP (90 s)
 for all: the active ones get a connection and a query every minute (as a
 preview environment that someone looks at), so they stay awake; the rest
-sleep. Then, for ``--minutes``, every 15 s: the machine's memory in use, the
-service's and the engine's memory, the service's descriptors, and how long
-the list, ``/metrics`` and a reconcile pass take; and whether every active
-database answered. A pass is timed in this process, on the same store and
-engine, once the service has stopped (it would be the only reconciler).
+sleep. Most of the active ones slept since they were made, so their first
+queries wake them all at once: that is reported on its own. Once all of
+them are awake, the rest asleep, and a minute has passed, for ``--minutes``,
+every 15 s: the machine's memory in use, the service's and the engine's
+memory, the service's descriptors, and how long the list, ``/metrics`` and
+a reconcile pass take; and whether every active database answered. A pass
+is timed in this process, on the same store and engine, once the service
+has stopped (it would be the only reconciler).
 
 Needs the Docker engine and the postgres:17 image; with the btrfs pool (the
 service's default as root), each database's data is a thin copy.

@@ -15,27 +15,41 @@ import signal
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import click
 from dbprov_client.cli import make_cli
-from gunicorn.app.base import BaseApplication
-from sqlalchemy.engine import make_url
 
 from . import web
-from .app import create_app, openapi_document
-from .composition import Services
 from .errors import DbprovError, MetadataUnavailable, SettingsError
-from .process import Background
-from .store.coordination import single_reconciler
-from .store.crypto import generate_key
-from .store.rekey import reencrypt_authority, reencrypt_secrets
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from .composition import Services
+
+# The service's own modules (flask, sqlalchemy, the Docker SDK ...) are
+# imported inside the commands that use them: importing them all costs 2-5 s,
+# and `dbprov worker --check`, a container's health check with a timeout of a
+# few seconds, needs none of them.
 
 log = logging.getLogger("dbprov")
+# alembic logs each plugin it sets up, at INFO, when it is imported: imported
+# here after the logging is set up, it would open every command's output.
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
-def _services() -> Services:
+def _settings() -> Settings:
     try:
-        return Services.build()
+        return Settings.from_env()
+    except SettingsError as exc:
+        raise click.UsageError(f"invalid setting {exc}") from None
+
+
+def _services(settings: Settings | None = None) -> Services:
+    from .composition import Services
+
+    try:
+        return Services.build(settings or _settings())
     except SettingsError as exc:
         raise click.UsageError(f"invalid setting {exc}") from None
 
@@ -82,23 +96,21 @@ def serve(host: str, port: int, threads: int, no_auth: bool) -> None:
         # already here (with the app), before a multiprocess folder could be set.
         multiprocess_metrics=False,
     )
-    _Server(options, services).run()
+    from gunicorn.app.base import BaseApplication
 
+    from .app import create_app
 
-class _Server(BaseApplication):
-    """gunicorn with ``web.settings``, serving the API on this process's services."""
+    class Server(BaseApplication):
+        """gunicorn with ``web.settings``, serving the API on this process's services."""
 
-    def __init__(self, options: dict, services: Services) -> None:
-        self.options = options
-        self.services = services
-        super().__init__()
+        def load_config(self) -> None:
+            for key, value in options.items():
+                self.cfg.set(key, value)
 
-    def load_config(self) -> None:
-        for key, value in self.options.items():
-            self.cfg.set(key, value)
+        def load(self):
+            return create_app(services)
 
-    def load(self):
-        return create_app(self.services)
+    Server().run()
 
 
 @click.command()
@@ -110,10 +122,10 @@ def worker(check: bool) -> None:
     Several may run at once on a PostgreSQL metadata store; each database is
     worked on by one of them at a time.
     """
-    services = _services()
-    heartbeat = services.settings.data_dir / "worker.heartbeat"
+    settings = _settings()
+    heartbeat = settings.data_dir / "worker.heartbeat"
     if check:
-        limit = max(3 * services.settings.reconcile_interval, 30.0)
+        limit = max(3 * settings.reconcile_interval, 30.0)
         try:
             age = time.time() - heartbeat.stat().st_mtime
         except FileNotFoundError:
@@ -122,6 +134,9 @@ def worker(check: bool) -> None:
             raise click.ClickException(f"last complete reconcile pass {age:.0f} s ago")
         click.echo(f"last complete reconcile pass {age:.1f} s ago")
         return
+    from .process import Background
+
+    services = _services(settings)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -135,6 +150,8 @@ def worker(check: bool) -> None:
 @click.option("--once", is_flag=True, required=True, help="Run one pass, wait for its work, and exit")
 def reconcile(once: bool) -> None:
     """Make the Docker engine match the metadata store, once."""
+    from .store.coordination import single_reconciler
+
     services = _migrated_services()
     reconciler = services.reconciler()
     try:
@@ -161,6 +178,8 @@ def upgrade() -> None:
 @click.command()
 def openapi() -> None:
     """Print the OpenAPI document (what openapi.yaml holds)."""
+    from .app import create_app, openapi_document
+
     sys.stdout.write(openapi_document(create_app(_services())))
 
 
@@ -285,6 +304,8 @@ def keys() -> None:
 @keys.command("generate")
 def keys_generate() -> None:
     """Print a new key for DBPROV_SECRET_KEY."""
+    from .store.crypto import generate_key
+
     click.echo(generate_key())
 
 
@@ -294,6 +315,8 @@ def keys_rotate() -> None:
 
     Put the new key first, keep the old ones after it, run this, then drop them.
     """
+    from .store.rekey import reencrypt_authority, reencrypt_secrets
+
     services = _migrated_services()
     databases, snapshots = _run(reencrypt_secrets, services.store, services.vault)
     authority = " and the key of the servers' CA" if _run(reencrypt_authority, services.store, services.vault) else ""
@@ -326,4 +349,6 @@ def _is_loopback(host: str) -> bool:
 
 
 def _redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
     return make_url(url).render_as_string(hide_password=True)

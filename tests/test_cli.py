@@ -18,9 +18,10 @@ def dbprov(tmp_path):
     """Runs a `dbprov` command, as a user does, with a data folder no service has ever used."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("DBPROV_")}
 
-    def run(*args: str, **env: str) -> subprocess.CompletedProcess:
+    def run(*args: str, executable: bool = False, **env: str) -> subprocess.CompletedProcess:
+        # ``executable``: args are the interpreter's own (-c CODE ...), not a command's.
         return subprocess.run(
-            [sys.executable, "-m", "service", *args],
+            [sys.executable, *(args if executable else ("-m", "service", *args))],
             env={**base, "DBPROV_DATA_DIR": str(tmp_path / "fresh"), **env},
             capture_output=True, text=True, timeout=60,
         )
@@ -86,3 +87,24 @@ def test_tenant_plans_are_shown_set_and_checked(dbprov):
     assert unknown.returncode == 1 and "no such plans: huge" in unknown.stderr
     lifted = dbprov("tenants", "plans", "classroom", "--all", DBPROV_PLANS=plans)
     assert lifted.stdout == "classroom: every plan\n"
+
+
+def test_the_worker_health_check_reads_the_heartbeat_and_imports_little(dbprov, tmp_path):
+    missing = dbprov("worker", "--check")
+    assert missing.returncode == 1
+    assert missing.stderr == "Error: no reconcile pass completed yet\n"
+    heartbeat = tmp_path / "fresh" / "worker.heartbeat"
+    heartbeat.parent.mkdir()
+    heartbeat.touch()
+    assert dbprov("worker", "--check").stdout.startswith("last complete reconcile pass ")
+    os.utime(heartbeat, (0, 0))
+    assert "last complete reconcile pass" in dbprov("worker", "--check").stderr
+    # A container's health check has seconds: the service's own modules cost that to import.
+    shown = dbprov(
+        "-c", "import runpy, sys\n"
+        "try:\n    runpy.run_module('service', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('flask', 'sqlalchemy', 'docker', 'service.composition') if m in sys.modules))",
+        "worker", "--check", executable=True,
+    )
+    assert shown.stdout.splitlines()[-1] == "[]", shown.stderr

@@ -4,8 +4,11 @@ the whole `pytest` process, each test starting from the same migrated schema
 
 - dbprov_db:      the pytest plugin's ``dbprov_db``: a database of its own for
                   each test, a clone inside one dbprov server for the session
+- dbprov_db_durable: the same on a durable server (the plugin's default is not)
 - dbprov_shared:  the plugin's ``dbprov_database_session``: one database for the
                   whole suite, no test has its own (the baseline)
+- dbprov_shared_nd: the same on a server that is not durable (fsync off), as
+                  dbprov_db's session server is
 - dbprov:         the plugin's ``dbprov_database``: a server of its own per test
 - testcontainers: testcontainers' ``PostgresContainer`` per test, migrated by
                   the test
@@ -125,9 +128,39 @@ SUITES = {
         def test_it(dbprov_db, n):
             work(dbprov_db.connection_uri, n)
         ''', DBPROV),
+    # dbprov_db on a durable server, as it was before its server was not.
+    "dbprov_db_durable": ('''
+        import pytest
+        from workload import work
+
+
+        @pytest.fixture(scope="session")
+        def dbprov_create_options():
+            return {{"durable": True}}
+
+
+        @pytest.mark.parametrize("n", range({tests}))
+        def test_it(dbprov_db, n):
+            work(dbprov_db.connection_uri, n)
+        ''', DBPROV),
     "dbprov_shared": ('''
         import pytest
         from workload import work
+
+
+        @pytest.mark.parametrize("n", range({tests}))
+        def test_it(dbprov_database_session, n):
+            work(dbprov_database_session.connection_uri, n)
+        ''', DBPROV),
+    # The baseline on a server that does not sync either, as dbprov_db's does.
+    "dbprov_shared_nd": ('''
+        import pytest
+        from workload import work
+
+
+        @pytest.fixture(scope="session")
+        def dbprov_create_options():
+            return {{"durable": False}}
 
 
         @pytest.mark.parametrize("n", range({tests}))

@@ -525,6 +525,27 @@ def test_plans_are_listed_and_shape_the_server(planned, services, runtime):
     assert_problem(planned.post("/databases", json={"plan": "huge"}), 422, "validation-error")
 
 
+def test_a_database_that_need_not_be_durable_has_a_server_that_does_not_sync(planned, services, runtime):
+    reconciler = services.reconciler()
+    try:
+        fast = planned.post("/databases", json={"plan": "small", "durable": False}, headers=ASYNC).get_json()
+        durable = planned.post("/databases", json={}, headers=ASYNC).get_json()
+        reconciler.run_once(wait=True)
+    finally:
+        reconciler.stop()
+    assert (fast["durable"], durable["durable"]) == (False, True)
+    assert planned.get(f"/databases/{fast['id']}").get_json()["durable"] is False
+    # After the plan's settings, so that no plan turns it back on.
+    assert runtime.servers[fast["id"]].spec.command[-6:] == (
+        "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "synchronous_commit=off",
+    )
+    assert not any("fsync" in arg for arg in runtime.servers[durable["id"]].spec.command)
+    # Only a JSON boolean: a string is refused and records nothing.
+    before = count_records(services)
+    assert_problem(planned.post("/databases", json={"durable": "no"}), 422, "validation-error")
+    assert count_records(services) == before
+
+
 def test_a_tenant_may_be_held_to_some_plans(api, services, token, settings):
     use_settings(services, dataclasses.replace(settings, plans={"small": Plan("small", "256m")}))
     headers = token("classroom")

@@ -82,6 +82,19 @@ def test_a_create_claims_a_warm_server_and_the_pool_refills(pooled, runtime):
     assert len(runtime.servers) == 3
 
 
+def test_a_database_that_need_not_be_durable_is_made_not_claimed(pooled, runtime):
+    services, reconciler = pooled
+    reconciler.run_once(wait=True)
+    warm_ids = {m.id for m in members(services, Status.READY)}
+    # A warm server syncs its writes; one that does not is another server.
+    created = services.databases.create(LOCAL_ADMIN, CreateRequest(durable=False))
+    assert created.id not in warm_ids and created.status == Status.PENDING
+    assert not created.durable
+    reconciler.run_once(wait=True)
+    assert "fsync=off" in runtime.servers[created.id].spec.command
+    assert all("fsync=off" not in runtime.servers[id_].spec.command for id_ in warm_ids)
+
+
 def test_a_claimed_member_is_replaced_a_moment_later_unless_the_pool_is_empty(pooled, runtime, monkeypatch):
     services, reconciler = pooled
     monkeypatch.setattr(pool, "_REFILL_DELAY", 60.0)

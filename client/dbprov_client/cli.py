@@ -265,6 +265,9 @@ _JSON = click.option("--json", "as_json", is_flag=True, help="Print the whole re
 @click.option("--idle-stop", type=_DurationOrNever(), metavar="DURATION|never",
               help="Sleep after this long without clients (the next connection wakes it); "
                    "default: the plan's or the server's")
+@click.option("--durable/--not-durable", default=True, show_default=True,
+              help="--not-durable: its server does not sync writes to disk (faster; for data "
+                   "that a crash of the machine may lose, such as a test suite's)")
 @click.option("--from-snapshot", metavar="S", help="A clone of this snapshot's data")
 @click.option("--from-database", metavar="D", help="A clone of this database's data (snapshotted first)")
 @click.option("--template", metavar="KEY", help="A clone of this ready template")
@@ -273,8 +276,8 @@ _JSON = click.option("--json", "as_json", is_flag=True, help="Print the whole re
 @click.option("--timeout", type=DURATION, default="10m", show_default=True, help="Longest wait")
 @_JSON
 @_handled
-def new(version, name, ttl, plan, idle_stop, from_snapshot, from_database, template, wait, timeout,
-        as_json) -> None:
+def new(version, name, ttl, plan, idle_stop, durable, from_snapshot, from_database, template, wait,
+        timeout, as_json) -> None:
     """Create a database and print its connection URI.
 
     The URI is the last line of standard output:
@@ -292,7 +295,8 @@ def new(version, name, ttl, plan, idle_stop, from_snapshot, from_database, templ
     asked = {} if idle_stop is None else {"idle_stop": None if idle_stop == "never" else idle_stop}
     with _Progress(enabled=sys.stderr.isatty()) as progress:
         database = client.create(
-            version=version, name=name, ttl=ttl, plan=plan, wait=wait, timeout=timeout, **asked,
+            version=version, name=name, ttl=ttl, plan=plan, durable=durable, wait=wait, timeout=timeout,
+            **asked,
             from_snapshot=from_snapshot, from_database=from_database, template=template,
             on_accepted=progress.accepted if (wait and progress.enabled) else None,
         )
@@ -339,6 +343,7 @@ def show(database_id, as_json) -> None:
         ("version", database.version), ("image", database.image), ("plan", database.plan),
         ("host", database.host), ("port", database.port or "-"), ("database", database.database),
         ("username", database.username), ("protected", "yes" if database.protected else "no"),
+        ("durable", "yes" if database.durable else "no: a crash of the machine may lose its data"),
         ("idle stop", f"{database.idle_stop:g} s" if database.idle_stop is not None else "never"),
         ("expires", f"{database.expires_at.isoformat()} ({_expiry(database.expires_at)})"
                     if database.expires_at else "never"),

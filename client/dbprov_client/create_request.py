@@ -34,6 +34,9 @@ class CreateRequest:
     name: str | None = None
     version: str | None = None
     superuser: bool = False
+    #: False: its server does not sync writes to disk (fsync off), for data a
+    #: test suite can lose: a crash of the machine may lose or corrupt it.
+    durable: bool = True
     #: Seconds it lives, or ``expires_at``: not both.
     ttl: float | None = None
     expires_at: datetime | None = None

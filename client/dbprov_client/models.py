@@ -29,6 +29,7 @@ class Database:
     password: str | None = field(default=None, repr=False)
     connection_uri: str | None = field(default=None, repr=False)
     superuser: bool = False
+    durable: bool = True
     protected: bool = False
     idle_stop: float | None = None
     plan: str | None = None
@@ -58,6 +59,7 @@ class Database:
             password=body.get("password"),
             connection_uri=body.get("connection_uri"),
             superuser=bool(body.get("superuser", False)),
+            durable=bool(body.get("durable", True)),
             protected=bool(body.get("protected", False)),
             idle_stop=body.get("idle_stop"),
             plan=body.get("plan"),

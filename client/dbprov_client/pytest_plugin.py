@@ -6,7 +6,8 @@ the whole setup.
 - ``dbprov_database``: a fresh database for each test, deleted after it.
 - ``dbprov_database_session``: one database for the whole session (per xdist worker).
 - ``dbprov_db``: a database of its own for each test inside one server for
-  the session (per xdist worker): a clone of the server's migrated database,
+  the session (per xdist worker; not durable unless ``dbprov_create_options``
+  says ``"durable": True``): a clone of the server's migrated database,
   taken from a queue that a background thread keeps filled; given back, it
   is handed out again if nothing was written to it, dropped otherwise.
 - ``dbprov_client``: the session's :class:`dbprov_client.Client`.
@@ -370,7 +371,11 @@ def dbprov_db_clones(
     to the server's own database: it is the template of every clone."""
     from .clones import Clones
 
-    server = dbprov_leases.create(_options(dbprov_create_options, dbprov_template))
+    # Not durable unless the options say so: what it holds is the session's,
+    # made again by the next run, and a server that does not sync makes and
+    # drops the clones faster (each DROP DATABASE costs a checkpoint).
+    options = {"durable": False, **dbprov_create_options}
+    server = dbprov_leases.create(_options(options, dbprov_template))
     try:
         clones = Clones(server.connection_uri, ahead=_setting(pytestconfig, "dbprov_db_ahead"),
                         backlog=_setting(pytestconfig, "dbprov_db_backlog"),

@@ -79,6 +79,7 @@ def database_body(values: Mapping[str, Any], host: str, credentials: Credentials
         "database": values["database_name"],
         "username": values["username"],
         "superuser": values["superuser"],
+        "durable": values["durable"],
         "expires_at": values["expires_at"],
         "protected": values["protected"],
         "idle_stop": values["idle_stop"],

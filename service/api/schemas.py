@@ -89,6 +89,16 @@ class DatabaseCreateSchema(ma.Schema):
             "service allows it (DBPROV_ALLOW_SUPERUSER)."
         }
     )
+    durable = StrictBoolean(
+        metadata={
+            "description": "false: the server does not wait for its writes to reach the disk "
+            "(fsync, full_page_writes and synchronous_commit off), which makes creating and "
+            "dropping databases and committing several times faster. Its data survives a crash "
+            "of the server, of the service and a restart of the engine, but a crash of the "
+            "machine may lose or corrupt it: for test suites and other data that can be made "
+            "again. Default true."
+        }
+    )
     ttl = fields.Integer(strict=True, **_TTL)
     expires_at = AwareDateTime(**_EXPIRES_AT)
     protected = StrictBoolean(**_PROTECTED)
@@ -177,6 +187,9 @@ class DatabaseSchema(ma.Schema):
     database = fields.String(required=True)
     username = fields.String(required=True)
     superuser = fields.Boolean(required=True)
+    durable = fields.Boolean(
+        required=True, metadata={"description": "false: a crash of the machine may lose its data"}
+    )
     last_error = fields.String(
         allow_none=True, metadata={"description": "Why it failed, with the container's log"}
     )

@@ -24,6 +24,9 @@ from sqlalchemy import (
 from sqlalchemy import (
     false as sa_false,
 )
+from sqlalchemy import (
+    true as sa_true,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -228,6 +231,9 @@ class Database(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
     # Refuses DELETE and expiry while set.
     protected: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+    # False: its server runs with fsync off, for data that may be lost if the
+    # machine (not the server, the service or the engine) goes down.
+    durable: Mapped[bool] = mapped_column(Boolean, default=True, server_default=sa_true())
     # The operator's named size (DBPROV_PLANS).
     plan: Mapped[str] = mapped_column(String(63), default="default", server_default="default")
     # Database-level settings (ALTER DATABASE ... SET) and extensions asked for at create.

@@ -65,12 +65,13 @@ def new_password() -> str:
 LISTED = (
     Database.id, Database.tenant, Database.name, Database.status, Database.version, Database.image,
     Database.host_port, Database.database_name, Database.username, Database.superuser,
-    Database.expires_at, Database.protected, Database.idle_stop, Database.plan, Database.parameters, Database.extensions,
+    Database.durable, Database.expires_at, Database.protected, Database.idle_stop, Database.plan,
+    Database.parameters, Database.extensions,
     Database.source_snapshot_id, Database.last_error, Database.phase_timings, Database.created_at,
     Database.ready_at, Database.deleted_at, Database.server_host,
 )
 
-# Built once: a select of 23 columns costs more to make than to run.
+# Built once: a select of 24 columns costs more to make than to run.
 _LISTING = select(*LISTED)
 _SHOWING = _LISTING.where(Database.id == bindparam("id"))
 

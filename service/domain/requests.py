@@ -42,6 +42,7 @@ class NewDatabase:
     version: str
     name: str | None = None
     superuser: bool = False
+    durable: bool = True
     expires_at: datetime | None = None
     protected: bool = False
     idle_stop: float | None = None
@@ -57,14 +58,15 @@ class NewDatabase:
     @property
     def poolable(self) -> bool:
         """Whether a warm pool member is this, or can be made into it at its claim."""
-        return self.plan == "default" and self.copy_of is None and (
+        return self.plan == "default" and self.durable and self.copy_of is None and (
             self.source is None or self.template_id is not None
         )
 
     def columns(self) -> dict[str, Any]:
         """The record's columns this request decides."""
         return {
-            "name": self.name, "superuser": self.superuser, "expires_at": self.expires_at,
+            "name": self.name, "superuser": self.superuser, "durable": self.durable,
+            "expires_at": self.expires_at,
             "protected": self.protected, "idle_stop": self.idle_stop, "plan": self.plan,
             "parameters": dict(self.parameters), "extensions": list(self.extensions),
             "source_snapshot_id": self.source.id if self.source else None,
@@ -121,7 +123,7 @@ def check(settings: Settings, request: CreateRequest, version: str | None) -> Ne
     if idle_stop is DEFAULT:
         idle_stop = settings.all_plans[plan].idle_stop or settings.idle_stop
     return NewDatabase(
-        version=version, name=request.name, superuser=request.superuser,
+        version=version, name=request.name, superuser=request.superuser, durable=request.durable,
         expires_at=expiry(settings, request.ttl, request.expires_at, default=True),
         protected=request.protected, idle_stop=idle_stop, plan=plan, parameters=parameters,
         extensions=tuple(dict.fromkeys(extensions)),

@@ -61,6 +61,13 @@ def test_new_asks_for_an_idle_stop_or_none_and_leaves_it_out_unless_given(dbprov
     assert dbprov("new", "--idle-stop", "soon").exit_code == 2
 
 
+def test_new_asks_for_a_server_that_does_not_sync_only_when_told(dbprov, fake):
+    assert dbprov("new", "--not-durable").exit_code == 0
+    assert dbprov("new").exit_code == 0
+    first, second = (request.body for request in fake.requests_to("POST", "/databases"))
+    assert first == {"durable": False} and second == {}
+
+
 def test_new_json_prints_the_whole_record(dbprov, fake):
     result = dbprov("new", "--json")
     record = json.loads(result.stdout)

@@ -375,6 +375,32 @@ def test_a_plan_sizes_the_container_and_sets_the_server(plans_service, docker_cl
         assert conn.execute("SHOW max_connections").fetchone() == ("20",)
 
 
+def test_a_database_that_need_not_be_durable_does_not_sync_and_keeps_its_data_over_a_restart(
+    service, docker_client
+):
+    created = create(service, durable=False)
+    assert created["durable"] is False
+    with psycopg.connect(created["connection_uri"], autocommit=True) as conn:
+        assert [conn.execute(f"SHOW {name}").fetchone()[0] for name in
+                ("fsync", "full_page_writes", "synchronous_commit")] == ["off", "off", "off"]
+        # The tenant cannot turn it on for the server, only for its session.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("ALTER SYSTEM SET fsync = on")
+        conn.execute("CREATE TABLE kept AS SELECT generate_series(1, 1000) AS n")
+    # A kill of the server (not of the machine) loses nothing: the page cache holds it.
+    container_of(docker_client, created["id"]).kill()
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with psycopg.connect(created["connection_uri"], connect_timeout=2) as conn:
+                assert conn.execute("SELECT count(*) FROM kept").fetchone() == (1000,)
+                assert conn.execute("SHOW fsync").fetchone() == ("off",)
+            break
+        except psycopg.OperationalError:
+            assert time.monotonic() < deadline, "the database did not come back"
+            time.sleep(0.5)
+
+
 def test_settings_and_extensions_are_in_effect_for_the_tenant(service, docker_client):
     created = create(
         service,

@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from dbprov_client import Clone, Clones
+from dbprov_client.clones import copy_strategy
 
 from .fake import Record
 
@@ -74,6 +75,15 @@ def test_each_clone_is_a_copy_of_the_template_made_before_it_is_asked_for(clones
         conn.execute("INSERT INTO item (label) VALUES ('first only')")
     assert labels(second) == ["a", "b", "c"]
     wait_for(lambda: pool.made == 5, "the queue refilled")
+
+
+def test_clones_are_copied_as_suits_a_server_that_syncs_or_does_not(clones):
+    # The test server syncs: the copy is written to the WAL, with no checkpoint.
+    assert clones(ahead=0)._strategy == " STRATEGY WAL_LOG"
+    # dbprov_db's (not durable) does not: a copy of the files, whose checkpoints cost no sync.
+    assert copy_strategy(170000, syncs=False) == " STRATEGY FILE_COPY"
+    # Before 15 there was no choice, nor the clause.
+    assert copy_strategy(140000, syncs=True) == copy_strategy(140000, syncs=False) == ""
 
 
 READS = {

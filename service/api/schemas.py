@@ -92,8 +92,8 @@ class DatabaseCreateSchema(ma.Schema):
     durable = StrictBoolean(
         metadata={
             "description": "false: the server does not wait for its writes to reach the disk "
-            "(fsync, full_page_writes and synchronous_commit off): a commit does not wait, and "
-            "creating or dropping a database inside it costs about half as much. Its data survives a crash "
+            "(fsync and full_page_writes off): creating or dropping a database inside it costs "
+            "about half as much. Its data survives a crash "
             "of the server, of the service and a restart of the engine, but a crash of the "
             "machine may lose or corrupt it: for test suites and other data that can be made "
             "again. Default true."

@@ -26,10 +26,12 @@ log = logging.getLogger(__name__)
 _PORT_RETRIES = 5
 _POLL_INTERVAL = 0.01
 # The event each kind of resumption ends with.
-# A database that need not be durable: no write waits for the disk. On a
-# crash of the server its data is whole (the page cache holds every write);
-# on a crash of the machine it may be lost or torn.
-_NOT_DURABLE = ("-c", "fsync=off", "-c", "full_page_writes=off", "-c", "synchronous_commit=off")
+# A database that need not be durable: no write waits for the disk. A commit
+# still writes its WAL to the kernel before it returns (synchronous_commit
+# stays on: off, a kill of the server would lose the last commits), so a
+# crash of the server loses nothing, the page cache holding every write; a
+# crash of the machine may lose or tear it.
+_NOT_DURABLE = ("-c", "fsync=off", "-c", "full_page_writes=off")
 _RESUMED = {Status.STARTING: "started", Status.WAKING: "woken", Status.RESETTING: "reset"}
 
 

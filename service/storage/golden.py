@@ -55,8 +55,10 @@ GOLDEN_MARK = "dbprov-golden"
 _GOLDEN_FORMAT = "3"
 # Seconds after which a golden build still under way was left by a crash.
 _GOLDEN_STALE = 180.0
-# What the official entrypoint prints once initdb and the init scripts are done.
+# What the official entrypoint prints once initdb and the init scripts are
+# done, and what the server it then execs prints once it is up.
 _INIT_DONE = b"init process complete"
+_READY = b"ready to accept connections"
 
 # Fills the golden volume of a golden image just committed: (the image, the
 # volume's name, the name of the container that tries it, its labels).
@@ -101,7 +103,10 @@ def make_golden(engine: "Engine", spec: "ServerSpec", base: dict, key: str, fill
     try:
         api.start(container)
         deadline = time.monotonic() + 120
-        while _INIT_DONE not in api.logs(container):
+        # The server's own word after the entrypoint's: the entrypoint says it
+        # is done before it execs the server, and a stop sent in between
+        # reaches a shell that ignores it (a kill 30 s later, exit code 137).
+        while _READY not in api.logs(container).partition(_INIT_DONE)[2]:
             if not api.inspect_container(container)["State"]["Running"]:
                 raise GoldenFailed(f"initialisation exited: {engine.tail(container)}")
             if time.monotonic() > deadline:

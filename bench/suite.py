@@ -118,64 +118,34 @@ def pytest_fixture_setup(fixturedef):
 '''
 
 DBPROV = ["-p", "dbprov_client.pytest_plugin", "--dbprov-migrations", "migrations"]
+def _plugin_suite(fixture: str, durable: bool | None = None) -> tuple[str, list[str]]:
+    """A suite on one of the plugin's fixtures; ``durable``, if given, is what
+    its servers are created with (the suite overrides dbprov_create_options)."""
+    options = "" if durable is None else f'''
+        @pytest.fixture(scope="session")
+        def dbprov_create_options():
+            return {{{{"durable": {durable}}}}}
+
+'''
+    return (f'''
+        import pytest
+        from workload import work
+
+{options}
+        @pytest.mark.parametrize("n", range({{tests}}))
+        def test_it({fixture}, n):
+            work({fixture}.connection_uri, n)
+        ''', DBPROV)
+
+
 SUITES = {
-    "dbprov_db": ('''
-        import pytest
-        from workload import work
-
-
-        @pytest.mark.parametrize("n", range({tests}))
-        def test_it(dbprov_db, n):
-            work(dbprov_db.connection_uri, n)
-        ''', DBPROV),
+    "dbprov_db": _plugin_suite("dbprov_db"),
     # dbprov_db on a durable server, as it was before its server was not.
-    "dbprov_db_durable": ('''
-        import pytest
-        from workload import work
-
-
-        @pytest.fixture(scope="session")
-        def dbprov_create_options():
-            return {{"durable": True}}
-
-
-        @pytest.mark.parametrize("n", range({tests}))
-        def test_it(dbprov_db, n):
-            work(dbprov_db.connection_uri, n)
-        ''', DBPROV),
-    "dbprov_shared": ('''
-        import pytest
-        from workload import work
-
-
-        @pytest.mark.parametrize("n", range({tests}))
-        def test_it(dbprov_database_session, n):
-            work(dbprov_database_session.connection_uri, n)
-        ''', DBPROV),
+    "dbprov_db_durable": _plugin_suite("dbprov_db", durable=True),
+    "dbprov_shared": _plugin_suite("dbprov_database_session"),
     # The baseline on a server that does not sync either, as dbprov_db's does.
-    "dbprov_shared_nd": ('''
-        import pytest
-        from workload import work
-
-
-        @pytest.fixture(scope="session")
-        def dbprov_create_options():
-            return {{"durable": False}}
-
-
-        @pytest.mark.parametrize("n", range({tests}))
-        def test_it(dbprov_database_session, n):
-            work(dbprov_database_session.connection_uri, n)
-        ''', DBPROV),
-    "dbprov": ('''
-        import pytest
-        from workload import work
-
-
-        @pytest.mark.parametrize("n", range({tests}))
-        def test_it(dbprov_database, n):
-            work(dbprov_database.connection_uri, n)
-        ''', DBPROV),
+    "dbprov_shared_nd": _plugin_suite("dbprov_database_session", durable=False),
+    "dbprov": _plugin_suite("dbprov_database"),
     "testcontainers": ('''
         import pytest
         from workload import PostgresContainer, migrate, work

@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import docker
+import psycopg
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -81,6 +82,17 @@ def wait_until(predicate, timeout: float = 60, what: str = "condition") -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.3)
+
+
+def connected(uri: str, timeout: float = 60, what: str = "the server") -> psycopg.Connection:
+    """A session on ``uri`` once its server takes one (after a start, a kill, a move)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return psycopg.connect(uri, connect_timeout=2, autocommit=True)
+        except psycopg.OperationalError:
+            assert time.monotonic() < deadline, f"{what} did not come up"
+            time.sleep(0.2)
 
 
 def metric(service, name: str, **labels: str) -> float:

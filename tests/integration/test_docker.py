@@ -14,7 +14,7 @@ import pytest
 
 from service.runtime.protocol import labels_for
 
-from .conftest import INSTANCE, ServiceProcess, managed, metric, remove_managed, wait_until
+from .conftest import INSTANCE, ServiceProcess, connected, managed, metric, remove_managed, wait_until
 
 pytestmark = pytest.mark.docker
 
@@ -107,15 +107,8 @@ def test_container_lost_behind_the_service_comes_back_with_its_data(service, doc
         container.stop()
     else:
         container.remove(force=True)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with psycopg.connect(created["connection_uri"], connect_timeout=2) as conn:
-                assert conn.execute("SELECT note FROM precious").fetchone() == ("still here",)
-            break
-        except psycopg.OperationalError:
-            assert time.monotonic() < deadline, "the database did not come back"
-            time.sleep(0.5)
+    with connected(created["connection_uri"], what="the database") as conn:
+        assert conn.execute("SELECT note FROM precious").fetchone() == ("still here",)
     assert service.wait_for_status(created["id"], "ready")["port"] == created["port"]
 
 

@@ -23,6 +23,7 @@ from .conftest import (
     INSTANCE,
     POOL,
     check_the_data_outlives_its_server,
+    connected,
     free_port,
     needs_pool,
     wait_until,
@@ -82,13 +83,7 @@ def uri(endpoint, password: str = PASSWORD, user: str = "admin") -> str:
 def connect_when_up(
     endpoint, timeout: float = 60, password: str = PASSWORD, user: str = "admin"
 ) -> psycopg.Connection:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return psycopg.connect(uri(endpoint, password, user), connect_timeout=2, autocommit=True)
-        except psycopg.OperationalError:
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
+    return connected(uri(endpoint, password, user), timeout)
 
 
 def test_a_server_lives_stops_starts_and_goes_with_its_data(runtime):

@@ -27,6 +27,7 @@ from .conftest import (
     INSTANCE,
     ServiceProcess,
     check_the_data_outlives_its_server,
+    connected,
     free_port,
     metric,
     wait_until,
@@ -147,16 +148,8 @@ def new_server(runtime, **limits) -> tuple[ServerSpec, str]:
 
 
 def connect_when_up(endpoint, timeout: float = 60) -> psycopg.Connection:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return psycopg.connect(
-                f"postgresql://admin:{PASSWORD}@{endpoint.host}:{endpoint.port}/postgres",
-                connect_timeout=2, autocommit=True,
-            )
-        except psycopg.OperationalError:
-            assert time.monotonic() < deadline, f"the server at {endpoint} did not come up"
-            time.sleep(0.2)
+    return connected(f"postgresql://admin:{PASSWORD}@{endpoint.host}:{endpoint.port}/postgres", timeout,
+                     what=f"the server at {endpoint}")
 
 
 def task_container(docker_client, database_id: str):

@@ -21,12 +21,8 @@ from sqlalchemy import (
     Text,
     text,
 )
-from sqlalchemy import (
-    false as sa_false,
-)
-from sqlalchemy import (
-    true as sa_true,
-)
+from sqlalchemy import false as sa_false
+from sqlalchemy import true as sa_true
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 

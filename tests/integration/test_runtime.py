@@ -468,12 +468,12 @@ def test_a_changed_image_gets_a_new_golden_image_and_the_old_one_goes(runtime, d
 def test_a_golden_build_left_by_a_crash_is_cleared(runtime, docker_client, monkeypatch):
     image = f"dbprov-test-golden-{INSTANCE}:crash"
     docker_client.images.get("postgres:17").tag(image)
+    base = docker_client.api.inspect_image(image)
+    spec, database_id = new_server(runtime, image=image)
+    # A superuser of its own: a golden image of its own, not made yet.
+    spec = dataclasses.replace(spec, superuser=f"crash_{INSTANCE[5:]}")
+    key = golden_key(spec, base)
     try:
-        base = docker_client.api.inspect_image(image)
-        spec, database_id = new_server(runtime, image=image)
-        # A superuser of its own: a golden image of its own, not made yet.
-        spec = dataclasses.replace(spec, superuser=f"crash_{INSTANCE[5:]}")
-        key = golden_key(spec, base)
         # What a process killed in the middle of a build leaves: its builder, running.
         docker_client.containers.run(
             image, name=f"{GOLDEN_REPOSITORY}-{key}", detach=True, network_mode="none",
@@ -488,6 +488,10 @@ def test_a_golden_build_left_by_a_crash_is_cleared(runtime, docker_client, monke
         assert not left, [(c.name, c.status, c.attrs["Created"]) for c in left]
         runtime.remove_server(database_id)
     finally:
+        # What the test left as a crash would (the builder and its probe), should it
+        # fail before the runtime clears them; by name, as their image is postgres:17's.
+        for container in docker_client.containers.list(all=True, filters={"name": f"{GOLDEN_REPOSITORY}-{key}"}):
+            container.remove(force=True, v=True)
         for golden in golden_images(docker_client, image):
             docker_client.images.remove(golden.id, force=True)
         for volume in docker_client.volumes.list(filters={"label": f"{LABEL_GOLDEN_OF}={image}"}):

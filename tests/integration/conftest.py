@@ -25,8 +25,11 @@ from service.storage.pool import open_pool
 from service.store.crypto import generate_key
 
 ROOT = Path(__file__).resolve().parents[2]
-# Away from the default range, so a dbprov of the user's own is never in the way.
-PORT_RANGE = "25432-25531"
+# Away from the default range, so a dbprov of the user's own is never in the way;
+# each xdist worker has a range of its own, so that two workers' services never
+# contend for a port (and stay clear of the swarm's 25700-25799).
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+PORT_RANGE = f"{25432 + 1000 * _WORKER}-{25531 + 1000 * _WORKER}"
 # One label for the whole run: the service under test sweeps only its own.
 INSTANCE = f"test-{uuid.uuid4().hex[:8]}"
 SECRET_KEY = generate_key()

@@ -103,6 +103,7 @@ def restart_engine() -> None:
     subprocess.run(["bash", str(DOCKER_UP)], check=True, timeout=120)
 
 
+@pytest.mark.alone
 def test_engine_restarted_in_the_middle_of_a_provisioning(service, docker_client):
     assert os.geteuid() == 0 and DOCKER_UP.exists(), "restarting the engine needs root and docker-up"
     ids = create_async(service, 3)

@@ -14,7 +14,8 @@ import requests
 
 from .conftest import INSTANCE, PORT_RANGE, ROOT, SECRET_KEY, free_port, managed
 
-pytestmark = pytest.mark.docker
+# Its module-scoped fixture is made once: the module runs on one xdist worker.
+pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("test_image")]
 
 SOCKET = "/var/run/docker.sock"
 

@@ -16,7 +16,8 @@ from service.errors import ValidationError
 
 from .conftest import INSTANCE, free_port
 
-pytestmark = pytest.mark.docker
+# Its module-scoped fixture is made once: the module runs on one xdist worker.
+pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("test_parameters")]
 
 VALUES = {
     "work_mem": ["8MB", "64kB", "63kB", "lots", "8mb", "1.5GB", "0x100", " 128 kB ", "2147483648kB", "1TB"],

@@ -29,7 +29,9 @@ from .conftest import (
     wait_until,
 )
 
-pytestmark = pytest.mark.docker
+# One worker runs them all: they plant, remove and race for golden copies,
+# which the runtimes of one engine share.
+pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("test_runtime")]
 
 PASSWORD = "seam-test-password"
 
@@ -338,6 +340,7 @@ def test_a_golden_volume_that_goes_while_a_server_is_made_costs_a_retry_not_the_
         remove_golden(docker_client, key)
 
 
+@pytest.mark.alone
 def test_golden_copies_are_shared_and_pruned_once_no_server_stands_on_them(docker_client):
     runtime = own_runtime(client=docker_client)
     other = own_runtime(f"{INSTANCE}-other", client=docker_client)
@@ -433,9 +436,13 @@ def test_an_engine_without_overlays_gets_copies_of_the_golden_data(docker_client
 def test_a_changed_image_gets_a_new_golden_image_and_the_old_one_goes(runtime, docker_client):
     image = f"dbprov-test-golden-{INSTANCE}:17"
 
+    built = []
+
     def build(revision: str) -> str:
-        dockerfile = io.BytesIO(f"FROM postgres:17\nLABEL revision={revision}\n".encode())
-        return docker_client.images.build(fileobj=dockerfile, tag=image, rm=True)[0].id
+        # Of this run only: the same build elsewhere would be the same image, from the cache.
+        dockerfile = io.BytesIO(f"FROM postgres:17\nLABEL revision={revision} run={INSTANCE}\n".encode())
+        built.append(docker_client.images.build(fileobj=dockerfile, tag=image, rm=True)[0].id)
+        return built[-1]
 
     try:
         old_id = build("1")
@@ -459,9 +466,13 @@ def test_a_changed_image_gets_a_new_golden_image_and_the_old_one_goes(runtime, d
             docker_client.images.remove(golden.id, force=True)
         for volume in docker_client.volumes.list(filters={"label": f"{LABEL_GOLDEN_OF}={image}"}):
             volume.remove()
-        for left in docker_client.images.list(filters={"reference": image.split(":")[0]}):
-            docker_client.images.remove(left.id, force=True)
-        docker_client.images.prune(filters={"dangling": True})
+        # By id, not by pruning what is dangling: that would reach other
+        # tests' images, built at the same time.
+        for made in built:
+            try:
+                docker_client.images.remove(made, force=True)
+            except docker.errors.ImageNotFound:
+                pass
 
 
 @golden_only

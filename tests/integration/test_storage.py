@@ -68,6 +68,7 @@ def test_a_pool_made_on_a_loop_file_shares_blocks_until_written(loop_pool, tmp_p
         Pool(loop_pool.root, loop_pool.free() + 1, loop_pool.backing).check_room("a copy")
 
 
+@pytest.mark.alone
 def test_clones_of_a_running_server_cost_no_disk_until_written(service):
     pool = service.request("GET", "/readyz").json()["storage"]["pool"]
     source = create(service)

@@ -34,7 +34,7 @@ from .conftest import (
 )
 from .test_deployment import Deployment
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.alone]
 
 PASSWORD = "swarm-test-password"
 # On the node of a swarm these tests made: a run killed before it could leave

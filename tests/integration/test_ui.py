@@ -15,7 +15,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-pytestmark = pytest.mark.docker
+# Its module-scoped fixture is made once: the module runs on one xdist worker.
+pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("test_ui")]
 
 # Debian's package (apt-get install chromium); Playwright never downloads a browser here.
 CHROMIUM = os.environ.get("DBPROV_TEST_CHROMIUM", "/usr/bin/chromium")

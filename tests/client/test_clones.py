@@ -63,7 +63,8 @@ def test_each_clone_is_a_copy_of_the_template_made_before_it_is_asked_for(clones
     pool = clones(ahead=3)
     wait_for(lambda: pool.made == 3, "three clones made ahead")
     first = pool.take()
-    assert first.database == f"{pool.prefix}_1"  # the first made, taken from the queue
+    # One made before it was asked for, taken from the queue.
+    assert first.database in {f"{pool.prefix}_{n}" for n in (1, 2, 3)}
     second = pool.take()
     assert labels(first) == labels(second) == ["a", "b", "c"]
     assert first.connection_uri.rsplit("/", 1) == [template.rsplit("/", 1)[0], first.database]
@@ -84,6 +85,24 @@ def test_clones_are_copied_as_suits_a_server_that_syncs_or_does_not(clones):
     assert copy_strategy(170000, syncs=False) == " STRATEGY FILE_COPY"
     # Before 15 there was no choice, nor the clause.
     assert copy_strategy(140000, syncs=True) == copy_strategy(140000, syncs=False) == ""
+
+
+@pytest.mark.parametrize("strategy", [" STRATEGY WAL_LOG", " STRATEGY FILE_COPY"])
+def test_a_clone_is_handed_out_with_its_catalog_cache_made_by_a_session_only_if_need_be(
+    clones, backed, monkeypatch, strategy
+):
+    monkeypatch.setattr("dbprov_client.clones.copy_strategy", lambda version, syncs: strategy)
+    pool = clones(ahead=1)
+    wait_for(lambda: pool.made == 1, "a clone made")
+    clone = pool.take()
+    with psycopg.connect(backed.postgres, autocommit=True) as admin:
+        oid, sessions = admin.execute(
+            "SELECT d.oid, s.sessions FROM pg_database d JOIN pg_stat_database s ON s.datid = d.oid "
+            "WHERE d.datname = %s", (clone.database,)).fetchone()
+        # The test's first session reads the catalogs' cache from the file, not from the catalogs.
+        assert admin.execute("SELECT size > 0 FROM pg_stat_file(%s)", (f"base/{oid}/pg_internal.init",)).fetchone()
+    # A copy of the pages needs a session of its own to build it; a copy of the files does not.
+    assert sessions == (1 if "WAL_LOG" in strategy else 0)
 
 
 READS = {

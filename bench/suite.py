@@ -363,6 +363,11 @@ def main() -> None:
                 # Its deletions finish in the server's background: not in the
                 # next variant's time.
                 server.wait(lambda: server.live() == 0, "the deletions")
+                # Nor btrfs's cleaning of the subvolumes they deleted, which
+                # goes on after the delete returns.
+                pool = requests.get(f"{server.url}/readyz", timeout=10).json()["storage"].get("pool")
+                if pool:
+                    subprocess.run(["btrfs", "subvolume", "sync", pool], check=True, capture_output=True)
             # Nor the write-back of what this one wrote.
             os.sync()
     finally:

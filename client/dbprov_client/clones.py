@@ -1,5 +1,5 @@
 """Databases for tests inside one PostgreSQL server, each a clone of a template
-database (``CREATE DATABASE ... TEMPLATE``), made ahead by a background thread
+database (``CREATE DATABASE ... TEMPLATE``), made ahead by background threads
 so that handing one out is taking it from a queue, as IntegreSQL does.
 
 A database given back is checked by another thread: one nothing was written

@@ -8,7 +8,7 @@ the whole setup.
 - ``dbprov_db``: a database of its own for each test inside one server for
   the session (per xdist worker; not durable unless ``dbprov_create_options``
   says ``"durable": True``): a clone of the server's migrated database,
-  taken from a queue that a background thread keeps filled; given back, it
+  taken from a queue that background threads keep filled; given back, it
   is handed out again if nothing was written to it, dropped otherwise.
 - ``dbprov_client``: the session's :class:`dbprov_client.Client`.
 - ``dbprov_create_options``: what each create asks for (``{"version": "17"}``,

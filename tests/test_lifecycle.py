@@ -8,11 +8,13 @@ import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
+import psycopg
 import pytest
 
 from service.app import create_app
 from service.domain.models import Database, Status, utcnow
 from service.domain.tenancy import LOCAL_ADMIN
+from service.errors import EngineError
 from service.runtime.protocol import RUNNING, STOPPED
 from service.settings import Plan
 
@@ -349,6 +351,46 @@ def test_a_sleeping_database_is_started_by_a_start_stopped_by_a_stop_and_copied_
     client.post(f"/databases/{created['id']}/stop")
     reconciler.run_once(wait=True)
     assert record(services, created["id"]).status == Status.STOPPED
+
+
+def test_a_wake_that_fails_for_a_passing_reason_sleeps_again_and_tells_its_client_why(
+    client, services, runtime, monkeypatch
+):
+    # The service holds a sleeping database's port here, on loopback.
+    runtime.publishes_here = True
+    reconciler = services.reconciler()
+    try:
+        created = client.post("/databases", json={}, headers=ASYNC).get_json()
+        reconciler.run_once(wait=True)
+        services.records.transition(created["id"], {Status.READY}, status=Status.SLEEPING, event="slept")
+        runtime.stop_server(created["id"])
+        reconciler.run_once(wait=True)
+        port = record(services, created["id"]).host_port
+        assert reconciler._sleepers.holds(created["id"])
+
+        def engine_fails(spec):
+            raise EngineError("the engine failed the start: 500 Server Error (a passing one)")
+
+        monkeypatch.setattr(runtime, "ensure_server", engine_fails)
+        # The client that woke it is told why, in PostgreSQL's words, not refused.
+        with pytest.raises(psycopg.OperationalError) as refused:
+            psycopg.connect(f"postgresql://app:x@127.0.0.1:{port}/app?sslmode=disable", connect_timeout=10)
+        assert f"database {created['id']} cannot take connections: it could not be woken: the engine failed" \
+            in str(refused.value)
+        asleep = record(services, created["id"])
+        assert asleep.status == Status.SLEEPING and "500 Server Error" in asleep.last_error
+        assert kinds(client, created["id"])[-2:] == ["slept", "wake-failed"]
+        # Its port held again at the next pass, for the next connection.
+        reconciler.run_once(wait=True)
+        assert reconciler._sleepers.holds(created["id"])
+        monkeypatch.undo()
+        assert client.post(f"/databases/{created['id']}/start", headers=ASYNC).get_json()["status"] == "waking"
+        reconciler.run_once(wait=True)
+        woken = record(services, created["id"])
+        assert woken.status == Status.READY and woken.last_error is None
+        assert kinds(client, created["id"])[-1] == "woken"
+    finally:
+        reconciler.stop()
 
 
 # -- a machine that is away (a Swarm node down) ------------------------------------------

@@ -262,8 +262,8 @@ class EventSchema(ma.Schema):
         required=True,
         metadata={
             "description": "requested, claimed, provisioning, retrying, ready, failed, updated, "
-            "stopping, stopped, idle-stopped, starting, started, credentials-rotated, expired, "
-            "deleting, deleted"
+            "stopping, stopped, idle-stopped, slept, woken, wake-failed, starting, started, "
+            "credentials-rotated, expired, deleting, deleted"
         },
     )
     actor = fields.String(

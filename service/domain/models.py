@@ -98,7 +98,8 @@ DATABASE_MOVES: dict[Status | None, frozenset[Status]] = {
     Status.STARTING: frozenset({Status.READY, Status.FAILED, Status.LOST, Status.DELETING}),
     # Woken by a connection or a start; stopped or reset as a stopped one is.
     Status.SLEEPING: frozenset({Status.WAKING, Status.STOPPING, Status.RESETTING, Status.DELETING}),
-    Status.WAKING: frozenset({Status.READY, Status.FAILED, Status.LOST, Status.DELETING}),
+    # Asleep again after a wake that failed for a passing reason: the next connection tries again.
+    Status.WAKING: frozenset({Status.READY, Status.SLEEPING, Status.FAILED, Status.LOST, Status.DELETING}),
     Status.RESETTING: frozenset({Status.READY, Status.FAILED, Status.LOST, Status.DELETING}),
     # Started again on a new port, if it held data once.
     Status.FAILED: frozenset({Status.STARTING, Status.DELETING}),

@@ -376,6 +376,10 @@ class Reconciler:
             reason = "it does not exist"
         elif record.status in COMING_UP:
             reason = f"it is still {record.status.value}; try again"
+        elif record.status == Status.SLEEPING:
+            # Its wake failed for a passing reason: asleep again, the next connection tries again.
+            reason = "it could not be woken" + (f": {record.last_error.splitlines()[0]}"
+                                                if record.last_error else "") + "; try again"
         else:
             reason = f"it is {record.status.value}" + (f": {record.last_error.splitlines()[0]}"
                                                       if record.last_error else "")

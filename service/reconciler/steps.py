@@ -144,6 +144,9 @@ class Outcomes(Step):
         record = self._load(database_id)
         if record.status not in self._worked:
             return
+        if record.status == Status.WAKING and self.sleepers is not None and not node_away:
+            self._back_to_sleep(record, error)
+            return
         waits = node_away and record.ready_at is not None
         now = utcnow()
         since = record.retrying_since or now
@@ -171,6 +174,25 @@ class Outcomes(Step):
         log.warning(
             "database %s: %s; attempt %d, next in %.1f s", database_id, error, attempts, delay
         )
+
+    def _back_to_sleep(self, record: Database, error: str) -> None:
+        """A wake that failed for a passing reason: asleep again, its port held
+        again by the next pass. Retried on a schedule instead, its port would
+        be nobody's until then, and a client would meet a refused connection
+        rather than be told why; asleep, the next connection wakes it again,
+        and hears the reason if that fails too."""
+        self.records.transition(
+            record.id,
+            {Status.WAKING},
+            status=Status.SLEEPING,
+            last_error=error,
+            attempts=0,
+            next_attempt_at=None,
+            retrying_since=None,
+            event="wake-failed",
+            details={"error": error.splitlines()[0]},
+        )
+        log.warning("database %s: could not be woken: %s; asleep again", record.id, error)
 
     def _fail(self, database_id: str, error: str) -> None:
         """Record the failure and leave nothing running or holding a port.

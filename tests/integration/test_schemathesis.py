@@ -22,8 +22,8 @@ from service.postgres.admin import TRUSTED_EXTENSIONS
 
 from .conftest import ServiceProcess
 
-# Its module-scoped fixture is made once: the module runs on one xdist worker.
-pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("test_schemathesis")]
+# Alone: xdist's grouping schedulers run one of the tests schemathesis generates, not all.
+pytestmark = [pytest.mark.docker, pytest.mark.alone]
 
 # What the live service runs (ServiceProcess's DBPROV_IMAGES).
 SUPPORTED = ("15", "17")

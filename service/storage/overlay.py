@@ -359,11 +359,6 @@ class OverlayStorage:
         for volume in self._api.volumes(filters={"label": f"{LABEL_GOLDEN_OF}={image}"}).get("Volumes") or []:
             if volume["Name"] in named:
                 continue
-            # Being filled by another process (or installation), before its
-            # probe or any server mounts it: its key's builder is the lock.
-            key = volume["Name"].removeprefix(f"{GOLDEN_REPOSITORY}-").rpartition("-")[0]
-            if self.engine.container(f"{GOLDEN_REPOSITORY}-{key}") is not None:
-                continue
             # A server mounts the golden volume it stands on, but data kept
             # without its server (a failed database) does not: look for it.
             if not self._stood_on(volume["Name"]):

@@ -475,34 +475,6 @@ def test_a_changed_image_gets_a_new_golden_image_and_the_old_one_goes(runtime, d
                 pass
 
 
-@overlay_only
-def test_a_golden_volume_another_process_is_filling_is_not_pruned(runtime, docker_client):
-    """A golden image made for another superuser prunes the image's golden
-    volumes that nothing stands on: not one whose build is under way."""
-    image = f"dbprov-test-golden-{INSTANCE}:filling"
-    docker_client.images.get("postgres:17").tag(image)
-    key = f"filling{INSTANCE[5:]}"
-    volume = f"{GOLDEN_REPOSITORY}-{key}-0a0b0c0d"
-    try:
-        docker_client.volumes.create(volume, labels={LABEL_GOLDEN_OF: image})
-        # The build's lock: its builder, running while the volume is filled.
-        building = docker_client.containers.create(
-            image, name=f"{GOLDEN_REPOSITORY}-{key}", command="true", labels={"io.dbprov.instance": INSTANCE},
-        )
-        base = docker_client.images.get(image).id
-        runtime.storage._prune_golden(image, base)
-        assert docker_client.volumes.get(volume)
-        building.remove()
-        runtime.storage._prune_golden(image, base)
-        assert not docker_client.volumes.list(filters={"name": volume})
-    finally:
-        for container in docker_client.containers.list(all=True, filters={"name": f"{GOLDEN_REPOSITORY}-{key}"}):
-            container.remove(force=True)
-        for left in docker_client.volumes.list(filters={"name": volume}):
-            left.remove(force=True)
-        docker_client.images.remove(image)
-
-
 @golden_only
 def test_a_golden_build_left_by_a_crash_is_cleared(runtime, docker_client, monkeypatch):
     image = f"dbprov-test-golden-{INSTANCE}:crash"

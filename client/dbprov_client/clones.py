@@ -240,15 +240,18 @@ class Clones:
                     self._making += 1
                     self._count += 1
                     name = f"{self.prefix}_{self._count}"
+                entry = None
                 try:
                     entry = self._make(conn, name)
                 finally:
+                    # In one step: between two, the other maker would count
+                    # this copy neither made nor under way, and make one more.
                     with self._changed:
                         self._making -= 1
-                with self._changed:
-                    self.made += 1
-                    self._ready.append(entry)
-                    self._changed.notify_all()
+                        if entry is not None:
+                            self.made += 1
+                            self._ready.append(entry)
+                        self._changed.notify_all()
 
     def _drop_dirty(self) -> None:
         while True:

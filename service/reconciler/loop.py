@@ -372,17 +372,16 @@ class Reconciler:
             return
         # Said to a client that has not logged in: the status and dbprov's
         # own first line of why, never the server's log.
+        why = f": {record.last_error.splitlines()[0]}" if record is not None and record.last_error else ""
         if record is None:
             reason = "it does not exist"
         elif record.status in COMING_UP:
             reason = f"it is still {record.status.value}; try again"
         elif record.status == Status.SLEEPING:
             # Its wake failed for a passing reason: asleep again, the next connection tries again.
-            reason = "it could not be woken" + (f": {record.last_error.splitlines()[0]}"
-                                                if record.last_error else "") + "; try again"
+            reason = f"it could not be woken{why}; try again"
         else:
-            reason = f"it is {record.status.value}" + (f": {record.last_error.splitlines()[0]}"
-                                                      if record.last_error else "")
+            reason = f"it is {record.status.value}{why}"
         message = f"dbprov: database {database_id} cannot take connections: {reason}"
         for client in clients:
             threading.Thread(target=refuse, args=(client, message), name="dbprov-refuse", daemon=True).start()
